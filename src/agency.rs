@@ -1,0 +1,369 @@
+//! The agency client: streams its bets file to the server in batches, says `DONE`, asks for its
+//! winners. On a broken connection (or `ERR BUSY`, `ERR SHUTDOWN`) it reconnects with backoff,
+//! says `HELLO` again and resumes from the count the server holds, so a bet is never sent twice
+//! into the file nor skipped.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use crate::bet::{self, Bet, RowWriter};
+use crate::config::AgencySettings;
+use crate::logging::field;
+use crate::protocol::{ErrorCode, MAX_LINE, ProtocolError, Reply};
+
+/// Longest wait for a reply other than `WINNERS` (which waits for the other agencies).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why an agency could not complete its round.
+#[derive(Debug)]
+pub enum AgencyError {
+    /// The data file is missing, unreadable, or holds a row that is not a bet.
+    Data { path: PathBuf, line: Option<u64>, why: String },
+    /// The server refused something that retrying cannot fix.
+    Refused(ProtocolError),
+    /// No server answered within `CLI_RETRY_TIMEOUT_MS`.
+    Unreachable { address: String, why: String },
+    /// The server said something that is not a reply.
+    Protocol(String),
+    /// A stop was asked for (SIGTERM).
+    Stopped,
+}
+
+impl fmt::Display for AgencyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgencyError::Data { path, line: Some(line), why } => write!(f, "{} line {line}: {why}", path.display()),
+            AgencyError::Data { path, line: None, why } => write!(f, "{}: {why}", path.display()),
+            AgencyError::Refused(e) => write!(f, "the server refused: ERR {e}"),
+            AgencyError::Unreachable { address, why } => write!(f, "no server at {address}: {why}"),
+            AgencyError::Protocol(why) => write!(f, "protocol: {why}"),
+            AgencyError::Stopped => write!(f, "stopped"),
+        }
+    }
+}
+
+impl std::error::Error for AgencyError {}
+
+/// What a completed agency got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Its winners' documents, as the server sent them.
+    pub winners: Vec<String>,
+    /// Bets the server holds for it at the end.
+    pub stored: u64,
+    /// Times it had to connect again.
+    pub reconnects: u32,
+}
+
+/// Stops a running agency from another thread: wakes its backoff and closes its socket.
+#[derive(Clone, Default)]
+pub struct Stop {
+    inner: Arc<(Mutex<StopState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct StopState {
+    stopped: bool,
+    socket: Option<TcpStream>,
+}
+
+impl Stop {
+    pub fn trigger(&self) {
+        let (lock, wake) = &*self.inner;
+        let mut st = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        st.stopped = true;
+        if let Some(socket) = st.socket.take() {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        wake.notify_all();
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.inner.0.lock().unwrap_or_else(PoisonError::into_inner).stopped
+    }
+
+    /// Sleeps for `pause` unless stopped first; true if stopped.
+    fn sleep(&self, pause: Duration) -> bool {
+        let (lock, wake) = &*self.inner;
+        let st = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let (st, _) = wake.wait_timeout_while(st, pause, |s| !s.stopped).unwrap_or_else(PoisonError::into_inner);
+        st.stopped
+    }
+
+    /// Remembers the live socket so that `trigger` can close it.
+    fn watch(&self, socket: &TcpStream) -> Result<(), AgencyError> {
+        let mut st = self.inner.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if st.stopped {
+            return Err(AgencyError::Stopped);
+        }
+        st.socket = socket.try_clone().ok();
+        Ok(())
+    }
+}
+
+/// Runs one agency to the end of the round.
+///
+/// # Errors
+/// See [`AgencyError`]; a broken connection is not one while the retry window lasts.
+pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyError> {
+    let extra = extra_bet(settings)?;
+    let has_file = settings.data_path.exists() || extra.is_none();
+    if has_file {
+        BetSource::open(&settings.data_path)?;
+    }
+    let mut reconnects = 0;
+    let mut retry_since: Option<Instant> = None;
+    loop {
+        let mut link = connect(settings, stop, retry_since.get_or_insert_with(Instant::now))?;
+        match round(settings, &mut link, extra.as_ref(), has_file, &mut retry_since) {
+            Ok((winners, stored)) => return Ok(Outcome { winners, stored, reconnects }),
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Retry(_)) if stop.is_triggered() => return Err(AgencyError::Stopped),
+            Err(Attempt::Retry(why)) => {
+                warn!("action: reconnect | result: in_progress | error: {}", field(&why));
+                reconnects += 1;
+            }
+        }
+    }
+}
+
+fn extra_bet(settings: &AgencySettings) -> Result<Option<Bet>, AgencyError> {
+    let Some(fields) = &settings.extra_bet else { return Ok(None) };
+    let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+    Bet::from_fields(&fields, bet::today()).map(Some).map_err(|e| AgencyError::Data {
+        path: PathBuf::from("NOMBRE, APELLIDO, DOCUMENTO, NACIMIENTO, NUMERO"),
+        line: None,
+        why: e.to_string(),
+    })
+}
+
+/// One connection's failure: worth another connection, or final.
+enum Attempt {
+    Retry(String),
+    Fatal(AgencyError),
+}
+
+impl From<io::Error> for Attempt {
+    fn from(e: io::Error) -> Self {
+        Attempt::Retry(e.to_string())
+    }
+}
+
+impl From<AgencyError> for Attempt {
+    fn from(e: AgencyError) -> Self {
+        Attempt::Fatal(e)
+    }
+}
+
+/// The conversation over one connection, from `HELLO` to the winners.
+fn round(
+    settings: &AgencySettings,
+    link: &mut Link,
+    extra: Option<&Bet>,
+    has_file: bool,
+    retry_since: &mut Option<Instant>,
+) -> Result<(Vec<String>, u64), Attempt> {
+    let mut stored = link.ok_count(&format!("HELLO {}\n", settings.id))?;
+    *retry_since = None;
+    let mut writer = RowWriter::default();
+    if let Some(bet) = extra.filter(|_| stored == 0) {
+        writer.push_bet(bet);
+        let row = String::from_utf8_lossy(&writer.take()).into_owned();
+        stored = link.ok_count(&format!("BET {row}"))?;
+        info!("action: apuesta_enviada | result: success | dni: {} | numero: {}", bet.document, bet.number);
+    }
+    if has_file {
+        let skip = stored - u64::from(extra.is_some());
+        stored = send_file(settings, link, skip, stored)?;
+    }
+    link.ok(b"DONE\n")?;
+    let winners = link.winners()?;
+    info!("action: consulta_ganadores | result: success | cant_ganadores: {}", winners.len());
+    let _ = link.stream.write_all(b"QUIT\n");
+    Ok((winners, stored))
+}
+
+/// Sends the data file from row `skip` on, in batches; returns the count the server holds.
+fn send_file(settings: &AgencySettings, link: &mut Link, skip: u64, mut stored: u64) -> Result<u64, Attempt> {
+    let mut source = BetSource::open(&settings.data_path)?;
+    for _ in 0..skip {
+        source.next()?;
+    }
+    let header_room = format!("BATCH {} {}\n", u64::MAX, settings.batch_max).len();
+    let mut writer = RowWriter::default();
+    let mut pending: Option<Bet> = source.next()?;
+    let mut batch = Vec::with_capacity(MAX_LINE);
+    while pending.is_some() {
+        let mut count = 0;
+        let mut rows_len = 0;
+        while let Some(bet) = pending.take_if(|_| count < settings.batch_max) {
+            writer.push_bet(&bet);
+            let len = writer.len();
+            if header_room + len > MAX_LINE {
+                // This row opens the next batch; its bytes are cut off below.
+                pending = Some(bet);
+                break;
+            }
+            rows_len = len;
+            count += 1;
+            pending = source.next()?;
+        }
+        if count == 0 {
+            let why = "a row does not fit in a batch of 8 KiB".to_owned();
+            return Err(AgencyError::Data { path: settings.data_path.clone(), line: Some(source.line), why }.into());
+        }
+        let mut rows = writer.take();
+        if rows.len() > rows_len {
+            // A row that did not fit was written after the last one that did.
+            rows.truncate(rows_len);
+        }
+        batch.clear();
+        write!(batch, "BATCH {stored} {count}\n").map_err(Attempt::from)?;
+        batch.extend_from_slice(&rows);
+        stored = link.ok_count_bytes(&batch)?;
+        info!("action: apuesta_enviada | result: success | cantidad: {count}");
+    }
+    Ok(stored)
+}
+
+/// The agency's bets file, read one row at a time.
+struct BetSource {
+    reader: csv::Reader<File>,
+    path: PathBuf,
+    record: csv::StringRecord,
+    line: u64,
+    today: time::Date,
+}
+
+impl BetSource {
+    fn open(path: &Path) -> Result<BetSource, AgencyError> {
+        let file = File::open(path).map_err(|e| AgencyError::Data { path: path.to_owned(), line: None, why: e.to_string() })?;
+        let reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(file);
+        Ok(BetSource { reader, path: path.to_owned(), record: csv::StringRecord::new(), line: 0, today: bet::today() })
+    }
+
+    fn next(&mut self) -> Result<Option<Bet>, AgencyError> {
+        self.line += 1;
+        let bad = |why: String| AgencyError::Data { path: self.path.clone(), line: Some(self.line), why };
+        match self.reader.read_record(&mut self.record) {
+            Ok(false) => Ok(None),
+            Ok(true) => {
+                let fields: Vec<&str> = self.record.iter().collect();
+                Bet::from_fields(&fields, self.today).map(Some).map_err(|e| bad(e.to_string()))
+            }
+            Err(e) => Err(bad(e.to_string())),
+        }
+    }
+}
+
+/// Connects, retrying with backoff until the retry window that began at `since` closes.
+fn connect(settings: &AgencySettings, stop: &Stop, since: &Instant) -> Result<Link, AgencyError> {
+    let address = &settings.server_address;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let error = match open(address) {
+            Ok(stream) => {
+                stop.watch(&stream)?;
+                info!("action: connect | result: success | address: {address}");
+                return Link::new(stream).map_err(|e| AgencyError::Unreachable { address: address.clone(), why: e.to_string() });
+            }
+            Err(e) => e,
+        };
+        if since.elapsed() >= settings.retry_timeout {
+            warn!("action: connect | result: fail | address: {address} | error: {}", field(&error.to_string()));
+            return Err(AgencyError::Unreachable { address: address.clone(), why: error.to_string() });
+        }
+        info!("action: connect | result: in_progress | address: {address} | error: {}", field(&error.to_string()));
+        if stop.sleep(pause) {
+            return Err(AgencyError::Stopped);
+        }
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+fn open(address: &str) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
+    for addr in address.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// A connection to the server: requests out, reply lines in.
+struct Link {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    line: String,
+}
+
+impl Link {
+    fn new(stream: TcpStream) -> io::Result<Link> {
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Link { stream, reader, line: String::new() })
+    }
+
+    /// Sends `request` and reads one reply, waiting at most `timeout` (`None`: forever).
+    fn call(&mut self, request: &[u8], timeout: Option<Duration>) -> Result<Reply, Attempt> {
+        self.stream.write_all(request)?;
+        self.stream.set_read_timeout(timeout)?;
+        self.line.clear();
+        // A reply is one line; 16 MiB bounds a server gone wrong.
+        let n = (&mut self.reader).take(16 << 20).read_line(&mut self.line)?;
+        if n == 0 || !self.line.ends_with('\n') {
+            return Err(Attempt::Retry("the server closed the connection".into()));
+        }
+        let reply = Reply::parse(self.line.trim_end_matches(['\n', '\r'])).map_err(|e| AgencyError::Protocol(e.message))?;
+        match reply {
+            Reply::Err(e) if matches!(e.code, ErrorCode::Busy | ErrorCode::Shutdown | ErrorCode::Storage | ErrorCode::Timeout) => {
+                Err(Attempt::Retry(format!("ERR {e}")))
+            }
+            Reply::Err(e) => {
+                warn!("action: request | result: fail | error: {}", field(&e.to_string()));
+                Err(AgencyError::Refused(e).into())
+            }
+            reply => Ok(reply),
+        }
+    }
+
+    fn ok_count(&mut self, request: &str) -> Result<u64, Attempt> {
+        self.ok_count_bytes(request.as_bytes())
+    }
+
+    fn ok_count_bytes(&mut self, request: &[u8]) -> Result<u64, Attempt> {
+        match self.call(request, Some(REPLY_TIMEOUT))? {
+            Reply::Ok(Some(n)) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn ok(&mut self, request: &[u8]) -> Result<(), Attempt> {
+        match self.call(request, Some(REPLY_TIMEOUT))? {
+            Reply::Ok(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Asks for the winners; waits as long as the draw takes.
+    fn winners(&mut self) -> Result<Vec<String>, Attempt> {
+        match self.call(b"WINNERS\n", None)? {
+            Reply::Winners(w) => Ok(w),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(reply: &Reply) -> Attempt {
+    Attempt::Fatal(AgencyError::Protocol(format!("unexpected reply {reply:?}")))
+}

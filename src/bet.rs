@@ -1,0 +1,387 @@
+//! A bet: its fields, its validation, and its CSV rows.
+//!
+//! The same five fields travel in three places: an agency's data file, the wire (`BET` and the
+//! rows of a `BATCH`) and `bets.csv`, where the agency number comes first. All three are CSV with
+//! minimal quoting, so one parser ([`RowParser`]) and one writer ([`RowWriter`]) serve them all.
+
+use std::fmt;
+
+use time::{Date, Month};
+
+/// The number that wins the draw.
+pub const WINNING_NUMBER: u16 = 7574;
+
+/// Longest name accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 100;
+
+/// One bet, validated: every value of this type passed [`Bet::from_fields`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Bet {
+    pub first_name: String,
+    pub last_name: String,
+    /// The document (DNI) exactly as written: leading zeros are kept.
+    pub document: String,
+    /// `YYYY-MM-DD`, a real calendar date.
+    pub birthdate: String,
+    pub number: u16,
+}
+
+/// Why a row is not a valid bet. The `Display` text is what an agency sees after `row <i>: `.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BetError {
+    /// The row is not well-formed CSV (a quote that never closes, bytes that are not UTF-8).
+    Csv(&'static str),
+    /// A bet has five fields (six in `bets.csv`).
+    FieldCount { expected: usize, found: usize },
+    Name { field: &'static str, why: &'static str },
+    Document(String),
+    Birthdate { value: String, why: &'static str },
+    Number(String),
+}
+
+impl fmt::Display for BetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BetError::Csv(why) => write!(f, "not a CSV row: {why}"),
+            BetError::FieldCount { expected, found } => {
+                write!(f, "expected {expected} fields, found {found}")
+            }
+            BetError::Name { field, why } => write!(f, "{field} {why}"),
+            BetError::Document(v) => write!(f, "document {v:?} is not 1 to 10 digits"),
+            BetError::Birthdate { value, why } => write!(f, "birthdate {value:?} {why}"),
+            BetError::Number(v) => write!(f, "number {v:?} is not an integer in 0..=9999"),
+        }
+    }
+}
+
+impl std::error::Error for BetError {}
+
+impl Bet {
+    /// Validates the five fields `first_name, last_name, document, birthdate, number`.
+    /// `today` bounds the birthdate; callers pass it in so that validation is pure.
+    ///
+    /// # Errors
+    /// The first field that is not valid, as a [`BetError`].
+    pub fn from_fields(fields: &[&str], today: Date) -> Result<Bet, BetError> {
+        let [first, last, document, birthdate, number] = fields else {
+            return Err(BetError::FieldCount {
+                expected: 5,
+                found: fields.len(),
+            });
+        };
+        check_name("first_name", first)?;
+        check_name("last_name", last)?;
+        check_document(document)?;
+        check_birthdate(birthdate, today)?;
+        Ok(Bet {
+            first_name: (*first).to_owned(),
+            last_name: (*last).to_owned(),
+            document: (*document).to_owned(),
+            birthdate: (*birthdate).to_owned(),
+            number: parse_number(number)?,
+        })
+    }
+
+    /// Whether this bet wins the draw (the course's `has_won`).
+    pub fn has_won(&self) -> bool {
+        self.number == WINNING_NUMBER
+    }
+}
+
+fn check_name(field: &'static str, value: &str) -> Result<(), BetError> {
+    let why = if value.is_empty() {
+        "is empty"
+    } else if value.len() > MAX_NAME_BYTES {
+        "is longer than 100 bytes"
+    } else if value.chars().any(char::is_control) {
+        "has a control character"
+    } else {
+        return Ok(());
+    };
+    Err(BetError::Name { field, why })
+}
+
+fn check_document(value: &str) -> Result<(), BetError> {
+    if (1..=10).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err(BetError::Document(value.to_owned()))
+    }
+}
+
+fn check_birthdate(value: &str, today: Date) -> Result<(), BetError> {
+    let bad = |why| BetError::Birthdate {
+        value: value.to_owned(),
+        why,
+    };
+    let date = parse_date(value).ok_or_else(|| bad("is not a calendar date YYYY-MM-DD"))?;
+    if date.year() < 1900 {
+        Err(bad("is before 1900"))
+    } else if date > today {
+        Err(bad("is in the future"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Parses `YYYY-MM-DD` (exactly that shape) into a real calendar date.
+fn parse_date(value: &str) -> Option<Date> {
+    let b = value.as_bytes();
+    let shape_ok = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b
+            .iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    if !shape_ok {
+        return None;
+    }
+    let year: i32 = value[0..4].parse().ok()?;
+    let month: u8 = value[5..7].parse().ok()?;
+    let day: u8 = value[8..10].parse().ok()?;
+    Date::from_calendar_date(year, Month::try_from(month).ok()?, day).ok()
+}
+
+fn parse_number(value: &str) -> Result<u16, BetError> {
+    let digits_only = !value.is_empty() && value.len() <= 4 && value.bytes().all(|b| b.is_ascii_digit());
+    match value.parse::<u16>() {
+        Ok(n) if digits_only => Ok(n),
+        _ => Err(BetError::Number(value.to_owned())),
+    }
+}
+
+/// Today's date (UTC), the upper bound of a birthdate.
+pub fn today() -> Date {
+    time::OffsetDateTime::now_utc().date()
+}
+
+/// Most fields a row may have before we stop counting them.
+const MAX_FIELDS: usize = 16;
+
+/// Splits one CSV line (no line end) into fields, reusing its buffers from row to row.
+///
+/// It holds a `csv_core` reader rather than a `csv::Reader` because the server parses one line at
+/// a time, millions of times, and `csv_core` needs no allocation per line.
+pub struct RowParser {
+    reader: csv_core::Reader,
+    out: Vec<u8>,
+    ends: [usize; MAX_FIELDS],
+}
+
+impl Default for RowParser {
+    fn default() -> Self {
+        RowParser {
+            reader: csv_core::Reader::new(),
+            out: Vec::new(),
+            ends: [0; MAX_FIELDS],
+        }
+    }
+}
+
+impl RowParser {
+    /// The fields of `line`, borrowed from this parser until the next call.
+    ///
+    /// # Errors
+    /// [`BetError::Csv`] for a quote that never closes, bytes that are not UTF-8, or a line
+    /// break inside the row; [`BetError::FieldCount`] for more than 16 fields.
+    pub fn fields(&mut self, line: &[u8]) -> Result<Vec<&str>, BetError> {
+        // csv_core is lenient about a quote that never closes; a well-formed row always has an
+        // even number of quote characters, so an odd count is exactly that mistake.
+        if line.iter().filter(|&&b| b == b'"').count() % 2 == 1 {
+            return Err(BetError::Csv("a quote never closes"));
+        }
+        if line.iter().any(|&b| b == b'\n' || b == b'\r') {
+            return Err(BetError::Csv("a line break inside the row"));
+        }
+        self.reader.reset();
+        if self.out.len() < line.len() {
+            self.out.resize(line.len(), 0);
+        }
+        let (mut input, mut nout, mut nends, mut at_end) = (line, 0, 0, false);
+        loop {
+            let (result, nin, o, e) =
+                self.reader
+                    .read_record(input, &mut self.out[nout..], &mut self.ends[nends..]);
+            input = &input[nin..];
+            nout += o;
+            nends += e;
+            match result {
+                // All input is read (csv_core only stops early when `out` is full); an empty
+                // input now tells it the row has ended, and the next call yields the record.
+                csv_core::ReadRecordResult::InputEmpty if at_end => break,
+                csv_core::ReadRecordResult::InputEmpty => at_end = true,
+                csv_core::ReadRecordResult::Record | csv_core::ReadRecordResult::End => break,
+                csv_core::ReadRecordResult::OutputEndsFull => {
+                    return Err(BetError::FieldCount {
+                        expected: 5,
+                        found: MAX_FIELDS + 1,
+                    });
+                }
+                // `out` is at least as long as the line, and fields are never longer than it.
+                csv_core::ReadRecordResult::OutputFull => {
+                    return Err(BetError::Csv("a field longer than its row"));
+                }
+            }
+        }
+        let out = std::str::from_utf8(&self.out[..nout]).map_err(|_| BetError::Csv("not UTF-8"))?;
+        let mut start = 0;
+        Ok(self.ends[..nends]
+            .iter()
+            .map(|&end| {
+                let field = &out[start..end];
+                start = end;
+                field
+            })
+            .collect())
+    }
+
+    /// Parses and validates a wire or data-file row.
+    ///
+    /// # Errors
+    /// As [`RowParser::fields`] and [`Bet::from_fields`].
+    pub fn bet(&mut self, line: &[u8], today: Date) -> Result<Bet, BetError> {
+        Bet::from_fields(&self.fields(line)?, today)
+    }
+}
+
+/// Encodes rows as CSV with minimal quoting and `\n` line ends, into memory.
+pub struct RowWriter {
+    inner: csv::Writer<Vec<u8>>,
+}
+
+impl Default for RowWriter {
+    fn default() -> Self {
+        RowWriter { inner: Self::writer() }
+    }
+}
+
+impl RowWriter {
+    fn writer() -> csv::Writer<Vec<u8>> {
+        csv::WriterBuilder::new()
+            .terminator(csv::Terminator::Any(b'\n'))
+            .quote_style(csv::QuoteStyle::Necessary)
+            .buffer_capacity(1024)
+            .from_writer(Vec::new())
+    }
+
+    /// Appends a wire/data-file row: the bet's five fields.
+    pub fn push_bet(&mut self, bet: &Bet) {
+        self.push(None, bet);
+    }
+
+    /// Appends a `bets.csv` row: the agency, then the bet's five fields.
+    pub fn push_stored(&mut self, agency: u32, bet: &Bet) {
+        self.push(Some(agency), bet);
+    }
+
+    fn push(&mut self, agency: Option<u32>, bet: &Bet) {
+        let agency = agency.map(|a| a.to_string());
+        let number = bet.number.to_string();
+        let fields = agency.iter().map(String::as_str).chain([
+            bet.first_name.as_str(),
+            bet.last_name.as_str(),
+            &bet.document,
+            &bet.birthdate,
+            &number,
+        ]);
+        // Writing into a Vec cannot fail, and the writer's own buffer is flushed in `take`.
+        let _ = self.inner.write_record(fields);
+    }
+
+    /// The bytes written since the last `take`, leaving the writer empty and reusable.
+    pub fn take(&mut self) -> Vec<u8> {
+        // `csv::Writer` lends no `&mut` to its sink: swap in a fresh writer to take the bytes.
+        std::mem::replace(&mut self.inner, Self::writer()).into_inner().unwrap_or_default()
+    }
+
+    /// How many bytes are written so far (flushes the writer's buffer into memory).
+    pub fn len(&mut self) -> usize {
+        let _ = self.inner.flush();
+        self.inner.get_ref().len()
+    }
+
+    /// Whether nothing has been written since the last `take`.
+    pub fn is_empty(&mut self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+
+    const TODAY: Date = date!(2026 - 11 - 26);
+
+    fn parse(line: &str) -> Result<Bet, BetError> {
+        RowParser::default().bet(line.as_bytes(), TODAY)
+    }
+
+    #[test]
+    fn parses_the_course_example() {
+        let bet = parse("Santiago Lionel,Lorca,30904465,1999-03-17,2201").unwrap();
+        assert_eq!(bet.first_name, "Santiago Lionel");
+        assert_eq!(bet.number, 2201);
+        assert!(!bet.has_won());
+    }
+
+    #[test]
+    fn keeps_leading_zeros_and_accents() {
+        let bet = parse("Tiago Nicolás,Peña,00000042,1940-02-29,7574").unwrap();
+        assert_eq!(bet.document, "00000042");
+        assert_eq!(bet.last_name, "Peña");
+        assert!(bet.has_won());
+    }
+
+    #[test]
+    fn quoted_fields_round_trip() {
+        let bet = parse(r#""Ana, María","O""Brien",1,2000-01-01,0"#).unwrap();
+        assert_eq!(bet.first_name, "Ana, María");
+        assert_eq!(bet.last_name, "O\"Brien");
+        let mut w = RowWriter::default();
+        w.push_bet(&bet);
+        let line = w.take();
+        assert_eq!(line, b"\"Ana, Mar\xc3\xada\",\"O\"\"Brien\",1,2000-01-01,0\n");
+        assert_eq!(parse(std::str::from_utf8(&line[..line.len() - 1]).unwrap()), Ok(bet));
+    }
+
+    #[test]
+    fn rejects_each_bad_field_with_a_reason() {
+        let cases = [
+            ("a,b,1,2000-01-01", "expected 5 fields, found 4"),
+            ("a,b,1,2000-01-01,1,2", "expected 5 fields, found 6"),
+            (",b,1,2000-01-01,1", "first_name is empty"),
+            ("a,b\tc,1,2000-01-01,1", "last_name has a control character"),
+            ("a,b,12345678901,2000-01-01,1", "is not 1 to 10 digits"),
+            ("a,b,-1,2000-01-01,1", "is not 1 to 10 digits"),
+            ("a,b,1,2001-02-29,1", "is not a calendar date"),
+            ("a,b,1,2000-1-01,1", "is not a calendar date"),
+            ("a,b,1,1899-12-31,1", "is before 1900"),
+            ("a,b,1,2026-11-27,1", "is in the future"),
+            ("a,b,1,2000-01-01,10000", "not an integer in 0..=9999"),
+            ("a,b,1,2000-01-01,-5", "not an integer in 0..=9999"),
+            ("a,b,1,2000-01-01,+5", "not an integer in 0..=9999"),
+            ("\"a,b,1,2000-01-01,1", "a quote never closes"),
+        ];
+        for (line, want) in cases {
+            let err = parse(line).unwrap_err().to_string();
+            assert!(err.contains(want), "{line:?}: {err:?} lacks {want:?}");
+        }
+        let long = format!("{},b,1,2000-01-01,1", "x".repeat(101));
+        assert!(parse(&long).unwrap_err().to_string().contains("longer than 100"));
+        assert!(matches!(
+            RowParser::default().bet(b"a\xff,b,1,2000-01-01,1", TODAY),
+            Err(BetError::Csv(_))
+        ));
+    }
+
+    #[test]
+    fn stored_rows_put_the_agency_first() {
+        let bet = parse("Ana,Paz,7,1990-05-05,7574").unwrap();
+        let mut w = RowWriter::default();
+        w.push_stored(3, &bet);
+        assert_eq!(w.take(), b"3,Ana,Paz,7,1990-05-05,7574\n");
+        assert!(w.is_empty());
+    }
+}

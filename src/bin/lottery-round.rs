@@ -1,0 +1,5 @@
+//! `lottery-round`: see [`lottery::local_round`].
+
+fn main() -> std::process::ExitCode {
+    lottery::local_round::main()
+}

@@ -1,0 +1,332 @@
+//! Settings: built-in defaults, then `config.ini` (or the file named by `LOTTERY_CONFIG`), then
+//! environment variables, read in one place into typed values.
+//!
+//! The `config` crate parses the INI file. Its own environment source lowercases names while
+//! INI keys keep their case, which silently drops overrides, so the overlay is done here: every
+//! key has one name, the same in the file and in the environment (case-insensitive in the file).
+//! A value that does not parse is an error naming the key and where it came from.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{FileFormat, Source as _};
+use log::LevelFilter;
+
+use crate::protocol::MAX_BATCH_ROWS;
+use crate::round::SyncMode;
+
+/// Every key, with its built-in default (`None`: no default).
+pub const KEYS: &[(&str, Option<&str>)] = &[
+    ("SERVER_IP", Some("0.0.0.0")),
+    ("SERVER_PORT", Some("12345")),
+    ("SERVER_LISTEN_BACKLOG", Some("128")),
+    ("SERVER_AGENCIES", Some("5")),
+    ("SERVER_STORAGE_PATH", Some("./bets.csv")),
+    ("SERVER_MAX_CONNECTIONS", Some("1024")),
+    ("SERVER_IDLE_TIMEOUT_MS", Some("30000")),
+    ("SERVER_SYNC", Some("always")),
+    ("SERVER_GROUP_COMMIT", Some("true")),
+    ("LOGGING_LEVEL", Some("INFO")),
+    ("CLI_ID", None),
+    ("CLI_SERVER_ADDRESS", Some("server:12345")),
+    ("CLI_BATCH_MAXAMOUNT", Some("100")),
+    ("CLI_DATA_PATH", Some(".data/agency-{CLI_ID}.csv")),
+    ("CLI_RETRY_TIMEOUT_MS", Some("30000")),
+    ("CLI_LOG_LEVEL", Some("INFO")),
+];
+
+/// The five variables of the agency's extra bet, in field order.
+pub const BET_VARS: [&str; 5] = ["NOMBRE", "APELLIDO", "DOCUMENTO", "NACIMIENTO", "NUMERO"];
+
+/// A setting that could not be read, said for a person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The merged settings, as text with where each came from, before typing.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    values: HashMap<&'static str, (String, String)>,
+    env: HashMap<String, String>,
+}
+
+/// The server's typed settings.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub backlog: i32,
+    pub agencies: u32,
+    pub storage_path: PathBuf,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub sync: SyncMode,
+    pub group_commit: bool,
+    pub log_level: LevelFilter,
+}
+
+/// An agency's typed settings.
+#[derive(Debug, Clone)]
+pub struct AgencySettings {
+    pub id: u32,
+    pub server_address: String,
+    pub batch_max: usize,
+    pub data_path: PathBuf,
+    pub retry_timeout: Duration,
+    pub log_level: LevelFilter,
+    /// `NOMBRE`, `APELLIDO`, `DOCUMENTO`, `NACIMIENTO`, `NUMERO`, when all five are set.
+    pub extra_bet: Option<[String; 5]>,
+}
+
+impl Settings {
+    /// Reads `config.ini` (or `LOTTERY_CONFIG`) and overlays `env`, which the binaries take
+    /// from the process and tests pass as a map.
+    ///
+    /// # Errors
+    /// `LOTTERY_CONFIG` names a missing file, the file is not INI, or it has an unknown key.
+    pub fn load(env: HashMap<String, String>) -> Result<Settings, ConfigError> {
+        let (path, required) = match env.get("LOTTERY_CONFIG") {
+            Some(path) => (PathBuf::from(path), true),
+            None => (PathBuf::from("config.ini"), false),
+        };
+        if required && !path.is_file() {
+            return Err(ConfigError(format!("LOTTERY_CONFIG names {}, which is not a file", path.display())));
+        }
+        let file = read_ini(&path, required)?;
+        let mut values = HashMap::new();
+        for &(key, default) in KEYS {
+            let value = match (env.get(key), file.get(key)) {
+                (Some(v), _) => Some((v.clone(), format!("environment variable {key}"))),
+                (None, Some(v)) => Some((v.clone(), format!("{key} in {}", path.display()))),
+                (None, None) => default.map(|d| (d.to_owned(), format!("{key} (built-in default)"))),
+            };
+            if let Some(value) = value {
+                values.insert(key, value);
+            }
+        }
+        Ok(Settings { values, env })
+    }
+
+    /// Reads the process's own environment and configuration file.
+    ///
+    /// # Errors
+    /// As [`Settings::load`].
+    pub fn from_process() -> Result<Settings, ConfigError> {
+        Settings::load(std::env::vars().collect())
+    }
+
+    fn raw(&self, key: &str) -> Result<&(String, String), ConfigError> {
+        self.values.get(key).ok_or_else(|| ConfigError(format!("{key} is required and not set")))
+    }
+
+    /// The value of `key`, parsed by `parse`; `what` says what a good value is.
+    fn get<T>(&self, key: &str, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, ConfigError> {
+        let (value, origin) = self.raw(key)?;
+        parse(value.trim()).ok_or_else(|| ConfigError(format!("{origin} = {value:?} is not {what}")))
+    }
+
+    fn number<T: std::str::FromStr + PartialOrd>(&self, key: &str, min: T, max: T, what: &str) -> Result<T, ConfigError> {
+        self.get(key, what, |v| v.parse().ok().filter(|n| *n >= min && *n <= max))
+    }
+
+    fn millis(&self, key: &str) -> Result<Duration, ConfigError> {
+        self.number(key, 1, u64::MAX, "a number of milliseconds, at least 1").map(Duration::from_millis)
+    }
+
+    fn level(&self, key: &str) -> Result<LevelFilter, ConfigError> {
+        self.get(key, "a log level (ERROR, WARN, INFO, DEBUG, TRACE or OFF)", |v| v.parse().ok())
+    }
+
+    /// The server's settings.
+    ///
+    /// # Errors
+    /// The first value that does not parse, naming its key.
+    pub fn server(&self) -> Result<ServerSettings, ConfigError> {
+        Ok(ServerSettings {
+            ip: self.get("SERVER_IP", "an IP address", |v| v.parse().ok())?,
+            port: self.number("SERVER_PORT", 0, u16::MAX, "a port 0..=65535")?,
+            backlog: self.number("SERVER_LISTEN_BACKLOG", 1, 65535, "a backlog 1..=65535")?,
+            agencies: self.number("SERVER_AGENCIES", 1, 100_000, "a number of agencies 1..=100000")?,
+            storage_path: self.get("SERVER_STORAGE_PATH", "a path", |v| Some(v).filter(|v| !v.is_empty()).map(PathBuf::from))?,
+            max_connections: self.number("SERVER_MAX_CONNECTIONS", 1, 1_000_000, "a number 1..=1000000")?,
+            idle_timeout: self.millis("SERVER_IDLE_TIMEOUT_MS")?,
+            sync: self.get("SERVER_SYNC", "always or never", |v| match v.to_ascii_lowercase().as_str() {
+                "always" => Some(SyncMode::Always),
+                "never" => Some(SyncMode::Never),
+                _ => None,
+            })?,
+            group_commit: self.get("SERVER_GROUP_COMMIT", "true or false", |v| v.to_ascii_lowercase().parse().ok())?,
+            log_level: self.level("LOGGING_LEVEL")?,
+        })
+    }
+
+    /// An agency's settings.
+    ///
+    /// # Errors
+    /// The first value that does not parse, naming its key; `CLI_ID` unset; only some of the
+    /// extra bet's five variables set.
+    pub fn agency(&self) -> Result<AgencySettings, ConfigError> {
+        let id = self.number("CLI_ID", 1, u32::MAX, "an agency number, at least 1")?;
+        let data_path = self.get("CLI_DATA_PATH", "a path", |v| Some(v.to_owned()).filter(|v| !v.is_empty()))?;
+        Ok(AgencySettings {
+            id,
+            server_address: self.get("CLI_SERVER_ADDRESS", "host:port", |v| {
+                Some(v).filter(|v| v.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())).map(str::to_owned)
+            })?,
+            batch_max: self.batch_max()?,
+            data_path: PathBuf::from(data_path.replace("{CLI_ID}", &id.to_string())),
+            retry_timeout: Duration::from_millis(self.number("CLI_RETRY_TIMEOUT_MS", 0, u64::MAX, "a number of milliseconds")?),
+            log_level: self.level("CLI_LOG_LEVEL")?,
+            extra_bet: self.extra_bet()?,
+        })
+    }
+
+    /// `CLI_BATCH_MAXAMOUNT`: most bets in one batch.
+    ///
+    /// # Errors
+    /// It does not parse, or is not in `1..=431` (what 8 KiB can hold).
+    pub fn batch_max(&self) -> Result<usize, ConfigError> {
+        self.number("CLI_BATCH_MAXAMOUNT", 1, MAX_BATCH_ROWS as usize, "a number of bets 1..=431")
+    }
+
+    fn extra_bet(&self) -> Result<Option<[String; 5]>, ConfigError> {
+        let set: Vec<&str> = BET_VARS.iter().copied().filter(|v| self.env.contains_key(*v)).collect();
+        match set.len() {
+            0 => Ok(None),
+            5 => Ok(Some(BET_VARS.map(|v| self.env[v].clone()))),
+            _ => Err(ConfigError(format!(
+                "the extra bet needs all of {} or none; only {} set",
+                BET_VARS.join(", "),
+                set.join(", ")
+            ))),
+        }
+    }
+}
+
+/// The INI file's keys (upper-cased) and values; an absent optional file is empty.
+fn read_ini(path: &Path, required: bool) -> Result<HashMap<String, String>, ConfigError> {
+    let source = config::File::from(path).format(FileFormat::Ini).required(required);
+    let table = source.collect().map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+    let mut out = HashMap::new();
+    for (key, value) in table {
+        let upper = key.to_ascii_uppercase();
+        if !KEYS.iter().any(|(k, _)| *k == upper) {
+            return Err(ConfigError(format!("{}: unknown key {key:?} (keys: {})", path.display(), key_names())));
+        }
+        let text = value.into_string().map_err(|e| ConfigError(format!("{}: {key}: {e}", path.display())))?;
+        out.insert(upper, text);
+    }
+    Ok(out)
+}
+
+fn key_names() -> String {
+    KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn with_file(text: &str, extra: &[(&str, &str)]) -> (tempfile::TempDir, Result<Settings, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.ini");
+        std::fs::write(&path, text).unwrap();
+        let mut vars = env(extra);
+        vars.insert("LOTTERY_CONFIG".into(), path.display().to_string());
+        let settings = Settings::load(vars);
+        (dir, settings)
+    }
+
+    #[test]
+    fn defaults_apply_without_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("none.ini");
+        let settings = Settings::load(env(&[("LOTTERY_CONFIG", missing.to_str().unwrap())]));
+        assert!(settings.unwrap_err().0.contains("which is not a file"));
+        // No LOTTERY_CONFIG and no ./config.ini in the test's directory would need a chdir;
+        // an empty file gives the same defaults.
+        let (_dir, settings) = with_file("", &[]);
+        let server = settings.unwrap().server().unwrap();
+        assert_eq!((server.port, server.agencies, server.backlog), (12345, 5, 128));
+        assert_eq!(server.sync, SyncMode::Always);
+    }
+
+    #[test]
+    fn every_env_var_overrides_the_file() {
+        let file = "SERVER_IP = 10.0.0.1\nSERVER_PORT = 1\nSERVER_LISTEN_BACKLOG = 1\nSERVER_AGENCIES = 1\n\
+            SERVER_STORAGE_PATH = file.csv\nSERVER_MAX_CONNECTIONS = 1\nSERVER_IDLE_TIMEOUT_MS = 1\n\
+            SERVER_SYNC = always\nSERVER_GROUP_COMMIT = true\nLOGGING_LEVEL = ERROR\nCLI_ID = 1\n\
+            CLI_SERVER_ADDRESS = file:1\nCLI_BATCH_MAXAMOUNT = 1\nCLI_DATA_PATH = file-{CLI_ID}.csv\n\
+            CLI_RETRY_TIMEOUT_MS = 1\nCLI_LOG_LEVEL = ERROR\n";
+        let overrides = [
+            ("SERVER_IP", "127.0.0.2"),
+            ("SERVER_PORT", "2"),
+            ("SERVER_LISTEN_BACKLOG", "2"),
+            ("SERVER_AGENCIES", "2"),
+            ("SERVER_STORAGE_PATH", "env.csv"),
+            ("SERVER_MAX_CONNECTIONS", "2"),
+            ("SERVER_IDLE_TIMEOUT_MS", "2"),
+            ("SERVER_SYNC", "never"),
+            ("SERVER_GROUP_COMMIT", "false"),
+            ("LOGGING_LEVEL", "DEBUG"),
+            ("CLI_ID", "2"),
+            ("CLI_SERVER_ADDRESS", "env:2"),
+            ("CLI_BATCH_MAXAMOUNT", "2"),
+            ("CLI_DATA_PATH", "env-{CLI_ID}.csv"),
+            ("CLI_RETRY_TIMEOUT_MS", "2"),
+            ("CLI_LOG_LEVEL", "DEBUG"),
+        ];
+        assert_eq!(overrides.len(), KEYS.len(), "a key is missing from this test");
+        let (_dir, from_file) = with_file(file, &[]);
+        let (s, a) = (from_file.as_ref().unwrap().server().unwrap(), from_file.unwrap().agency().unwrap());
+        assert_eq!((s.port, s.agencies, s.log_level, a.id, a.batch_max), (1, 1, LevelFilter::Error, 1, 1));
+        let (_dir, from_env) = with_file(file, &overrides);
+        let (s, a) = (from_env.as_ref().unwrap().server().unwrap(), from_env.unwrap().agency().unwrap());
+        assert_eq!(s.ip.to_string(), "127.0.0.2");
+        assert_eq!((s.port, s.backlog, s.agencies, s.max_connections), (2, 2, 2, 2));
+        assert_eq!((s.storage_path, s.idle_timeout), (PathBuf::from("env.csv"), Duration::from_millis(2)));
+        assert_eq!((s.sync, s.group_commit, s.log_level), (SyncMode::Never, false, LevelFilter::Debug));
+        assert_eq!((a.id, a.server_address.as_str(), a.batch_max), (2, "env:2", 2));
+        assert_eq!((a.data_path, a.retry_timeout), (PathBuf::from("env-2.csv"), Duration::from_millis(2)));
+        assert_eq!(a.log_level, LevelFilter::Debug);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_and_origin() {
+        let (_dir, settings) = with_file("SERVER_PORT = 99999\n", &[]);
+        let err = settings.unwrap().server().unwrap_err().to_string();
+        assert!(err.contains("SERVER_PORT in ") && err.contains("\"99999\" is not a port"), "{err}");
+        let (_dir, settings) = with_file("", &[("SERVER_AGENCIES", "five")]);
+        let err = settings.unwrap().server().unwrap_err().to_string();
+        assert!(err.contains("environment variable SERVER_AGENCIES = \"five\""), "{err}");
+        let (_dir, settings) = with_file("SERVER_PROT = 1\n", &[]);
+        assert!(settings.unwrap_err().0.contains("unknown key"));
+    }
+
+    #[test]
+    fn the_agency_needs_an_id_and_all_or_none_of_the_extra_bet() {
+        let (_dir, settings) = with_file("", &[]);
+        assert!(settings.unwrap().agency().unwrap_err().0.contains("CLI_ID is required"));
+        let (_dir, settings) = with_file("", &[("CLI_ID", "3"), ("NOMBRE", "Ana")]);
+        assert!(settings.unwrap().agency().unwrap_err().0.contains("only NOMBRE set"));
+        let bet = [("NOMBRE", "Ana"), ("APELLIDO", "Paz"), ("DOCUMENTO", "1"), ("NACIMIENTO", "2000-01-01"), ("NUMERO", "7")];
+        let (_dir, settings) = with_file("", &[&[("CLI_ID", "3")], &bet[..]].concat());
+        let agency = settings.unwrap().agency().unwrap();
+        assert_eq!(agency.data_path, PathBuf::from(".data/agency-3.csv"));
+        assert_eq!(agency.extra_bet.unwrap()[4], "7");
+    }
+}

@@ -1,0 +1,200 @@
+//! A socket and its read buffer: lines in, replies out, with a deadline on every line.
+//!
+//! The read buffer is fixed-size: a line longer than [`MAX_LINE`] is refused after reading
+//! just past the cap, never buffered whole. A read timeout alone would let a client that sends
+//! one byte per tick hold a thread forever, so every line (or a whole batch) gets a deadline.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Instant;
+
+use crate::protocol::{MAX_LINE, Reply};
+
+/// Room for one longest line, its `\r\n`, and what a pipelining client sent after it.
+const BUFFER: usize = 2 * MAX_LINE + 2;
+
+/// Why no line could be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The peer closed the connection between lines.
+    Closed,
+    /// The peer closed the connection in the middle of a line.
+    ClosedMidLine,
+    /// The line is longer than [`MAX_LINE`] bytes.
+    TooLong,
+    /// The deadline passed before the line was complete.
+    TimedOut,
+    Io(io::Error),
+}
+
+/// One client's socket with its read buffer.
+pub struct Connection {
+    stream: TcpStream,
+    buf: Box<[u8]>,
+    /// `buf[start..end]` is read but not yet consumed.
+    start: usize,
+    end: usize,
+    out: Vec<u8>,
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream) -> Self {
+        Connection {
+            stream,
+            buf: vec![0; BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            out: Vec::with_capacity(256),
+        }
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Whether a whole line is already buffered, so reading it will not block.
+    pub fn has_buffered_line(&self) -> bool {
+        self.buf[self.start..self.end].contains(&b'\n')
+    }
+
+    /// Reads the next line, without its `\n` or `\r\n`, before `deadline`.
+    ///
+    /// # Errors
+    /// See [`ReadError`]. After `TooLong`, `TimedOut` or an I/O error the stream is no longer
+    /// in step with the peer and should be closed.
+    pub fn read_line(&mut self, deadline: Instant) -> Result<&[u8], ReadError> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+        let mut scanned = 0;
+        loop {
+            let pending = &self.buf[self.start..self.end];
+            if let Some(i) = pending[scanned..].iter().position(|&b| b == b'\n') {
+                let line_end = self.start + scanned + i;
+                let mut line = &self.buf[self.start..line_end];
+                self.start = line_end + 1;
+                if let Some(stripped) = line.strip_suffix(b"\r") {
+                    line = stripped;
+                }
+                return if line.len() > MAX_LINE { Err(ReadError::TooLong) } else { Ok(line) };
+            }
+            scanned = pending.len();
+            // Room for MAX_LINE bytes plus `\r` and no `\n` yet: too long, whatever follows.
+            if scanned > MAX_LINE + 1 {
+                return Err(ReadError::TooLong);
+            }
+            self.fill(deadline)?;
+        }
+    }
+
+    /// Reads more bytes into the buffer, waiting at most until `deadline`.
+    fn fill(&mut self, deadline: Instant) -> Result<(), ReadError> {
+        if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(ReadError::TimedOut);
+        }
+        self.stream.set_read_timeout(Some(remaining)).map_err(ReadError::Io)?;
+        match self.stream.read(&mut self.buf[self.end..]) {
+            Ok(0) if self.start == self.end => Err(ReadError::Closed),
+            Ok(0) => Err(ReadError::ClosedMidLine),
+            Ok(n) => {
+                self.end += n;
+                Ok(())
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(ReadError::TimedOut)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(ReadError::Io(e)),
+        }
+    }
+
+    /// Sends one reply line.
+    ///
+    /// # Errors
+    /// The socket's write error (the peer is gone, or did not read for the write timeout).
+    pub fn write_reply(&mut self, reply: &Reply) -> io::Result<()> {
+        self.out.clear();
+        reply.encode(&mut self.out);
+        self.stream.write_all(&self.out)
+    }
+
+    /// Closes both directions, so that a peer blocked on us sees the end at once.
+    pub fn close(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    fn pair() -> (TcpStream, Connection) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, Connection::new(server))
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[test]
+    fn splits_pipelined_lines_and_strips_crlf() {
+        let (mut client, mut conn) = pair();
+        client.write_all(b"PING\r\nSTATUS\nQU").unwrap();
+        assert_eq!(conn.read_line(soon()).unwrap(), b"PING");
+        assert!(conn.has_buffered_line());
+        assert_eq!(conn.read_line(soon()).unwrap(), b"STATUS");
+        assert!(!conn.has_buffered_line());
+        client.write_all(b"IT\n").unwrap();
+        assert_eq!(conn.read_line(soon()).unwrap(), b"QUIT");
+        drop(client);
+        assert!(matches!(conn.read_line(soon()), Err(ReadError::Closed)));
+    }
+
+    #[test]
+    fn refuses_a_long_line_without_reading_it_all() {
+        let (mut client, mut conn) = pair();
+        let exact = vec![b'x'; MAX_LINE];
+        client.write_all(&exact).unwrap();
+        client.write_all(b"\n").unwrap();
+        assert_eq!(conn.read_line(soon()).unwrap().len(), MAX_LINE);
+        // A client that never stops: the server reads one buffer's worth and gives up.
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'y'; 64 * 1024];
+            for _ in 0..1024 {
+                if client.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        assert!(matches!(conn.read_line(soon()), Err(ReadError::TooLong)));
+        conn.close();
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_trickling_client_hits_the_deadline() {
+        let (mut client, mut conn) = pair();
+        client.write_all(b"PI").unwrap();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        assert!(matches!(conn.read_line(deadline), Err(ReadError::TimedOut)));
+    }
+
+    #[test]
+    fn closed_mid_line_is_told_apart() {
+        let (mut client, mut conn) = pair();
+        client.write_all(b"PI").unwrap();
+        drop(client);
+        assert!(matches!(conn.read_line(soon()), Err(ReadError::ClosedMidLine)));
+    }
+}

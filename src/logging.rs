@@ -1,0 +1,26 @@
+//! The log line format of the spec: `YYYY-MM-DD HH:MM:SS LEVEL    action: … | result: …`, on
+//! stdout, timestamps in UTC.
+
+use std::io::Write;
+
+use log::LevelFilter;
+use time::macros::format_description;
+
+/// Installs the logger at `level`. Calling it twice (tests, `lottery-round`) keeps the first.
+pub fn init(level: LevelFilter) {
+    let format = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    let _ = env_logger::Builder::new()
+        .filter_level(level)
+        .target(env_logger::Target::Stdout)
+        .format(move |buf, record| {
+            let now = time::OffsetDateTime::now_utc();
+            let stamp = now.format(&format).unwrap_or_default();
+            writeln!(buf, "{stamp} {:<8} {}", record.level(), record.args())
+        })
+        .try_init();
+}
+
+/// A value for a log field: no `|` (it separates fields) and no line break.
+pub fn field(value: &str) -> String {
+    value.replace('|', "/").replace(['\n', '\r'], " ")
+}

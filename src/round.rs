@@ -1,0 +1,407 @@
+//! The round: the state every connection shares, behind one `Mutex`, and the two `Condvar`s
+//! that connections wait on.
+//!
+//! - `drawn` is the "winners ready" event: `WINNERS` waits on it until the draw is made (or the
+//!   server shuts down). The predicate lives in the state, so no wake-up is lost.
+//! - `synced` is group commit: a connection appends its rows under the lock, then either waits
+//!   for a sync already running or runs one itself with the lock released; one `fdatasync`
+//!   acknowledges every row appended before it started.
+//!
+//! No socket is touched here, and no lock is held across one: connections call these methods
+//! between reading a request and writing its reply.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use log::{error, info, warn};
+
+use crate::protocol::{ErrorCode, ProtocolError, Status};
+use crate::round_file::{self, RoundFile};
+use crate::store::{self, Store, StoreError};
+
+/// When an `OK` is sent for stored bets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// After the rows are synced to disk (`fdatasync`): an `OK` survives a power loss.
+    Always,
+    /// After the rows are written to the OS: an `OK` survives a crash of the server, not of the
+    /// machine. For throw-away benchmarks.
+    Never,
+}
+
+/// What a round needs to know at start.
+#[derive(Debug, Clone)]
+pub struct RoundConfig {
+    pub agencies: u32,
+    pub storage_path: PathBuf,
+    pub sync: SyncMode,
+    /// Share one sync among all the rows appended while it runs (`SERVER_GROUP_COMMIT`). Off,
+    /// every write syncs on its own, holding the lock: only for measuring what group commit buys.
+    pub group_commit: bool,
+}
+
+/// The shared state of one round.
+pub struct Round {
+    config: RoundConfig,
+    round_path: PathBuf,
+    state: Mutex<State>,
+    drawn: Condvar,
+    synced: Condvar,
+    /// Set at shutdown, read without the lock by a draw in progress so that it gives up.
+    stopping: AtomicBool,
+}
+
+/// Everything the Mutex guards.
+struct State {
+    store: Store,
+    /// Bets held per agency (index 0 is agency 1): where each agency resumes.
+    stored: Vec<u64>,
+    done: Vec<bool>,
+    phase: Phase,
+    shutting_down: bool,
+    /// `store` is durable up to this length.
+    synced_len: u64,
+    /// A connection is syncing with the lock released.
+    syncing: bool,
+    /// A sync failed: what was written since may not be on disk, so nothing more is
+    /// acknowledged until the server restarts and recounts from the file.
+    broken: Option<String>,
+}
+
+enum Phase {
+    Open,
+    /// The last agency said `DONE`; one thread is reading `bets.csv` back.
+    Drawing,
+    /// Winners per agency (index 0 is agency 1).
+    Drawn(Arc<Vec<Vec<String>>>),
+}
+
+/// What start-up found, for the log.
+#[derive(Debug)]
+pub struct Resumed {
+    pub bets: u64,
+    pub truncated: u64,
+    pub agencies_done: usize,
+    pub drawn: bool,
+}
+
+/// Bets to store, already validated and encoded as `bets.csv` rows.
+#[derive(Debug, Default)]
+pub struct Rows {
+    pub bytes: Vec<u8>,
+    /// `ends[i]` is where row `i` ends in `bytes`.
+    pub ends: Vec<usize>,
+}
+
+impl Rows {
+    fn from(&self, row: usize) -> &[u8] {
+        let start = if row == 0 { 0 } else { self.ends[row - 1] };
+        &self.bytes[start..]
+    }
+}
+
+impl Round {
+    /// Opens the bets file and the round file, recovering what a previous run left, and makes
+    /// the draw if every agency had already said `DONE`.
+    ///
+    /// # Errors
+    /// A file cannot be read or written, or does not belong to a round of `config.agencies`.
+    pub fn open(config: RoundConfig) -> Result<(Round, Resumed), StoreError> {
+        let round_path = round_file::path_for(&config.storage_path);
+        let had_bets = config.storage_path.exists();
+        let (store, recovered) = Store::open(&config.storage_path, config.agencies)?;
+        let saved = match RoundFile::load(&round_path)? {
+            Some(_) if !had_bets => {
+                warn!("action: recover | result: success | detail: round file without bets file, starting a new round");
+                None
+            }
+            saved => saved,
+        };
+        let saved = saved.unwrap_or_else(|| RoundFile::new(config.agencies));
+        if saved.agencies != config.agencies {
+            let why = format!("this round has {} agencies, SERVER_AGENCIES is {}", saved.agencies, config.agencies);
+            return Err(StoreError::bad(&round_path, None, why));
+        }
+        let mut done = vec![false; config.agencies as usize];
+        for &a in &saved.done {
+            let slot = done.get_mut((a as usize).wrapping_sub(1));
+            *slot.ok_or_else(|| StoreError::bad(&round_path, None, format!("agency {a} is out of range")))? = true;
+        }
+        let phase = if saved.drawn {
+            let winners = store::winners(&config.storage_path, config.agencies, None)?.unwrap_or_default();
+            Phase::Drawn(Arc::new(winners))
+        } else {
+            Phase::Open
+        };
+        let resumed = Resumed {
+            bets: recovered.stored.iter().sum(),
+            truncated: recovered.truncated,
+            agencies_done: saved.done.len(),
+            drawn: saved.drawn,
+        };
+        let synced_len = store.len();
+        let state = State {
+            store,
+            stored: recovered.stored,
+            done,
+            phase,
+            shutting_down: false,
+            synced_len,
+            syncing: false,
+            broken: None,
+        };
+        let round = Round {
+            config,
+            round_path,
+            state: Mutex::new(state),
+            drawn: Condvar::new(),
+            synced: Condvar::new(),
+            stopping: AtomicBool::new(false),
+        };
+        if round.start_draw_if_all_done(round.lock()) {
+            round.draw();
+        }
+        Ok((round, resumed))
+    }
+
+    pub fn agencies(&self) -> u32 {
+        self.config.agencies
+    }
+
+    pub fn storage_path(&self) -> &Path {
+        &self.config.storage_path
+    }
+
+    /// The state, even if a connection's thread panicked while holding the lock. Every change
+    /// to `State` is a few assignments made after the fallible I/O they depend on, so a panic
+    /// cannot leave it half-updated; refusing all other agencies for one bug would be worse.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `agency` as an index, if it is one of this round's.
+    ///
+    /// # Errors
+    /// `BAD_AGENCY` outside `1..=agencies`.
+    pub fn check_agency(&self, agency: u32) -> Result<usize, ProtocolError> {
+        if (1..=self.config.agencies).contains(&agency) {
+            Ok(agency as usize - 1)
+        } else {
+            let why = format!("agency {agency} is not in 1..={}", self.config.agencies);
+            Err(ProtocolError::new(ErrorCode::BadAgency, why))
+        }
+    }
+
+    /// How many of `agency`'s bets are held (the reply to `HELLO`).
+    ///
+    /// # Errors
+    /// `BAD_AGENCY` outside `1..=agencies`.
+    pub fn hello(&self, agency: u32) -> Result<u64, ProtocolError> {
+        let i = self.check_agency(agency)?;
+        Ok(self.lock().stored[i])
+    }
+
+    /// Stores `rows` as `agency`'s bets `offset..offset + count` (or, with no offset, after the
+    /// ones held), all or none, and returns how many the agency then holds, once they are as
+    /// durable as the sync mode promises. Rows already held are acknowledged, not stored twice.
+    ///
+    /// # Errors
+    /// `BAD_REQUEST` for an offset past what is held, `CLOSED` after the draw or the agency's
+    /// `DONE`, `STORAGE` if the file could not be written or synced, `SHUTDOWN`.
+    pub fn store(&self, agency: u32, offset: Option<u64>, rows: &Rows) -> Result<u64, ProtocolError> {
+        let i = self.check_agency(agency)?;
+        let count = rows.ends.len() as u64;
+        let mut st = self.lock();
+        if st.shutting_down {
+            return Err(shutting_down());
+        }
+        if let Some(why) = &st.broken {
+            return Err(ProtocolError::new(ErrorCode::Storage, why.clone()));
+        }
+        if !matches!(st.phase, Phase::Open) {
+            return Err(ProtocolError::new(ErrorCode::Closed, "the draw has been made"));
+        }
+        let held = st.stored[i];
+        let skip = match offset {
+            Some(o) if o > held => {
+                let why = format!("offset {o} is past the {held} bets held for agency {agency}");
+                return Err(ProtocolError::new(ErrorCode::BadRequest, why));
+            }
+            Some(o) => (held - o).min(count),
+            None => 0,
+        };
+        if skip < count {
+            if st.done[i] {
+                let why = format!("agency {agency} already said DONE");
+                return Err(ProtocolError::new(ErrorCode::Closed, why));
+            }
+            if let Err(e) = st.store.append(rows.from(skip as usize)) {
+                let why = format!("cannot write {}: {e}", self.storage_path().display());
+                error!("action: store | result: fail | error: {why}");
+                return Err(ProtocolError::new(ErrorCode::Storage, why));
+            }
+            st.stored[i] += count - skip;
+        }
+        let stored = st.stored[i];
+        let end = st.store.len();
+        self.wait_durable(st, end).map(|()| stored)
+    }
+
+    /// Returns once the file is durable up to `end` (as the sync mode promises).
+    fn wait_durable<'a>(&'a self, mut st: MutexGuard<'a, State>, end: u64) -> Result<(), ProtocolError> {
+        match (self.config.sync, self.config.group_commit) {
+            (SyncMode::Never, _) => return Ok(()),
+            (SyncMode::Always, false) if st.synced_len < end => {
+                let result = st.store.file().sync();
+                self.after_sync(&mut st, end, result);
+            }
+            _ => {}
+        }
+        while st.synced_len < end {
+            if let Some(why) = &st.broken {
+                return Err(ProtocolError::new(ErrorCode::Storage, why.clone()));
+            }
+            if st.syncing {
+                st = self.synced.wait(st).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // Nobody is syncing: this thread syncs everything appended so far, for everyone.
+            st.syncing = true;
+            let upto = st.store.len();
+            let file = st.store.file();
+            drop(st);
+            let result = file.sync();
+            st = self.lock();
+            st.syncing = false;
+            self.after_sync(&mut st, upto, result);
+            self.synced.notify_all();
+        }
+        Ok(())
+    }
+
+    fn after_sync(&self, st: &mut State, upto: u64, result: std::io::Result<()>) {
+        match result {
+            Ok(()) => st.synced_len = st.synced_len.max(upto),
+            Err(e) => {
+                let why = format!("cannot sync {}: {e}; restart the server", self.storage_path().display());
+                error!("action: sync | result: fail | error: {why}");
+                st.broken = Some(why);
+            }
+        }
+    }
+
+    /// Records that `agency` has sent everything; the last distinct agency's `DONE` makes the
+    /// draw, in this thread, before it returns.
+    ///
+    /// # Errors
+    /// `BAD_AGENCY`, `STORAGE` if the round file could not be written, `SHUTDOWN`.
+    pub fn done(&self, agency: u32) -> Result<(), ProtocolError> {
+        let i = self.check_agency(agency)?;
+        let mut st = self.lock();
+        if st.shutting_down {
+            return Err(shutting_down());
+        }
+        if st.done[i] {
+            return Ok(());
+        }
+        st.done[i] = true;
+        if let Err(e) = self.save(&st, false) {
+            st.done[i] = false;
+            error!("action: done | result: fail | error: {e}");
+            return Err(ProtocolError::new(ErrorCode::Storage, e.to_string()));
+        }
+        if self.start_draw_if_all_done(st) {
+            self.draw();
+        }
+        Ok(())
+    }
+
+    /// Moves an open round whose agencies are all done to `Drawing`; true if the caller must
+    /// now make the draw.
+    fn start_draw_if_all_done(&self, mut st: MutexGuard<'_, State>) -> bool {
+        let ready = matches!(st.phase, Phase::Open) && st.done.iter().all(|&d| d);
+        if ready {
+            st.phase = Phase::Drawing;
+        }
+        ready
+    }
+
+    /// Reads `bets.csv` back with the lock released, then publishes the winners.
+    fn draw(&self) {
+        let result = store::winners(self.storage_path(), self.config.agencies, Some(&self.stopping));
+        let mut st = self.lock();
+        match result {
+            Ok(Some(winners)) => {
+                // Saved before it is logged: a crash in between loses a log line, never a draw.
+                if let Err(e) = self.save(&st, true) {
+                    error!("action: sorteo | result: fail | error: {e}; the next start draws again");
+                }
+                st.phase = Phase::Drawn(Arc::new(winners));
+                info!("action: sorteo | result: success");
+            }
+            Ok(None) => st.phase = Phase::Open,
+            Err(e) => {
+                error!("action: sorteo | result: fail | error: {e}");
+                st.phase = Phase::Open;
+            }
+        }
+        self.drawn.notify_all();
+    }
+
+    fn save(&self, st: &State, drawn: bool) -> Result<(), StoreError> {
+        let done = (1..=self.config.agencies).filter(|&a| st.done[a as usize - 1]).collect();
+        RoundFile { agencies: self.config.agencies, done, drawn }.save(&self.round_path)
+    }
+
+    /// Waits for the draw, then returns `agency`'s own winners.
+    ///
+    /// # Errors
+    /// `BAD_AGENCY`, or `SHUTDOWN` if the server stops first.
+    pub fn winners(&self, agency: u32) -> Result<Vec<String>, ProtocolError> {
+        let i = self.check_agency(agency)?;
+        let st = self.lock();
+        let st = self
+            .drawn
+            .wait_while(st, |s| !matches!(s.phase, Phase::Drawn(_)) && !s.shutting_down)
+            .unwrap_or_else(PoisonError::into_inner);
+        match &st.phase {
+            Phase::Drawn(winners) => Ok(winners[i].clone()),
+            _ => Err(shutting_down()),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let st = self.lock();
+        Status {
+            agencies_done: st.done.iter().filter(|&&d| d).count() as u32,
+            agencies: self.config.agencies,
+            bets: st.stored.iter().sum(),
+            drawn: matches!(st.phase, Phase::Drawn(_)),
+        }
+    }
+
+    /// Refuses every new request and wakes every waiter: the first step of shutdown.
+    pub fn begin_shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.lock().shutting_down = true;
+        self.drawn.notify_all();
+        self.synced.notify_all();
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Syncs the bets file: the last step of shutdown, after every connection is joined.
+    ///
+    /// # Errors
+    /// The sync error.
+    pub fn close(&self) -> std::io::Result<()> {
+        self.lock().store.file().sync()
+    }
+}
+
+fn shutting_down() -> ProtocolError {
+    ProtocolError::new(ErrorCode::Shutdown, "the server is shutting down")
+}

@@ -1,0 +1,221 @@
+//! The server: the accept loop, one thread per connection, and an orderly shutdown.
+//!
+//! Shutdown order: set the flag → wake the blocked `accept` by connecting to ourselves → wake
+//! every waiter in the round (they answer `ERR SHUTDOWN`) → shut down the reading half of every
+//! live socket (from the registry), so blocked reads end → after a grace period, both halves of
+//! whatever is still open (a client that does not read our reply) → join every thread → sync
+//! `bets.csv` → log.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use log::{debug, error, info, warn};
+
+use crate::connection::Connection;
+use crate::protocol::{ErrorCode, ProtocolError, Reply};
+use crate::round::Round;
+use crate::session::Session;
+
+/// Stack of a connection's thread: a session needs a few KiB; the default 2 MiB would only
+/// reserve address space per connection.
+const STACK_SIZE: usize = 128 * 1024;
+
+/// Limits on what clients can hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+}
+
+/// Binds `ip:port` with the given listen backlog (std's `bind` fixes the backlog itself).
+///
+/// # Errors
+/// The address cannot be bound.
+pub fn bind(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// Stops a running server from any thread (the signal handler's, a test's).
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    flag: Arc<AtomicBool>,
+    wake: SocketAddr,
+}
+
+impl ShutdownHandle {
+    /// A handle for the server that will `run` on `listener`.
+    ///
+    /// # Errors
+    /// The listener has no local address.
+    pub fn new(listener: &TcpListener) -> io::Result<Self> {
+        let mut wake = listener.local_addr()?;
+        // A server bound to every address is reached, to wake it, through loopback.
+        match wake.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => wake.set_ip(Ipv4Addr::LOCALHOST.into()),
+            IpAddr::V6(ip) if ip.is_unspecified() => wake.set_ip(Ipv6Addr::LOCALHOST.into()),
+            _ => {}
+        }
+        Ok(ShutdownHandle { flag: Arc::new(AtomicBool::new(false)), wake })
+    }
+
+    /// Asks the server to stop: sets the flag, then wakes `accept` with a connection of our own.
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.wake, Duration::from_secs(1));
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+/// How long shutdown lets connections finish their last reply before cutting them off.
+const GRACE: Duration = Duration::from_millis(500);
+
+/// The live connections' sockets, so that shutdown can unblock their threads, and a `Condvar`
+/// signalled whenever one ends.
+#[derive(Default)]
+struct Registry {
+    live: Mutex<HashMap<u64, TcpStream>>,
+    ended: Condvar,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, TcpStream>> {
+        // The map stays consistent whatever a panicking thread did: inserts and removes are whole.
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+        self.ended.notify_all();
+    }
+
+    /// Shuts down every live socket: its reading half, then, after the grace period, both.
+    fn close_all(&self) {
+        let live = self.lock();
+        let count = live.len();
+        for stream in live.values() {
+            let _ = stream.shutdown(SocketShutdown::Read);
+        }
+        let (live, _) = self
+            .ended
+            .wait_timeout_while(live, GRACE, |live| !live.is_empty())
+            .unwrap_or_else(PoisonError::into_inner);
+        for stream in live.values() {
+            let _ = stream.shutdown(SocketShutdown::Both);
+        }
+        info!("action: close_connections | result: success | connections: {count}");
+    }
+}
+
+/// Serves `listener` until `shutdown` is triggered, then shuts down in order and returns.
+///
+/// # Errors
+/// Only an error that stops the whole server: a final sync of `bets.csv` that failed.
+pub fn run(listener: TcpListener, round: Arc<Round>, limits: Limits, shutdown: &ShutdownHandle) -> io::Result<()> {
+    let registry = Arc::new(Registry::default());
+    let mut handles: Vec<JoinHandle<()>> = Vec::new();
+    let mut next_id = 0u64;
+    for incoming in listener.incoming() {
+        if shutdown.is_triggered() {
+            break;
+        }
+        let stream = match incoming {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Out of file descriptors, a connection reset before accept: not fatal.
+                warn!("action: accept_connections | result: fail | error: {e}");
+                continue;
+            }
+        };
+        handles.retain(|h| !h.is_finished());
+        let ip = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+        if registry.lock().len() >= limits.max_connections {
+            warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
+            refuse_busy(stream, limits.max_connections);
+            continue;
+        }
+        info!("action: accept_connections | result: success | ip: {ip}");
+        next_id += 1;
+        match spawn_connection(next_id, stream, &round, limits, &registry) {
+            Ok(handle) => handles.push(handle),
+            Err(e) => error!("action: spawn_thread | result: fail | error: {e}"),
+        }
+    }
+    drop(listener);
+    info!("action: close_listener | result: success");
+    round.begin_shutdown();
+    registry.close_all();
+    let count = handles.len();
+    for handle in handles {
+        // A thread that panicked has already logged it; its connection is gone either way.
+        let _ = handle.join();
+    }
+    info!("action: join_threads | result: success | threads: {count}");
+    let synced = round.close();
+    match &synced {
+        Ok(()) => info!("action: close_storage | result: success | path: {}", round.storage_path().display()),
+        Err(e) => error!("action: close_storage | result: fail | error: {e}"),
+    }
+    synced
+}
+
+/// Answers `ERR BUSY` and closes, without a thread: the client is told at once, never queued.
+fn refuse_busy(mut stream: TcpStream, max: usize) {
+    let mut out = Vec::new();
+    let why = format!("the server serves {max} connections at once; try again later");
+    Reply::Err(ProtocolError::new(ErrorCode::Busy, why)).encode(&mut out);
+    // A fresh socket's send buffer takes a short line without blocking; the timeout guards
+    // the accept loop anyway.
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = stream.write_all(&out);
+    let _ = stream.shutdown(SocketShutdown::Both);
+}
+
+fn spawn_connection(
+    id: u64,
+    stream: TcpStream,
+    round: &Arc<Round>,
+    limits: Limits,
+    registry: &Arc<Registry>,
+) -> io::Result<JoinHandle<()>> {
+    stream.set_write_timeout(Some(limits.idle_timeout))?;
+    // Replies are single short lines: send each at once.
+    stream.set_nodelay(true)?;
+    registry.lock().insert(id, stream.try_clone()?);
+    let round = Arc::clone(round);
+    let registry_for_thread = Arc::clone(registry);
+    let spawned = thread::Builder::new().name(format!("conn-{id}")).stack_size(STACK_SIZE).spawn(move || {
+        // Deregisters even if the session panics.
+        let _registered = Registered { id, registry: registry_for_thread };
+        let mut conn = Connection::new(stream);
+        Session::new(&round, limits.idle_timeout).run(&mut conn);
+        debug!("action: close_connection | result: success | id: {id}");
+    });
+    if spawned.is_err() {
+        registry.remove(id);
+    }
+    spawned
+}
+
+/// Removes a connection from the registry when its thread ends.
+struct Registered {
+    id: u64,
+    registry: Arc<Registry>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.remove(self.id);
+    }
+}

@@ -1,0 +1,183 @@
+//! One connection's conversation: read a request, apply it to the round, write the reply.
+//!
+//! Errors a client causes are answered with an `ERR` line and end at most this connection;
+//! they never reach the round or the other connections.
+
+use std::time::{Duration, Instant};
+
+use log::{debug, info};
+
+use crate::bet::{self, RowParser, RowWriter};
+use crate::connection::{Connection, ReadError};
+use crate::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Reply, Request};
+use crate::round::{Round, Rows};
+
+/// One connection's state besides its socket.
+pub struct Session<'a> {
+    round: &'a Round,
+    idle_timeout: Duration,
+    agency: Option<u32>,
+    parser: RowParser,
+    writer: RowWriter,
+}
+
+/// What to do after a reply.
+enum Next {
+    Continue,
+    Close,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(round: &'a Round, idle_timeout: Duration) -> Self {
+        Session { round, idle_timeout, agency: None, parser: RowParser::default(), writer: RowWriter::default() }
+    }
+
+    /// Serves `conn` until the client quits, breaks the protocol beyond repair, goes silent
+    /// for the idle timeout, or the server shuts down.
+    pub fn run(mut self, conn: &mut Connection) {
+        loop {
+            // Each request, a batch with all its rows included, must arrive within the timeout.
+            let deadline = Instant::now() + self.idle_timeout;
+            let request = match conn.read_line(deadline) {
+                Ok(line) => protocol::parse_request(line),
+                Err(e) => {
+                    self.end_on_read_error(conn, e, "request");
+                    return;
+                }
+            };
+            let (reply, next) = match request {
+                Ok(Request::Batch { offset, count }) => match self.read_batch(conn, offset, count, deadline) {
+                    Ok(reply) => (reply, Next::Continue),
+                    Err(()) => return,
+                },
+                Ok(request) => self.apply(request),
+                Err(e) => (Reply::Err(e), Next::Continue),
+            };
+            if let Err(e) = conn.write_reply(&reply) {
+                debug!("action: reply | result: fail | error: {e}");
+                return;
+            }
+            if let Next::Close = next {
+                conn.close();
+                return;
+            }
+        }
+    }
+
+    /// Answers a request that is one line long.
+    fn apply(&mut self, request: Request) -> (Reply, Next) {
+        let reply = match request {
+            Request::Ping => Ok(Reply::Pong),
+            Request::Quit => return (Reply::Bye, Next::Close),
+            Request::Status => Ok(Reply::Status(self.round.status())),
+            Request::Hello(agency) => self.round.hello(agency).map(|stored| {
+                self.agency = Some(agency);
+                Reply::Ok(Some(stored))
+            }),
+            Request::Bet(row) => self.bet(&row),
+            Request::Done => self.agency().and_then(|a| self.round.done(a)).map(|()| Reply::Ok(None)),
+            Request::Winners => self.agency().and_then(|a| self.round.winners(a)).map(Reply::Winners),
+            // Read with its rows by `run`.
+            Request::Batch { .. } => Err(ProtocolError::new(ErrorCode::BadRequest, "BATCH without rows")),
+        };
+        (reply.unwrap_or_else(Reply::Err), Next::Continue)
+    }
+
+    fn agency(&self) -> Result<u32, ProtocolError> {
+        self.agency.ok_or_else(|| ProtocolError::new(ErrorCode::NoAgency, "say HELLO <agency> first"))
+    }
+
+    fn bet(&mut self, row: &[u8]) -> Result<Reply, ProtocolError> {
+        let agency = self.agency()?;
+        let bet = self
+            .parser
+            .bet(row, bet::today())
+            .map_err(|e| ProtocolError::new(ErrorCode::BadBet, e.to_string()))?;
+        self.writer.push_stored(agency, &bet);
+        let rows = Rows { ends: vec![self.writer.len()], bytes: self.writer.take() };
+        let stored = self.round.store(agency, None, &rows)?;
+        info!("action: apuesta_almacenada | result: success | dni: {} | numero: {}", bet.document, bet.number);
+        Ok(Reply::Ok(Some(stored)))
+    }
+
+    /// Reads the `count` rows of a batch (all of them, even after a bad one, so that the
+    /// connection stays in step), then stores them all or none. `Err` means the connection is
+    /// over.
+    fn read_batch(&mut self, conn: &mut Connection, offset: u64, count: u32, deadline: Instant) -> Result<Reply, ()> {
+        let today = bet::today();
+        // The header line's own bytes count against the batch's 8 KiB, as the client sends them.
+        let mut size = format!("BATCH {offset} {count}\n").len();
+        let mut first_error: Option<String> = None;
+        self.writer.take();
+        let mut ends = Vec::with_capacity(count as usize);
+        for i in 1..=count {
+            let line = match conn.read_line(deadline) {
+                Ok(line) => line,
+                Err(e) => {
+                    info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: batch cut short");
+                    self.end_on_read_error(conn, e, "batch");
+                    return Err(());
+                }
+            };
+            size += line.len() + 1;
+            if size > MAX_LINE {
+                info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: batch over 8 KiB");
+                let why = format!("a batch is at most {MAX_LINE} bytes, header and rows");
+                let _ = conn.write_reply(&ProtocolError::new(ErrorCode::TooLong, why).into());
+                conn.close();
+                return Err(());
+            }
+            if first_error.is_some() {
+                continue;
+            }
+            match self.parser.bet(line, today) {
+                Ok(bet) => {
+                    self.writer.push_stored(self.agency.unwrap_or(0), &bet);
+                    ends.push(self.writer.len());
+                }
+                Err(e) => first_error = Some(format!("row {i}: {e}")),
+            }
+        }
+        let rows = Rows { bytes: self.writer.take(), ends };
+        let result = self.agency().and_then(|agency| match first_error {
+            Some(why) => Err(ProtocolError::new(ErrorCode::BadBet, why)),
+            None => self.round.store(agency, Some(offset), &rows),
+        });
+        Ok(match result {
+            Ok(stored) => {
+                info!("action: apuesta_recibida | result: success | cantidad: {count}");
+                Reply::Ok(Some(stored))
+            }
+            Err(e) => {
+                info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: {}", e.code.as_str());
+                Reply::Err(e)
+            }
+        })
+    }
+
+    /// Tells the client why the connection ends, if it can still hear it.
+    fn end_on_read_error(&self, conn: &mut Connection, error: ReadError, reading: &str) {
+        let reply = match error {
+            // Our own shutdown closed the reading half: the client can still hear why.
+            ReadError::Closed | ReadError::ClosedMidLine if self.round.is_shutting_down() => {
+                Some(ProtocolError::new(ErrorCode::Shutdown, "the server is shutting down"))
+            }
+            ReadError::Closed => None,
+            ReadError::ClosedMidLine | ReadError::Io(_) => {
+                debug!("action: read_{reading} | result: fail | error: {error:?}");
+                None
+            }
+            ReadError::TooLong => {
+                Some(ProtocolError::new(ErrorCode::TooLong, format!("a line is at most {MAX_LINE} bytes; closing")))
+            }
+            ReadError::TimedOut => {
+                let ms = self.idle_timeout.as_millis();
+                Some(ProtocolError::new(ErrorCode::Timeout, format!("no complete {reading} within {ms} ms; closing")))
+            }
+        };
+        if let Some(e) = reply {
+            let _ = conn.write_reply(&Reply::Err(e));
+        }
+        conn.close();
+    }
+}

@@ -1,0 +1,325 @@
+//! The bets file, `bets.csv`: append whole rows, sync them, read them back, recover after a crash.
+//!
+//! The file only ever grows by whole lines. An append that fails half-way is cut back to the last
+//! good length, and a line torn by a crash (no `\n` at the end of the file) is cut away when the
+//! server starts, so every line in the file is a whole, valid row.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::bet::WINNING_NUMBER;
+
+/// What the store needs of a file. A trait so that tests can inject write and sync errors.
+pub trait BetFile: Send + Sync {
+    /// Appends all of `bytes` at the end of the file (it may write a part before failing).
+    fn append(&self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes everything appended so far durable (`fdatasync`).
+    fn sync(&self) -> io::Result<()>;
+    /// Cuts the file back to `len` bytes.
+    fn truncate(&self, len: u64) -> io::Result<()>;
+}
+
+impl BetFile for File {
+    fn append(&self, bytes: &[u8]) -> io::Result<()> {
+        // `&File` is `Write`; the file is opened in append mode, so this lands at the end even
+        // after a truncate.
+        (&*self).write_all(bytes)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.set_len(len)
+    }
+}
+
+/// An error about `bets.csv` or its round file, with the path (and line) it concerns.
+#[derive(Debug)]
+pub struct StoreError {
+    pub path: PathBuf,
+    pub line: Option<u64>,
+    pub kind: StoreErrorKind,
+}
+
+#[derive(Debug)]
+pub enum StoreErrorKind {
+    Io(io::Error),
+    /// A whole line that is not a stored bet: the file was edited, or is not ours.
+    BadRow(String),
+}
+
+impl StoreError {
+    pub(crate) fn io(path: &Path, error: io::Error) -> Self {
+        StoreError { path: path.to_owned(), line: None, kind: StoreErrorKind::Io(error) }
+    }
+
+    pub(crate) fn bad(path: &Path, line: Option<u64>, why: impl Into<String>) -> Self {
+        StoreError { path: path.to_owned(), line, kind: StoreErrorKind::BadRow(why.into()) }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, " line {line}")?;
+        }
+        match &self.kind {
+            StoreErrorKind::Io(e) => write!(f, ": {e}"),
+            StoreErrorKind::BadRow(why) => write!(f, ": {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            StoreErrorKind::Io(e) => Some(e),
+            StoreErrorKind::BadRow(_) => None,
+        }
+    }
+}
+
+/// What opening an existing `bets.csv` found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Bets held per agency; index 0 is agency 1.
+    pub stored: Vec<u64>,
+    /// Bytes of a torn last line that were cut away.
+    pub truncated: u64,
+}
+
+/// The open bets file: the append end of it. Reading back goes through [`scan`].
+pub struct Store {
+    path: PathBuf,
+    file: Arc<dyn BetFile>,
+    /// Length of the file: every byte before it is a whole row.
+    len: u64,
+}
+
+impl Store {
+    /// Opens (or creates) the bets file for `agencies` agencies, cutting away a torn last line
+    /// and counting what each agency already has.
+    ///
+    /// # Errors
+    /// The file cannot be opened, read or cut, or holds a line that is not a stored bet.
+    pub fn open(path: &Path, agencies: u32) -> Result<(Store, Recovered), StoreError> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| StoreError::io(path, e))?;
+        let full = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
+        let len = whole_lines_len(&mut file, full).map_err(|e| StoreError::io(path, e))?;
+        if len < full {
+            file.set_len(len).and_then(|()| file.sync_data()).map_err(|e| StoreError::io(path, e))?;
+        }
+        let mut stored = vec![0; agencies as usize];
+        scan(path, agencies, None, |agency, _, _| stored[agency as usize - 1] += 1)?;
+        let recovered = Recovered { stored, truncated: full - len };
+        Ok((Store::with_file(path, Arc::new(file), len), recovered))
+    }
+
+    /// A store over any [`BetFile`] whose first `len` bytes are whole rows.
+    pub fn with_file(path: &Path, file: Arc<dyn BetFile>, len: u64) -> Store {
+        Store { path: path.to_owned(), file, len }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Length of the file in bytes, all of it whole rows.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends whole rows and returns the new length. On failure the file is cut back to its
+    /// length before the call, so it never ends in a partial row.
+    ///
+    /// # Errors
+    /// The write error; or, if cutting back failed too, that error (the file may then end in a
+    /// partial row, which the next start-up cuts away).
+    pub fn append(&mut self, rows: &[u8]) -> io::Result<u64> {
+        if let Err(e) = self.file.append(rows) {
+            self.file.truncate(self.len)?;
+            return Err(e);
+        }
+        self.len += rows.len() as u64;
+        Ok(self.len)
+    }
+
+    /// The file handle, for syncing with the round's lock released.
+    pub fn file(&self) -> Arc<dyn BetFile> {
+        Arc::clone(&self.file)
+    }
+}
+
+/// The length of the longest prefix of `file` (of length `len`) that ends in `\n`.
+fn whole_lines_len(file: &mut File, len: u64) -> io::Result<u64> {
+    let mut end = len;
+    let mut chunk = [0u8; 4096];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(part)?;
+        if let Some(i) = part.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// Reads `bets.csv` from the start, streaming, and calls `visit(agency, document, number)` for
+/// every row. With `stop`, it gives up (returning `Ok(false)`) once `stop` is set.
+///
+/// # Errors
+/// The file cannot be read, or a line is not a stored bet of one of `agencies` agencies.
+pub fn scan(
+    path: &Path,
+    agencies: u32,
+    stop: Option<&AtomicBool>,
+    mut visit: impl FnMut(u32, &str, u16),
+) -> Result<bool, StoreError> {
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .buffer_capacity(256 * 1024)
+        .from_reader(file);
+    let mut record = csv::StringRecord::new();
+    let mut line = 0;
+    loop {
+        line += 1;
+        if line % 65536 == 0 && stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            return Ok(false);
+        }
+        match reader.read_record(&mut record) {
+            Ok(false) => return Ok(true),
+            Ok(true) => {}
+            Err(e) => return Err(StoreError::bad(path, Some(line), e.to_string())),
+        }
+        let bad = |why: String| StoreError::bad(path, Some(line), why);
+        if record.len() != 6 {
+            return Err(bad(format!("expected 6 fields, found {}", record.len())));
+        }
+        let agency = record[0]
+            .parse::<u32>()
+            .ok()
+            .filter(|a| (1..=agencies).contains(a))
+            .ok_or_else(|| bad(format!("agency {:?} is not in 1..={agencies}", &record[0])))?;
+        let number = record[5]
+            .parse::<u16>()
+            .map_err(|_| bad(format!("number {:?} is not an integer", &record[5])))?;
+        visit(agency, &record[3], number);
+    }
+}
+
+/// The draw: every agency's winning documents, in file order, read back from `bets.csv`.
+/// `None` if `stop` was set before it finished.
+///
+/// # Errors
+/// As [`scan`].
+pub fn winners(path: &Path, agencies: u32, stop: Option<&AtomicBool>) -> Result<Option<Vec<Vec<String>>>, StoreError> {
+    let mut winners = vec![Vec::new(); agencies as usize];
+    let finished = scan(path, agencies, stop, |agency, document, number| {
+        if number == WINNING_NUMBER {
+            winners[agency as usize - 1].push(document.to_owned());
+        }
+    })?;
+    Ok(finished.then_some(winners))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    const ROWS: &str = "1,Ana,Paz,11,1990-01-01,7574\n2,Luis,Gómez,22,1980-02-02,1\n1,Eva,Sol,33,1970-03-03,7574\n";
+
+    #[test]
+    fn recovery_cuts_a_torn_last_line_and_counts_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bets.csv");
+        std::fs::write(&path, format!("{ROWS}2,Torn,Li")).unwrap();
+        let (store, recovered) = Store::open(&path, 2).unwrap();
+        assert_eq!(recovered, Recovered { stored: vec![2, 1], truncated: 9 });
+        assert_eq!(store.len(), ROWS.len() as u64);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), ROWS);
+        let winners = winners(&path, 2, None).unwrap().unwrap();
+        assert_eq!(winners, vec![vec!["11".to_owned(), "33".to_owned()], vec![]]);
+    }
+
+    #[test]
+    fn recovery_of_a_file_that_is_all_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bets.csv");
+        std::fs::write(&path, "1,Ana,P").unwrap();
+        let (store, recovered) = Store::open(&path, 1).unwrap();
+        assert_eq!((store.len(), recovered.stored, recovered.truncated), (0, vec![0], 7));
+    }
+
+    #[test]
+    fn a_foreign_line_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bets.csv");
+        std::fs::write(&path, format!("{ROWS}9,X,Y,1,2000-01-01,5\n")).unwrap();
+        let err = Store::open(&path, 2).err().unwrap().to_string();
+        assert!(err.ends_with("bets.csv line 4: agency \"9\" is not in 1..=2"), "{err}");
+    }
+
+    /// A file that writes half of what it is given on its `fail_at`-th append, then fails.
+    struct FailingFile {
+        data: Mutex<Vec<u8>>,
+        appends: Mutex<u32>,
+        fail_at: u32,
+    }
+
+    impl BetFile for FailingFile {
+        fn append(&self, bytes: &[u8]) -> io::Result<()> {
+            let mut n = self.appends.lock().unwrap();
+            *n += 1;
+            let mut data = self.data.lock().unwrap();
+            if *n == self.fail_at {
+                data.extend_from_slice(&bytes[..bytes.len() / 2]);
+                return Err(io::Error::other("injected: no space left on device"));
+            }
+            data.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn truncate(&self, len: u64) -> io::Result<()> {
+            self.data.lock().unwrap().truncate(len as usize);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_append_leaves_whole_lines() {
+        let file = Arc::new(FailingFile { data: Mutex::default(), appends: Mutex::default(), fail_at: 2 });
+        let mut store = Store::with_file(Path::new("mem"), file.clone(), 0);
+        let (first, second) = ROWS.split_at(ROWS.find('\n').unwrap() + 1);
+        assert_eq!(store.append(first.as_bytes()).unwrap(), first.len() as u64);
+        let err = store.append(second.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("no space left"));
+        assert_eq!(store.len(), first.len() as u64);
+        assert_eq!(*file.data.lock().unwrap(), first.as_bytes());
+        assert_eq!(store.append(second.as_bytes()).unwrap(), ROWS.len() as u64);
+        assert_eq!(*file.data.lock().unwrap(), ROWS.as_bytes());
+    }
+}

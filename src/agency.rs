@@ -225,7 +225,7 @@ fn send_file(settings: &AgencySettings, link: &mut Link, skip: u64, mut stored: 
             rows.truncate(rows_len);
         }
         batch.clear();
-        write!(batch, "BATCH {stored} {count}\n").map_err(Attempt::from)?;
+        writeln!(batch, "BATCH {stored} {count}").map_err(Attempt::from)?;
         batch.extend_from_slice(&rows);
         stored = link.ok_count_bytes(&batch)?;
         info!("action: apuesta_enviada | result: success | cantidad: {count}");
@@ -244,7 +244,11 @@ struct BetSource {
 
 impl BetSource {
     fn open(path: &Path) -> Result<BetSource, AgencyError> {
-        let file = File::open(path).map_err(|e| AgencyError::Data { path: path.to_owned(), line: None, why: e.to_string() })?;
+        let file = File::open(path).map_err(|e| AgencyError::Data {
+            path: path.to_owned(),
+            line: None,
+            why: e.to_string(),
+        })?;
         let reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(file);
         Ok(BetSource { reader, path: path.to_owned(), record: csv::StringRecord::new(), line: 0, today: bet::today() })
     }
@@ -272,7 +276,8 @@ fn connect(settings: &AgencySettings, stop: &Stop, since: &Instant) -> Result<Li
             Ok(stream) => {
                 stop.watch(&stream)?;
                 info!("action: connect | result: success | address: {address}");
-                return Link::new(stream).map_err(|e| AgencyError::Unreachable { address: address.clone(), why: e.to_string() });
+                return Link::new(stream)
+                    .map_err(|e| AgencyError::Unreachable { address: address.clone(), why: e.to_string() });
             }
             Err(e) => e,
         };
@@ -324,9 +329,15 @@ impl Link {
         if n == 0 || !self.line.ends_with('\n') {
             return Err(Attempt::Retry("the server closed the connection".into()));
         }
-        let reply = Reply::parse(self.line.trim_end_matches(['\n', '\r'])).map_err(|e| AgencyError::Protocol(e.message))?;
+        let reply =
+            Reply::parse(self.line.trim_end_matches(['\n', '\r'])).map_err(|e| AgencyError::Protocol(e.message))?;
         match reply {
-            Reply::Err(e) if matches!(e.code, ErrorCode::Busy | ErrorCode::Shutdown | ErrorCode::Storage | ErrorCode::Timeout) => {
+            Reply::Err(e)
+                if matches!(
+                    e.code,
+                    ErrorCode::Busy | ErrorCode::Shutdown | ErrorCode::Storage | ErrorCode::Timeout
+                ) =>
+            {
                 Err(Attempt::Retry(format!("ERR {e}")))
             }
             Reply::Err(e) => {

@@ -32,10 +32,19 @@ pub enum BetError {
     /// The row is not well-formed CSV (a quote that never closes, bytes that are not UTF-8).
     Csv(&'static str),
     /// A bet has five fields (six in `bets.csv`).
-    FieldCount { expected: usize, found: usize },
-    Name { field: &'static str, why: &'static str },
+    FieldCount {
+        expected: usize,
+        found: usize,
+    },
+    Name {
+        field: &'static str,
+        why: &'static str,
+    },
     Document(String),
-    Birthdate { value: String, why: &'static str },
+    Birthdate {
+        value: String,
+        why: &'static str,
+    },
     Number(String),
 }
 
@@ -64,10 +73,7 @@ impl Bet {
     /// The first field that is not valid, as a [`BetError`].
     pub fn from_fields(fields: &[&str], today: Date) -> Result<Bet, BetError> {
         let [first, last, document, birthdate, number] = fields else {
-            return Err(BetError::FieldCount {
-                expected: 5,
-                found: fields.len(),
-            });
+            return Err(BetError::FieldCount { expected: 5, found: fields.len() });
         };
         check_name("first_name", first)?;
         check_name("last_name", last)?;
@@ -110,10 +116,7 @@ fn check_document(value: &str) -> Result<(), BetError> {
 }
 
 fn check_birthdate(value: &str, today: Date) -> Result<(), BetError> {
-    let bad = |why| BetError::Birthdate {
-        value: value.to_owned(),
-        why,
-    };
+    let bad = |why| BetError::Birthdate { value: value.to_owned(), why };
     let date = parse_date(value).ok_or_else(|| bad("is not a calendar date YYYY-MM-DD"))?;
     if date.year() < 1900 {
         Err(bad("is before 1900"))
@@ -130,10 +133,7 @@ fn parse_date(value: &str) -> Option<Date> {
     let shape_ok = b.len() == 10
         && b[4] == b'-'
         && b[7] == b'-'
-        && b
-            .iter()
-            .enumerate()
-            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
     if !shape_ok {
         return None;
     }
@@ -171,11 +171,7 @@ pub struct RowParser {
 
 impl Default for RowParser {
     fn default() -> Self {
-        RowParser {
-            reader: csv_core::Reader::new(),
-            out: Vec::new(),
-            ends: [0; MAX_FIELDS],
-        }
+        RowParser { reader: csv_core::Reader::new(), out: Vec::new(), ends: [0; MAX_FIELDS] }
     }
 }
 
@@ -200,9 +196,7 @@ impl RowParser {
         }
         let (mut input, mut nout, mut nends, mut at_end) = (line, 0, 0, false);
         loop {
-            let (result, nin, o, e) =
-                self.reader
-                    .read_record(input, &mut self.out[nout..], &mut self.ends[nends..]);
+            let (result, nin, o, e) = self.reader.read_record(input, &mut self.out[nout..], &mut self.ends[nends..]);
             input = &input[nin..];
             nout += o;
             nends += e;
@@ -213,10 +207,7 @@ impl RowParser {
                 csv_core::ReadRecordResult::InputEmpty => at_end = true,
                 csv_core::ReadRecordResult::Record | csv_core::ReadRecordResult::End => break,
                 csv_core::ReadRecordResult::OutputEndsFull => {
-                    return Err(BetError::FieldCount {
-                        expected: 5,
-                        found: MAX_FIELDS + 1,
-                    });
+                    return Err(BetError::FieldCount { expected: 5, found: MAX_FIELDS + 1 });
                 }
                 // `out` is at least as long as the line, and fields are never longer than it.
                 csv_core::ReadRecordResult::OutputFull => {
@@ -370,10 +361,7 @@ mod tests {
         }
         let long = format!("{},b,1,2000-01-01,1", "x".repeat(101));
         assert!(parse(&long).unwrap_err().to_string().contains("longer than 100"));
-        assert!(matches!(
-            RowParser::default().bet(b"a\xff,b,1,2000-01-01,1", TODAY),
-            Err(BetError::Csv(_))
-        ));
+        assert!(matches!(RowParser::default().bet(b"a\xff,b,1,2000-01-01,1", TODAY), Err(BetError::Csv(_))));
     }
 
     #[test]

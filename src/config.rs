@@ -135,7 +135,13 @@ impl Settings {
         parse(value.trim()).ok_or_else(|| ConfigError(format!("{origin} = {value:?} is not {what}")))
     }
 
-    fn number<T: std::str::FromStr + PartialOrd>(&self, key: &str, min: T, max: T, what: &str) -> Result<T, ConfigError> {
+    fn number<T: std::str::FromStr + PartialOrd>(
+        &self,
+        key: &str,
+        min: T,
+        max: T,
+        what: &str,
+    ) -> Result<T, ConfigError> {
         self.get(key, what, |v| v.parse().ok().filter(|n| *n >= min && *n <= max))
     }
 
@@ -157,7 +163,8 @@ impl Settings {
             port: self.number("SERVER_PORT", 0, u16::MAX, "a port 0..=65535")?,
             backlog: self.number("SERVER_LISTEN_BACKLOG", 1, 65535, "a backlog 1..=65535")?,
             agencies: self.number("SERVER_AGENCIES", 1, 100_000, "a number of agencies 1..=100000")?,
-            storage_path: self.get("SERVER_STORAGE_PATH", "a path", |v| Some(v).filter(|v| !v.is_empty()).map(PathBuf::from))?,
+            storage_path: self
+                .get("SERVER_STORAGE_PATH", "a path", |v| Some(v).filter(|v| !v.is_empty()).map(PathBuf::from))?,
             max_connections: self.number("SERVER_MAX_CONNECTIONS", 1, 1_000_000, "a number 1..=1000000")?,
             idle_timeout: self.millis("SERVER_IDLE_TIMEOUT_MS")?,
             sync: self.get("SERVER_SYNC", "always or never", |v| match v.to_ascii_lowercase().as_str() {
@@ -181,11 +188,18 @@ impl Settings {
         Ok(AgencySettings {
             id,
             server_address: self.get("CLI_SERVER_ADDRESS", "host:port", |v| {
-                Some(v).filter(|v| v.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())).map(str::to_owned)
+                Some(v)
+                    .filter(|v| v.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()))
+                    .map(str::to_owned)
             })?,
             batch_max: self.batch_max()?,
             data_path: PathBuf::from(data_path.replace("{CLI_ID}", &id.to_string())),
-            retry_timeout: Duration::from_millis(self.number("CLI_RETRY_TIMEOUT_MS", 0, u64::MAX, "a number of milliseconds")?),
+            retry_timeout: Duration::from_millis(self.number(
+                "CLI_RETRY_TIMEOUT_MS",
+                0,
+                u64::MAX,
+                "a number of milliseconds",
+            )?),
             log_level: self.level("CLI_LOG_LEVEL")?,
             extra_bet: self.extra_bet()?,
         })
@@ -323,7 +337,8 @@ mod tests {
         assert!(settings.unwrap().agency().unwrap_err().0.contains("CLI_ID is required"));
         let (_dir, settings) = with_file("", &[("CLI_ID", "3"), ("NOMBRE", "Ana")]);
         assert!(settings.unwrap().agency().unwrap_err().0.contains("only NOMBRE set"));
-        let bet = [("NOMBRE", "Ana"), ("APELLIDO", "Paz"), ("DOCUMENTO", "1"), ("NACIMIENTO", "2000-01-01"), ("NUMERO", "7")];
+        let bet =
+            [("NOMBRE", "Ana"), ("APELLIDO", "Paz"), ("DOCUMENTO", "1"), ("NACIMIENTO", "2000-01-01"), ("NUMERO", "7")];
         let (_dir, settings) = with_file("", &[&[("CLI_ID", "3")], &bet[..]].concat());
         let agency = settings.unwrap().agency().unwrap();
         assert_eq!(agency.data_path, PathBuf::from(".data/agency-3.csv"));

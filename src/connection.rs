@@ -39,13 +39,7 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(stream: TcpStream) -> Self {
-        Connection {
-            stream,
-            buf: vec![0; BUFFER].into_boxed_slice(),
-            start: 0,
-            end: 0,
-            out: Vec::with_capacity(256),
-        }
+        Connection { stream, buf: vec![0; BUFFER].into_boxed_slice(), start: 0, end: 0, out: Vec::with_capacity(256) }
     }
 
     pub fn stream(&self) -> &TcpStream {

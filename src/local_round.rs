@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use log::LevelFilter;
 
-use crate::agency::{self, AgencyError, Outcome, Stop};
+use crate::agency::{self, Outcome, Stop};
 use crate::config::{AgencySettings, Settings};
 use crate::dataset;
 use crate::logging;
@@ -151,13 +151,7 @@ pub fn run(opts: &Options) -> Result<bool, String> {
     };
     let files: Vec<PathBuf> = (1..=opts.agencies).map(|id| dataset::agency_file(&data, id)).collect();
     let total = files.iter().map(|f| count_lines(f)).sum::<io::Result<u64>>().map_err(|e| e.to_string())?;
-    println!(
-        "round: {} agencies, {total} bets from {}, bets.csv in {}, SERVER_SYNC={:?}",
-        opts.agencies,
-        data.display(),
-        work.display(),
-        server_settings.sync
-    );
+    println!("round: {} agencies, {total} bets from {}, bets.csv in {}", opts.agencies, data.display(), work.display(),);
 
     let config = RoundConfig {
         agencies: opts.agencies,
@@ -218,7 +212,10 @@ pub fn run(opts: &Options) -> Result<bool, String> {
     let outcomes: Vec<Result<Outcome, String>> = agencies
         .into_iter()
         .map(|spawned| match spawned {
-            Ok(handle) => handle.join().unwrap_or_else(|_| Err(AgencyError::Stopped)).map_err(|e| e.to_string()),
+            Ok(handle) => match handle.join() {
+                Ok(outcome) => outcome.map_err(|e| e.to_string()),
+                Err(_) => Err("the agency thread panicked".into()),
+            },
             Err(e) => Err(format!("cannot start the agency thread: {e}")),
         })
         .collect();
@@ -235,7 +232,13 @@ pub fn run(opts: &Options) -> Result<bool, String> {
 }
 
 /// Prints the table and the throughput; true if every agency got exactly its expected winners.
-fn report(outcomes: &[Result<Outcome, String>], expected: &[u64], total: u64, elapsed: Duration, sync: SyncMode) -> bool {
+fn report(
+    outcomes: &[Result<Outcome, String>],
+    expected: &[u64],
+    total: u64,
+    elapsed: Duration,
+    sync: SyncMode,
+) -> bool {
     println!("{:>7} {:>10} {:>8} {:>9}", "agency", "bets", "winners", "expected");
     let mut ok = true;
     for (id, (outcome, want)) in outcomes.iter().zip(expected).enumerate() {
@@ -255,7 +258,10 @@ fn report(outcomes: &[Result<Outcome, String>], expected: &[u64], total: u64, el
     println!("{:>7} {:>10} {:>8} {:>9}", "total", total, winners, expected.iter().sum::<u64>());
     let secs = elapsed.as_secs_f64();
     let rate = total as f64 / secs.max(1e-9);
-    println!("wall time {secs:.3} s, {rate:.0} bets/s (SERVER_SYNC={})", if sync == SyncMode::Always { "always" } else { "never" });
+    println!(
+        "wall time {secs:.3} s, {rate:.0} bets/s (SERVER_SYNC={})",
+        if sync == SyncMode::Always { "always" } else { "never" }
+    );
     ok
 }
 
@@ -317,7 +323,10 @@ fn data_dir(opts: &Options, scratch: &Path) -> Result<PathBuf, String> {
 }
 
 fn tempfile_dir() -> Result<tempfile::TempDir, String> {
-    tempfile::Builder::new().prefix("lottery-round-").tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))
+    tempfile::Builder::new()
+        .prefix("lottery-round-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temporary directory: {e}"))
 }
 
 /// Lines in a file: the bets an agency will send.

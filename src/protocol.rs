@@ -93,10 +93,7 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ProtocolError {
-            code,
-            message: message.into(),
-        }
+        ProtocolError { code, message: message.into() }
     }
 }
 
@@ -167,9 +164,7 @@ fn parse_batch(args: &[u8]) -> Result<Request, ProtocolError> {
     let offset = digits(offset).and_then(|s| s.parse::<u64>().ok());
     let count = digits(count).and_then(|s| s.parse::<u32>().ok());
     match (offset, count) {
-        (Some(offset), Some(count)) if (1..=MAX_BATCH_ROWS).contains(&count) => {
-            Ok(Request::Batch { offset, count })
-        }
+        (Some(offset), Some(count)) if (1..=MAX_BATCH_ROWS).contains(&count) => Ok(Request::Batch { offset, count }),
         (Some(_), Some(_)) => Err(bad_request(format!("a batch holds 1 to {MAX_BATCH_ROWS} rows"))),
         _ => Err(bad_request(USAGE)),
     }
@@ -233,11 +228,9 @@ impl Reply {
             Reply::Ok(Some(n)) => write!(out, "OK {n}"),
             Reply::Winners(dnis) if dnis.is_empty() => out.write_all(b"WINNERS 0"),
             Reply::Winners(dnis) => write!(out, "WINNERS {} {}", dnis.len(), dnis.join(",")),
-            Reply::Status(s) => write!(
-                out,
-                "STATUS agencies_done={}/{} bets={} drawn={}",
-                s.agencies_done, s.agencies, s.bets, s.drawn
-            ),
+            Reply::Status(s) => {
+                write!(out, "STATUS agencies_done={}/{} bets={} drawn={}", s.agencies_done, s.agencies, s.bets, s.drawn)
+            }
             Reply::Bye => out.write_all(b"BYE"),
             Reply::Err(e) => {
                 let message = e.message.replace(['\n', '\r'], " ");

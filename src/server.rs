@@ -107,10 +107,8 @@ impl Registry {
         for stream in live.values() {
             let _ = stream.shutdown(SocketShutdown::Read);
         }
-        let (live, _) = self
-            .ended
-            .wait_timeout_while(live, GRACE, |live| !live.is_empty())
-            .unwrap_or_else(PoisonError::into_inner);
+        let (live, _) =
+            self.ended.wait_timeout_while(live, GRACE, |live| !live.is_empty()).unwrap_or_else(PoisonError::into_inner);
         for stream in live.values() {
             let _ = stream.shutdown(SocketShutdown::Both);
         }

@@ -89,10 +89,8 @@ impl<'a> Session<'a> {
 
     fn bet(&mut self, row: &[u8]) -> Result<Reply, ProtocolError> {
         let agency = self.agency()?;
-        let bet = self
-            .parser
-            .bet(row, bet::today())
-            .map_err(|e| ProtocolError::new(ErrorCode::BadBet, e.to_string()))?;
+        let bet =
+            self.parser.bet(row, bet::today()).map_err(|e| ProtocolError::new(ErrorCode::BadBet, e.to_string()))?;
         self.writer.push_stored(agency, &bet);
         let rows = Rows { ends: vec![self.writer.len()], bytes: self.writer.take() };
         let stored = self.round.store(agency, None, &rows)?;

@@ -110,12 +110,8 @@ impl Store {
     /// # Errors
     /// The file cannot be opened, read or cut, or holds a line that is not a stored bet.
     pub fn open(path: &Path, agencies: u32) -> Result<(Store, Recovered), StoreError> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(|e| StoreError::io(path, e))?;
+        let mut file =
+            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| StoreError::io(path, e))?;
         let full = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
         let len = whole_lines_len(&mut file, full).map_err(|e| StoreError::io(path, e))?;
         if len < full {
@@ -195,11 +191,8 @@ pub fn scan(
     mut visit: impl FnMut(u32, &str, u16),
 ) -> Result<bool, StoreError> {
     let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .buffer_capacity(256 * 1024)
-        .from_reader(file);
+    let mut reader =
+        csv::ReaderBuilder::new().has_headers(false).flexible(true).buffer_capacity(256 * 1024).from_reader(file);
     let mut record = csv::StringRecord::new();
     let mut line = 0;
     loop {
@@ -221,9 +214,7 @@ pub fn scan(
             .ok()
             .filter(|a| (1..=agencies).contains(a))
             .ok_or_else(|| bad(format!("agency {:?} is not in 1..={agencies}", &record[0])))?;
-        let number = record[5]
-            .parse::<u16>()
-            .map_err(|_| bad(format!("number {:?} is not an integer", &record[5])))?;
+        let number = record[5].parse::<u16>().map_err(|_| bad(format!("number {:?} is not an integer", &record[5])))?;
         visit(agency, &record[3], number);
     }
 }

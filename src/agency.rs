@@ -3,6 +3,7 @@
 //! says `HELLO` again and resumes from the count the server holds, so a bet is never sent twice
 //! into the file nor skipped.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -190,47 +191,89 @@ fn round(
     Ok((winners, stored))
 }
 
-/// Sends the data file from row `skip` on, in batches; returns the count the server holds.
+/// Batches sent before waiting for the first reply. The server appends a connection's
+/// queued batches back to back and acknowledges them after one sync, so a window keeps the
+/// disk's syncs shared by many batches instead of one per agency.
+const WINDOW: usize = 8;
+
+/// Sends the data file from row `skip` on, in batches, up to [`WINDOW`] of them awaiting their
+/// reply; returns the count the server holds.
 fn send_file(settings: &AgencySettings, link: &mut Link, skip: u64, mut stored: u64) -> Result<u64, Attempt> {
-    let mut source = BetSource::open(&settings.data_path)?;
-    for _ in 0..skip {
-        source.next()?;
+    let mut batches = Batches::open(settings, skip)?;
+    let mut in_flight = VecDeque::with_capacity(WINDOW);
+    let mut offset = stored;
+    loop {
+        while in_flight.len() < WINDOW {
+            let Some(count) = batches.next(offset)? else { break };
+            link.send(&batches.bytes)?;
+            in_flight.push_back(count);
+            offset += count as u64;
+        }
+        let Some(count) = in_flight.pop_front() else { return Ok(stored) };
+        stored = link.ok_count_reply()?;
+        info!("action: apuesta_enviada | result: success | cantidad: {count}");
     }
-    let header_room = format!("BATCH {} {}\n", u64::MAX, settings.batch_max).len();
-    let mut writer = RowWriter::default();
-    let mut pending: Option<Bet> = source.next()?;
-    let mut batch = Vec::with_capacity(MAX_LINE);
-    while pending.is_some() {
-        let mut count = 0;
-        let mut rows_len = 0;
-        while let Some(bet) = pending.take_if(|_| count < settings.batch_max) {
-            writer.push_bet(&bet);
-            let len = writer.len();
-            if header_room + len > MAX_LINE {
+}
+
+/// The data file cut into batches of at most `CLI_BATCH_MAXAMOUNT` bets and 8 KiB.
+struct Batches {
+    source: BetSource,
+    writer: RowWriter,
+    /// A bet read but not yet sent: it did not fit in the previous batch.
+    next_bet: Option<Bet>,
+    batch_max: usize,
+    /// Room for the longest header, so that every batch fits whatever its offset.
+    header_room: usize,
+    /// The last batch made, header and rows.
+    bytes: Vec<u8>,
+}
+
+impl Batches {
+    fn open(settings: &AgencySettings, skip: u64) -> Result<Batches, AgencyError> {
+        let mut source = BetSource::open(&settings.data_path)?;
+        for _ in 0..skip {
+            source.next()?;
+        }
+        Ok(Batches {
+            next_bet: source.next()?,
+            source,
+            writer: RowWriter::default(),
+            batch_max: settings.batch_max,
+            header_room: format!("BATCH {} {}\n", u64::MAX, settings.batch_max).len(),
+            bytes: Vec::with_capacity(MAX_LINE),
+        })
+    }
+
+    /// Makes the next batch, starting at `offset`, into `self.bytes`; its row count, or
+    /// `None` at the end of the file.
+    fn next(&mut self, offset: u64) -> Result<Option<u32>, Attempt> {
+        if self.next_bet.is_none() {
+            return Ok(None);
+        }
+        let (mut count, mut rows_len) = (0, 0);
+        while let Some(bet) = self.next_bet.take_if(|_| count < self.batch_max) {
+            self.writer.push_bet(&bet);
+            let len = self.writer.len();
+            if self.header_room + len > MAX_LINE {
                 // This row opens the next batch; its bytes are cut off below.
-                pending = Some(bet);
+                self.next_bet = Some(bet);
                 break;
             }
             rows_len = len;
             count += 1;
-            pending = source.next()?;
+            self.next_bet = self.source.next()?;
         }
         if count == 0 {
             let why = "a row does not fit in a batch of 8 KiB".to_owned();
-            return Err(AgencyError::Data { path: settings.data_path.clone(), line: Some(source.line), why }.into());
+            return Err(AgencyError::Data { path: self.source.path.clone(), line: Some(self.source.line), why }.into());
         }
-        let mut rows = writer.take();
-        if rows.len() > rows_len {
-            // A row that did not fit was written after the last one that did.
-            rows.truncate(rows_len);
-        }
-        batch.clear();
-        writeln!(batch, "BATCH {stored} {count}").map_err(Attempt::from)?;
-        batch.extend_from_slice(&rows);
-        stored = link.ok_count_bytes(&batch)?;
-        info!("action: apuesta_enviada | result: success | cantidad: {count}");
+        let rows = self.writer.take();
+        self.bytes.clear();
+        writeln!(self.bytes, "BATCH {offset} {count}").map_err(Attempt::from)?;
+        // A row that did not fit was written after the last one that did.
+        self.bytes.extend_from_slice(&rows[..rows_len]);
+        Ok(Some(count as u32))
     }
-    Ok(stored)
 }
 
 /// The agency's bets file, read one row at a time.
@@ -319,9 +362,18 @@ impl Link {
         Ok(Link { stream, reader, line: String::new() })
     }
 
-    /// Sends `request` and reads one reply, waiting at most `timeout` (`None`: forever).
+    /// Sends `request` and reads its reply.
     fn call(&mut self, request: &[u8], timeout: Option<Duration>) -> Result<Reply, Attempt> {
-        self.stream.write_all(request)?;
+        self.send(request)?;
+        self.receive(timeout)
+    }
+
+    fn send(&mut self, request: &[u8]) -> Result<(), Attempt> {
+        Ok(self.stream.write_all(request)?)
+    }
+
+    /// Reads one reply, waiting at most `timeout` (`None`: forever).
+    fn receive(&mut self, timeout: Option<Duration>) -> Result<Reply, Attempt> {
         self.stream.set_read_timeout(timeout)?;
         self.line.clear();
         // A reply is one line; 16 MiB bounds a server gone wrong.
@@ -349,11 +401,12 @@ impl Link {
     }
 
     fn ok_count(&mut self, request: &str) -> Result<u64, Attempt> {
-        self.ok_count_bytes(request.as_bytes())
+        self.send(request.as_bytes())?;
+        self.ok_count_reply()
     }
 
-    fn ok_count_bytes(&mut self, request: &[u8]) -> Result<u64, Attempt> {
-        match self.call(request, Some(REPLY_TIMEOUT))? {
+    fn ok_count_reply(&mut self) -> Result<u64, Attempt> {
+        match self.receive(Some(REPLY_TIMEOUT))? {
             Reply::Ok(Some(n)) => Ok(n),
             other => Err(unexpected(&other)),
         }

@@ -51,6 +51,34 @@ impl Connection {
         self.buf[self.start..self.end].contains(&b'\n')
     }
 
+    /// Reads whatever bytes have already arrived, without waiting; true if any were read.
+    /// Lets the session see whether a pipelining client has sent more requests.
+    pub fn fill_available(&mut self) -> bool {
+        self.compact();
+        if self.end == self.buf.len() || self.stream.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let read = self.stream.read(&mut self.buf[self.end..]);
+        // If this failed, the next read times out at once and the connection ends: no hang.
+        let _ = self.stream.set_nonblocking(false);
+        match read {
+            Ok(n) => {
+                self.end += n;
+                n > 0
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Moves unread bytes to the front when the buffer's end is reached.
+    fn compact(&mut self) {
+        if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+    }
+
     /// Reads the next line, without its `\n` or `\r\n`, before `deadline`.
     ///
     /// # Errors
@@ -83,11 +111,7 @@ impl Connection {
 
     /// Reads more bytes into the buffer, waiting at most until `deadline`.
     fn fill(&mut self, deadline: Instant) -> Result<(), ReadError> {
-        if self.end == self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
+        self.compact();
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Err(ReadError::TimedOut);
@@ -108,14 +132,28 @@ impl Connection {
         }
     }
 
-    /// Sends one reply line.
+    /// Sends one reply line (and any queued before it).
     ///
     /// # Errors
     /// The socket's write error (the peer is gone, or did not read for the write timeout).
     pub fn write_reply(&mut self, reply: &Reply) -> io::Result<()> {
-        self.out.clear();
+        self.queue_reply(reply);
+        self.flush()
+    }
+
+    /// Adds a reply to those sent by the next [`Connection::flush`].
+    pub fn queue_reply(&mut self, reply: &Reply) {
         reply.encode(&mut self.out);
-        self.stream.write_all(&self.out)
+    }
+
+    /// Sends the queued replies in one write.
+    ///
+    /// # Errors
+    /// As [`Connection::write_reply`].
+    pub fn flush(&mut self) -> io::Result<()> {
+        let result = self.stream.write_all(&self.out);
+        self.out.clear();
+        result
     }
 
     /// Closes both directions, so that a peer blocked on us sees the end at once.

@@ -86,6 +86,15 @@ pub struct Resumed {
     pub drawn: bool,
 }
 
+/// Rows appended by [`Round::append`] and not yet acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Bets the agency holds, counting these.
+    pub stored: u64,
+    /// The file must be durable up to here before the rows are acknowledged.
+    pub end: u64,
+}
+
 /// Bets to store, already validated and encoded as `bets.csv` rows.
 #[derive(Debug, Default)]
 pub struct Rows {
@@ -169,6 +178,11 @@ impl Round {
         self.config.agencies
     }
 
+    /// Whether syncs are shared among writes (`SERVER_GROUP_COMMIT`).
+    pub fn group_commit(&self) -> bool {
+        self.config.group_commit
+    }
+
     pub fn storage_path(&self) -> &Path {
         &self.config.storage_path
     }
@@ -207,9 +221,22 @@ impl Round {
     /// durable as the sync mode promises. Rows already held are acknowledged, not stored twice.
     ///
     /// # Errors
-    /// `BAD_REQUEST` for an offset past what is held, `CLOSED` after the draw or the agency's
-    /// `DONE`, `STORAGE` if the file could not be written or synced, `SHUTDOWN`.
+    /// As [`Round::append`] and [`Round::make_durable`].
     pub fn store(&self, agency: u32, offset: Option<u64>, rows: &Rows) -> Result<u64, ProtocolError> {
+        let appended = self.append(agency, offset, rows)?;
+        self.make_durable(appended.end)?;
+        Ok(appended.stored)
+    }
+
+    /// The first half of [`Round::store`]: appends the rows not held yet, without waiting for
+    /// them to be durable. They must not be acknowledged before [`Round::make_durable`] of
+    /// `end` returns; a connection that has more requests queued appends those first, so that
+    /// one sync covers them all.
+    ///
+    /// # Errors
+    /// `BAD_REQUEST` for an offset past what is held, `CLOSED` after the draw or the agency's
+    /// `DONE`, `STORAGE` if the file could not be written, `SHUTDOWN`.
+    pub fn append(&self, agency: u32, offset: Option<u64>, rows: &Rows) -> Result<Appended, ProtocolError> {
         let i = self.check_agency(agency)?;
         let count = rows.ends.len() as u64;
         let mut st = self.lock();
@@ -243,9 +270,17 @@ impl Round {
             }
             st.stored[i] += count - skip;
         }
-        let stored = st.stored[i];
-        let end = st.store.len();
-        self.wait_durable(st, end).map(|()| stored)
+        // Even rows that were all held already are acknowledged only once durable: another
+        // connection may have appended them and still be syncing.
+        Ok(Appended { stored: st.stored[i], end: st.store.len() })
+    }
+
+    /// Returns once `bets.csv` is durable up to `end`, as the sync mode promises.
+    ///
+    /// # Errors
+    /// `STORAGE` if a sync failed.
+    pub fn make_durable(&self, end: u64) -> Result<(), ProtocolError> {
+        self.wait_durable(self.lock(), end)
     }
 
     /// Returns once the file is durable up to `end` (as the sync mode promises).

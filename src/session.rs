@@ -10,7 +10,10 @@ use log::{debug, info};
 use crate::bet::{self, RowParser, RowWriter};
 use crate::connection::{Connection, ReadError};
 use crate::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Reply, Request};
-use crate::round::{Round, Rows};
+use crate::round::{Appended, Round, Rows};
+
+/// Most batches appended and not yet acknowledged on one connection.
+const MAX_PENDING: usize = 64;
 
 /// One connection's state besides its socket.
 pub struct Session<'a> {
@@ -19,6 +22,8 @@ pub struct Session<'a> {
     agency: Option<u32>,
     parser: RowParser,
     writer: RowWriter,
+    /// Batches appended but not yet durable, with their row counts, oldest first.
+    pending: Vec<(Appended, u32)>,
 }
 
 /// What to do after a reply.
@@ -27,34 +32,68 @@ enum Next {
     Close,
 }
 
+/// Why a batch could not even be read whole: the connection is over.
+enum BatchCut {
+    Read(ReadError),
+    TooBig,
+}
+
 impl<'a> Session<'a> {
     pub fn new(round: &'a Round, idle_timeout: Duration) -> Self {
-        Session { round, idle_timeout, agency: None, parser: RowParser::default(), writer: RowWriter::default() }
+        Session {
+            round,
+            idle_timeout,
+            agency: None,
+            parser: RowParser::default(),
+            writer: RowWriter::default(),
+            pending: Vec::new(),
+        }
     }
 
     /// Serves `conn` until the client quits, breaks the protocol beyond repair, goes silent
     /// for the idle timeout, or the server shuts down.
+    ///
+    /// Batches from a client that pipelines them are appended back to back and acknowledged
+    /// together after one sync: the session only waits for durability (and answers) when no
+    /// further request has arrived, or before answering a request of another kind.
     pub fn run(mut self, conn: &mut Connection) {
         loop {
+            let more_queued = conn.has_buffered_line() || conn.fill_available();
+            if !more_queued && self.acknowledge(conn).is_err() {
+                return;
+            }
             // Each request, a batch with all its rows included, must arrive within the timeout.
             let deadline = Instant::now() + self.idle_timeout;
             let request = match conn.read_line(deadline) {
                 Ok(line) => protocol::parse_request(line),
-                Err(e) => {
-                    self.end_on_read_error(conn, e, "request");
-                    return;
-                }
+                Err(e) => return self.end(conn, BatchCut::Read(e), "request"),
             };
             let (reply, next) = match request {
                 Ok(Request::Batch { offset, count }) => match self.read_batch(conn, offset, count, deadline) {
-                    Ok(reply) => (reply, Next::Continue),
-                    Err(()) => return,
+                    Ok(Ok(appended)) => {
+                        self.pending.push((appended, count));
+                        let full = self.pending.len() >= MAX_PENDING || !self.round.group_commit();
+                        if full && self.acknowledge(conn).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(Err(refused)) => (Reply::Err(refused), Next::Continue),
+                    Err(cut) => {
+                        info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: batch cut short");
+                        return self.end(conn, cut, "batch");
+                    }
                 },
-                Ok(request) => self.apply(request),
+                Ok(request) => {
+                    // Replies go out in request order, and DONE must follow every OK.
+                    if self.acknowledge(conn).is_err() {
+                        return;
+                    }
+                    self.apply(request)
+                }
                 Err(e) => (Reply::Err(e), Next::Continue),
             };
-            if let Err(e) = conn.write_reply(&reply) {
-                debug!("action: reply | result: fail | error: {e}");
+            if self.acknowledge(conn).and_then(|()| conn.write_reply(&reply)).is_err() {
                 return;
             }
             if let Next::Close = next {
@@ -62,6 +101,28 @@ impl<'a> Session<'a> {
                 return;
             }
         }
+    }
+
+    /// Waits until every pending batch is durable, then answers each, in order.
+    fn acknowledge(&mut self, conn: &mut Connection) -> std::io::Result<()> {
+        let Some(end) = self.pending.iter().map(|(a, _)| a.end).max() else {
+            return Ok(());
+        };
+        let durable = self.round.make_durable(end);
+        for (appended, count) in self.pending.drain(..) {
+            let reply = match &durable {
+                Ok(()) => {
+                    info!("action: apuesta_recibida | result: success | cantidad: {count}");
+                    Reply::Ok(Some(appended.stored))
+                }
+                Err(e) => {
+                    info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: {}", e.code.as_str());
+                    Reply::Err(e.clone())
+                }
+            };
+            conn.queue_reply(&reply);
+        }
+        conn.flush().inspect_err(|e| debug!("action: reply | result: fail | error: {e}"))
     }
 
     /// Answers a request that is one line long.
@@ -99,9 +160,15 @@ impl<'a> Session<'a> {
     }
 
     /// Reads the `count` rows of a batch (all of them, even after a bad one, so that the
-    /// connection stays in step), then stores them all or none. `Err` means the connection is
-    /// over.
-    fn read_batch(&mut self, conn: &mut Connection, offset: u64, count: u32, deadline: Instant) -> Result<Reply, ()> {
+    /// connection stays in step), then appends them all or none. The outer `Err` means the
+    /// batch could not be read whole and the connection is over.
+    fn read_batch(
+        &mut self,
+        conn: &mut Connection,
+        offset: u64,
+        count: u32,
+        deadline: Instant,
+    ) -> Result<Result<Appended, ProtocolError>, BatchCut> {
         let today = bet::today();
         // The header line's own bytes count against the batch's 8 KiB, as the client sends them.
         let mut size = format!("BATCH {offset} {count}\n").len();
@@ -109,21 +176,10 @@ impl<'a> Session<'a> {
         self.writer.take();
         let mut ends = Vec::with_capacity(count as usize);
         for i in 1..=count {
-            let line = match conn.read_line(deadline) {
-                Ok(line) => line,
-                Err(e) => {
-                    info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: batch cut short");
-                    self.end_on_read_error(conn, e, "batch");
-                    return Err(());
-                }
-            };
+            let line = conn.read_line(deadline).map_err(BatchCut::Read)?;
             size += line.len() + 1;
             if size > MAX_LINE {
-                info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: batch over 8 KiB");
-                let why = format!("a batch is at most {MAX_LINE} bytes, header and rows");
-                let _ = conn.write_reply(&ProtocolError::new(ErrorCode::TooLong, why).into());
-                conn.close();
-                return Err(());
+                return Err(BatchCut::TooBig);
             }
             if first_error.is_some() {
                 continue;
@@ -139,18 +195,28 @@ impl<'a> Session<'a> {
         let rows = Rows { bytes: self.writer.take(), ends };
         let result = self.agency().and_then(|agency| match first_error {
             Some(why) => Err(ProtocolError::new(ErrorCode::BadBet, why)),
-            None => self.round.store(agency, Some(offset), &rows),
+            None => self.round.append(agency, Some(offset), &rows),
         });
-        Ok(match result {
-            Ok(stored) => {
-                info!("action: apuesta_recibida | result: success | cantidad: {count}");
-                Reply::Ok(Some(stored))
+        if let Err(e) = &result {
+            info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: {}", e.code.as_str());
+        }
+        Ok(result)
+    }
+
+    /// Acknowledges what is pending, tells the client why the connection ends if it can still
+    /// hear it, and closes.
+    fn end(&mut self, conn: &mut Connection, cut: BatchCut, reading: &str) {
+        let _ = self.acknowledge(conn);
+        let error = match cut {
+            BatchCut::Read(error) => error,
+            BatchCut::TooBig => {
+                let why = format!("a batch is at most {MAX_LINE} bytes, header and rows; closing");
+                let _ = conn.write_reply(&ProtocolError::new(ErrorCode::TooLong, why).into());
+                conn.close();
+                return;
             }
-            Err(e) => {
-                info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: {}", e.code.as_str());
-                Reply::Err(e)
-            }
-        })
+        };
+        self.end_on_read_error(conn, error, reading);
     }
 
     /// Tells the client why the connection ends, if it can still hear it.

@@ -14,6 +14,7 @@
 //! - [`server`]: bind, the accept loop, one thread per connection, orderly shutdown.
 //! - [`agency`]: the agency client (used by `lottery-agency`, `lottery-round` and the tests).
 //! - [`dataset`]: synthetic agency files for rounds without the course's data.
+//! - [`hostile`]: misbehaving clients, for `lottery-round --hostile` and the tests.
 //! - [`config`]: `config.ini` plus environment into typed settings.
 //! - [`logging`]: the log line format of the spec.
 //! - [`local_round`]: `lottery-round`, a whole round in one process, with its report.
@@ -25,6 +26,7 @@ pub mod bet;
 pub mod config;
 pub mod connection;
 pub mod dataset;
+pub mod hostile;
 pub mod local_round;
 pub mod logging;
 pub mod protocol;

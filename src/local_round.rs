@@ -2,8 +2,10 @@
 //! over loopback TCP, on `.data/` if it holds the agency files, else on a generated data set;
 //! it prints the winners per agency and the throughput.
 
+use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,9 +17,11 @@ use std::time::{Duration, Instant};
 use log::LevelFilter;
 
 use crate::agency::{self, Outcome, Stop};
-use crate::config::{AgencySettings, Settings};
+use crate::config::{AgencySettings, ServerSettings, Settings};
 use crate::dataset;
+use crate::hostile;
 use crate::logging;
+use crate::protocol::{Reply, Status};
 use crate::round::{Round, RoundConfig, SyncMode};
 use crate::server::{self, Limits, ShutdownHandle};
 
@@ -36,6 +40,11 @@ Options:
   --generate DIR        only write a generated data set (N files of M bets) into DIR and exit
   --seed S              seed of the generated data set (default 75740)
   --keep DIR            keep bets.csv (and its round file) in DIR instead of a temporary one
+  --server ADDR         run only the agencies, against the lottery-server at ADDR (ip:port),
+                        started with SERVER_AGENCIES=N
+  --hostile K           also run K misbehaving clients of mixed kinds (idle, slowloris, oversized
+                        lines, garbage, half batches, bad bets, out-of-range requests) and report
+                        what they got; the round's own server then cuts idle clients after 1 s
   --verbose             print the server's and agencies' log lines
   -h, --help            this text
 
@@ -51,6 +60,10 @@ pub struct Options {
     pub generate: Option<PathBuf>,
     pub seed: u64,
     pub keep: Option<PathBuf>,
+    /// Run the agencies against this server instead of one in this process.
+    pub server: Option<SocketAddr>,
+    /// Hostile clients to run beside the agencies.
+    pub hostile: u32,
     pub verbose: bool,
 }
 
@@ -64,6 +77,8 @@ impl Default for Options {
             generate: None,
             seed: 75_740,
             keep: None,
+            server: None,
+            hostile: 0,
             verbose: false,
         }
     }
@@ -87,6 +102,8 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Optio
             Long("generate") => opts.generate = Some(parser.value().map_err(wrap)?.into()),
             Long("seed") => opts.seed = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
             Long("keep") => opts.keep = Some(parser.value().map_err(wrap)?.into()),
+            Long("server") => opts.server = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?),
+            Long("hostile") => opts.hostile = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
             Long("verbose") => opts.verbose = true,
             Short('h') | Long("help") => return Ok(None),
             other => return Err(other.unexpected().to_string()),
@@ -94,6 +111,9 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Optio
     }
     if opts.agencies == 0 {
         return Err("--agencies must be at least 1".into());
+    }
+    if opts.server.is_some() && opts.keep.is_some() {
+        return Err("--keep names where the round's own server stores; with --server there is none".into());
     }
     Ok(Some(opts))
 }
@@ -121,7 +141,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Runs the round (or only generates data); `Ok(false)` if an agency failed.
+/// Runs the round (or only generates data); `Ok(false)` if an agency failed or got the
+/// wrong winners.
 ///
 /// # Errors
 /// Set-up failed: settings, data, the work directory, the server's files or socket.
@@ -134,61 +155,118 @@ pub fn run(opts: &Options) -> Result<bool, String> {
     }
     let settings = Settings::from_process().map_err(|e| e.to_string())?;
     let server_settings = settings.server().map_err(|e| e.to_string())?;
-    logging::init(if opts.verbose { LevelFilter::Info } else { LevelFilter::Warn });
-
-    let scratch = tempfile_dir()?;
-    let data = data_dir(opts, scratch.path())?;
-    let work = match &opts.keep {
-        Some(dir) => {
-            fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            let bets = dir.join("bets.csv");
-            if bets.exists() {
-                return Err(format!("{} exists: remove it, or choose another --keep directory", bets.display()));
-            }
-            dir.clone()
-        }
-        None => scratch.path().to_owned(),
-    };
-    let files: Vec<PathBuf> = (1..=opts.agencies).map(|id| dataset::agency_file(&data, id)).collect();
-    let total = files.iter().map(|f| count_lines(f)).sum::<io::Result<u64>>().map_err(|e| e.to_string())?;
-    println!("round: {} agencies, {total} bets from {}, bets.csv in {}", opts.agencies, data.display(), work.display(),);
-
-    let config = RoundConfig {
-        agencies: opts.agencies,
-        storage_path: work.join("bets.csv"),
-        sync: server_settings.sync,
-        group_commit: server_settings.group_commit,
-    };
-    let (round, _) = Round::open(config).map_err(|e| e.to_string())?;
-    let round = Arc::new(round);
-    let listener = server::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 1024).map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let shutdown = ShutdownHandle::new(&listener).map_err(|e| e.to_string())?;
-    let limits = Limits {
-        max_connections: server_settings.max_connections.max(opts.agencies as usize + 16),
-        idle_timeout: server_settings.idle_timeout,
-    };
-    let stop = Stop::default();
-    {
-        let (shutdown, stop) = (shutdown.clone(), stop.clone());
-        let _ = ctrlc::set_handler(move || {
-            stop.trigger();
-            shutdown.trigger();
-        });
-    }
-    let started = Instant::now();
-    let server = {
-        let (round, shutdown) = (Arc::clone(&round), shutdown.clone());
-        thread::Builder::new()
-            .name("server".into())
-            .spawn(move || server::run(listener, round, limits, &shutdown))
-            .map_err(|e| format!("cannot start the server thread: {e}"))?
-    };
-    let progress = Progress::start(Arc::clone(&round), total);
     let batch_max = match opts.batch {
         Some(b) => b,
         None => settings.batch_max().map_err(|e| e.to_string())?,
     };
+    logging::init(if opts.verbose { LevelFilter::Info } else { LevelFilter::Warn });
+
+    let scratch = tempfile_dir()?;
+    let data = data_dir(opts, scratch.path())?;
+    let files: Vec<PathBuf> = (1..=opts.agencies).map(|id| dataset::agency_file(&data, id)).collect();
+    let total = files.iter().map(|f| count_lines(f)).sum::<io::Result<u64>>().map_err(|e| e.to_string())?;
+    let local = match &opts.server {
+        Some(_) => None,
+        None => Some(LocalServer::start(opts, &server_settings, &work_dir(opts, scratch.path())?)?),
+    };
+    let addr = match (&local, &opts.server) {
+        (Some(server), _) => server.addr,
+        (None, Some(addr)) => *addr,
+        (None, None) => unreachable!("a local server is started when no --server is given"),
+    };
+    let sync = if server_settings.sync == SyncMode::Always { "always" } else { "never" };
+    println!("round: {} agencies, {total} bets from {}, server {addr}", opts.agencies, data.display());
+    if let Some(server) = &local {
+        println!("bets.csv in {}, SERVER_SYNC={sync}", server.dir.display());
+    }
+
+    let stop = Stop::default();
+    {
+        let stop = stop.clone();
+        let shutdown = local.as_ref().map(|s| s.shutdown.clone());
+        let _ = ctrlc::set_handler(move || {
+            stop.trigger();
+            shutdown.iter().for_each(ShutdownHandle::trigger);
+        });
+    }
+    let started = Instant::now();
+    let progress = Progress::start(addr, total);
+    let hostile: Vec<_> = (0..opts.hostile)
+        .map(|i| {
+            let (kind, seed) = (hostile::Kind::nth(i as usize), opts.seed + u64::from(i));
+            thread::Builder::new().stack_size(64 * 1024).spawn(move || hostile::run(kind, addr, seed))
+        })
+        .collect();
+    let outcomes = run_agencies(&files, addr, batch_max, &stop);
+    let elapsed = started.elapsed();
+    progress.finish();
+    let hostile: Vec<hostile::Report> = hostile.into_iter().filter_map(|h| h.ok()?.join().ok()).collect();
+    if let Some(server) = local {
+        server.stop()?;
+    }
+    let expected = files.iter().map(|f| count_winners(f)).collect::<io::Result<Vec<_>>>().map_err(|e| e.to_string())?;
+    let ok = report(&outcomes, &expected, total, elapsed);
+    report_hostile(&hostile);
+    Ok(ok)
+}
+
+/// Where `bets.csv` goes: `--keep DIR` (which must not hold one yet) or the scratch directory.
+fn work_dir(opts: &Options, scratch: &Path) -> Result<PathBuf, String> {
+    let Some(dir) = &opts.keep else { return Ok(scratch.to_owned()) };
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let bets = dir.join("bets.csv");
+    if bets.exists() {
+        return Err(format!("{} exists: remove it, or choose another --keep directory", bets.display()));
+    }
+    Ok(dir.clone())
+}
+
+/// The server, in this process, on a free loopback port.
+struct LocalServer {
+    addr: SocketAddr,
+    dir: PathBuf,
+    shutdown: ShutdownHandle,
+    thread: thread::JoinHandle<io::Result<()>>,
+}
+
+impl LocalServer {
+    fn start(opts: &Options, settings: &ServerSettings, dir: &Path) -> Result<LocalServer, String> {
+        let config = RoundConfig {
+            agencies: opts.agencies,
+            storage_path: dir.join("bets.csv"),
+            sync: settings.sync,
+            group_commit: settings.group_commit,
+        };
+        let (round, _) = Round::open(config).map_err(|e| e.to_string())?;
+        let listener = server::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 1024).map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let shutdown = ShutdownHandle::new(&listener).map_err(|e| e.to_string())?;
+        let limits = Limits {
+            // Room for every agency, the progress probe and the hostile clients' first wave.
+            max_connections: settings.max_connections.max(opts.agencies as usize + 16),
+            // Hostile clients are cut off quickly, so that the round is not kept waiting.
+            idle_timeout: if opts.hostile > 0 { Duration::from_secs(1) } else { settings.idle_timeout },
+        };
+        let handle = shutdown.clone();
+        let thread = thread::Builder::new()
+            .name("server".into())
+            .spawn(move || server::run(listener, Arc::new(round), limits, &handle))
+            .map_err(|e| format!("cannot start the server thread: {e}"))?;
+        Ok(LocalServer { addr, dir: dir.to_owned(), shutdown, thread })
+    }
+
+    fn stop(self) -> Result<(), String> {
+        self.shutdown.trigger();
+        match self.thread.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("server: {e}")),
+            Err(_) => Err("the server thread panicked".into()),
+        }
+    }
+}
+
+/// Runs one agency thread per file and waits for them all.
+fn run_agencies(files: &[PathBuf], addr: SocketAddr, batch_max: usize, stop: &Stop) -> Vec<Result<Outcome, String>> {
     let agencies: Vec<_> = files
         .iter()
         .zip(1..)
@@ -209,7 +287,7 @@ pub fn run(opts: &Options) -> Result<bool, String> {
                 .spawn(move || agency::run(&settings, &stop))
         })
         .collect();
-    let outcomes: Vec<Result<Outcome, String>> = agencies
+    agencies
         .into_iter()
         .map(|spawned| match spawned {
             Ok(handle) => match handle.join() {
@@ -218,27 +296,11 @@ pub fn run(opts: &Options) -> Result<bool, String> {
             },
             Err(e) => Err(format!("cannot start the agency thread: {e}")),
         })
-        .collect();
-    let elapsed = started.elapsed();
-    progress.finish();
-    shutdown.trigger();
-    match server.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(format!("server: {e}")),
-        Err(_) => return Err("the server thread panicked".into()),
-    }
-    let expected = files.iter().map(|f| count_winners(f)).collect::<io::Result<Vec<_>>>().map_err(|e| e.to_string())?;
-    Ok(report(&outcomes, &expected, total, elapsed, server_settings.sync))
+        .collect()
 }
 
 /// Prints the table and the throughput; true if every agency got exactly its expected winners.
-fn report(
-    outcomes: &[Result<Outcome, String>],
-    expected: &[u64],
-    total: u64,
-    elapsed: Duration,
-    sync: SyncMode,
-) -> bool {
+fn report(outcomes: &[Result<Outcome, String>], expected: &[u64], total: u64, elapsed: Duration) -> bool {
     println!("{:>7} {:>10} {:>8} {:>9}", "agency", "bets", "winners", "expected");
     let mut ok = true;
     for (id, (outcome, want)) in outcomes.iter().zip(expected).enumerate() {
@@ -257,22 +319,39 @@ fn report(
     let winners: usize = outcomes.iter().flatten().map(|o| o.winners.len()).sum();
     println!("{:>7} {:>10} {:>8} {:>9}", "total", total, winners, expected.iter().sum::<u64>());
     let secs = elapsed.as_secs_f64();
-    let rate = total as f64 / secs.max(1e-9);
-    println!(
-        "wall time {secs:.3} s, {rate:.0} bets/s (SERVER_SYNC={})",
-        if sync == SyncMode::Always { "always" } else { "never" }
-    );
+    println!("wall time {secs:.3} s, {:.0} bets/s", total as f64 / secs.max(1e-9));
     ok
 }
 
-/// Prints the round's progress to stderr once a second while it runs.
+/// Prints, per kind of hostile client, what the server answered them.
+fn report_hostile(reports: &[hostile::Report]) {
+    if reports.is_empty() {
+        return;
+    }
+    let mut by_kind: BTreeMap<hostile::Kind, (usize, usize, BTreeMap<String, usize>)> = BTreeMap::new();
+    for r in reports {
+        let entry = by_kind.entry(r.kind).or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(r.closed_by_server);
+        for reply in &r.replies {
+            *entry.2.entry(reply.clone()).or_default() += 1;
+        }
+    }
+    println!("{:>11} {:>7} {:>7}  replies", "hostile", "clients", "closed");
+    for (kind, (clients, closed, replies)) in by_kind {
+        let replies: Vec<String> = replies.iter().map(|(r, n)| format!("{r} x{n}")).collect();
+        println!("{:>11} {clients:>7} {closed:>7}  {}", kind.to_string(), replies.join(", "));
+    }
+}
+
+/// Prints the round's progress to stderr once a second while it runs, from `STATUS`.
 struct Progress {
     done: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
 impl Progress {
-    fn start(round: Arc<Round>, total: u64) -> Progress {
+    fn start(addr: SocketAddr, total: u64) -> Progress {
         let done = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&done);
         let started = Instant::now();
@@ -284,7 +363,7 @@ impl Progress {
                     if flag.load(Ordering::SeqCst) {
                         return;
                     }
-                    let status = round.status();
+                    let Some(status) = query_status(addr) else { continue };
                     let rate = status.bets as f64 / started.elapsed().as_secs_f64();
                     let pct = 100.0 * status.bets as f64 / total.max(1) as f64;
                     eprintln!(
@@ -303,6 +382,19 @@ impl Progress {
             thread.thread().unpark();
             let _ = thread.join();
         }
+    }
+}
+
+/// One `STATUS` over a fresh connection; `None` if the server did not answer one.
+fn query_status(addr: SocketAddr) -> Option<Status> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream.write_all(b"STATUS\nQUIT\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    match Reply::parse(line.trim_end()) {
+        Ok(Reply::Status(status)) => Some(status),
+        _ => None,
     }
 }
 

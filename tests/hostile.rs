@@ -1,0 +1,119 @@
+//! Hostile clients beside an honest round: the round completes with exactly the honest bets
+//! and winners, every hostile client is answered and cut off, and the server still shuts down
+//! cleanly.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::thread;
+use std::time::Duration;
+
+use common::{AGENCY, Proc, STEP, TestServer, command, log_field, read_csv};
+use lottery::hostile::{self, Kind};
+
+const AGENCIES: u32 = 5;
+const BETS: u64 = 2_000;
+const HOSTILE_PER_KIND: usize = 30;
+
+#[test]
+fn an_honest_round_completes_beside_two_hundred_hostile_clients() {
+    let data = tempfile::tempdir().unwrap();
+    let files = lottery::dataset::generate(data.path(), AGENCIES, BETS, 42).unwrap();
+    // Few connections and a short idle timeout: the hostile clients overflow the server
+    // (ERR BUSY) and are cut off quickly; the agencies retry until they get in.
+    let mut server =
+        TestServer::start(AGENCIES, &[("SERVER_MAX_CONNECTIONS", "40"), ("SERVER_IDLE_TIMEOUT_MS", "500")]);
+    let address = server.address();
+    let addr: SocketAddr = address.parse().unwrap();
+
+    let hostile: Vec<_> = (0..HOSTILE_PER_KIND * Kind::ALL.len())
+        .map(|i| thread::spawn(move || hostile::run(Kind::nth(i), addr, i as u64)))
+        .collect();
+    let mut agencies: Vec<Proc> = files
+        .iter()
+        .zip(1..)
+        .map(|(file, id)| {
+            let id_text = id.to_string();
+            let env = [
+                ("CLI_ID", id_text.as_str()),
+                ("CLI_SERVER_ADDRESS", address.as_str()),
+                ("CLI_DATA_PATH", file.to_str().unwrap()),
+                ("CLI_RETRY_TIMEOUT_MS", "60000"),
+            ];
+            Proc::spawn(&format!("agency-{id}"), command(AGENCY, data.path(), &env))
+        })
+        .collect();
+
+    for (agency, file) in agencies.iter_mut().zip(&files) {
+        let status = agency.wait_exit(STEP * 6);
+        assert!(status.success(), "{} failed:\n{}", agency.name, agency.logs.until_eof().join("\n"));
+        let line = agency.logs.wait_for("action: consulta_ganadores | result: success");
+        let got: usize = log_field(&line, "cant_ganadores").unwrap().parse().unwrap();
+        let want = read_csv(file).iter().filter(|row| row[4] == "7574").count();
+        assert_eq!(got, want, "{}", agency.name);
+    }
+
+    let reports: Vec<hostile::Report> = hostile.into_iter().map(|h| h.join().unwrap()).collect();
+    check_hostile_replies(&reports);
+
+    // Exactly the honest bets: nothing of a half batch, a bad row or garbage got in.
+    let mut stored = read_csv(&server.bets_path());
+    let mut sent: Vec<Vec<String>> = files
+        .iter()
+        .zip(1..)
+        .flat_map(|(file, id): (_, u32)| {
+            read_csv(file).into_iter().map(move |row| [vec![id.to_string()], row].concat())
+        })
+        .collect();
+    stored.sort();
+    sent.sort();
+    assert_eq!(stored.len(), sent.len());
+    assert!(stored == sent, "bets.csv differs from the agencies' files");
+
+    server.proc.sigterm();
+    let status = server.proc.wait_exit(Duration::from_secs(2));
+    assert!(status.success(), "the server exited with {status}");
+    let lines = server.logs().until_eof();
+    assert!(lines.last().is_some_and(|l| l.ends_with("action: shutdown | result: success")));
+    assert_eq!(lines.iter().filter(|l| l.contains("action: sorteo | result: success")).count(), 1);
+}
+
+/// Every hostile client was dealt with by the server, each kind in its own way (or turned
+/// away with `ERR BUSY` when the server was full).
+fn check_hostile_replies(reports: &[hostile::Report]) {
+    let mut busy = 0;
+    let mut seen: BTreeMap<Kind, Vec<String>> = BTreeMap::new();
+    for report in reports {
+        assert!(report.closed_by_server, "the server never closed a {:?} client: {:?}", report.kind, report.replies);
+        if report.replies.first().is_some_and(|r| r == "ERR BUSY") {
+            assert_eq!(report.replies.len(), 1, "{report:?}");
+            busy += 1;
+            continue;
+        }
+        seen.entry(report.kind).or_default().extend(report.replies.iter().cloned());
+    }
+    assert!(busy > 0, "no client was turned away with ERR BUSY");
+    let expect = |kind: Kind, reply: &str| {
+        let replies = seen.get(&kind).unwrap_or_else(|| panic!("every {kind:?} client was turned away"));
+        assert!(replies.iter().any(|r| r == reply), "{kind:?} never got {reply}: {replies:?}");
+    };
+    expect(Kind::Idle, "ERR TIMEOUT");
+    expect(Kind::Slowloris, "ERR TIMEOUT");
+    expect(Kind::Oversized, "ERR TOO_LONG");
+    expect(Kind::Garbage, "ERR UNKNOWN");
+    expect(Kind::Garbage, "BYE");
+    expect(Kind::BadBets, "ERR NO_AGENCY");
+    expect(Kind::BadBets, "ERR BAD_BET");
+    expect(Kind::OutOfRange, "ERR BAD_AGENCY");
+    for (kind, replies) in &seen {
+        assert!(!replies.iter().any(|r| r == "ERR STORAGE"), "{replies:?}");
+        // A batch past what agency 1 holds: refused for its offset, or, once agency 1 is done
+        // or the draw made, for that.
+        if *kind == Kind::OutOfRange {
+            assert!(replies.iter().any(|r| r == "ERR BAD_REQUEST" || r == "ERR CLOSED"), "{replies:?}");
+        } else {
+            assert!(!replies.iter().any(|r| r == "ERR CLOSED"), "{kind:?}: {replies:?}");
+        }
+    }
+}

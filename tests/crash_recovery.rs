@@ -1,0 +1,134 @@
+//! Nothing acknowledged is lost: a round whose server is killed with SIGKILL at random moments
+//! and restarted on the same files still ends with every bet stored exactly once, every agency
+//! with its winners, and one draw.
+
+mod common;
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{AGENCY, Proc, STEP, TestServer, command, log_field, read_csv};
+
+const AGENCIES: u32 = 5;
+const BETS: u64 = 3_000;
+const KILLS: usize = 6;
+
+/// The seed of the kill moments: `LOTTERY_TEST_SEED`, or the clock (printed, to replay a run).
+fn seed() -> u64 {
+    let seed = std::env::var("LOTTERY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7574));
+    println!("kill moments seeded with LOTTERY_TEST_SEED={seed}");
+    seed
+}
+
+/// A port that was free a moment ago: every life of the server must listen on the same one,
+/// since the agencies keep reconnecting to it.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Draws logged by a server that has exited (its whole output is read first).
+fn sorteos(server: &mut TestServer) -> usize {
+    server.logs().until_eof().iter().filter(|l| l.contains("action: sorteo | result: success")).count()
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let mut rng = seed() | 1;
+    let mut next = move |below: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % below
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let files = lottery::dataset::generate(&data, AGENCIES, BETS, 99).unwrap();
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let start = || TestServer::start_in(dir.path(), AGENCIES, port, &[]);
+
+    let mut server = start();
+    let mut agencies: Vec<Proc> = files
+        .iter()
+        .zip(1..)
+        .map(|(file, id)| {
+            let id = id.to_string();
+            let env = [
+                ("CLI_ID", id.as_str()),
+                ("CLI_SERVER_ADDRESS", address.as_str()),
+                ("CLI_DATA_PATH", file.to_str().unwrap()),
+                // Small batches: many of them, so that every kill lands mid-round.
+                ("CLI_BATCH_MAXAMOUNT", "10"),
+                ("CLI_RETRY_TIMEOUT_MS", "30000"),
+            ];
+            Proc::spawn(&format!("agency-{id}"), command(AGENCY, dir.path(), &env))
+        })
+        .collect();
+
+    // Each life stores a random number of batches (at most 1,500 are sent in all), then dies
+    // without warning; the next life starts on the same files.
+    let mut draws = 0;
+    for kill in 1..=KILLS {
+        let batches = 1 + next(150) as usize;
+        server.logs().wait_count("action: apuesta_recibida | result: success", batches);
+        server.proc.child.kill().unwrap();
+        server.proc.wait_exit(STEP);
+        draws += sorteos(&mut server);
+        println!("kill {kill}: after {batches} batches");
+        server = start();
+        let resumed = server.logs().wait_for("action: open_storage | result: success");
+        assert!(log_field(&resumed, "bets").is_some_and(|b| b != "0"), "{resumed}");
+    }
+
+    for (agency, file) in agencies.iter_mut().zip(&files) {
+        let status = agency.wait_exit(STEP * 6);
+        assert!(status.success(), "{} failed:\n{}", agency.name, agency.logs.until_eof().join("\n"));
+        let line = agency.logs.wait_for("action: consulta_ganadores | result: success");
+        let want = read_csv(file).iter().filter(|row| row[4] == "7574").count();
+        assert_eq!(log_field(&line, "cant_ganadores"), Some(want.to_string().as_str()), "{}", agency.name);
+        assert!(!agency.logs.seen.iter().any(|l| l.contains("result: fail")), "{}", agency.name);
+    }
+
+    // Killed after the draw too: the next life knows it and answers WINNERS at once, without
+    // drawing again.
+    server.logs().wait_for("action: sorteo | result: success");
+    server.proc.child.kill().unwrap();
+    server.proc.wait_exit(STEP);
+    draws += sorteos(&mut server);
+    let mut server = start();
+    let mut client = server.client();
+    assert_eq!(client.send("STATUS"), format!("STATUS agencies_done=5/5 bets={} drawn=true", BETS * 5));
+    for (file, id) in files.iter().zip(1..) {
+        let winners: Vec<String> =
+            read_csv(file).into_iter().filter(|row| row[4] == "7574").map(|row| row[2].clone()).collect();
+        assert_eq!(client.send(&format!("HELLO {id}")), format!("OK {BETS}"));
+        let want = if winners.is_empty() {
+            "WINNERS 0".into()
+        } else {
+            format!("WINNERS {} {}", winners.len(), winners.join(","))
+        };
+        assert_eq!(client.send("WINNERS"), want);
+    }
+    server.proc.sigterm();
+    assert!(server.proc.wait_exit(Duration::from_secs(2)).success());
+    draws += sorteos(&mut server);
+    assert_eq!(draws, 1, "the draw must be logged once over all the server's lives");
+
+    // Exactly the agencies' bets, each once.
+    let mut stored = read_csv(&dir.path().join("bets.csv"));
+    let mut sent: Vec<Vec<String>> = files
+        .iter()
+        .zip(1..)
+        .flat_map(|(file, id): (_, u32)| {
+            read_csv(file).into_iter().map(move |row| [vec![id.to_string()], row].concat())
+        })
+        .collect();
+    stored.sort();
+    sent.sort();
+    assert_eq!(stored.len(), sent.len(), "bets lost or stored twice");
+    assert!(stored == sent, "bets.csv differs from the agencies' files");
+}

@@ -1,0 +1,229 @@
+//! Whole rounds with the real binaries: one `lottery-server` and several `lottery-agency`
+//! processes over loopback TCP, checked against what the test computes from the data files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{AGENCY, Proc, STEP, TestServer, assert_log_format, command, log_field, read_csv};
+
+const WINNING_NUMBER: &str = "7574";
+
+/// An agency process for `id`, sending `data` to `address` in batches of at most `batch`.
+fn agency(dir: &Path, id: u32, address: &str, data: &Path, batch: usize, env: &[(&str, &str)]) -> Proc {
+    let (id, batch) = (id.to_string(), batch.to_string());
+    let data = data.to_str().expect("UTF-8 temp path");
+    let mut vars = vec![
+        ("CLI_ID", id.as_str()),
+        ("CLI_SERVER_ADDRESS", address),
+        ("CLI_DATA_PATH", data),
+        ("CLI_BATCH_MAXAMOUNT", &batch),
+    ];
+    vars.extend_from_slice(env);
+    let cmd: Command = command(AGENCY, dir, &vars);
+    Proc::spawn(&format!("lottery-agency {id}"), cmd)
+}
+
+/// The documents of the winning rows of an agency file, in file order.
+fn winners_of(rows: &[Vec<String>]) -> Vec<String> {
+    rows.iter().filter(|r| r[4] == WINNING_NUMBER).map(|r| r[2].clone()).collect()
+}
+
+/// The reply to `WINNERS` for these documents.
+fn winners_reply(documents: &[String]) -> String {
+    match documents {
+        [] => "WINNERS 0".to_owned(),
+        docs => format!("WINNERS {} {}", docs.len(), docs.join(",")),
+    }
+}
+
+/// What `bets.csv` must hold for these agency files (agency `i + 1` for `files[i]`), sorted.
+fn expected_store(files: &[PathBuf]) -> Vec<Vec<String>> {
+    let mut rows: Vec<Vec<String>> = files
+        .iter()
+        .enumerate()
+        .flat_map(|(i, path)| {
+            read_csv(path).into_iter().map(move |row| {
+                let mut stored = vec![(i + 1).to_string()];
+                stored.extend(row);
+                stored
+            })
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Asserts that `bets.csv` holds exactly `expected` (sorted), as a multiset.
+fn assert_store(bets: &Path, expected: &[Vec<String>]) {
+    let mut stored = read_csv(bets);
+    stored.sort();
+    assert_eq!(stored.len(), expected.len(), "rows in bets.csv");
+    if let Some(i) = (0..stored.len()).find(|&i| stored[i] != expected[i]) {
+        panic!("bets.csv differs from the input: sorted row {i} is {:?}, expected {:?}", stored[i], expected[i]);
+    }
+}
+
+fn no_fail(name: &str, lines: &[String]) {
+    if let Some(line) = lines.iter().find(|l| l.contains("result: fail")) {
+        panic!("{name} logged a failure in a normal round: {line}");
+    }
+}
+
+#[test]
+fn a_full_round_of_five_agency_processes() {
+    const AGENCIES: u32 = 5;
+    const BETS: u64 = 2_000;
+    // Not the default 100, so the setting is seen to apply; 64 rows stay well under 8 KiB.
+    const BATCH: usize = 64;
+    let data = tempfile::tempdir().unwrap();
+    // Seed 2 gives 1, 2, 2, 1 and 0 winners: agencies with several winners and one with none.
+    let files = lottery::dataset::generate(data.path(), AGENCIES, BETS, 2).unwrap();
+    let mut server = TestServer::start(AGENCIES, &[]);
+    let address = server.address();
+    let mut agencies: Vec<Proc> =
+        (1..=AGENCIES).zip(&files).map(|(id, file)| agency(data.path(), id, &address, file, BATCH, &[])).collect();
+    for agency in &mut agencies {
+        agency.wait_success(STEP);
+    }
+
+    let rows: Vec<Vec<Vec<String>>> = files.iter().map(|f| read_csv(f)).collect();
+    let winners: Vec<Vec<String>> = rows.iter().map(|r| winners_of(r)).collect();
+    assert!(winners.iter().any(|w| w.len() > 1) && winners.iter().any(Vec::is_empty), "the seed's data: {winners:?}");
+    let mut batches_sent = 0;
+    for (agency, winners) in agencies.iter().zip(&winners) {
+        let lines = &agency.logs.seen;
+        lines.iter().for_each(|l| assert_log_format(l));
+        no_fail(&agency.name, lines);
+        let queries: Vec<&String> = lines.iter().filter(|l| l.contains("action: consulta_ganadores")).collect();
+        assert_eq!(queries.len(), 1, "{}: {queries:?}", agency.name);
+        let expected = format!("action: consulta_ganadores | result: success | cant_ganadores: {}", winners.len());
+        assert!(queries[0].ends_with(&expected), "{}: {:?}, expected {expected:?}", agency.name, queries[0]);
+
+        let sizes: Vec<usize> = lines
+            .iter()
+            .filter(|l| l.contains("action: apuesta_enviada | result: success | cantidad: "))
+            .map(|l| log_field(l, "cantidad").and_then(|n| n.parse().ok()).expect("a count"))
+            .collect();
+        assert_eq!(sizes.iter().sum::<usize>(), BETS as usize, "{}: bets in its batches", agency.name);
+        let (last, full) = sizes.split_last().expect("at least one batch");
+        assert!(full.iter().all(|&n| n == BATCH), "{}: a batch before the last is not full: {sizes:?}", agency.name);
+        assert!((1..=BATCH).contains(last), "{}: last batch of {last}", agency.name);
+        batches_sent += sizes.len();
+    }
+
+    // What the server answers to a raw query is what the agencies were told.
+    for (id, winners) in (1..=AGENCIES).zip(&winners) {
+        let mut client = server.client();
+        assert_eq!(client.send(&format!("HELLO {id}")), format!("OK {BETS}"));
+        assert_eq!(client.send("WINNERS"), winners_reply(winners), "agency {id}");
+        assert_eq!(client.send("QUIT"), "BYE");
+        client.expect_eof();
+    }
+    assert_store(&server.bets_path(), &expected_store(&files));
+
+    // Stop the server to read its whole log.
+    server.proc.sigterm();
+    assert!(server.proc.wait_exit(STEP).success());
+    let lines = server.logs().until_eof().to_vec();
+    lines.iter().for_each(|l| assert_log_format(l));
+    no_fail("lottery-server", &lines);
+    let draws: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("action: sorteo | result: success"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(draws.len(), 1, "one draw per round");
+    let received: Vec<usize> =
+        lines.iter().enumerate().filter(|(_, l)| l.contains("action: apuesta_recibida")).map(|(i, _)| i).collect();
+    assert_eq!(received.len(), batches_sent, "one apuesta_recibida per batch sent");
+    assert!(received.iter().all(|&i| i < draws[0]), "an apuesta_recibida after the sorteo");
+}
+
+/// A port held by a socket that is bound but not listening: a connection to it is refused, as
+/// to a server that is not up yet, and the server (which sets `SO_REUSEADDR`, as this socket
+/// does) can still bind and listen on it. Holding the port for the whole test means that no
+/// other process can take it between "no server yet" and "the server is up". (Linux semantics
+/// of `SO_REUSEADDR`.)
+#[cfg(target_os = "linux")]
+fn held_port() -> (socket2::Socket, u16) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    (socket, port)
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn an_agency_started_before_the_server_connects_once_it_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = lottery::dataset::generate(&dir.path().join("data"), 1, 500, 3).unwrap();
+    let (_held, port) = held_port();
+    let address = format!("127.0.0.1:{port}");
+    let mut agency = agency(dir.path(), 1, &address, &files[0], 100, &[("CLI_RETRY_TIMEOUT_MS", "20000")]);
+    // It has tried, and been refused: there is no server yet.
+    agency.logs.wait_for("action: connect | result: in_progress");
+    assert!(agency.child.try_wait().unwrap().is_none(), "the agency gave up on a server that is not up yet");
+
+    let server = TestServer::start_in(dir.path(), 1, port, &[]);
+    assert_eq!(server.port, port);
+    agency.wait_success(STEP);
+    let lines = &agency.logs.seen;
+    no_fail("lottery-agency", lines);
+    let winners = winners_of(&read_csv(&files[0]));
+    let expected = format!("action: consulta_ganadores | result: success | cant_ganadores: {}", winners.len());
+    assert!(lines.iter().any(|l| l.ends_with(&expected)), "no {expected:?}");
+    assert_store(&server.bets_path(), &expected_store(&files));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn an_agency_resumes_after_the_server_is_killed_and_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = lottery::dataset::generate(&dir.path().join("data"), 2, 2_000, 5).unwrap();
+    let (_held, port) = held_port();
+    let address = format!("127.0.0.1:{port}");
+    let mut first = TestServer::start_in(dir.path(), 2, port, &[]);
+    let mut one = agency(dir.path(), 1, &address, &files[0], 20, &[("CLI_RETRY_TIMEOUT_MS", "20000")]);
+    one.logs.wait_for("action: apuesta_enviada | result: success | cantidad: 20");
+    // Wherever agency 1 is now (sending, or waiting in WINNERS for agency 2), the round is not
+    // over, so it must notice the loss, reconnect and resume.
+    first.proc.child.kill().unwrap();
+    first.proc.child.wait().unwrap();
+    one.logs.wait_for("action: reconnect | result: in_progress");
+
+    let second = TestServer::start_in(dir.path(), 2, port, &[]);
+    let mut two = agency(dir.path(), 2, &address, &files[1], 100, &[]);
+    for agency in [&mut one, &mut two] {
+        agency.wait_success(STEP);
+    }
+    for (agency, file) in [&one, &two].into_iter().zip(&files) {
+        no_fail(&agency.name, &agency.logs.seen);
+        let winners = winners_of(&read_csv(file));
+        let expected = format!("action: consulta_ganadores | result: success | cant_ganadores: {}", winners.len());
+        assert!(agency.logs.seen.iter().any(|l| l.ends_with(&expected)), "{}: no {expected:?}", agency.name);
+    }
+    // Nothing lost, nothing stored twice.
+    assert_store(&second.bets_path(), &expected_store(&files));
+}
+
+#[test]
+fn an_agency_waiting_for_the_draw_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = lottery::dataset::generate(&dir.path().join("data"), 1, 300, 3).unwrap();
+    // Two agencies in the round and only one runs: it sends everything and waits for the draw.
+    let server = TestServer::start(2, &[]);
+    let mut agency = agency(dir.path(), 1, &server.address(), &files[0], 100, &[]);
+    // Its third and last batch is acknowledged: it is saying DONE or waiting in WINNERS.
+    agency.logs.wait_count("action: apuesta_enviada | result: success | cantidad: 100", 3);
+    agency.sigterm();
+    let status = agency.wait_exit(std::time::Duration::from_secs(2));
+    assert_eq!(status.code(), Some(0), "{status}");
+    let lines = agency.logs.until_eof();
+    assert!(lines.last().is_some_and(|l| l.ends_with("action: shutdown | result: success")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("consulta_ganadores")), "no winners before the draw");
+}

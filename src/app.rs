@@ -1,14 +1,14 @@
 //! What `lottery-server` and `lottery-agency` run: flags, settings, logger, signal handler,
 //! run, exit code. The binaries call these and nothing else.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use log::{error, info};
 
 use crate::agency::{self, AgencyError, Stop};
-use crate::config::Settings;
+use crate::config::{ServerSettings, Settings};
 use crate::logging;
 use crate::round::{Round, RoundConfig};
 use crate::server::{self, Limits, ShutdownHandle};
@@ -69,39 +69,10 @@ pub fn server_main() -> ExitCode {
         Err(e) => return fail(NAME, &e),
     };
     logging::init(settings.log_level);
-    let config = RoundConfig {
-        agencies: settings.agencies,
-        storage_path: settings.storage_path.clone(),
-        sync: settings.sync,
-        group_commit: settings.group_commit,
-    };
-    let (round, resumed) = match Round::open(config) {
-        Ok(opened) => opened,
+    let (listener, round, shutdown) = match start_server(&settings) {
+        Ok(started) => started,
         Err(e) => return fail(NAME, &e),
     };
-    info!(
-        "action: open_storage | result: success | path: {} | bets: {} | truncated_bytes: {} | agencies_done: {} | drawn: {}",
-        settings.storage_path.display(),
-        resumed.bets,
-        resumed.truncated,
-        resumed.agencies_done,
-        resumed.drawn
-    );
-    let addr = SocketAddr::new(settings.ip, settings.port);
-    let listener = match server::bind(addr, settings.backlog) {
-        Ok(listener) => listener,
-        Err(e) => return fail(NAME, &format!("cannot listen on {addr}: {e}")),
-    };
-    let shutdown = match ShutdownHandle::new(&listener) {
-        Ok(handle) => handle,
-        Err(e) => return fail(NAME, &e),
-    };
-    let on_signal = shutdown.clone();
-    if let Err(e) = ctrlc::set_handler(move || on_signal.trigger()) {
-        return fail(NAME, &format!("cannot handle signals: {e}"));
-    }
-    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    info!("action: listen | result: success | address: {local} | agencies: {}", settings.agencies);
     let limits = Limits { max_connections: settings.max_connections, idle_timeout: settings.idle_timeout };
     match server::run(listener, Arc::new(round), limits, &shutdown) {
         Ok(()) => {
@@ -113,6 +84,34 @@ pub fn server_main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Everything before serving: the round recovered from its files, the listener, the signal
+/// handler. An error here is said in one line, and nothing has been served.
+fn start_server(settings: &ServerSettings) -> Result<(TcpListener, Round, ShutdownHandle), String> {
+    let config = RoundConfig {
+        agencies: settings.agencies,
+        storage_path: settings.storage_path.clone(),
+        sync: settings.sync,
+        group_commit: settings.group_commit,
+    };
+    let (round, resumed) = Round::open(config).map_err(|e| e.to_string())?;
+    info!(
+        "action: open_storage | result: success | path: {} | bets: {} | truncated_bytes: {} | agencies_done: {} | drawn: {}",
+        settings.storage_path.display(),
+        resumed.bets,
+        resumed.truncated,
+        resumed.agencies_done,
+        resumed.drawn
+    );
+    let addr = SocketAddr::new(settings.ip, settings.port);
+    let listener = server::bind(addr, settings.backlog).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let shutdown = ShutdownHandle::new(&listener).map_err(|e| e.to_string())?;
+    let on_signal = shutdown.clone();
+    ctrlc::set_handler(move || on_signal.trigger()).map_err(|e| format!("cannot handle signals: {e}"))?;
+    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    info!("action: listen | result: success | address: {local} | agencies: {}", settings.agencies);
+    Ok((listener, round, shutdown))
 }
 
 /// `lottery-agency`'s main.

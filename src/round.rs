@@ -120,23 +120,13 @@ impl Round {
         let round_path = round_file::path_for(&config.storage_path);
         let had_bets = config.storage_path.exists();
         let (store, recovered) = Store::open(&config.storage_path, config.agencies)?;
-        let saved = match RoundFile::load(&round_path)? {
+        let saved = match RoundFile::load(&round_path, config.agencies)? {
             Some(_) if !had_bets => {
-                warn!("action: recover | result: success | detail: round file without bets file, starting a new round");
-                None
+                warn!("action: recover | result: success | detail: a round file without its bets file; new round");
+                RoundFile::new(config.agencies)
             }
-            saved => saved,
+            saved => saved.unwrap_or_else(|| RoundFile::new(config.agencies)),
         };
-        let saved = saved.unwrap_or_else(|| RoundFile::new(config.agencies));
-        if saved.agencies != config.agencies {
-            let why = format!("this round has {} agencies, SERVER_AGENCIES is {}", saved.agencies, config.agencies);
-            return Err(StoreError::bad(&round_path, None, why));
-        }
-        let mut done = vec![false; config.agencies as usize];
-        for &a in &saved.done {
-            let slot = done.get_mut((a as usize).wrapping_sub(1));
-            *slot.ok_or_else(|| StoreError::bad(&round_path, None, format!("agency {a} is out of range")))? = true;
-        }
         let phase = if saved.drawn {
             let winners = store::winners(&config.storage_path, config.agencies, None)?.unwrap_or_default();
             Phase::Drawn(Arc::new(winners))
@@ -149,14 +139,13 @@ impl Round {
             agencies_done: saved.done.len(),
             drawn: saved.drawn,
         };
-        let synced_len = store.len();
         let state = State {
+            synced_len: store.len(),
             store,
             stored: recovered.stored,
-            done,
+            done: saved.done_flags(),
             phase,
             shutting_down: false,
-            synced_len,
             syncing: false,
             broken: None,
         };
@@ -168,6 +157,7 @@ impl Round {
             synced: Condvar::new(),
             stopping: AtomicBool::new(false),
         };
+        // The last DONE was saved, but the server died before the draw was: make it now.
         if round.start_draw_if_all_done(round.lock()) {
             round.draw();
         }

@@ -31,11 +31,30 @@ impl RoundFile {
         RoundFile { agencies, done: Vec::new(), drawn: false }
     }
 
-    /// Reads the round file at `path`, or `None` if there is none.
+    /// Reads the round file at `path` for a round of `agencies`, or `None` if there is none.
     ///
     /// # Errors
-    /// It cannot be read, or is not a round file.
-    pub fn load(path: &Path) -> Result<Option<RoundFile>, StoreError> {
+    /// It cannot be read, is not a round file, or is the file of a round of another size.
+    pub fn load(path: &Path, agencies: u32) -> Result<Option<RoundFile>, StoreError> {
+        let Some(round) = Self::parse(path)? else { return Ok(None) };
+        if round.agencies != agencies {
+            let why = format!("this round has {} agencies, SERVER_AGENCIES is {agencies}", round.agencies);
+            return Err(StoreError::bad(path, None, why));
+        }
+        let ascending = round.done.windows(2).all(|w| w[0] < w[1]);
+        if !ascending || round.done.iter().any(|a| !(1..=agencies).contains(a)) {
+            let why = format!("done is not a list of distinct agencies 1..={agencies}, ascending");
+            return Err(StoreError::bad(path, None, why));
+        }
+        Ok(Some(round))
+    }
+
+    /// Which agencies said `DONE`, as flags (index 0 is agency 1).
+    pub fn done_flags(&self) -> Vec<bool> {
+        (1..=self.agencies).map(|a| self.done.contains(&a)).collect()
+    }
+
+    fn parse(path: &Path) -> Result<Option<RoundFile>, StoreError> {
         let text = match fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -111,13 +130,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = path_for(&dir.path().join("bets.csv"));
         assert!(path.ends_with("bets.csv.round"));
-        assert_eq!(RoundFile::load(&path).unwrap(), None);
+        assert_eq!(RoundFile::load(&path, 5).unwrap(), None);
         let round = RoundFile { agencies: 5, done: vec![1, 4], drawn: false };
         round.save(&path).unwrap();
-        assert_eq!(RoundFile::load(&path).unwrap(), Some(round.clone()));
+        assert_eq!(RoundFile::load(&path, 5).unwrap(), Some(round.clone()));
+        assert_eq!(round.done_flags(), [true, false, false, true, false]);
         let drawn = RoundFile { drawn: true, done: vec![1, 2, 3, 4, 5], ..round };
         drawn.save(&path).unwrap();
-        assert_eq!(RoundFile::load(&path).unwrap(), Some(drawn));
+        assert_eq!(RoundFile::load(&path, 5).unwrap(), Some(drawn));
+        let err = RoundFile::load(&path, 3).unwrap_err().to_string();
+        assert!(err.ends_with("this round has 5 agencies, SERVER_AGENCIES is 3"), "{err}");
     }
 
     #[test]
@@ -125,7 +147,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.round");
         fs::write(&path, "agencies = 5\ndone = 1,x\ndrawn = false\n").unwrap();
-        let err = RoundFile::load(&path).unwrap_err().to_string();
+        let err = RoundFile::load(&path, 5).unwrap_err().to_string();
         assert!(err.ends_with("x.round line 2: done is not a list of agency numbers"), "{err}");
+        fs::write(&path, "agencies = 5\ndone = 3,3\ndrawn = false\n").unwrap();
+        let err = RoundFile::load(&path, 5).unwrap_err().to_string();
+        assert!(err.contains("distinct agencies"), "{err}");
     }
 }

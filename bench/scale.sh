@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Scale: a separate lottery-server under /usr/bin/time -v, its agencies run by
+# `lottery-round --server`; prints the round's table, its wall time and the server's peak RSS.
+#
+#   bench/scale.sh AGENCIES BETS_PER_AGENCY     # e.g. 1000 100, 5 200000, 5 2000000
+set -euo pipefail
+agencies=${1:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
+bets=${2:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+bin=$PWD/target/release
+work=$(mktemp -d)
+cleanup() {
+  [[ -n ${server_pid:-} ]] && kill -TERM "$server_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+"$bin/lottery-round" --generate "$work/data" --agencies "$agencies" --bets-per-agency "$bets" >/dev/null
+
+SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies SERVER_STORAGE_PATH=$work/bets.csv \
+  SERVER_MAX_CONNECTIONS=$((agencies + 64)) \
+  /usr/bin/time -v -o "$work/time" "$bin/lottery-server" >"$work/server.log" 2>&1 &
+time_pid=$!
+for _ in $(seq 100); do
+  port=$(sed -n 's/.*action: listen | result: success | address: [0-9.]*:\([0-9]*\).*/\1/p' "$work/server.log")
+  [[ -n $port ]] && break
+  sleep 0.1
+done
+[[ -n ${port:-} ]] || { echo "the server did not start; its log:" >&2; cat "$work/server.log" >&2; exit 1; }
+server_pid=$(pgrep -P "$time_pid" lottery-server)
+
+"$bin/lottery-round" --server "127.0.0.1:$port" --agencies "$agencies" --data "$work/data" 2>/dev/null |
+  grep -Ev '^ +[0-9]+ ' || true
+kill -TERM "$server_pid"
+wait "$time_pid"
+server_pid=
+echo "server peak RSS: $(awk -F': ' '/Maximum resident set size/ {print $2}' "$work/time") KiB" \
+  "(bets.csv: $(du -h "$work/bets.csv" | cut -f1))"

@@ -194,17 +194,22 @@ impl RowParser {
         if self.out.len() < line.len() {
             self.out.resize(line.len(), 0);
         }
-        let (mut input, mut nout, mut nends, mut at_end) = (line, 0, 0, false);
+        // csv_core drops a UTF-8 BOM that starts its input, as a file's would: right for a file,
+        // wrong for a row whose first name begins with U+FEFF. It only does so when its first
+        // input holds all three bytes, so the first call is given one byte.
+        let (mut rest, mut nout, mut nends, mut at_end, mut first) = (line, 0, 0, false, true);
         loop {
+            let input = if first { &rest[..rest.len().min(1)] } else { rest };
+            first = false;
             let (result, nin, o, e) = self.reader.read_record(input, &mut self.out[nout..], &mut self.ends[nends..]);
-            input = &input[nin..];
+            rest = &rest[nin..];
             nout += o;
             nends += e;
             match result {
-                // All input is read (csv_core only stops early when `out` is full); an empty
-                // input now tells it the row has ended, and the next call yields the record.
+                // csv_core stops early only when `out` is full. Once the row is read, an empty
+                // input tells it the row has ended, and the next call yields the record.
                 csv_core::ReadRecordResult::InputEmpty if at_end => break,
-                csv_core::ReadRecordResult::InputEmpty => at_end = true,
+                csv_core::ReadRecordResult::InputEmpty => at_end = rest.is_empty(),
                 csv_core::ReadRecordResult::Record | csv_core::ReadRecordResult::End => break,
                 csv_core::ReadRecordResult::OutputEndsFull => {
                     return Err(BetError::FieldCount { expected: 5, found: MAX_FIELDS + 1 });
@@ -215,16 +220,17 @@ impl RowParser {
                 }
             }
         }
-        let out = std::str::from_utf8(&self.out[..nout]).map_err(|_| BetError::Csv("not UTF-8"))?;
+        // Each field must be UTF-8 on its own: a comma can split the bytes of one character
+        // into two fields that are valid only when joined.
         let mut start = 0;
-        Ok(self.ends[..nends]
+        self.ends[..nends]
             .iter()
             .map(|&end| {
-                let field = &out[start..end];
+                let field = std::str::from_utf8(&self.out[start..end]).map_err(|_| BetError::Csv("not UTF-8"));
                 start = end;
                 field
             })
-            .collect())
+            .collect()
     }
 
     /// Parses and validates a wire or data-file row.
@@ -362,6 +368,12 @@ mod tests {
         let long = format!("{},b,1,2000-01-01,1", "x".repeat(101));
         assert!(parse(&long).unwrap_err().to_string().contains("longer than 100"));
         assert!(matches!(RowParser::default().bet(b"a\xff,b,1,2000-01-01,1", TODAY), Err(BetError::Csv(_))));
+    }
+
+    #[test]
+    fn a_name_may_start_with_u_feff() {
+        let bet = parse("\u{feff}Ana,Paz,1,2000-01-01,1").unwrap();
+        assert_eq!(bet.first_name, "\u{feff}Ana");
     }
 
     #[test]

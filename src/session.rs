@@ -96,7 +96,9 @@ impl<'a> Session<'a> {
             if self.acknowledge(conn).and_then(|()| conn.write_reply(&reply)).is_err() {
                 return;
             }
-            if let Next::Close = next {
+            // `ERR SHUTDOWN` is the last thing a client hears.
+            let shutting_down = matches!(&reply, Reply::Err(e) if e.code == ErrorCode::Shutdown);
+            if shutting_down || matches!(next, Next::Close) {
                 conn.close();
                 return;
             }

@@ -7,7 +7,9 @@ mod common;
 use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{AGENCY, Proc, STEP, TestServer, command, log_field, read_csv};
+use common::{
+    Proc, STEP, TestServer, agency, assert_store, expected_store, log_field, read_csv, winners_of, winners_reply,
+};
 
 const AGENCIES: u32 = 5;
 const BETS: u64 = 3_000;
@@ -52,22 +54,10 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let start = || TestServer::start_in(dir.path(), AGENCIES, port, &[]);
 
     let mut server = start();
-    let mut agencies: Vec<Proc> = files
-        .iter()
-        .zip(1..)
-        .map(|(file, id)| {
-            let id = id.to_string();
-            let env = [
-                ("CLI_ID", id.as_str()),
-                ("CLI_SERVER_ADDRESS", address.as_str()),
-                ("CLI_DATA_PATH", file.to_str().unwrap()),
-                // Small batches: many of them, so that every kill lands mid-round.
-                ("CLI_BATCH_MAXAMOUNT", "10"),
-                ("CLI_RETRY_TIMEOUT_MS", "30000"),
-            ];
-            Proc::spawn(&format!("agency-{id}"), command(AGENCY, dir.path(), &env))
-        })
-        .collect();
+    // Small batches: many of them, so that every kill lands mid-round.
+    let retry = [("CLI_RETRY_TIMEOUT_MS", "30000")];
+    let mut agencies: Vec<Proc> =
+        files.iter().zip(1..).map(|(file, id)| agency(dir.path(), id, &address, file, 10, &retry)).collect();
 
     // Each life stores a random number of batches (at most 1,500 are sent in all), then dies
     // without warning; the next life starts on the same files.
@@ -88,8 +78,8 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         let status = agency.wait_exit(STEP * 6);
         assert!(status.success(), "{} failed:\n{}", agency.name, agency.logs.until_eof().join("\n"));
         let line = agency.logs.wait_for("action: consulta_ganadores | result: success");
-        let want = read_csv(file).iter().filter(|row| row[4] == "7574").count();
-        assert_eq!(log_field(&line, "cant_ganadores"), Some(want.to_string().as_str()), "{}", agency.name);
+        let want = winners_of(&read_csv(file)).len().to_string();
+        assert_eq!(log_field(&line, "cant_ganadores"), Some(want.as_str()), "{}", agency.name);
         assert!(!agency.logs.seen.iter().any(|l| l.contains("result: fail")), "{}", agency.name);
     }
 
@@ -103,15 +93,8 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let mut client = server.client();
     assert_eq!(client.send("STATUS"), format!("STATUS agencies_done=5/5 bets={} drawn=true", BETS * 5));
     for (file, id) in files.iter().zip(1..) {
-        let winners: Vec<String> =
-            read_csv(file).into_iter().filter(|row| row[4] == "7574").map(|row| row[2].clone()).collect();
         assert_eq!(client.send(&format!("HELLO {id}")), format!("OK {BETS}"));
-        let want = if winners.is_empty() {
-            "WINNERS 0".into()
-        } else {
-            format!("WINNERS {} {}", winners.len(), winners.join(","))
-        };
-        assert_eq!(client.send("WINNERS"), want);
+        assert_eq!(client.send("WINNERS"), winners_reply(&winners_of(&read_csv(file))));
     }
     server.proc.sigterm();
     assert!(server.proc.wait_exit(Duration::from_secs(2)).success());
@@ -119,16 +102,5 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     assert_eq!(draws, 1, "the draw must be logged once over all the server's lives");
 
     // Exactly the agencies' bets, each once.
-    let mut stored = read_csv(&dir.path().join("bets.csv"));
-    let mut sent: Vec<Vec<String>> = files
-        .iter()
-        .zip(1..)
-        .flat_map(|(file, id): (_, u32)| {
-            read_csv(file).into_iter().map(move |row| [vec![id.to_string()], row].concat())
-        })
-        .collect();
-    stored.sort();
-    sent.sort();
-    assert_eq!(stored.len(), sent.len(), "bets lost or stored twice");
-    assert!(stored == sent, "bets.csv differs from the agencies' files");
+    assert_store(&dir.path().join("bets.csv"), &expected_store(&files));
 }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
 
-use common::{AGENCY, Proc, STEP, TestServer, command, log_field, read_csv};
+use common::{Proc, STEP, TestServer, agency, assert_store, expected_store, log_field, read_csv, winners_of};
 use lottery::hostile::{self, Kind};
 
 const AGENCIES: u32 = 5;
@@ -33,16 +33,7 @@ fn an_honest_round_completes_beside_two_hundred_hostile_clients() {
     let mut agencies: Vec<Proc> = files
         .iter()
         .zip(1..)
-        .map(|(file, id)| {
-            let id_text = id.to_string();
-            let env = [
-                ("CLI_ID", id_text.as_str()),
-                ("CLI_SERVER_ADDRESS", address.as_str()),
-                ("CLI_DATA_PATH", file.to_str().unwrap()),
-                ("CLI_RETRY_TIMEOUT_MS", "60000"),
-            ];
-            Proc::spawn(&format!("agency-{id}"), command(AGENCY, data.path(), &env))
-        })
+        .map(|(file, id)| agency(data.path(), id, &address, file, 100, &[("CLI_RETRY_TIMEOUT_MS", "60000")]))
         .collect();
 
     for (agency, file) in agencies.iter_mut().zip(&files) {
@@ -50,26 +41,14 @@ fn an_honest_round_completes_beside_two_hundred_hostile_clients() {
         assert!(status.success(), "{} failed:\n{}", agency.name, agency.logs.until_eof().join("\n"));
         let line = agency.logs.wait_for("action: consulta_ganadores | result: success");
         let got: usize = log_field(&line, "cant_ganadores").unwrap().parse().unwrap();
-        let want = read_csv(file).iter().filter(|row| row[4] == "7574").count();
-        assert_eq!(got, want, "{}", agency.name);
+        assert_eq!(got, winners_of(&read_csv(file)).len(), "{}", agency.name);
     }
 
     let reports: Vec<hostile::Report> = hostile.into_iter().map(|h| h.join().unwrap()).collect();
     check_hostile_replies(&reports);
 
     // Exactly the honest bets: nothing of a half batch, a bad row or garbage got in.
-    let mut stored = read_csv(&server.bets_path());
-    let mut sent: Vec<Vec<String>> = files
-        .iter()
-        .zip(1..)
-        .flat_map(|(file, id): (_, u32)| {
-            read_csv(file).into_iter().map(move |row| [vec![id.to_string()], row].concat())
-        })
-        .collect();
-    stored.sort();
-    sent.sort();
-    assert_eq!(stored.len(), sent.len());
-    assert!(stored == sent, "bets.csv differs from the agencies' files");
+    assert_store(&server.bets_path(), &expected_store(&files));
 
     server.proc.sigterm();
     let status = server.proc.wait_exit(Duration::from_secs(2));

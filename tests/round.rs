@@ -3,67 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use common::{AGENCY, Proc, STEP, TestServer, assert_log_format, command, log_field, read_csv};
-
-const WINNING_NUMBER: &str = "7574";
-
-/// An agency process for `id`, sending `data` to `address` in batches of at most `batch`.
-fn agency(dir: &Path, id: u32, address: &str, data: &Path, batch: usize, env: &[(&str, &str)]) -> Proc {
-    let (id, batch) = (id.to_string(), batch.to_string());
-    let data = data.to_str().expect("UTF-8 temp path");
-    let mut vars = vec![
-        ("CLI_ID", id.as_str()),
-        ("CLI_SERVER_ADDRESS", address),
-        ("CLI_DATA_PATH", data),
-        ("CLI_BATCH_MAXAMOUNT", &batch),
-    ];
-    vars.extend_from_slice(env);
-    let cmd: Command = command(AGENCY, dir, &vars);
-    Proc::spawn(&format!("lottery-agency {id}"), cmd)
-}
-
-/// The documents of the winning rows of an agency file, in file order.
-fn winners_of(rows: &[Vec<String>]) -> Vec<String> {
-    rows.iter().filter(|r| r[4] == WINNING_NUMBER).map(|r| r[2].clone()).collect()
-}
-
-/// The reply to `WINNERS` for these documents.
-fn winners_reply(documents: &[String]) -> String {
-    match documents {
-        [] => "WINNERS 0".to_owned(),
-        docs => format!("WINNERS {} {}", docs.len(), docs.join(",")),
-    }
-}
-
-/// What `bets.csv` must hold for these agency files (agency `i + 1` for `files[i]`), sorted.
-fn expected_store(files: &[PathBuf]) -> Vec<Vec<String>> {
-    let mut rows: Vec<Vec<String>> = files
-        .iter()
-        .enumerate()
-        .flat_map(|(i, path)| {
-            read_csv(path).into_iter().map(move |row| {
-                let mut stored = vec![(i + 1).to_string()];
-                stored.extend(row);
-                stored
-            })
-        })
-        .collect();
-    rows.sort();
-    rows
-}
-
-/// Asserts that `bets.csv` holds exactly `expected` (sorted), as a multiset.
-fn assert_store(bets: &Path, expected: &[Vec<String>]) {
-    let mut stored = read_csv(bets);
-    stored.sort();
-    assert_eq!(stored.len(), expected.len(), "rows in bets.csv");
-    if let Some(i) = (0..stored.len()).find(|&i| stored[i] != expected[i]) {
-        panic!("bets.csv differs from the input: sorted row {i} is {:?}, expected {:?}", stored[i], expected[i]);
-    }
-}
+use common::{
+    Proc, STEP, TestServer, agency, assert_log_format, assert_store, expected_store, log_field, read_csv, winners_of,
+    winners_reply,
+};
 
 fn no_fail(name: &str, lines: &[String]) {
     if let Some(line) = lines.iter().find(|l| l.contains("result: fail")) {

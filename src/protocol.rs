@@ -49,6 +49,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::TooLong,
+        ErrorCode::BadAgency,
+        ErrorCode::BadBet,
+        ErrorCode::NoAgency,
+        ErrorCode::Closed,
+        ErrorCode::Unknown,
+        ErrorCode::BadRequest,
+        ErrorCode::Busy,
+        ErrorCode::Shutdown,
+        ErrorCode::Storage,
+        ErrorCode::Timeout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::TooLong => "TOO_LONG",
@@ -66,20 +81,7 @@ impl ErrorCode {
     }
 
     fn parse(code: &str) -> Option<ErrorCode> {
-        const ALL: [ErrorCode; 11] = [
-            ErrorCode::TooLong,
-            ErrorCode::BadAgency,
-            ErrorCode::BadBet,
-            ErrorCode::NoAgency,
-            ErrorCode::Closed,
-            ErrorCode::Unknown,
-            ErrorCode::BadRequest,
-            ErrorCode::Busy,
-            ErrorCode::Shutdown,
-            ErrorCode::Storage,
-            ErrorCode::Timeout,
-        ];
-        ALL.into_iter().find(|c| c.as_str() == code)
+        Self::ALL.into_iter().find(|c| c.as_str() == code)
     }
 }
 

@@ -58,8 +58,8 @@ impl<'a> Session<'a> {
     /// further request has arrived, or before answering a request of another kind.
     pub fn run(mut self, conn: &mut Connection) {
         loop {
-            let more_queued = conn.has_buffered_line() || conn.fill_available();
-            if !more_queued && self.acknowledge(conn).is_err() {
+            let idle = !self.pending.is_empty() && !conn.has_buffered_line() && !conn.fill_available();
+            if idle && self.acknowledge(conn).is_err() {
                 return;
             }
             // Each request, a batch with all its rows included, must arrive within the timeout.

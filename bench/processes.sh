@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# A round with real processes: one lottery-server and one lottery-agency per agency-N.csv in
+# DATA_DIR (e.g. the course's data set), over loopback. Prints each agency's winner count, the
+# rows in bets.csv, and the wall time from the agencies' start to the last one's exit.
+#
+#   bench/processes.sh DATA_DIR
+set -euo pipefail
+data=$(cd "${1:?usage: bench/processes.sh DATA_DIR}" && pwd)
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+bin=$PWD/target/release
+agencies=$(find "$data" -maxdepth 1 -name 'agency-*.csv' | wc -l)
+[[ $agencies -gt 0 ]] || { echo "no agency-N.csv in $data" >&2; exit 1; }
+work=$(mktemp -d)
+cleanup() {
+  [[ -n ${server:-} ]] && kill -TERM "$server" 2>/dev/null && wait "$server" || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies SERVER_STORAGE_PATH=$work/bets.csv \
+  "$bin/lottery-server" >"$work/server.log" 2>&1 &
+server=$!
+for _ in $(seq 100); do
+  port=$(sed -n 's/.*action: listen | result: success | address: [0-9.]*:\([0-9]*\).*/\1/p' "$work/server.log")
+  [[ -n $port ]] && break
+  sleep 0.1
+done
+[[ -n ${port:-} ]] || { echo "the server did not start:" >&2; cat "$work/server.log" >&2; exit 1; }
+
+start=$(date +%s.%N)
+pids=()
+for id in $(seq "$agencies"); do
+  CLI_ID=$id CLI_SERVER_ADDRESS=127.0.0.1:$port CLI_DATA_PATH=$data/agency-$id.csv \
+    "$bin/lottery-agency" >"$work/agency-$id.log" 2>&1 &
+  pids+=($!)
+done
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+end=$(date +%s.%N)
+
+for id in $(seq "$agencies"); do
+  winners=$(sed -n 's/.*consulta_ganadores | result: success | cant_ganadores: \([0-9]*\).*/\1/p' "$work/agency-$id.log")
+  echo "agency $id: ${winners:-FAILED} winners"
+done
+echo "bets.csv: $(wc -l <"$work/bets.csv") rows; draws logged: $(grep -c 'action: sorteo | result: success' "$work/server.log")"
+echo "wall time: $(awk -v s="$start" -v e="$end" 'BEGIN {printf "%.3f", e - s}') s"
+exit "$failed"

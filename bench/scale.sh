@@ -30,7 +30,7 @@ done
 server_pid=$(pgrep -P "$time_pid" lottery-server)
 
 "$bin/lottery-round" --server "127.0.0.1:$port" --agencies "$agencies" --data "$work/data" 2>/dev/null |
-  grep -Ev '^ +[0-9]+ ' || true
+  grep -Ev '^ +[0-9]+ +[0-9]+ +[0-9]+ +[0-9]+$' || true
 kill -TERM "$server_pid"
 wait "$time_pid"
 server_pid=

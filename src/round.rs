@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use log::{error, info, warn};
 
@@ -73,8 +73,8 @@ enum Phase {
     Open,
     /// The last agency said `DONE`; one thread is reading `bets.csv` back.
     Drawing,
-    /// Winners per agency (index 0 is agency 1).
-    Drawn(Arc<Vec<Vec<String>>>),
+    /// Winners per agency (index 0 is agency 1), their documents joined by commas.
+    Drawn(Vec<String>),
 }
 
 /// What start-up found, for the log.
@@ -129,7 +129,7 @@ impl Round {
         };
         let phase = if saved.drawn {
             let winners = store::winners(&config.storage_path, config.agencies, None)?.unwrap_or_default();
-            Phase::Drawn(Arc::new(winners))
+            Phase::Drawn(winners)
         } else {
             Phase::Open
         };
@@ -362,7 +362,7 @@ impl Round {
                 if let Err(e) = self.save(&st, true) {
                     error!("action: sorteo | result: fail | error: {e}; the next start draws again");
                 }
-                st.phase = Phase::Drawn(Arc::new(winners));
+                st.phase = Phase::Drawn(winners);
                 info!("action: sorteo | result: success");
             }
             Ok(None) => st.phase = Phase::Open,
@@ -391,7 +391,8 @@ impl Round {
             .wait_while(st, |s| !matches!(s.phase, Phase::Drawn(_)) && !s.shutting_down)
             .unwrap_or_else(PoisonError::into_inner);
         match &st.phase {
-            Phase::Drawn(winners) => Ok(winners[i].clone()),
+            Phase::Drawn(winners) if winners[i].is_empty() => Ok(Vec::new()),
+            Phase::Drawn(winners) => Ok(winners[i].split(',').map(str::to_owned).collect()),
             _ => Err(shutting_down()),
         }
     }

@@ -219,16 +219,21 @@ pub fn scan(
     }
 }
 
-/// The draw: every agency's winning documents, in file order, read back from `bets.csv`.
+/// The draw: every agency's winning documents in file order, each agency's joined by commas
+/// (one string per agency, not one per winner: the server keeps them for the whole round).
 /// `None` if `stop` was set before it finished.
 ///
 /// # Errors
 /// As [`scan`].
-pub fn winners(path: &Path, agencies: u32, stop: Option<&AtomicBool>) -> Result<Option<Vec<Vec<String>>>, StoreError> {
-    let mut winners = vec![Vec::new(); agencies as usize];
+pub fn winners(path: &Path, agencies: u32, stop: Option<&AtomicBool>) -> Result<Option<Vec<String>>, StoreError> {
+    let mut winners = vec![String::new(); agencies as usize];
     let finished = scan(path, agencies, stop, |agency, document, number| {
         if number == WINNING_NUMBER {
-            winners[agency as usize - 1].push(document.to_owned());
+            let joined = &mut winners[agency as usize - 1];
+            if !joined.is_empty() {
+                joined.push(',');
+            }
+            joined.push_str(document);
         }
     })?;
     Ok(finished.then_some(winners))
@@ -251,7 +256,7 @@ mod tests {
         assert_eq!(store.len(), ROWS.len() as u64);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), ROWS);
         let winners = winners(&path, 2, None).unwrap().unwrap();
-        assert_eq!(winners, vec![vec!["11".to_owned(), "33".to_owned()], vec![]]);
+        assert_eq!(winners, ["11,33", ""]);
     }
 
     #[test]

@@ -336,6 +336,25 @@ fn connect(settings: &AgencySettings, stop: &Stop, since: &Instant) -> Result<Li
     }
 }
 
+/// Asks the server at `address` for `PONG`: a health check that needs nothing but this binary.
+///
+/// # Errors
+/// What went wrong, for a person: no connection, no reply within `timeout`, another reply.
+pub fn ping(address: &str, timeout: Duration) -> Result<(), String> {
+    let mut stream = open(address).map_err(|e| format!("cannot reach {address}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    stream.write_all(b"PING\nQUIT\n").map_err(|e| format!("cannot write to {address}: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).map_err(|e| format!("no reply from {address}: {e}"))?;
+    match line.trim_end() {
+        "PONG" => Ok(()),
+        other => Err(format!("{address} answered {other:?}, not PONG")),
+    }
+}
+
 fn open(address: &str) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
     for addr in address.to_socket_addrs()? {

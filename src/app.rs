@@ -4,6 +4,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{error, info};
 
@@ -29,6 +30,8 @@ lottery-agency: one betting agency. Sends its bets file to the server in batches
 waits for the draw and logs how many of its bets won.
 
 Usage: lottery-agency [--help]
+       lottery-agency --ping [HOST:PORT]   check that a server answers PING (default:
+                                           CLI_SERVER_ADDRESS); exit 0 on PONG, else 1
 
 Settings come from ./config.ini (or the file named by LOTTERY_CONFIG), then environment
 variables: CLI_ID (required), CLI_SERVER_ADDRESS, CLI_BATCH_MAXAMOUNT, CLI_DATA_PATH,
@@ -114,9 +117,28 @@ fn start_server(settings: &ServerSettings) -> Result<(TcpListener, Round, Shutdo
     Ok((listener, round, shutdown))
 }
 
+/// `lottery-agency --ping`: exit 0 if the server answers `PONG`.
+fn ping(address: Result<String, String>) -> ExitCode {
+    match address.and_then(|a| agency::ping(&a, Duration::from_secs(2)).map(|()| a)) {
+        Ok(address) => {
+            println!("PONG from {address}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail("lottery-agency", &e),
+    }
+}
+
 /// `lottery-agency`'s main.
 pub fn agency_main() -> ExitCode {
     const NAME: &str = "lottery-agency";
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["--ping"] => {
+            return ping(Settings::from_process().and_then(|s| s.server_address()).map_err(|e| e.to_string()));
+        }
+        ["--ping", address] => return ping(Ok(address.to_string())),
+        _ => {}
+    }
     if let Some(code) = help_only(NAME, AGENCY_HELP) {
         return code;
     }

@@ -187,11 +187,7 @@ impl Settings {
         let data_path = self.get("CLI_DATA_PATH", "a path", |v| Some(v.to_owned()).filter(|v| !v.is_empty()))?;
         Ok(AgencySettings {
             id,
-            server_address: self.get("CLI_SERVER_ADDRESS", "host:port", |v| {
-                Some(v)
-                    .filter(|v| v.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()))
-                    .map(str::to_owned)
-            })?,
+            server_address: self.server_address()?,
             batch_max: self.batch_max()?,
             data_path: PathBuf::from(data_path.replace("{CLI_ID}", &id.to_string())),
             retry_timeout: Duration::from_millis(self.number(
@@ -202,6 +198,17 @@ impl Settings {
             )?),
             log_level: self.level("CLI_LOG_LEVEL")?,
             extra_bet: self.extra_bet()?,
+        })
+    }
+
+    /// `CLI_SERVER_ADDRESS`: the server's `host:port`.
+    ///
+    /// # Errors
+    /// It is not `host:port`.
+    pub fn server_address(&self) -> Result<String, ConfigError> {
+        self.get("CLI_SERVER_ADDRESS", "host:port", |v| {
+            let (host, port) = v.rsplit_once(':')?;
+            (!host.is_empty() && port.parse::<u16>().is_ok()).then(|| v.to_owned())
         })
     }
 

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{AGENCY, ROUND, SERVER, command, run_to_exit};
+use common::{AGENCY, ROUND, SERVER, TestServer, command, run_to_exit};
 
 const BINARIES: [(&str, &str); 3] = [("lottery-server", SERVER), ("lottery-agency", AGENCY), ("lottery-round", ROUND)];
 
@@ -68,4 +68,22 @@ fn an_agency_with_a_missing_data_file_says_so_on_one_line() {
     assert_eq!(stderr.lines().count(), 1, "stderr {stderr:?}");
     assert!(stderr.contains(missing.to_str().unwrap()), "{stderr:?} does not name the file");
     assert!(!stdout.contains("action: connect"), "it tried to connect first: {stdout}");
+}
+
+#[test]
+fn agency_ping_is_a_health_check() {
+    let server = TestServer::start(1, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(AGENCY, dir.path(), &[("CLI_SERVER_ADDRESS", &server.address())]);
+    cmd.arg("--ping");
+    let (status, stdout, _) = run_to_exit("lottery-agency --ping", cmd);
+    assert!(status.success(), "{status}");
+    assert_eq!(stdout, format!("PONG from {}", server.address()));
+    drop(server);
+    // No server there any more: one line on stderr, exit 1.
+    let mut cmd = command(AGENCY, dir.path(), &[]);
+    cmd.args(["--ping", "127.0.0.1:1"]);
+    let (status, _, stderr) = run_to_exit("lottery-agency --ping", cmd);
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.starts_with("lottery-agency: cannot reach 127.0.0.1:1") && stderr.lines().count() == 1, "{stderr}");
 }

@@ -33,8 +33,8 @@ RUN find src -name '*.rs' -exec touch {} + \
 # ---------------------------------------------------------------------------------------------
 FROM ${RUNTIME_IMAGE} AS runtime
 
-# netcat-openbsd: the compose healthcheck (PING) and scripts/probe.sh talk to the server with it;
-# the binaries have no client mode for that yet.
+# netcat-openbsd: scripts/probe.sh checks a running server with it, from a throw-away container
+# of this image (the compose healthcheck uses `lottery-agency --ping` instead).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends netcat-openbsd \
  && rm -rf /var/lib/apt/lists/*

@@ -20,7 +20,8 @@
 #   recreated after `docker-compose down` goes on with the same round (`down -v` starts afresh);
 # - stop_grace_period leaves room above the server's 2-second clean shutdown on SIGTERM, so
 #   `docker-compose down` never has to SIGKILL it;
-# - the agencies start once the server answers PING (healthcheck with the image's netcat).
+# - the agencies start once the server answers PING (healthcheck: the image's own
+#   `lottery-agency --ping`, no shell or netcat needed).
 set -euo pipefail
 
 usage() {
@@ -68,7 +69,7 @@ services:
       - lottery
     stop_grace_period: 5s
     healthcheck:
-      test: ["CMD-SHELL", "printf 'PING\\\\nQUIT\\\\n' | nc -w 2 127.0.0.1 $port | grep -qx PONG"]
+      test: ["CMD", "lottery-agency", "--ping", "127.0.0.1:$port"]
       interval: 3s
       timeout: 3s
       retries: 10

@@ -1,0 +1,331 @@
+//! Property tests for the text formats: bet rows (wire, data file, `bets.csv`) and the wire
+//! protocol's requests and replies.
+//!
+//! Example-based tests in `src/` pin the spec's lines; these check the rules over generated
+//! inputs: what the writer encodes the parser reads back unchanged, and no input, however
+//! malformed, makes a parser panic. See `docs/fuzzing.md` for the fuzz target that goes further.
+
+use lottery::bet::{Bet, RowParser, RowWriter};
+use lottery::protocol::{ErrorCode, ProtocolError, Reply, Request, Status, parse_request};
+use proptest::prelude::*;
+use time::{Date, Duration, Month};
+
+/// Enough cases to catch the edges the strategies aim at, few enough that the whole file runs
+/// in a few seconds in a debug build. `PROPTEST_CASES`, when set, wins: a longer hunt by hand.
+fn config() -> ProptestConfig {
+    let default = ProptestConfig::default();
+    let cases = if std::env::var_os("PROPTEST_CASES").is_some() { default.cases } else { 512 };
+    ProptestConfig { cases, ..default }
+}
+
+fn first_day() -> Date {
+    Date::from_calendar_date(1900, Month::January, 1).expect("1900-01-01 is a date")
+}
+
+/// The upper bound of a birthdate, fixed once per run so a case cannot straddle midnight.
+fn today() -> Date {
+    static TODAY: std::sync::OnceLock<Date> = std::sync::OnceLock::new();
+    *TODAY.get_or_init(lottery::bet::today)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strategies
+// ---------------------------------------------------------------------------------------------
+
+/// Characters a CSV writer or reader may treat specially, plus non-ASCII ones. Plain `any::<char>()`
+/// almost never draws these, so they get their own arm.
+const TRICKY: &[char] = &[
+    ',', '"', ' ', '\'', '#', ';', '\\', 'é', 'ñ', 'Ñ', 'ü', 'ß', '€', '中', '😀', '\u{a0}', '\u{feff}', '\u{200b}',
+    '\u{2028}', '\u{2029}', '\u{fffd}',
+];
+
+/// One character a name may hold: anything that is not a control character.
+fn name_char() -> impl Strategy<Value = char> {
+    prop_oneof![
+        3 => proptest::sample::select(TRICKY),
+        3 => proptest::char::range(' ', '~'),
+        // Mapped rather than filtered: `any::<char>()` favours control characters, and rejecting
+        // them all would cost more draws than it keeps.
+        2 => any::<char>().prop_map(|c| if c.is_control() { '\u{b7}' } else { c }),
+    ]
+}
+
+/// A valid name: 1..=100 bytes of non-control characters (the last characters are dropped until
+/// it fits in 100 bytes; the first always fits, so it is never empty).
+fn name() -> impl Strategy<Value = String> {
+    proptest::collection::vec(name_char(), 1..=100).prop_map(|chars| {
+        let mut name = String::new();
+        for c in chars {
+            if name.len() + c.len_utf8() > lottery::bet::MAX_NAME_BYTES {
+                break;
+            }
+            name.push(c);
+        }
+        name
+    })
+}
+
+fn document() -> impl Strategy<Value = String> {
+    "[0-9]{1,10}"
+}
+
+fn format_date(date: Date) -> String {
+    format!("{:04}-{:02}-{:02}", date.year(), u8::from(date.month()), date.day())
+}
+
+/// A real date from 1900-01-01 to today, with both ends and a leap day drawn often.
+fn birthdate() -> impl Strategy<Value = String> {
+    let span = (today() - first_day()).whole_days();
+    prop_oneof![
+        1 => Just(first_day()),
+        1 => Just(today()),
+        1 => Just(Date::from_calendar_date(2000, Month::February, 29).expect("2000 is a leap year")),
+        7 => (0..=span).prop_map(|days| first_day() + Duration::days(days)),
+    ]
+    .prop_map(format_date)
+}
+
+fn valid_bet() -> impl Strategy<Value = Bet> {
+    (name(), name(), document(), birthdate(), 0u16..=9999).prop_map(
+        |(first_name, last_name, document, birthdate, number)| Bet {
+            first_name,
+            last_name,
+            document,
+            birthdate,
+            number,
+        },
+    )
+}
+
+/// A bet row as the agency sends it: `first,last,document,birthdate,number`, no line end.
+fn encode_bet(bet: &Bet) -> Vec<u8> {
+    let mut writer = RowWriter::default();
+    writer.push_bet(bet);
+    strip_line_end(writer.take())
+}
+
+fn strip_line_end(mut row: Vec<u8>) -> Vec<u8> {
+    assert_eq!(row.pop(), Some(b'\n'), "a row ends in exactly one \\n");
+    assert!(!row.contains(&b'\n') && !row.contains(&b'\r'), "a row is one line: {row:?}");
+    row
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    proptest::sample::select(ErrorCode::ALL.to_vec())
+}
+
+/// Any reply the server may send: an `ERR` message is anything without a line break.
+fn reply() -> impl Strategy<Value = Reply> {
+    let status = (any::<u32>(), any::<u32>(), any::<u64>(), any::<bool>())
+        .prop_map(|(agencies_done, agencies, bets, drawn)| Status { agencies_done, agencies, bets, drawn });
+    let message = "[^\r\n]{0,80}";
+    prop_oneof![
+        Just(Reply::Pong),
+        Just(Reply::Bye),
+        proptest::option::of(any::<u64>()).prop_map(Reply::Ok),
+        proptest::collection::vec(document(), 0..20).prop_map(Reply::Winners),
+        status.prop_map(Reply::Status),
+        (error_code(), message).prop_map(|(code, message)| Reply::Err(ProtocolError::new(code, message))),
+    ]
+}
+
+/// The keyword in any letter case: the server understands `ping` as `PING`.
+fn any_case(keyword: &'static str) -> impl Strategy<Value = String> {
+    proptest::collection::vec(any::<bool>(), keyword.len()).prop_map(move |upper| {
+        keyword.chars().zip(upper).map(|(c, up)| if up { c } else { c.to_ascii_lowercase() }).collect()
+    })
+}
+
+/// A valid request line (no line end) and the request it must parse to.
+fn request() -> impl Strategy<Value = (Vec<u8>, Request)> {
+    let no_args = proptest::sample::select(vec![
+        ("PING", Request::Ping),
+        ("DONE", Request::Done),
+        ("WINNERS", Request::Winners),
+        ("STATUS", Request::Status),
+        ("QUIT", Request::Quit),
+    ])
+    .prop_flat_map(|(keyword, request)| any_case(keyword).prop_map(move |k| (k.into_bytes(), request.clone())));
+    let hello = (any_case("HELLO"), any::<u32>())
+        .prop_map(|(k, agency)| (format!("{k} {agency}").into_bytes(), Request::Hello(agency)));
+    let batch =
+        (any_case("BATCH"), any::<u64>(), 1..=lottery::protocol::MAX_BATCH_ROWS).prop_map(|(k, offset, count)| {
+            (format!("{k} {offset} {count}").into_bytes(), Request::Batch { offset, count })
+        });
+    let bet = (any_case("BET"), valid_bet()).prop_map(|(k, bet)| {
+        let row = encode_bet(&bet);
+        let mut line = format!("{k} ").into_bytes();
+        line.extend_from_slice(&row);
+        (line, Request::Bet(row))
+    });
+    prop_oneof![1 => no_args, 2 => hello, 2 => batch, 3 => bet]
+}
+
+/// Bytes shaped like requests (a keyword, then arguments from a small alphabet) so that the
+/// no-panic properties reach the argument parsers, not only the "unknown keyword" path.
+fn request_like() -> impl Strategy<Value = Vec<u8>> {
+    let keyword = proptest::sample::select(vec![
+        "PING", "ping", "HELLO", "hello", "BET", "BATCH", "batch", "DONE", "WINNERS", "STATUS", "QUIT", "",
+    ]);
+    let arg_byte = prop_oneof![
+        4 => proptest::sample::select(b"0123456789 ,-+\"".to_vec()),
+        1 => any::<u8>(),
+    ];
+    (keyword, proptest::option::of(proptest::collection::vec(arg_byte, 0..40))).prop_map(|(keyword, args)| {
+        let mut line = keyword.as_bytes().to_vec();
+        if let Some(args) = args {
+            line.push(b' ');
+            line.extend(args);
+        }
+        line
+    })
+}
+
+/// Bytes shaped like bet rows: the CSV special bytes, digits, dashes, and now and then any byte.
+fn row_like() -> impl Strategy<Value = Vec<u8>> {
+    let byte = prop_oneof![
+        30 => proptest::sample::select(b"ab0123456789-,,,\"\" ".to_vec()),
+        // A line break ends the parse early, so it stays rare enough to let most rows reach it.
+        1 => proptest::sample::select(b"\r\n".to_vec()),
+        5 => any::<u8>(),
+    ];
+    proptest::collection::vec(byte, 0..80)
+}
+
+/// Strings shaped like replies.
+fn reply_like() -> impl Strategy<Value = String> {
+    let word =
+        proptest::sample::select(vec!["PONG", "BYE", "OK", "WINNERS", "STATUS", "ERR", "ERR BUSY", "ERR BAD_BET", ""]);
+    (word, proptest::option::of("[0-9a-z_=/ ,+-]{0,40}")).prop_map(|(word, rest)| match rest {
+        Some(rest) => format!("{word} {rest}"),
+        None => word.to_owned(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Properties
+// ---------------------------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// A wire/data-file row written by `push_bet` reads back as the same bet, even one whose
+    /// first name starts with U+FEFF, which csv_core would strip as a file's BOM.
+    #[test]
+    fn push_bet_then_parse_is_identity(bet in valid_bet()) {
+        let row = encode_bet(&bet);
+        prop_assert_eq!(RowParser::default().bet(&row, today()), Ok(bet));
+    }
+
+    /// A `bets.csv` row written by `push_stored` reads back as the agency and the same bet.
+    #[test]
+    fn push_stored_then_parse_is_identity(agency in any::<u32>(), bet in valid_bet()) {
+        let mut writer = RowWriter::default();
+        writer.push_stored(agency, &bet);
+        let row = strip_line_end(writer.take());
+        let mut parser = RowParser::default();
+        let fields = parser.fields(&row).expect("a written row is well-formed CSV");
+        prop_assert_eq!(fields.len(), 6);
+        prop_assert_eq!(fields[0], agency.to_string());
+        prop_assert_eq!(Bet::from_fields(&fields[1..], today()), Ok(bet));
+    }
+
+    /// `parse_request` answers any bytes with a request or a typed error, never a panic.
+    #[test]
+    fn parse_request_never_panics(line in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = parse_request(&line);
+    }
+
+    #[test]
+    fn parse_request_never_panics_on_request_like_bytes(line in request_like()) {
+        let _ = parse_request(&line);
+    }
+
+    /// The row parser answers any bytes with fields or a typed error, never a panic, and a bet
+    /// it accepts obeys every rule of a valid bet.
+    #[test]
+    fn row_parser_never_panics(line in prop_oneof![proptest::collection::vec(any::<u8>(), 0..200), row_like()]) {
+        let mut parser = RowParser::default();
+        if let Ok(fields) = parser.fields(&line) {
+            prop_assert!(fields.len() <= 16);
+        }
+        if let Ok(bet) = parser.bet(&line, today()) {
+            for name in [&bet.first_name, &bet.last_name] {
+                prop_assert!(!name.is_empty() && name.len() <= 100 && !name.chars().any(char::is_control));
+            }
+            prop_assert!((1..=10).contains(&bet.document.len()));
+            prop_assert!(bet.document.bytes().all(|b| b.is_ascii_digit()));
+            prop_assert!(bet.number <= 9999);
+            prop_assert!(bet.birthdate.as_str() >= "1900-01-01" && bet.birthdate <= format_date(today()));
+        }
+    }
+
+    /// A comma or a quote anywhere in UTF-8 text, even between the bytes of one character, gives
+    /// fields or a typed error, never a panic. Random bytes almost never reach this case: the
+    /// fields must join into valid UTF-8.
+    #[test]
+    fn a_comma_inside_a_character_does_not_panic(text in "\\PC{1,12}",
+                                                 at in any::<proptest::sample::Index>(),
+                                                 separator in proptest::sample::select(vec![&b","[..], b"\"\",", b"\"\""])) {
+        let mut line = text.into_bytes();
+        let at = at.index(line.len() + 1);
+        line.splice(at..at, separator.iter().copied());
+        let _ = RowParser::default().fields(&line);
+    }
+
+    /// `Reply::parse` answers any text with a reply or a typed error, never a panic.
+    #[test]
+    fn reply_parse_never_panics(line in prop_oneof![any::<String>(), reply_like()]) {
+        let _ = Reply::parse(&line);
+    }
+
+    /// Every reply encodes to one line that parses back to it.
+    #[test]
+    fn reply_encode_then_parse_is_identity(reply in reply()) {
+        let mut out = Vec::new();
+        reply.encode(&mut out);
+        let line = String::from_utf8(strip_line_end(out)).expect("a reply is UTF-8");
+        prop_assert_eq!(Reply::parse(&line), Ok(reply));
+    }
+
+    /// An error message with line breaks still encodes to one line; they become spaces.
+    #[test]
+    fn an_error_reply_is_always_one_line(code in error_code(), message in ".{0,40}") {
+        let mut out = Vec::new();
+        Reply::Err(ProtocolError::new(code, message.as_str())).encode(&mut out);
+        let line = String::from_utf8(strip_line_end(out)).expect("a reply is UTF-8");
+        let expected = ProtocolError::new(code, message.replace(['\n', '\r'], " "));
+        prop_assert_eq!(Reply::parse(&line), Ok(Reply::Err(expected)));
+    }
+
+    /// A valid request line parses to exactly the request it was built from.
+    #[test]
+    fn valid_requests_parse_exactly((line, request) in request()) {
+        prop_assert_eq!(parse_request(&line), Ok(request));
+    }
+
+    /// A `BATCH` announcing no rows, or more than 8 KiB can hold, is refused as `BAD_REQUEST`.
+    #[test]
+    fn batch_counts_out_of_range_are_refused(offset in any::<u64>(),
+                                             count in prop_oneof![Just(0u32), (lottery::protocol::MAX_BATCH_ROWS + 1)..]) {
+        let error = parse_request(format!("BATCH {offset} {count}").as_bytes()).unwrap_err();
+        prop_assert_eq!(error.code, ErrorCode::BadRequest);
+    }
+}
+
+proptest! {
+    // Each case parses several rows twice: fewer cases keep it as quick as the others.
+    #![proptest_config(ProptestConfig { cases: config().cases / 4, ..config() })]
+
+    /// One parser reused row after row gives what a fresh parser gives: no state leaks.
+    #[test]
+    fn a_reused_parser_forgets_the_previous_row(bets in proptest::collection::vec(valid_bet(), 1..4),
+                                               junk in row_like()) {
+        let mut reused = RowParser::default();
+        for bet in &bets {
+            let _ = reused.bet(&junk, today());
+            let row = encode_bet(bet);
+            prop_assert_eq!(reused.bet(&row, today()), RowParser::default().bet(&row, today()));
+        }
+    }
+}

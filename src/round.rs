@@ -18,7 +18,7 @@ use log::{error, info, warn};
 
 use crate::protocol::{ErrorCode, ProtocolError, Status};
 use crate::round_file::{self, RoundFile};
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, Recovered, Store, StoreError};
 
 /// When an `OK` is sent for stored bets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,9 +117,19 @@ impl Round {
     /// # Errors
     /// A file cannot be read or written, or does not belong to a round of `config.agencies`.
     pub fn open(config: RoundConfig) -> Result<(Round, Resumed), StoreError> {
-        let round_path = round_file::path_for(&config.storage_path);
         let had_bets = config.storage_path.exists();
         let (store, recovered) = Store::open(&config.storage_path, config.agencies)?;
+        Round::resume(config, store, recovered, had_bets)
+    }
+
+    /// [`Round::open`] over a store already open (tests give it a file that fails).
+    fn resume(
+        config: RoundConfig,
+        store: Store,
+        recovered: Recovered,
+        had_bets: bool,
+    ) -> Result<(Round, Resumed), StoreError> {
+        let round_path = round_file::path_for(&config.storage_path);
         let saved = match RoundFile::load(&round_path, config.agencies)? {
             Some(_) if !had_bets => {
                 warn!("action: recover | result: success | detail: a round file without its bets file; new round");
@@ -430,4 +440,59 @@ impl Round {
 
 fn shutting_down() -> ProtocolError {
     ProtocolError::new(ErrorCode::Shutdown, "the server is shutting down")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::FailingFile;
+    use std::sync::Arc;
+
+    /// A round of one agency over an in-memory bets file.
+    fn round(file: &Arc<FailingFile>, dir: &Path) -> Round {
+        let config =
+            RoundConfig { agencies: 1, storage_path: dir.join("bets.csv"), sync: SyncMode::Always, group_commit: true };
+        let store = Store::with_file(&config.storage_path, Arc::clone(file) as Arc<dyn store::BetFile>, 0);
+        let recovered = Recovered { stored: vec![0], truncated: 0 };
+        Round::resume(config, store, recovered, false).unwrap().0
+    }
+
+    fn rows(count: usize) -> Rows {
+        let mut rows = Rows::default();
+        for i in 0..count {
+            rows.bytes.extend_from_slice(format!("1,Ana,Paz,{i},1990-01-01,7574\n").as_bytes());
+            rows.ends.push(rows.bytes.len());
+        }
+        rows
+    }
+
+    #[test]
+    fn a_write_error_is_answered_storage_and_the_round_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(FailingFile::new(Some(2), None));
+        let round = round(&file, dir.path());
+        assert_eq!(round.store(1, Some(0), &rows(2)), Ok(2));
+        let err = round.store(1, Some(2), &rows(3)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Storage);
+        assert!(err.message.contains("no space left"), "{}", err.message);
+        // Nothing of the failed batch is held or in the file, which still ends on a whole row.
+        assert_eq!(round.hello(1), Ok(2));
+        assert_eq!(file.data.lock().unwrap().iter().filter(|&&b| b == b'\n').count(), 2);
+        assert!(file.data.lock().unwrap().ends_with(b"\n"));
+        // The retry is stored.
+        assert_eq!(round.store(1, Some(2), &rows(3)), Ok(5));
+        assert_eq!(file.data.lock().unwrap().len(), rows(2).bytes.len() + rows(3).bytes.len());
+    }
+
+    #[test]
+    fn a_sync_error_refuses_every_write_until_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(FailingFile::new(None, Some(1)));
+        let round = round(&file, dir.path());
+        assert_eq!(round.store(1, Some(0), &rows(1)).unwrap_err().code, ErrorCode::Storage);
+        assert_eq!(round.store(1, Some(1), &rows(1)).unwrap_err().code, ErrorCode::Storage);
+        // The round still answers everything else.
+        assert_eq!(round.status().bets, 1);
+        assert_eq!(round.hello(1), Ok(1));
+    }
 }

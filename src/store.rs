@@ -239,10 +239,59 @@ pub fn winners(path: &Path, agencies: u32, stop: Option<&AtomicBool>) -> Result<
     Ok(finished.then_some(winners))
 }
 
+/// A [`BetFile`] in memory that fails when told to, for the tests of the store and the round.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::BetFile;
+    use std::io;
+    use std::sync::Mutex;
+
+    /// Writes half of what it is given on its `fail_append`-th append, then fails; fails its
+    /// `fail_sync`-th sync.
+    #[derive(Default)]
+    pub(crate) struct FailingFile {
+        pub(crate) data: Mutex<Vec<u8>>,
+        calls: Mutex<(u32, u32)>,
+        fail_append: Option<u32>,
+        fail_sync: Option<u32>,
+    }
+
+    impl FailingFile {
+        pub(crate) fn new(fail_append: Option<u32>, fail_sync: Option<u32>) -> Self {
+            FailingFile { fail_append, fail_sync, ..FailingFile::default() }
+        }
+    }
+
+    impl BetFile for FailingFile {
+        fn append(&self, bytes: &[u8]) -> io::Result<()> {
+            let mut calls = self.calls.lock().unwrap();
+            calls.0 += 1;
+            let mut data = self.data.lock().unwrap();
+            if Some(calls.0) == self.fail_append {
+                data.extend_from_slice(&bytes[..bytes.len() / 2]);
+                return Err(io::Error::other("injected: no space left on device"));
+            }
+            data.extend_from_slice(bytes);
+            Ok(())
+        }
+
+        fn sync(&self) -> io::Result<()> {
+            let mut calls = self.calls.lock().unwrap();
+            calls.1 += 1;
+            if Some(calls.1) == self.fail_sync { Err(io::Error::other("injected: I/O error")) } else { Ok(()) }
+        }
+
+        fn truncate(&self, len: u64) -> io::Result<()> {
+            self.data.lock().unwrap().truncate(len as usize);
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::FailingFile;
     use super::*;
-    use std::sync::Mutex;
 
     const ROWS: &str = "1,Ana,Paz,11,1990-01-01,7574\n2,Luis,Gómez,22,1980-02-02,1\n1,Eva,Sol,33,1970-03-03,7574\n";
 
@@ -277,37 +326,9 @@ mod tests {
         assert!(err.ends_with("bets.csv line 4: agency \"9\" is not in 1..=2"), "{err}");
     }
 
-    /// A file that writes half of what it is given on its `fail_at`-th append, then fails.
-    struct FailingFile {
-        data: Mutex<Vec<u8>>,
-        appends: Mutex<u32>,
-        fail_at: u32,
-    }
-
-    impl BetFile for FailingFile {
-        fn append(&self, bytes: &[u8]) -> io::Result<()> {
-            let mut n = self.appends.lock().unwrap();
-            *n += 1;
-            let mut data = self.data.lock().unwrap();
-            if *n == self.fail_at {
-                data.extend_from_slice(&bytes[..bytes.len() / 2]);
-                return Err(io::Error::other("injected: no space left on device"));
-            }
-            data.extend_from_slice(bytes);
-            Ok(())
-        }
-        fn sync(&self) -> io::Result<()> {
-            Ok(())
-        }
-        fn truncate(&self, len: u64) -> io::Result<()> {
-            self.data.lock().unwrap().truncate(len as usize);
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_failed_append_leaves_whole_lines() {
-        let file = Arc::new(FailingFile { data: Mutex::default(), appends: Mutex::default(), fail_at: 2 });
+        let file = Arc::new(FailingFile::new(Some(2), None));
         let mut store = Store::with_file(Path::new("mem"), file.clone(), 0);
         let (first, second) = ROWS.split_at(ROWS.find('\n').unwrap() + 1);
         assert_eq!(store.append(first.as_bytes()).unwrap(), first.len() as u64);

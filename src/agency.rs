@@ -120,18 +120,65 @@ pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyErro
         BetSource::open(&settings.data_path)?;
     }
     let mut reconnects = 0;
-    let mut retry_since: Option<Instant> = None;
+    let mut backoff = Backoff::new(settings);
     loop {
-        let mut link = connect(settings, stop, retry_since.get_or_insert_with(Instant::now))?;
-        match round(settings, &mut link, extra.as_ref(), has_file, &mut retry_since) {
+        let mut link = connect(settings, stop, &mut backoff)?;
+        match round(settings, &mut link, extra.as_ref(), has_file, &mut backoff) {
             Ok((winners, stored)) => return Ok(Outcome { winners, stored, reconnects }),
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(_)) if stop.is_triggered() => return Err(AgencyError::Stopped),
             Err(Attempt::Retry(why)) => {
-                warn!("action: reconnect | result: in_progress | error: {}", field(&why));
+                backoff
+                    .wait(stop, &why, || warn!("action: reconnect | result: in_progress | error: {}", field(&why)))?;
                 reconnects += 1;
             }
         }
+    }
+}
+
+/// The agency's retry window (`CLI_RETRY_TIMEOUT_MS`) and its backoff, 50 ms doubling to 1 s.
+/// Both start again at every `HELLO` the server answers: a server that restarts many times
+/// in one round is waited for each time, but one that keeps refusing (`ERR BUSY`) is not
+/// hammered, and not waited for forever.
+struct Backoff {
+    address: String,
+    limit: Duration,
+    since: Option<Instant>,
+    pause: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(50);
+
+    fn new(settings: &AgencySettings) -> Backoff {
+        Backoff {
+            address: settings.server_address.clone(),
+            limit: settings.retry_timeout,
+            since: None,
+            pause: Self::FIRST,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.since = None;
+        self.pause = Self::FIRST;
+    }
+
+    /// Calls `retrying` (to log it) and waits before the next attempt.
+    ///
+    /// # Errors
+    /// `Unreachable` once the window has closed, `Stopped` if a stop is asked meanwhile.
+    fn wait(&mut self, stop: &Stop, why: &str, retrying: impl FnOnce()) -> Result<(), AgencyError> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= self.limit {
+            return Err(AgencyError::Unreachable { address: self.address.clone(), why: why.to_owned() });
+        }
+        retrying();
+        if stop.sleep(self.pause) {
+            return Err(AgencyError::Stopped);
+        }
+        self.pause = (self.pause * 2).min(Duration::from_secs(1));
+        Ok(())
     }
 }
 
@@ -169,10 +216,10 @@ fn round(
     link: &mut Link,
     extra: Option<&Bet>,
     has_file: bool,
-    retry_since: &mut Option<Instant>,
+    backoff: &mut Backoff,
 ) -> Result<(Vec<String>, u64), Attempt> {
     let mut stored = link.ok_count(&format!("HELLO {}\n", settings.id))?;
-    *retry_since = None;
+    backoff.reset();
     let mut writer = RowWriter::default();
     if let Some(bet) = extra.filter(|_| stored == 0) {
         writer.push_bet(bet);
@@ -311,28 +358,29 @@ impl BetSource {
 }
 
 /// Connects, retrying with backoff until the retry window that began at `since` closes.
-fn connect(settings: &AgencySettings, stop: &Stop, since: &Instant) -> Result<Link, AgencyError> {
+fn connect(settings: &AgencySettings, stop: &Stop, backoff: &mut Backoff) -> Result<Link, AgencyError> {
     let address = &settings.server_address;
-    let mut pause = Duration::from_millis(50);
     loop {
-        let error = match open(address) {
+        let why = match open(address) {
             Ok(stream) => {
                 stop.watch(&stream)?;
-                info!("action: connect | result: success | address: {address}");
-                return Link::new(stream)
-                    .map_err(|e| AgencyError::Unreachable { address: address.clone(), why: e.to_string() });
+                match Link::new(stream) {
+                    Ok(link) => {
+                        info!("action: connect | result: success | address: {address}");
+                        return Ok(link);
+                    }
+                    Err(e) => e.to_string(),
+                }
             }
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
-        if since.elapsed() >= settings.retry_timeout {
-            warn!("action: connect | result: fail | address: {address} | error: {}", field(&error.to_string()));
-            return Err(AgencyError::Unreachable { address: address.clone(), why: error.to_string() });
+        let retry = || info!("action: connect | result: in_progress | address: {address} | error: {}", field(&why));
+        if let Err(e) = backoff.wait(stop, &why, retry) {
+            if !stop.is_triggered() {
+                warn!("action: connect | result: fail | address: {address} | error: {}", field(&why));
+            }
+            return Err(e);
         }
-        info!("action: connect | result: in_progress | address: {address} | error: {}", field(&error.to_string()));
-        if stop.sleep(pause) {
-            return Err(AgencyError::Stopped);
-        }
-        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 

@@ -207,13 +207,16 @@ impl Round {
         }
     }
 
-    /// How many of `agency`'s bets are held (the reply to `HELLO`).
+    /// How many of `agency`'s bets are held durably (the reply to `HELLO`): it waits for a
+    /// sync in progress, so that an agency never resumes past rows a power loss could take.
     ///
     /// # Errors
-    /// `BAD_AGENCY` outside `1..=agencies`.
+    /// `BAD_AGENCY` outside `1..=agencies`; `STORAGE` if that sync failed.
     pub fn hello(&self, agency: u32) -> Result<u64, ProtocolError> {
         let i = self.check_agency(agency)?;
-        Ok(self.lock().stored[i])
+        let st = self.lock();
+        let (stored, end) = (st.stored[i], st.store.len());
+        self.wait_durable(st, end).map(|()| stored)
     }
 
     /// Stores `rows` as `agency`'s bets `offset..offset + count` (or, with no offset, after the
@@ -491,8 +494,8 @@ mod tests {
         let round = round(&file, dir.path());
         assert_eq!(round.store(1, Some(0), &rows(1)).unwrap_err().code, ErrorCode::Storage);
         assert_eq!(round.store(1, Some(1), &rows(1)).unwrap_err().code, ErrorCode::Storage);
-        // The round still answers everything else.
+        // The round still answers what needs no write.
         assert_eq!(round.status().bets, 1);
-        assert_eq!(round.hello(1), Ok(1));
+        assert_eq!(round.hello(1).unwrap_err().code, ErrorCode::Storage);
     }
 }

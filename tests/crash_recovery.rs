@@ -1,6 +1,6 @@
-//! Nothing acknowledged is lost: a round whose server is killed with SIGKILL at random moments
-//! and restarted on the same files still ends with every bet stored exactly once, every agency
-//! with its winners, and one draw.
+//! Nothing acknowledged is lost: a round whose server is killed with SIGKILL (or stopped with
+//! SIGTERM) at random moments and restarted on the same files still ends with every bet stored
+//! exactly once, every agency with its winners, and one draw.
 
 mod common;
 
@@ -13,7 +13,7 @@ use common::{
 
 const AGENCIES: u32 = 5;
 const BETS: u64 = 3_000;
-const KILLS: usize = 6;
+const LIVES: usize = 6;
 
 /// The seed of the kill moments: `LOTTERY_TEST_SEED`, or the clock (printed, to replay a run).
 fn seed() -> u64 {
@@ -37,8 +37,46 @@ fn sorteos(server: &mut TestServer) -> usize {
     server.logs().until_eof().iter().filter(|l| l.contains("action: sorteo | result: success")).count()
 }
 
+/// How a life of the server ends.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// SIGKILL: no warning, nothing flushed.
+    Kill,
+    /// SIGTERM: it must exit 0 within 2 s, its last line `shutdown`.
+    Term,
+}
+
+impl Stop {
+    fn apply(self, server: &mut TestServer) {
+        match self {
+            Stop::Kill => {
+                server.proc.child.kill().unwrap();
+                server.proc.wait_exit(STEP);
+            }
+            Stop::Term => {
+                server.proc.sigterm();
+                let status = server.proc.wait_exit(Duration::from_secs(2));
+                assert!(status.success(), "exit status {status} on SIGTERM");
+                let last = server.logs().until_eof().last().cloned().unwrap_or_default();
+                assert!(last.ends_with("action: shutdown | result: success"), "last line {last:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    round_across_lives(Stop::Kill);
+}
+
+#[test]
+fn sigterm_mid_round_loses_and_duplicates_nothing() {
+    round_across_lives(Stop::Term);
+}
+
+/// A 5-agency round whose server is stopped `LIVES` times, each after a random number of
+/// acknowledged batches, and once more after the draw; every life restarts on the same files.
+fn round_across_lives(how: Stop) {
     let mut rng = seed() | 1;
     let mut next = move |below: u64| {
         rng ^= rng << 13;
@@ -54,21 +92,20 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let start = || TestServer::start_in(dir.path(), AGENCIES, port, &[]);
 
     let mut server = start();
-    // Small batches: many of them, so that every kill lands mid-round.
+    // Small batches: many of them, so that every stop lands mid-round.
     let retry = [("CLI_RETRY_TIMEOUT_MS", "30000")];
     let mut agencies: Vec<Proc> =
         files.iter().zip(1..).map(|(file, id)| agency(dir.path(), id, &address, file, 10, &retry)).collect();
 
-    // Each life stores a random number of batches (at most 1,500 are sent in all), then dies
-    // without warning; the next life starts on the same files.
+    // Each life stores a random number of batches (at most 1,500 are sent in all), then stops;
+    // the next life starts on the same files.
     let mut draws = 0;
-    for kill in 1..=KILLS {
+    for life in 1..=LIVES {
         let batches = 1 + next(150) as usize;
         server.logs().wait_count("action: apuesta_recibida | result: success", batches);
-        server.proc.child.kill().unwrap();
-        server.proc.wait_exit(STEP);
+        how.apply(&mut server);
         draws += sorteos(&mut server);
-        println!("kill {kill}: after {batches} batches");
+        println!("life {life}: stopped after {batches} batches");
         server = start();
         let resumed = server.logs().wait_for("action: open_storage | result: success");
         assert!(log_field(&resumed, "bets").is_some_and(|b| b != "0"), "{resumed}");
@@ -83,11 +120,10 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         assert!(!agency.logs.seen.iter().any(|l| l.contains("result: fail")), "{}", agency.name);
     }
 
-    // Killed after the draw too: the next life knows it and answers WINNERS at once, without
+    // Stopped after the draw too: the next life knows it and answers WINNERS at once, without
     // drawing again.
     server.logs().wait_for("action: sorteo | result: success");
-    server.proc.child.kill().unwrap();
-    server.proc.wait_exit(STEP);
+    how.apply(&mut server);
     draws += sorteos(&mut server);
     let mut server = start();
     let mut client = server.client();

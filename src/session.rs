@@ -32,8 +32,8 @@ enum Next {
     Close,
 }
 
-/// Why a batch could not even be read whole: the connection is over.
-enum BatchCut {
+/// Why a request (a batch with its rows) could not be read whole: the connection is over.
+enum Cut {
     Read(ReadError),
     TooBig,
 }
@@ -64,26 +64,30 @@ impl<'a> Session<'a> {
             }
             // Each request, a batch with all its rows included, must arrive within the timeout.
             let deadline = Instant::now() + self.idle_timeout;
-            let request = match conn.read_line(deadline) {
-                Ok(line) => protocol::parse_request(line),
-                Err(e) => return self.end(conn, BatchCut::Read(e), "request"),
+            let (header_len, request) = match conn.read_line(deadline) {
+                Ok(line) => (line.len() + 1, protocol::parse_request(line)),
+                Err(e) => return self.end(conn, Cut::Read(e), "request"),
             };
             let (reply, next) = match request {
-                Ok(Request::Batch { offset, count }) => match self.read_batch(conn, offset, count, deadline) {
-                    Ok(Ok(appended)) => {
-                        self.pending.push((appended, count));
-                        let full = self.pending.len() >= MAX_PENDING || !self.round.group_commit();
-                        if full && self.acknowledge(conn).is_err() {
-                            return;
+                Ok(Request::Batch { offset, count }) => {
+                    match self.read_batch(conn, (offset, count), header_len, deadline) {
+                        Ok(Ok(appended)) => {
+                            self.pending.push((appended, count));
+                            let full = self.pending.len() >= MAX_PENDING || !self.round.group_commit();
+                            if full && self.acknowledge(conn).is_err() {
+                                return;
+                            }
+                            continue;
                         }
-                        continue;
+                        Ok(Err(refused)) => (Reply::Err(refused), Next::Continue),
+                        Err(cut) => {
+                            info!(
+                                "action: apuesta_recibida | result: fail | cantidad: {count} | error: batch cut short"
+                            );
+                            return self.end(conn, cut, "batch");
+                        }
                     }
-                    Ok(Err(refused)) => (Reply::Err(refused), Next::Continue),
-                    Err(cut) => {
-                        info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: batch cut short");
-                        return self.end(conn, cut, "batch");
-                    }
-                },
+                }
                 Ok(request) => {
                     // Replies go out in request order, and DONE must follow every OK.
                     if self.acknowledge(conn).is_err() {
@@ -164,24 +168,24 @@ impl<'a> Session<'a> {
     /// Reads the `count` rows of a batch (all of them, even after a bad one, so that the
     /// connection stays in step), then appends them all or none. The outer `Err` means the
     /// batch could not be read whole and the connection is over.
+    /// The header line's own `header_len` bytes count against the batch's 8 KiB.
     fn read_batch(
         &mut self,
         conn: &mut Connection,
-        offset: u64,
-        count: u32,
+        (offset, count): (u64, u32),
+        header_len: usize,
         deadline: Instant,
-    ) -> Result<Result<Appended, ProtocolError>, BatchCut> {
+    ) -> Result<Result<Appended, ProtocolError>, Cut> {
         let today = bet::today();
-        // The header line's own bytes count against the batch's 8 KiB, as the client sends them.
-        let mut size = format!("BATCH {offset} {count}\n").len();
+        let mut size = header_len;
         let mut first_error: Option<String> = None;
         self.writer.take();
         let mut ends = Vec::with_capacity(count as usize);
         for i in 1..=count {
-            let line = conn.read_line(deadline).map_err(BatchCut::Read)?;
+            let line = conn.read_line(deadline).map_err(Cut::Read)?;
             size += line.len() + 1;
             if size > MAX_LINE {
-                return Err(BatchCut::TooBig);
+                return Err(Cut::TooBig);
             }
             if first_error.is_some() {
                 continue;
@@ -207,42 +211,27 @@ impl<'a> Session<'a> {
 
     /// Acknowledges what is pending, tells the client why the connection ends if it can still
     /// hear it, and closes.
-    fn end(&mut self, conn: &mut Connection, cut: BatchCut, reading: &str) {
+    fn end(&mut self, conn: &mut Connection, cut: Cut, reading: &str) {
         let _ = self.acknowledge(conn);
-        let error = match cut {
-            BatchCut::Read(error) => error,
-            BatchCut::TooBig => {
-                let why = format!("a batch is at most {MAX_LINE} bytes, header and rows; closing");
-                let _ = conn.write_reply(&ProtocolError::new(ErrorCode::TooLong, why).into());
-                conn.close();
-                return;
-            }
-        };
-        self.end_on_read_error(conn, error, reading);
-    }
-
-    /// Tells the client why the connection ends, if it can still hear it.
-    fn end_on_read_error(&self, conn: &mut Connection, error: ReadError, reading: &str) {
-        let reply = match error {
+        let reply = match cut {
+            Cut::TooBig => Some((ErrorCode::TooLong, format!("a batch is at most {MAX_LINE} bytes, header and rows"))),
             // Our own shutdown closed the reading half: the client can still hear why.
-            ReadError::Closed | ReadError::ClosedMidLine if self.round.is_shutting_down() => {
-                Some(ProtocolError::new(ErrorCode::Shutdown, "the server is shutting down"))
+            Cut::Read(ReadError::Closed | ReadError::ClosedMidLine) if self.round.is_shutting_down() => {
+                Some((ErrorCode::Shutdown, "the server is shutting down".to_owned()))
             }
-            ReadError::Closed => None,
-            ReadError::ClosedMidLine | ReadError::Io(_) => {
+            Cut::Read(ReadError::Closed) => None,
+            Cut::Read(error @ (ReadError::ClosedMidLine | ReadError::Io(_))) => {
                 debug!("action: read_{reading} | result: fail | error: {error:?}");
                 None
             }
-            ReadError::TooLong => {
-                Some(ProtocolError::new(ErrorCode::TooLong, format!("a line is at most {MAX_LINE} bytes; closing")))
-            }
-            ReadError::TimedOut => {
+            Cut::Read(ReadError::TooLong) => Some((ErrorCode::TooLong, format!("a line is at most {MAX_LINE} bytes"))),
+            Cut::Read(ReadError::TimedOut) => {
                 let ms = self.idle_timeout.as_millis();
-                Some(ProtocolError::new(ErrorCode::Timeout, format!("no complete {reading} within {ms} ms; closing")))
+                Some((ErrorCode::Timeout, format!("no complete {reading} within {ms} ms")))
             }
         };
-        if let Some(e) = reply {
-            let _ = conn.write_reply(&Reply::Err(e));
+        if let Some((code, why)) = reply {
+            let _ = conn.write_reply(&Reply::Err(ProtocolError::new(code, format!("{why}; closing"))));
         }
         conn.close();
     }

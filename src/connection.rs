@@ -6,6 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::protocol::{MAX_LINE, Reply};
@@ -29,7 +30,9 @@ pub enum ReadError {
 
 /// One client's socket with its read buffer.
 pub struct Connection {
-    stream: TcpStream,
+    /// Shared with the server's registry, which shuts it down at shutdown: an `Arc` rather than
+    /// a `try_clone`, so that a connection costs one file descriptor, not two.
+    stream: Arc<TcpStream>,
     buf: Box<[u8]>,
     /// `buf[start..end]` is read but not yet consumed.
     start: usize,
@@ -38,12 +41,8 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(stream: TcpStream) -> Self {
+    pub fn new(stream: Arc<TcpStream>) -> Self {
         Connection { stream, buf: vec![0; BUFFER].into_boxed_slice(), start: 0, end: 0, out: Vec::with_capacity(256) }
-    }
-
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
     }
 
     /// Whether a whole line is already buffered, so reading it will not block.
@@ -58,7 +57,7 @@ impl Connection {
         if self.end == self.buf.len() || self.stream.set_nonblocking(true).is_err() {
             return false;
         }
-        let read = self.stream.read(&mut self.buf[self.end..]);
+        let read = (&*self.stream).read(&mut self.buf[self.end..]);
         // If this failed, the next read times out at once and the connection ends: no hang.
         let _ = self.stream.set_nonblocking(false);
         match read {
@@ -117,7 +116,7 @@ impl Connection {
             return Err(ReadError::TimedOut);
         }
         self.stream.set_read_timeout(Some(remaining)).map_err(ReadError::Io)?;
-        match self.stream.read(&mut self.buf[self.end..]) {
+        match (&*self.stream).read(&mut self.buf[self.end..]) {
             Ok(0) if self.start == self.end => Err(ReadError::Closed),
             Ok(0) => Err(ReadError::ClosedMidLine),
             Ok(n) => {
@@ -151,7 +150,7 @@ impl Connection {
     /// # Errors
     /// As [`Connection::write_reply`].
     pub fn flush(&mut self) -> io::Result<()> {
-        let result = self.stream.write_all(&self.out);
+        let result = (&*self.stream).write_all(&self.out);
         self.out.clear();
         result
     }
@@ -172,7 +171,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
-        (client, Connection::new(server))
+        (client, Connection::new(Arc::new(server)))
     }
 
     fn soon() -> Instant {

@@ -78,6 +78,9 @@ impl ShutdownHandle {
     }
 }
 
+/// How long the accept loop pauses after a failed `accept`.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
+
 /// How long shutdown lets connections finish their last reply before cutting them off.
 const GRACE: Duration = Duration::from_millis(500);
 
@@ -85,12 +88,12 @@ const GRACE: Duration = Duration::from_millis(500);
 /// signalled whenever one ends.
 #[derive(Default)]
 struct Registry {
-    live: Mutex<HashMap<u64, TcpStream>>,
+    live: Mutex<HashMap<u64, Arc<TcpStream>>>,
     ended: Condvar,
 }
 
 impl Registry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, TcpStream>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<TcpStream>>> {
         // The map stays consistent whatever a panicking thread did: inserts and removes are whole.
         self.live.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -131,8 +134,10 @@ pub fn run(listener: TcpListener, round: Arc<Round>, limits: Limits, shutdown: &
         let stream = match incoming {
             Ok(stream) => stream,
             Err(e) => {
-                // Out of file descriptors, a connection reset before accept: not fatal.
+                // Out of file descriptors, a connection reset before accept: not fatal. A short
+                // pause keeps a lasting one (no descriptor frees up) from spinning this loop.
                 warn!("action: accept_connections | result: fail | error: {e}");
+                thread::sleep(ACCEPT_ERROR_PAUSE);
                 continue;
             }
         };
@@ -190,7 +195,8 @@ fn spawn_connection(
     stream.set_write_timeout(Some(limits.idle_timeout))?;
     // Replies are single short lines: send each at once.
     stream.set_nodelay(true)?;
-    registry.lock().insert(id, stream.try_clone()?);
+    let stream = Arc::new(stream);
+    registry.lock().insert(id, Arc::clone(&stream));
     let round = Arc::clone(round);
     let registry_for_thread = Arc::clone(registry);
     let spawned = thread::Builder::new().name(format!("conn-{id}")).stack_size(STACK_SIZE).spawn(move || {

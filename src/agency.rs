@@ -72,7 +72,7 @@ pub struct Stop {
 #[derive(Default)]
 struct StopState {
     stopped: bool,
-    socket: Option<TcpStream>,
+    socket: Option<Arc<TcpStream>>,
 }
 
 impl Stop {
@@ -99,12 +99,12 @@ impl Stop {
     }
 
     /// Remembers the live socket so that `trigger` can close it.
-    fn watch(&self, socket: &TcpStream) -> Result<(), AgencyError> {
+    fn watch(&self, socket: &Arc<TcpStream>) -> Result<(), AgencyError> {
         let mut st = self.inner.0.lock().unwrap_or_else(PoisonError::into_inner);
         if st.stopped {
             return Err(AgencyError::Stopped);
         }
-        st.socket = socket.try_clone().ok();
+        st.socket = Some(Arc::clone(socket));
         Ok(())
     }
 }
@@ -234,7 +234,7 @@ fn round(
     link.ok(b"DONE\n")?;
     let winners = link.winners()?;
     info!("action: consulta_ganadores | result: success | cant_ganadores: {}", winners.len());
-    let _ = link.stream.write_all(b"QUIT\n");
+    let _ = (&*link.stream).write_all(b"QUIT\n");
     Ok((winners, stored))
 }
 
@@ -361,7 +361,7 @@ impl BetSource {
 fn connect(settings: &AgencySettings, stop: &Stop, backoff: &mut Backoff) -> Result<Link, AgencyError> {
     let address = &settings.server_address;
     loop {
-        let why = match open(address) {
+        let why = match open(address).map(Arc::new) {
             Ok(stream) => {
                 stop.watch(&stream)?;
                 match Link::new(stream) {
@@ -416,16 +416,26 @@ fn open(address: &str) -> io::Result<TcpStream> {
 
 /// A connection to the server: requests out, reply lines in.
 struct Link {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
+    stream: Arc<TcpStream>,
+    reader: BufReader<Shared>,
     line: String,
 }
 
+/// The reading side of a socket shared with its writer and the [`Stop`]: one file descriptor
+/// per agency, where a `try_clone` each would take three (a thousand agencies in one process).
+struct Shared(Arc<TcpStream>);
+
+impl Read for Shared {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
 impl Link {
-    fn new(stream: TcpStream) -> io::Result<Link> {
+    fn new(stream: Arc<TcpStream>) -> io::Result<Link> {
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
-        let reader = BufReader::new(stream.try_clone()?);
+        let reader = BufReader::new(Shared(Arc::clone(&stream)));
         Ok(Link { stream, reader, line: String::new() })
     }
 
@@ -436,7 +446,7 @@ impl Link {
     }
 
     fn send(&mut self, request: &[u8]) -> Result<(), Attempt> {
-        Ok(self.stream.write_all(request)?)
+        Ok((&*self.stream).write_all(request)?)
     }
 
     /// Reads one reply, waiting at most `timeout` (`None`: forever).

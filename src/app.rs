@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use log::{error, info};
+use log::{debug, error, info, warn};
 
 use crate::agency::{self, AgencyError, Stop};
 use crate::config::{ServerSettings, Settings};
@@ -55,6 +55,16 @@ pub fn help_only(name: &str, help: &str) -> Option<ExitCode> {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, as the Go runtime does: every
+/// connection is a descriptor, and a common default of 1,024 would cap `SERVER_MAX_CONNECTIONS`
+/// (and a `lottery-round` of 1,000 agencies) below what the system allows.
+pub fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => debug!("action: open_files_limit | result: success | limit: {limit}"),
+        Err(e) => warn!("action: open_files_limit | result: fail | error: {e}"),
+    }
+}
+
 /// Prints a start-up error as one line and returns the failure code.
 fn fail(name: &str, error: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("{name}: {error}");
@@ -72,6 +82,7 @@ pub fn server_main() -> ExitCode {
         Err(e) => return fail(NAME, &e),
     };
     logging::init(settings.log_level);
+    raise_open_files_limit();
     let (listener, round, shutdown) = match start_server(&settings) {
         Ok(started) => started,
         Err(e) => return fail(NAME, &e),

@@ -160,6 +160,7 @@ pub fn run(opts: &Options) -> Result<bool, String> {
         None => settings.batch_max().map_err(|e| e.to_string())?,
     };
     logging::init(if opts.verbose { LevelFilter::Info } else { LevelFilter::Warn });
+    crate::app::raise_open_files_limit();
 
     let scratch = tempfile_dir()?;
     let data = data_dir(opts, scratch.path())?;

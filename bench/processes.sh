@@ -7,6 +7,8 @@
 set -euo pipefail
 data=$(cd "${1:?usage: bench/processes.sh DATA_DIR}" && pwd)
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 cargo build --release --quiet
 bin=$PWD/target/release
 agencies=$(find "$data" -maxdepth 1 -name 'agency-*.csv' | wc -l)
@@ -21,12 +23,7 @@ trap cleanup EXIT
 SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies SERVER_STORAGE_PATH=$work/bets.csv \
   "$bin/lottery-server" >"$work/server.log" 2>&1 &
 server=$!
-for _ in $(seq 100); do
-  port=$(sed -n 's/.*action: listen | result: success | address: [0-9.]*:\([0-9]*\).*/\1/p' "$work/server.log")
-  [[ -n $port ]] && break
-  sleep 0.1
-done
-[[ -n ${port:-} ]] || { echo "the server did not start:" >&2; cat "$work/server.log" >&2; exit 1; }
+port=$(server_port "$work/server.log")
 
 start=$(date +%s.%N)
 pids=()

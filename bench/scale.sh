@@ -7,6 +7,8 @@ set -euo pipefail
 agencies=${1:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
 bets=${2:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 cargo build --release --quiet
 bin=$PWD/target/release
 work=$(mktemp -d)
@@ -21,12 +23,7 @@ SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies SERVER_STORAGE_PATH=
   SERVER_MAX_CONNECTIONS=$((agencies + 64)) \
   /usr/bin/time -v -o "$work/time" "$bin/lottery-server" >"$work/server.log" 2>&1 &
 time_pid=$!
-for _ in $(seq 100); do
-  port=$(sed -n 's/.*action: listen | result: success | address: [0-9.]*:\([0-9]*\).*/\1/p' "$work/server.log")
-  [[ -n $port ]] && break
-  sleep 0.1
-done
-[[ -n ${port:-} ]] || { echo "the server did not start; its log:" >&2; cat "$work/server.log" >&2; exit 1; }
+port=$(server_port "$work/server.log")
 server_pid=$(pgrep -P "$time_pid" lottery-server)
 
 "$bin/lottery-round" --server "127.0.0.1:$port" --agencies "$agencies" --data "$work/data" 2>/dev/null |

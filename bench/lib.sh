@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the bench scripts: source it, don't run it.
 
 # Prints the port a server logging to LOG listens on, once its `action: listen` line is there;

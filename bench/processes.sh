@@ -14,8 +14,11 @@ bin=$PWD/target/release
 agencies=$(find "$data" -maxdepth 1 -name 'agency-*.csv' | wc -l)
 [[ $agencies -gt 0 ]] || { echo "no agency-N.csv in $data" >&2; exit 1; }
 work=$(mktemp -d)
+# shellcheck disable=SC2317 # called by the trap
 cleanup() {
-  [[ -n ${server:-} ]] && kill -TERM "$server" 2>/dev/null && wait "$server" || true
+  if [[ -n ${server:-} ]] && kill -TERM "$server" 2>/dev/null; then
+    wait "$server" || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT

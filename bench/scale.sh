@@ -13,7 +13,7 @@ cargo build --release --quiet
 bin=$PWD/target/release
 work=$(mktemp -d)
 cleanup() {
-  [[ -n ${server_pid:-} ]] && kill -TERM "$server_pid" 2>/dev/null || true
+  if [[ -n ${server_pid:-} ]]; then kill -TERM "$server_pid" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -98,7 +98,7 @@ impl Rng {
     }
 }
 
-/// The `i`-th synthetic bet of agency `agency` for `seed`.
+/// The next synthetic bet from `rng`.
 fn bet(rng: &mut Rng) -> Bet {
     let number = if rng.below(WIN_EVERY) == 0 { WINNING_NUMBER } else { rng.below(10_000) as u16 };
     Bet {

@@ -174,10 +174,6 @@ impl Round {
         Ok((round, resumed))
     }
 
-    pub fn agencies(&self) -> u32 {
-        self.config.agencies
-    }
-
     /// Whether syncs are shared among writes (`SERVER_GROUP_COMMIT`).
     pub fn group_commit(&self) -> bool {
         self.config.group_commit
@@ -198,7 +194,7 @@ impl Round {
     ///
     /// # Errors
     /// `BAD_AGENCY` outside `1..=agencies`.
-    pub fn check_agency(&self, agency: u32) -> Result<usize, ProtocolError> {
+    fn check_agency(&self, agency: u32) -> Result<usize, ProtocolError> {
         if (1..=self.config.agencies).contains(&agency) {
             Ok(agency as usize - 1)
         } else {
@@ -455,7 +451,7 @@ mod tests {
     fn round(file: &Arc<FailingFile>, dir: &Path) -> Round {
         let config =
             RoundConfig { agencies: 1, storage_path: dir.join("bets.csv"), sync: SyncMode::Always, group_commit: true };
-        let store = Store::with_file(&config.storage_path, Arc::clone(file) as Arc<dyn store::BetFile>, 0);
+        let store = Store::with_file(Arc::clone(file) as Arc<dyn store::BetFile>, 0);
         let recovered = Recovered { stored: vec![0], truncated: 0 };
         Round::resume(config, store, recovered, false).unwrap().0
     }

@@ -179,7 +179,6 @@ impl<'a> Session<'a> {
         let today = bet::today();
         let mut size = header_len;
         let mut first_error: Option<String> = None;
-        self.writer.take();
         let mut ends = Vec::with_capacity(count as usize);
         for i in 1..=count {
             let line = conn.read_line(deadline).map_err(Cut::Read)?;

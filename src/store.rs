@@ -97,7 +97,6 @@ pub struct Recovered {
 
 /// The open bets file: the append end of it. Reading back goes through [`scan`].
 pub struct Store {
-    path: PathBuf,
     file: Arc<dyn BetFile>,
     /// Length of the file: every byte before it is a whole row.
     len: u64,
@@ -120,16 +119,12 @@ impl Store {
         let mut stored = vec![0; agencies as usize];
         scan(path, agencies, None, |agency, _, _| stored[agency as usize - 1] += 1)?;
         let recovered = Recovered { stored, truncated: full - len };
-        Ok((Store::with_file(path, Arc::new(file), len), recovered))
+        Ok((Store::with_file(Arc::new(file), len), recovered))
     }
 
     /// A store over any [`BetFile`] whose first `len` bytes are whole rows.
-    pub fn with_file(path: &Path, file: Arc<dyn BetFile>, len: u64) -> Store {
-        Store { path: path.to_owned(), file, len }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn with_file(file: Arc<dyn BetFile>, len: u64) -> Store {
+        Store { file, len }
     }
 
     /// Length of the file in bytes, all of it whole rows.
@@ -329,7 +324,7 @@ mod tests {
     #[test]
     fn a_failed_append_leaves_whole_lines() {
         let file = Arc::new(FailingFile::new(Some(2), None));
-        let mut store = Store::with_file(Path::new("mem"), file.clone(), 0);
+        let mut store = Store::with_file(file.clone(), 0);
         let (first, second) = ROWS.split_at(ROWS.find('\n').unwrap() + 1);
         assert_eq!(store.append(first.as_bytes()).unwrap(), first.len() as u64);
         let err = store.append(second.as_bytes()).unwrap_err();

@@ -10,8 +10,8 @@ use log::{debug, error, info, warn};
 
 use crate::agency::{self, AgencyError, Stop};
 use crate::config::{ServerSettings, Settings};
+use crate::ledger::round::{Round, RoundConfig};
 use crate::logging;
-use crate::round::{Round, RoundConfig};
 use crate::server::{self, Limits, ShutdownHandle};
 
 const SERVER_HELP: &str = "\

@@ -15,8 +15,8 @@ use std::time::Duration;
 use config::{FileFormat, Source as _};
 use log::LevelFilter;
 
-use crate::protocol::MAX_BATCH_ROWS;
-use crate::round::SyncMode;
+use crate::ledger::round::SyncMode;
+use crate::wire::protocol::MAX_BATCH_ROWS;
 
 /// Every key, with its built-in default (`None`: no default).
 pub const KEYS: &[(&str, Option<&str>)] = &[

@@ -4,34 +4,29 @@
 //!
 //! # Layout
 //!
-//! - [`bet`]: a bet, its validation, its CSV rows (data file, wire, store).
-//! - [`protocol`]: requests and replies, parsed and encoded over bytes; no sockets.
-//! - [`connection`]: a socket and its read buffer: lines with deadlines, the 8 KiB cap.
-//! - [`store`]: `bets.csv`: append whole rows, sync, read back, recover a torn tail.
-//! - [`round_file`]: the small file that remembers `DONE`s and the draw across restarts.
-//! - [`round`]: the state behind the Mutex, the "winners ready" and group-commit Condvars.
-//! - [`session`]: one connection's conversation, request by request.
-//! - [`server`]: bind, the accept loop, one thread per connection, orderly shutdown.
+//! Modules are grouped by the side they belong to:
+//!
+//! - [`wire`]: what crosses the network. [`wire::bet`] (a bet, its validation, its CSV rows),
+//!   [`wire::protocol`] (requests and replies over bytes; no sockets), [`wire::connection`] (a
+//!   socket and its read buffer: lines with deadlines, the 8 KiB cap).
+//! - [`ledger`]: where the round lives. [`ledger::store`] (`bets.csv`: append whole rows, sync,
+//!   read back, recover a torn tail), [`ledger::round_file`] (the `DONE`s and the draw across
+//!   restarts), [`ledger::round`] (the state behind the Mutex, the "winners ready" and
+//!   group-commit Condvars).
+//! - [`server`]: bind, the accept loop, one thread per connection, orderly shutdown;
+//!   [`server::session`] is one connection's conversation, request by request.
 //! - [`agency`]: the agency client (used by `lottery-agency`, `lottery-round` and the tests).
-//! - [`dataset`]: synthetic agency files for rounds without the course's data.
-//! - [`hostile`]: misbehaving clients, for `lottery-round --hostile` and the tests.
+//! - [`tools`]: [`tools::local_round`] (`lottery-round`, a whole round in one process),
+//!   [`tools::dataset`] (synthetic agency files), [`tools::hostile`] (misbehaving clients).
 //! - [`config`]: `config.ini` plus environment into typed settings.
 //! - [`logging`]: the log line format of the spec.
-//! - [`local_round`]: `lottery-round`, a whole round in one process, with its report.
 //! - [`app`]: what the binaries run, so that `src/bin/*` only wire.
 
 pub mod agency;
 pub mod app;
-pub mod bet;
 pub mod config;
-pub mod connection;
-pub mod dataset;
-pub mod hostile;
-pub mod local_round;
+pub mod ledger;
 pub mod logging;
-pub mod protocol;
-pub mod round;
-pub mod round_file;
 pub mod server;
-pub mod session;
-pub mod store;
+pub mod tools;
+pub mod wire;

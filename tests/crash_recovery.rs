@@ -86,7 +86,7 @@ fn round_across_lives(how: Stop) {
     };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let files = lottery::dataset::generate(&data, AGENCIES, BETS, 99).unwrap();
+    let files = lottery::tools::dataset::generate(&data, AGENCIES, BETS, 99).unwrap();
     let port = free_port();
     let address = format!("127.0.0.1:{port}");
     let start = || TestServer::start_in(dir.path(), AGENCIES, port, &[]);

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::{Proc, STEP, TestServer, agency, assert_store, expected_store, log_field, read_csv, winners_of};
-use lottery::hostile::{self, Kind};
+use lottery::tools::hostile::{self, Kind};
 
 const AGENCIES: u32 = 5;
 const BETS: u64 = 2_000;
@@ -19,7 +19,7 @@ const HOSTILE_PER_KIND: usize = 30;
 #[test]
 fn an_honest_round_completes_beside_two_hundred_hostile_clients() {
     let data = tempfile::tempdir().unwrap();
-    let files = lottery::dataset::generate(data.path(), AGENCIES, BETS, 42).unwrap();
+    let files = lottery::tools::dataset::generate(data.path(), AGENCIES, BETS, 42).unwrap();
     // Few connections and a short idle timeout: the hostile clients overflow the server
     // (ERR BUSY) and are cut off quickly; the agencies retry until they get in.
     let mut server =

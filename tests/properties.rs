@@ -5,8 +5,8 @@
 //! inputs: what the writer encodes the parser reads back unchanged, and no input, however
 //! malformed, makes a parser panic. See `docs/fuzzing.md` for the fuzz target that goes further.
 
-use lottery::bet::{Bet, RowParser, RowWriter};
-use lottery::protocol::{ErrorCode, ProtocolError, Reply, Request, Status, parse_request};
+use lottery::wire::bet::{Bet, RowParser, RowWriter};
+use lottery::wire::protocol::{ErrorCode, ProtocolError, Reply, Request, Status, parse_request};
 use proptest::prelude::*;
 use time::{Date, Duration, Month};
 
@@ -25,7 +25,7 @@ fn first_day() -> Date {
 /// The upper bound of a birthdate, fixed once per run so a case cannot straddle midnight.
 fn today() -> Date {
     static TODAY: std::sync::OnceLock<Date> = std::sync::OnceLock::new();
-    *TODAY.get_or_init(lottery::bet::today)
+    *TODAY.get_or_init(lottery::wire::bet::today)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ fn name() -> impl Strategy<Value = String> {
     proptest::collection::vec(name_char(), 1..=100).prop_map(|chars| {
         let mut name = String::new();
         for c in chars {
-            if name.len() + c.len_utf8() > lottery::bet::MAX_NAME_BYTES {
+            if name.len() + c.len_utf8() > lottery::wire::bet::MAX_NAME_BYTES {
                 break;
             }
             name.push(c);
@@ -148,10 +148,9 @@ fn request() -> impl Strategy<Value = (Vec<u8>, Request)> {
     .prop_flat_map(|(keyword, request)| any_case(keyword).prop_map(move |k| (k.into_bytes(), request.clone())));
     let hello = (any_case("HELLO"), any::<u32>())
         .prop_map(|(k, agency)| (format!("{k} {agency}").into_bytes(), Request::Hello(agency)));
-    let batch =
-        (any_case("BATCH"), any::<u64>(), 1..=lottery::protocol::MAX_BATCH_ROWS).prop_map(|(k, offset, count)| {
-            (format!("{k} {offset} {count}").into_bytes(), Request::Batch { offset, count })
-        });
+    let batch = (any_case("BATCH"), any::<u64>(), 1..=lottery::wire::protocol::MAX_BATCH_ROWS).prop_map(
+        |(k, offset, count)| (format!("{k} {offset} {count}").into_bytes(), Request::Batch { offset, count }),
+    );
     let bet = (any_case("BET"), valid_bet()).prop_map(|(k, bet)| {
         let row = encode_bet(&bet);
         let mut line = format!("{k} ").into_bytes();
@@ -307,7 +306,7 @@ proptest! {
     /// A `BATCH` announcing no rows, or more than 8 KiB can hold, is refused as `BAD_REQUEST`.
     #[test]
     fn batch_counts_out_of_range_are_refused(offset in any::<u64>(),
-                                             count in prop_oneof![Just(0u32), (lottery::protocol::MAX_BATCH_ROWS + 1)..]) {
+                                             count in prop_oneof![Just(0u32), (lottery::wire::protocol::MAX_BATCH_ROWS + 1)..]) {
         let error = parse_request(format!("BATCH {offset} {count}").as_bytes()).unwrap_err();
         prop_assert_eq!(error.code, ErrorCode::BadRequest);
     }

@@ -22,7 +22,7 @@ fn a_full_round_of_five_agency_processes() {
     const BATCH: usize = 64;
     let data = tempfile::tempdir().unwrap();
     // Seed 2 gives 1, 2, 2, 1 and 0 winners: agencies with several winners and one with none.
-    let files = lottery::dataset::generate(data.path(), AGENCIES, BETS, 2).unwrap();
+    let files = lottery::tools::dataset::generate(data.path(), AGENCIES, BETS, 2).unwrap();
     let mut server = TestServer::start(AGENCIES, &[]);
     let address = server.address();
     let mut agencies: Vec<Proc> =
@@ -104,7 +104,7 @@ fn held_port() -> (socket2::Socket, u16) {
 #[test]
 fn an_agency_started_before_the_server_connects_once_it_is_up() {
     let dir = tempfile::tempdir().unwrap();
-    let files = lottery::dataset::generate(&dir.path().join("data"), 1, 500, 3).unwrap();
+    let files = lottery::tools::dataset::generate(&dir.path().join("data"), 1, 500, 3).unwrap();
     let (_held, port) = held_port();
     let address = format!("127.0.0.1:{port}");
     let mut agency = agency(dir.path(), 1, &address, &files[0], 100, &[("CLI_RETRY_TIMEOUT_MS", "20000")]);
@@ -127,7 +127,7 @@ fn an_agency_started_before_the_server_connects_once_it_is_up() {
 #[test]
 fn an_agency_resumes_after_the_server_is_killed_and_restarted() {
     let dir = tempfile::tempdir().unwrap();
-    let files = lottery::dataset::generate(&dir.path().join("data"), 2, 2_000, 5).unwrap();
+    let files = lottery::tools::dataset::generate(&dir.path().join("data"), 2, 2_000, 5).unwrap();
     let (_held, port) = held_port();
     let address = format!("127.0.0.1:{port}");
     let mut first = TestServer::start_in(dir.path(), 2, port, &[]);
@@ -157,7 +157,7 @@ fn an_agency_resumes_after_the_server_is_killed_and_restarted() {
 #[test]
 fn an_agency_waiting_for_the_draw_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let files = lottery::dataset::generate(&dir.path().join("data"), 1, 300, 3).unwrap();
+    let files = lottery::tools::dataset::generate(&dir.path().join("data"), 1, 300, 3).unwrap();
     // Two agencies in the round and only one runs: it sends everything and waits for the draw.
     let server = TestServer::start(2, &[]);
     let mut agency = agency(dir.path(), 1, &server.address(), &files[0], 100, &[]);

@@ -7,8 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use lottery::bet::{Bet, RowParser, RowWriter};
-use lottery::protocol::{ProtocolError, Reply, Request, parse_request};
+use lottery::wire::bet::{Bet, RowParser, RowWriter};
+use lottery::wire::protocol::{ProtocolError, Reply, Request, parse_request};
 use time::{Date, Month};
 
 fuzz_target!(|data: &[u8]| {

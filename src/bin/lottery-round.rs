@@ -1,5 +1,5 @@
-//! `lottery-round`: see [`lottery::local_round`].
+//! `lottery-round`: see [`lottery::tools::local_round`].
 
 fn main() -> std::process::ExitCode {
-    lottery::local_round::main()
+    lottery::tools::local_round::main()
 }

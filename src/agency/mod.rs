@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use crate::bet::{self, Bet, RowWriter};
 use crate::config::AgencySettings;
 use crate::logging::field;
-use crate::protocol::{ErrorCode, MAX_LINE, ProtocolError, Reply};
+use crate::wire::bet::{self, Bet, RowWriter};
+use crate::wire::protocol::{ErrorCode, MAX_LINE, ProtocolError, Reply};
 
 /// Longest wait for a reply other than `WINNERS` (which waits for the other agencies).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);

@@ -8,7 +8,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::store::StoreError;
+use crate::ledger::store::StoreError;
 
 /// The durable part of a round's progress besides the bets themselves.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info};
 
-use crate::bet::{self, RowParser, RowWriter};
-use crate::connection::{Connection, ReadError};
-use crate::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Reply, Request};
-use crate::round::{Appended, Round, Rows};
+use crate::ledger::round::{Appended, Round, Rows};
+use crate::wire::bet::{self, RowParser, RowWriter};
+use crate::wire::connection::{Connection, ReadError};
+use crate::wire::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Reply, Request};
 
 /// Most batches appended and not yet acknowledged on one connection.
 const MAX_PENDING: usize = 64;

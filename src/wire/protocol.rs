@@ -1,7 +1,7 @@
 //! The wire protocol: requests and replies as lines of text, parsed and encoded over bytes.
 //!
 //! Nothing here touches a socket, so every rule of the protocol can be tested on byte strings.
-//! Framing (finding the lines, the 8 KiB cap, timeouts) lives in [`crate::connection`].
+//! Framing (finding the lines, the 8 KiB cap, timeouts) lives in [`crate::wire::connection`].
 
 use std::fmt;
 

@@ -18,12 +18,12 @@ use log::LevelFilter;
 
 use crate::agency::{self, Outcome, Stop};
 use crate::config::{AgencySettings, ServerSettings, Settings};
-use crate::dataset;
-use crate::hostile;
+use crate::ledger::round::{Round, RoundConfig, SyncMode};
 use crate::logging;
-use crate::protocol::{Reply, Status};
-use crate::round::{Round, RoundConfig, SyncMode};
 use crate::server::{self, Limits, ShutdownHandle};
+use crate::tools::dataset;
+use crate::tools::hostile;
+use crate::wire::protocol::{Reply, Status};
 
 const HELP: &str = "\
 lottery-round: a whole lottery round on this machine: the server and N agencies over loopback TCP.

@@ -6,6 +6,8 @@
 //! whatever is still open (a client that does not read our reply) → join every thread → sync
 //! `bets.csv` → log.
 
+pub mod session;
+
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
@@ -16,10 +18,10 @@ use std::time::Duration;
 
 use log::{debug, error, info, warn};
 
-use crate::connection::Connection;
-use crate::protocol::{ErrorCode, ProtocolError, Reply};
-use crate::round::Round;
-use crate::session::Session;
+use crate::ledger::round::Round;
+use crate::wire::connection::Connection;
+use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
+use session::Session;
 
 /// Stack of a connection's thread: a session needs a few KiB; the default 2 MiB would only
 /// reserve address space per connection.

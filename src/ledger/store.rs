@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::bet::WINNING_NUMBER;
+use crate::wire::bet::WINNING_NUMBER;
 
 /// What the store needs of a file. A trait so that tests can inject write and sync errors.
 pub trait BetFile: Send + Sync {

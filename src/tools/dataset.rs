@@ -6,7 +6,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::bet::{Bet, RowWriter, WINNING_NUMBER};
+use crate::wire::bet::{Bet, RowWriter, WINNING_NUMBER};
 
 const FIRST: &[&str] = &[
     "Santiago",
@@ -144,7 +144,7 @@ pub fn generate(dir: &Path, agencies: u32, bets: u64, seed: u64) -> io::Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bet::RowParser;
+    use crate::wire::bet::RowParser;
 
     #[test]
     fn generates_valid_deterministic_files() {
@@ -154,7 +154,7 @@ mod tests {
         let text = fs::read_to_string(agency_file(a.path(), 1)).unwrap();
         assert_eq!(text, fs::read_to_string(agency_file(b.path(), 1)).unwrap());
         let mut parser = RowParser::default();
-        let today = crate::bet::today();
+        let today = crate::wire::bet::today();
         let bets: Vec<Bet> = text.lines().map(|l| parser.bet(l.as_bytes(), today).unwrap()).collect();
         assert_eq!(bets.len(), 5_000);
         assert!(bets.iter().any(Bet::has_won));

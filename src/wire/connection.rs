@@ -9,7 +9,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::protocol::{MAX_LINE, Reply};
+use crate::wire::protocol::{MAX_LINE, Reply};
 
 /// Room for one longest line, its `\r\n`, and what a pipelining client sent after it.
 const BUFFER: usize = 2 * MAX_LINE + 2;

@@ -16,9 +16,9 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use log::{error, info, warn};
 
-use crate::protocol::{ErrorCode, ProtocolError, Status};
-use crate::round_file::{self, RoundFile};
-use crate::store::{self, Recovered, Store, StoreError};
+use crate::ledger::round_file::{self, RoundFile};
+use crate::ledger::store::{self, Recovered, Store, StoreError};
+use crate::wire::protocol::{ErrorCode, ProtocolError, Status};
 
 /// When an `OK` is sent for stored bets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -444,7 +444,7 @@ fn shutting_down() -> ProtocolError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::FailingFile;
+    use crate::ledger::store::testing::FailingFile;
     use std::sync::Arc;
 
     /// A round of one agency over an in-memory bets file.

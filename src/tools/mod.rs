@@ -1,0 +1,6 @@
+//! What runs a round for people and tests rather than serving one: `lottery-round`, synthetic
+//! data sets, and misbehaving clients.
+
+pub mod dataset;
+pub mod hostile;
+pub mod local_round;

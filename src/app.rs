@@ -2,6 +2,7 @@
 //! run, exit code. The binaries call these and nothing else.
 
 use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,19 +11,26 @@ use log::{debug, error, info, warn};
 
 use crate::agency::{self, AgencyError, Stop};
 use crate::config::{ServerSettings, Settings};
+use crate::ledger::lock::StorageLock;
 use crate::ledger::round::{Round, RoundConfig};
 use crate::logging;
-use crate::server::{self, Limits, ShutdownHandle};
+use crate::server::auth::AgencyKeys;
+use crate::server::{self, Limits, Security, ShutdownHandle, tls};
+use crate::tools::keys;
 
 const SERVER_HELP: &str = "\
 lottery-server: the lottery central. Takes bets from agencies over TCP, stores them in bets.csv,
 makes the draw when every agency is done, and tells each agency its winners.
 
 Usage: lottery-server [--help]
+       lottery-server --make-keys DIR   write a CA, the server's certificate and key, one token
+                                        per agency (SERVER_AGENCIES) and agencies.keys into DIR;
+                                        never overwrites a file
 
 Settings come from ./config.ini (or the file named by LOTTERY_CONFIG), then environment
 variables: SERVER_IP, SERVER_PORT, SERVER_LISTEN_BACKLOG, SERVER_AGENCIES, SERVER_STORAGE_PATH,
-SERVER_MAX_CONNECTIONS, SERVER_IDLE_TIMEOUT_MS, SERVER_SYNC, SERVER_GROUP_COMMIT, LOGGING_LEVEL.
+SERVER_MAX_CONNECTIONS, SERVER_IDLE_TIMEOUT_MS, SERVER_SYNC, SERVER_GROUP_COMMIT, LOGGING_LEVEL,
+SERVER_AGENCY_KEYS, SERVER_TLS_CERT, SERVER_TLS_KEY, SERVER_TLS_NAMES.
 SIGTERM or SIGINT shuts it down cleanly.";
 
 const AGENCY_HELP: &str = "\
@@ -35,7 +43,7 @@ Usage: lottery-agency [--help]
 
 Settings come from ./config.ini (or the file named by LOTTERY_CONFIG), then environment
 variables: CLI_ID (required), CLI_SERVER_ADDRESS, CLI_BATCH_MAXAMOUNT, CLI_DATA_PATH,
-CLI_RETRY_TIMEOUT_MS, CLI_LOG_LEVEL; and NOMBRE, APELLIDO, DOCUMENTO, NACIMIENTO, NUMERO for
+CLI_RETRY_TIMEOUT_MS, CLI_LOG_LEVEL, CLI_TOKEN_FILE, CLI_TLS_CA, CLI_TLS_NAME; and NOMBRE, APELLIDO, DOCUMENTO, NACIMIENTO, NUMERO for
 one extra bet sent before the file's. Exits 0 once it has its winners, or on SIGTERM.";
 
 /// Handles the only flag the two daemons take. `Some` is the exit code when there is nothing
@@ -71,9 +79,35 @@ fn fail(name: &str, error: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// `lottery-server --make-keys DIR`.
+fn make_keys(dir: &str) -> ExitCode {
+    const NAME: &str = "lottery-server";
+    let settings = match Settings::from_process().and_then(|s| s.server()) {
+        Ok(s) => s,
+        Err(e) => return fail(NAME, &e),
+    };
+    match keys::make_keys(Path::new(dir), settings.agencies, &settings.tls_names) {
+        Ok(made) => {
+            println!(
+                "wrote {} into {}: give each agency its agency-<k>.token and ca.pem; server.key, agencies.keys and the tokens are mode 0600",
+                made.files.join(", "),
+                made.dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(NAME, &e),
+    }
+}
+
 /// `lottery-server`'s main.
 pub fn server_main() -> ExitCode {
     const NAME: &str = "lottery-server";
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["--make-keys", dir] => return make_keys(dir),
+        ["--make-keys"] => return fail(NAME, &"--make-keys needs a directory, e.g. --make-keys .secrets"),
+        _ => {}
+    }
     if let Some(code) = help_only(NAME, SERVER_HELP) {
         return code;
     }
@@ -83,12 +117,12 @@ pub fn server_main() -> ExitCode {
     };
     logging::init(settings.log_level);
     raise_open_files_limit();
-    let (listener, round, shutdown) = match start_server(&settings) {
+    let Started { listener, round, security, shutdown, _lock } = match start_server(&settings) {
         Ok(started) => started,
         Err(e) => return fail(NAME, &e),
     };
     let limits = Limits { max_connections: settings.max_connections, idle_timeout: settings.idle_timeout };
-    match server::run(listener, Arc::new(round), limits, &shutdown) {
+    match server::run(listener, Arc::new(round), limits, Arc::new(security), &shutdown) {
         Ok(()) => {
             info!("action: shutdown | result: success");
             ExitCode::SUCCESS
@@ -100,9 +134,59 @@ pub fn server_main() -> ExitCode {
     }
 }
 
-/// Everything before serving: the round recovered from its files, the listener, the signal
-/// handler. An error here is said in one line, and nothing has been served.
-fn start_server(settings: &ServerSettings) -> Result<(TcpListener, Round, ShutdownHandle), String> {
+/// What the server has once it may serve.
+struct Started {
+    listener: TcpListener,
+    round: Round,
+    security: Security,
+    shutdown: ShutdownHandle,
+    _lock: StorageLock,
+}
+
+/// The TLS configuration and agency keys the settings name, with a `WARN` for each that is
+/// off. A named file that is missing is an error that says how to make it.
+///
+/// # Errors
+/// A key file is missing or unusable.
+pub fn load_security(settings: &ServerSettings) -> Result<Security, String> {
+    let how = "; make the keys with `lottery-server --make-keys .secrets` (see the README, \"Security\")";
+    let exists = |path: &Path, key: &str| {
+        if path.exists() { Ok(()) } else { Err(format!("{key} = {} does not exist{how}", path.display())) }
+    };
+    let tls = match &settings.tls {
+        Some((cert, key)) => {
+            exists(cert, "SERVER_TLS_CERT")?;
+            exists(key, "SERVER_TLS_KEY")?;
+            Some(tls::server_config(cert, key)?)
+        }
+        None => {
+            warn!(
+                "action: tls | result: success | enabled: false | warning: SERVER_TLS_CERT and SERVER_TLS_KEY are empty, so bets and winners cross the network in clear"
+            );
+            None
+        }
+    };
+    let keys = match &settings.agency_keys {
+        Some(path) => {
+            exists(path, "SERVER_AGENCY_KEYS")?;
+            Some(AgencyKeys::load(path, settings.agencies)?)
+        }
+        None => {
+            warn!(
+                "action: agency_keys | result: success | enabled: false | warning: SERVER_AGENCY_KEYS is empty, so the server is in protected mode and takes HELLO only from loopback"
+            );
+            None
+        }
+    };
+    Ok(Security { tls, keys })
+}
+
+/// Everything before serving: the storage locked, the round recovered from its files, the
+/// keys, the listener, the signal handler. An error here is said in one line, and nothing has
+/// been served.
+fn start_server(settings: &ServerSettings) -> Result<Started, String> {
+    let security = load_security(settings)?;
+    let lock = StorageLock::acquire(&settings.storage_path)?;
     let config = RoundConfig {
         agencies: settings.agencies,
         storage_path: settings.storage_path.clone(),
@@ -124,8 +208,13 @@ fn start_server(settings: &ServerSettings) -> Result<(TcpListener, Round, Shutdo
     let on_signal = shutdown.clone();
     ctrlc::set_handler(move || on_signal.trigger()).map_err(|e| format!("cannot handle signals: {e}"))?;
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    info!("action: listen | result: success | address: {local} | agencies: {}", settings.agencies);
-    Ok((listener, round, shutdown))
+    info!(
+        "action: listen | result: success | address: {local} | agencies: {} | tls: {} | agency_keys: {}",
+        settings.agencies,
+        security.tls.is_some(),
+        security.keys.is_some()
+    );
+    Ok(Started { listener, round, security, shutdown, _lock: lock })
 }
 
 /// `lottery-agency --ping`: exit 0 if the server answers `PONG`.

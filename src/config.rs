@@ -30,12 +30,19 @@ pub const KEYS: &[(&str, Option<&str>)] = &[
     ("SERVER_SYNC", Some("always")),
     ("SERVER_GROUP_COMMIT", Some("true")),
     ("LOGGING_LEVEL", Some("INFO")),
+    ("SERVER_AGENCY_KEYS", Some(".secrets/agencies.keys")),
+    ("SERVER_TLS_CERT", Some(".secrets/server.pem")),
+    ("SERVER_TLS_KEY", Some(".secrets/server.key")),
+    ("SERVER_TLS_NAMES", Some("")),
     ("CLI_ID", None),
     ("CLI_SERVER_ADDRESS", Some("server:12345")),
     ("CLI_BATCH_MAXAMOUNT", Some("100")),
     ("CLI_DATA_PATH", Some(".data/agency-{CLI_ID}.csv")),
     ("CLI_RETRY_TIMEOUT_MS", Some("30000")),
     ("CLI_LOG_LEVEL", Some("INFO")),
+    ("CLI_TOKEN_FILE", Some(".secrets/agency-{CLI_ID}.token")),
+    ("CLI_TLS_CA", Some(".secrets/ca.pem")),
+    ("CLI_TLS_NAME", Some("")),
 ];
 
 /// The five variables of the agency's extra bet, in field order.
@@ -73,6 +80,12 @@ pub struct ServerSettings {
     pub sync: SyncMode,
     pub group_commit: bool,
     pub log_level: LevelFilter,
+    /// `agencies.keys`; `None`: protected mode.
+    pub agency_keys: Option<PathBuf>,
+    /// The certificate chain and key; `None`: no TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Extra names for the certificate `--make-keys` writes.
+    pub tls_names: Vec<String>,
 }
 
 /// An agency's typed settings.
@@ -86,6 +99,12 @@ pub struct AgencySettings {
     pub log_level: LevelFilter,
     /// `NOMBRE`, `APELLIDO`, `DOCUMENTO`, `NACIMIENTO`, `NUMERO`, when all five are set.
     pub extra_bet: Option<[String; 5]>,
+    /// The file holding its token; `None`: `HELLO` without one (a server in protected mode).
+    pub token_file: Option<PathBuf>,
+    /// The CA to trust; `None`: plain text.
+    pub tls_ca: Option<PathBuf>,
+    /// The name to verify instead of the host part of the address.
+    pub tls_name: Option<String>,
 }
 
 impl Settings {
@@ -149,6 +168,11 @@ impl Settings {
         self.number(key, 1, u64::MAX, "a number of milliseconds, at least 1").map(Duration::from_millis)
     }
 
+    /// A value that may be empty (`None`), such as a path to a file that is not used.
+    fn optional(&self, key: &str) -> Result<Option<String>, ConfigError> {
+        self.get(key, "text", |v| Some(Some(v.to_owned()).filter(|v| !v.is_empty())))
+    }
+
     fn level(&self, key: &str) -> Result<LevelFilter, ConfigError> {
         self.get(key, "a log level (ERROR, WARN, INFO, DEBUG, TRACE or OFF)", |v| v.parse().ok())
     }
@@ -174,6 +198,19 @@ impl Settings {
             })?,
             group_commit: self.get("SERVER_GROUP_COMMIT", "true or false", |v| v.to_ascii_lowercase().parse().ok())?,
             log_level: self.level("LOGGING_LEVEL")?,
+            agency_keys: self.optional("SERVER_AGENCY_KEYS")?.map(PathBuf::from),
+            tls: match (self.optional("SERVER_TLS_CERT")?, self.optional("SERVER_TLS_KEY")?) {
+                (Some(cert), Some(key)) => Some((cert.into(), key.into())),
+                (None, None) => None,
+                _ => {
+                    let why = "SERVER_TLS_CERT and SERVER_TLS_KEY must be both set (TLS) or both empty (no TLS)";
+                    return Err(ConfigError(why.into()));
+                }
+            },
+            tls_names: self
+                .optional("SERVER_TLS_NAMES")?
+                .map(|names| names.split(',').map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect())
+                .unwrap_or_default(),
         })
     }
 
@@ -184,6 +221,14 @@ impl Settings {
     /// extra bet's five variables set.
     pub fn agency(&self) -> Result<AgencySettings, ConfigError> {
         let id = self.number("CLI_ID", 1, u32::MAX, "an agency number, at least 1")?;
+        self.agency_with_id(id)
+    }
+
+    /// The settings of agency `id`, whatever `CLI_ID` says (for `lottery-round`'s agencies).
+    ///
+    /// # Errors
+    /// As [`Settings::agency`], but for `CLI_ID`.
+    pub fn agency_with_id(&self, id: u32) -> Result<AgencySettings, ConfigError> {
         let data_path = self.get("CLI_DATA_PATH", "a path", |v| Some(v.to_owned()).filter(|v| !v.is_empty()))?;
         Ok(AgencySettings {
             id,
@@ -198,6 +243,9 @@ impl Settings {
             )?),
             log_level: self.level("CLI_LOG_LEVEL")?,
             extra_bet: self.extra_bet()?,
+            token_file: self.optional("CLI_TOKEN_FILE")?.map(|f| PathBuf::from(f.replace("{CLI_ID}", &id.to_string()))),
+            tls_ca: self.optional("CLI_TLS_CA")?.map(PathBuf::from),
+            tls_name: self.optional("CLI_TLS_NAME")?,
         })
     }
 
@@ -292,7 +340,9 @@ mod tests {
             SERVER_STORAGE_PATH = file.csv\nSERVER_MAX_CONNECTIONS = 1\nSERVER_IDLE_TIMEOUT_MS = 1\n\
             SERVER_SYNC = always\nSERVER_GROUP_COMMIT = true\nLOGGING_LEVEL = ERROR\nCLI_ID = 1\n\
             CLI_SERVER_ADDRESS = file:1\nCLI_BATCH_MAXAMOUNT = 1\nCLI_DATA_PATH = file-{CLI_ID}.csv\n\
-            CLI_RETRY_TIMEOUT_MS = 1\nCLI_LOG_LEVEL = ERROR\n";
+            CLI_RETRY_TIMEOUT_MS = 1\nCLI_LOG_LEVEL = ERROR\nSERVER_AGENCY_KEYS = f.keys\n\
+            SERVER_TLS_CERT = f.pem\nSERVER_TLS_KEY = f.key\nSERVER_TLS_NAMES = f.example\n\
+            CLI_TOKEN_FILE = f-{CLI_ID}.token\nCLI_TLS_CA = f-ca.pem\nCLI_TLS_NAME = f.example\n";
         let overrides = [
             ("SERVER_IP", "127.0.0.2"),
             ("SERVER_PORT", "2"),
@@ -310,6 +360,13 @@ mod tests {
             ("CLI_DATA_PATH", "env-{CLI_ID}.csv"),
             ("CLI_RETRY_TIMEOUT_MS", "2"),
             ("CLI_LOG_LEVEL", "DEBUG"),
+            ("SERVER_AGENCY_KEYS", ""),
+            ("SERVER_TLS_CERT", "e.pem"),
+            ("SERVER_TLS_KEY", "e.key"),
+            ("SERVER_TLS_NAMES", "a.example, b.example"),
+            ("CLI_TOKEN_FILE", "e-{CLI_ID}.token"),
+            ("CLI_TLS_CA", ""),
+            ("CLI_TLS_NAME", "e.example"),
         ];
         assert_eq!(overrides.len(), KEYS.len(), "a key is missing from this test");
         let (_dir, from_file) = with_file(file, &[]);
@@ -324,6 +381,19 @@ mod tests {
         assert_eq!((a.id, a.server_address.as_str(), a.batch_max), (2, "env:2", 2));
         assert_eq!((a.data_path, a.retry_timeout), (PathBuf::from("env-2.csv"), Duration::from_millis(2)));
         assert_eq!(a.log_level, LevelFilter::Debug);
+        assert_eq!((s.agency_keys, s.tls), (None, Some(("e.pem".into(), "e.key".into()))));
+        assert_eq!(s.tls_names, ["a.example", "b.example"]);
+        assert_eq!((a.token_file, a.tls_ca), (Some(PathBuf::from("e-2.token")), None));
+        assert_eq!(a.tls_name.as_deref(), Some("e.example"));
+    }
+
+    #[test]
+    fn tls_needs_both_its_files_or_neither() {
+        let (_dir, settings) = with_file("", &[("SERVER_TLS_KEY", "")]);
+        let err = settings.unwrap().server().unwrap_err().0;
+        assert!(err.contains("both set"), "{err}");
+        let (_dir, settings) = with_file("", &[("SERVER_TLS_KEY", ""), ("SERVER_TLS_CERT", "")]);
+        assert_eq!(settings.unwrap().server().unwrap().tls, None);
     }
 
     #[test]

@@ -147,7 +147,7 @@ fn request() -> impl Strategy<Value = (Vec<u8>, Request)> {
     ])
     .prop_flat_map(|(keyword, request)| any_case(keyword).prop_map(move |k| (k.into_bytes(), request.clone())));
     let hello = (any_case("HELLO"), any::<u32>())
-        .prop_map(|(k, agency)| (format!("{k} {agency}").into_bytes(), Request::Hello(agency)));
+        .prop_map(|(k, agency)| (format!("{k} {agency}").into_bytes(), Request::Hello { agency, token: None }));
     let batch = (any_case("BATCH"), any::<u64>(), 1..=lottery::wire::protocol::MAX_BATCH_ROWS).prop_map(
         |(k, offset, count)| (format!("{k} {offset} {count}").into_bytes(), Request::Batch { offset, count }),
     );

@@ -42,7 +42,8 @@ fn check_request(line: &[u8], parser: &mut RowParser, today: Date) {
 fn encode_request(request: &Request) -> Vec<u8> {
     match request {
         Request::Ping => b"PING".to_vec(),
-        Request::Hello(agency) => format!("HELLO {agency}").into_bytes(),
+        Request::Hello { agency, token: None } => format!("HELLO {agency}").into_bytes(),
+        Request::Hello { agency, token: Some(token) } => format!("HELLO {agency} {}", token.expose()).into_bytes(),
         Request::Bet(row) => [b"BET ".as_slice(), row].concat(),
         Request::Batch { offset, count } => format!("BATCH {offset} {count}").into_bytes(),
         Request::Done => b"DONE".to_vec(),

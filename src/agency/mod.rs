@@ -1,7 +1,10 @@
 //! The agency client: streams its bets file to the server in batches, says `DONE`, asks for its
 //! winners. On a broken connection (or `ERR BUSY`, `ERR SHUTDOWN`) it reconnects with backoff,
 //! says `HELLO` again and resumes from the count the server holds, so a bet is never sent twice
-//! into the file nor skipped.
+//! into the file nor skipped. Over TLS, a certificate it does not trust, a name that does not
+//! match or a record that fails its integrity check is final: retrying cannot cure it.
+
+pub mod credentials;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -14,10 +17,14 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
+use rustls::{ClientConnection, StreamOwned};
+
 use crate::config::AgencySettings;
 use crate::logging::field;
 use crate::wire::bet::{self, Bet, RowWriter};
 use crate::wire::protocol::{ErrorCode, MAX_LINE, ProtocolError, Reply};
+use crate::wire::transport::{Socket, Transport, tls_error};
+use credentials::Credentials;
 
 /// Longest wait for a reply other than `WINNERS` (which waits for the other agencies).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -33,6 +40,11 @@ pub enum AgencyError {
     Unreachable { address: String, why: String },
     /// The server said something that is not a reply.
     Protocol(String),
+    /// The token or CA file is missing or unusable (found before any connection).
+    Credentials(String),
+    /// TLS failed in a way no retry cures: an untrusted certificate, a name mismatch, a
+    /// tampered record.
+    Tls { address: String, why: String },
     /// A stop was asked for (SIGTERM).
     Stopped,
 }
@@ -45,6 +57,8 @@ impl fmt::Display for AgencyError {
             AgencyError::Refused(e) => write!(f, "the server refused: ERR {e}"),
             AgencyError::Unreachable { address, why } => write!(f, "no server at {address}: {why}"),
             AgencyError::Protocol(why) => write!(f, "protocol: {why}"),
+            AgencyError::Credentials(why) => f.write_str(why),
+            AgencyError::Tls { address, why } => write!(f, "TLS with {address} failed: {why}"),
             AgencyError::Stopped => write!(f, "stopped"),
         }
     }
@@ -119,11 +133,12 @@ pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyErro
     if has_file {
         BetSource::open(&settings.data_path)?;
     }
+    let credentials = Credentials::load(settings).map_err(AgencyError::Credentials)?;
     let mut reconnects = 0;
     let mut backoff = Backoff::new(settings);
     loop {
-        let mut link = connect(settings, stop, &mut backoff)?;
-        match round(settings, &mut link, extra.as_ref(), has_file, &mut backoff) {
+        let mut link = connect(settings, &credentials, stop, &mut backoff)?;
+        match round(settings, &credentials, &mut link, extra.as_ref(), has_file, &mut backoff) {
             Ok((winners, stored)) => return Ok(Outcome { winners, stored, reconnects }),
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(_)) if stop.is_triggered() => return Err(AgencyError::Stopped),
@@ -200,7 +215,11 @@ enum Attempt {
 
 impl From<io::Error> for Attempt {
     fn from(e: io::Error) -> Self {
-        Attempt::Retry(e.to_string())
+        match tls_error(&e) {
+            // Said without the address here; `round` knows it and adds it.
+            Some(tls) => Attempt::Fatal(AgencyError::Tls { address: String::new(), why: tls.to_string() }),
+            None => Attempt::Retry(e.to_string()),
+        }
     }
 }
 
@@ -213,12 +232,33 @@ impl From<AgencyError> for Attempt {
 /// The conversation over one connection, from `HELLO` to the winners.
 fn round(
     settings: &AgencySettings,
+    credentials: &Credentials,
     link: &mut Link,
     extra: Option<&Bet>,
     has_file: bool,
     backoff: &mut Backoff,
 ) -> Result<(Vec<String>, u64), Attempt> {
-    let mut stored = link.ok_count(&format!("HELLO {}\n", settings.id))?;
+    conversation(settings, credentials, link, extra, has_file, backoff).map_err(|attempt| match attempt {
+        Attempt::Fatal(AgencyError::Tls { why, .. }) => {
+            Attempt::Fatal(AgencyError::Tls { address: settings.server_address.clone(), why })
+        }
+        other => other,
+    })
+}
+
+fn conversation(
+    settings: &AgencySettings,
+    credentials: &Credentials,
+    link: &mut Link,
+    extra: Option<&Bet>,
+    has_file: bool,
+    backoff: &mut Backoff,
+) -> Result<(Vec<String>, u64), Attempt> {
+    let hello = match &credentials.token {
+        Some(token) => format!("HELLO {} {}\n", settings.id, token.expose()),
+        None => format!("HELLO {}\n", settings.id),
+    };
+    let mut stored = link.ok_count(&hello)?;
     backoff.reset();
     let mut writer = RowWriter::default();
     if let Some(bet) = extra.filter(|_| stored == 0) {
@@ -234,7 +274,7 @@ fn round(
     link.ok(b"DONE\n")?;
     let winners = link.winners()?;
     info!("action: consulta_ganadores | result: success | cant_ganadores: {}", winners.len());
-    let _ = (&*link.stream).write_all(b"QUIT\n");
+    let _ = link.send(b"QUIT\n");
     Ok((winners, stored))
 }
 
@@ -358,18 +398,24 @@ impl BetSource {
 }
 
 /// Connects, retrying with backoff until the retry window that began at `since` closes.
-fn connect(settings: &AgencySettings, stop: &Stop, backoff: &mut Backoff) -> Result<Link, AgencyError> {
+fn connect(
+    settings: &AgencySettings,
+    credentials: &Credentials,
+    stop: &Stop,
+    backoff: &mut Backoff,
+) -> Result<Link, AgencyError> {
     let address = &settings.server_address;
     loop {
         let why = match open(address).map(Arc::new) {
             Ok(stream) => {
                 stop.watch(&stream)?;
-                match Link::new(stream) {
+                match Link::new(stream, credentials, address) {
                     Ok(link) => {
                         info!("action: connect | result: success | address: {address}");
                         return Ok(link);
                     }
-                    Err(e) => e.to_string(),
+                    Err(LinkError::Io(e)) => e.to_string(),
+                    Err(LinkError::Fatal(e)) => return Err(e),
                 }
             }
             Err(e) => e.to_string(),
@@ -414,29 +460,35 @@ fn open(address: &str) -> io::Result<TcpStream> {
     Err(last)
 }
 
-/// A connection to the server: requests out, reply lines in.
+/// A connection to the server, plain or TLS: requests out, reply lines in.
 struct Link {
+    /// The socket itself, shared with the [`Stop`], for its timeouts.
     stream: Arc<TcpStream>,
-    reader: BufReader<Shared>,
+    io: BufReader<Transport<ClientConnection>>,
     line: String,
 }
 
-/// The reading side of a socket shared with its writer and the [`Stop`]: one file descriptor
-/// per agency, where a `try_clone` each would take three (a thousand agencies in one process).
-struct Shared(Arc<TcpStream>);
-
-impl Read for Shared {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self.0).read(buf)
-    }
+/// Why a link could not be set up.
+enum LinkError {
+    Io(io::Error),
+    Fatal(AgencyError),
 }
 
 impl Link {
-    fn new(stream: Arc<TcpStream>) -> io::Result<Link> {
-        stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
-        let reader = BufReader::new(Shared(Arc::clone(&stream)));
-        Ok(Link { stream, reader, line: String::new() })
+    fn new(stream: Arc<TcpStream>, credentials: &Credentials, address: &str) -> Result<Link, LinkError> {
+        stream.set_nodelay(true).map_err(LinkError::Io)?;
+        stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(LinkError::Io)?;
+        let socket = Socket::new(Arc::clone(&stream));
+        let transport = match &credentials.tls {
+            None => Transport::Plain(socket),
+            Some(config) => {
+                let fatal = |why: String| LinkError::Fatal(AgencyError::Tls { address: address.to_owned(), why });
+                let name = credentials.server_name(address).map_err(fatal)?;
+                let conn = ClientConnection::new(Arc::clone(config), name).map_err(|e| fatal(e.to_string()))?;
+                Transport::Tls(Box::new(StreamOwned::new(conn, socket)))
+            }
+        };
+        Ok(Link { stream, io: BufReader::new(transport), line: String::new() })
     }
 
     /// Sends `request` and reads its reply.
@@ -446,7 +498,8 @@ impl Link {
     }
 
     fn send(&mut self, request: &[u8]) -> Result<(), Attempt> {
-        Ok((&*self.stream).write_all(request)?)
+        let transport = self.io.get_mut();
+        Ok(transport.write_all(request).and_then(|()| transport.flush())?)
     }
 
     /// Reads one reply, waiting at most `timeout` (`None`: forever).
@@ -454,7 +507,7 @@ impl Link {
         self.stream.set_read_timeout(timeout)?;
         self.line.clear();
         // A reply is one line; 16 MiB bounds a server gone wrong.
-        let n = (&mut self.reader).take(16 << 20).read_line(&mut self.line)?;
+        let n = (&mut self.io).take(16 << 20).read_line(&mut self.line)?;
         if n == 0 || !self.line.ends_with('\n') {
             return Err(Attempt::Retry("the server closed the connection".into()));
         }

@@ -13,6 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use log::{error, info, warn};
 
@@ -194,7 +195,7 @@ impl Round {
     ///
     /// # Errors
     /// `BAD_AGENCY` outside `1..=agencies`.
-    fn check_agency(&self, agency: u32) -> Result<usize, ProtocolError> {
+    pub fn check_agency(&self, agency: u32) -> Result<usize, ProtocolError> {
         if (1..=self.config.agencies).contains(&agency) {
             Ok(agency as usize - 1)
         } else {
@@ -388,21 +389,23 @@ impl Round {
         RoundFile { agencies: self.config.agencies, done, drawn }.save(&self.round_path)
     }
 
-    /// Waits for the draw, then returns `agency`'s own winners.
+    /// Waits for the draw at most `wait`, then returns `agency`'s own winners, or `None` if the
+    /// draw is not made yet (the caller looks at its client, then waits again).
     ///
     /// # Errors
     /// `BAD_AGENCY`, or `SHUTDOWN` if the server stops first.
-    pub fn winners(&self, agency: u32) -> Result<Vec<String>, ProtocolError> {
+    pub fn winners_within(&self, agency: u32, wait: Duration) -> Result<Option<Vec<String>>, ProtocolError> {
         let i = self.check_agency(agency)?;
         let st = self.lock();
-        let st = self
+        let (st, _) = self
             .drawn
-            .wait_while(st, |s| !matches!(s.phase, Phase::Drawn(_)) && !s.shutting_down)
+            .wait_timeout_while(st, wait, |s| !matches!(s.phase, Phase::Drawn(_)) && !s.shutting_down)
             .unwrap_or_else(PoisonError::into_inner);
         match &st.phase {
-            Phase::Drawn(winners) if winners[i].is_empty() => Ok(Vec::new()),
-            Phase::Drawn(winners) => Ok(winners[i].split(',').map(str::to_owned).collect()),
-            _ => Err(shutting_down()),
+            Phase::Drawn(winners) if winners[i].is_empty() => Ok(Some(Vec::new())),
+            Phase::Drawn(winners) => Ok(Some(winners[i].split(',').map(str::to_owned).collect())),
+            _ if st.shutting_down => Err(shutting_down()),
+            _ => Ok(None),
         }
     }
 

@@ -6,22 +6,26 @@
 //! whatever is still open (a client that does not read our reply) → join every thread → sync
 //! `bets.csv` → log.
 
+pub mod auth;
+pub mod registry;
 pub mod session;
+pub mod tls;
 
-use std::collections::HashMap;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
 use crate::ledger::round::Round;
 use crate::wire::connection::Connection;
 use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
-use session::Session;
+use auth::AgencyKeys;
+use registry::Registry;
+use session::{Context, Session};
 
 /// Stack of a connection's thread: a session needs a few KiB; the default 2 MiB would only
 /// reserve address space per connection.
@@ -32,6 +36,16 @@ const STACK_SIZE: usize = 128 * 1024;
 pub struct Limits {
     pub max_connections: usize,
     pub idle_timeout: Duration,
+}
+
+/// Who may do what: TLS on the port, and the agencies' token digests.
+#[derive(Default)]
+pub struct Security {
+    /// Set: a client whose first byte opens a TLS handshake gets TLS, and plain text may only
+    /// `PING`, `STATUS` and `QUIT`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Set: `HELLO <agency> <token>`. Unset: protected mode, `HELLO` only from loopback.
+    pub keys: Option<AgencyKeys>,
 }
 
 /// Binds `ip:port` with the given listen backlog (std's `bind` fixes the backlog itself).
@@ -86,46 +100,17 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
 /// How long shutdown lets connections finish their last reply before cutting them off.
 const GRACE: Duration = Duration::from_millis(500);
 
-/// The live connections' sockets, so that shutdown can unblock their threads, and a `Condvar`
-/// signalled whenever one ends.
-#[derive(Default)]
-struct Registry {
-    live: Mutex<HashMap<u64, Arc<TcpStream>>>,
-    ended: Condvar,
-}
-
-impl Registry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<TcpStream>>> {
-        // The map stays consistent whatever a panicking thread did: inserts and removes are whole.
-        self.live.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn remove(&self, id: u64) {
-        self.lock().remove(&id);
-        self.ended.notify_all();
-    }
-
-    /// Shuts down every live socket: its reading half, then, after the grace period, both.
-    fn close_all(&self) {
-        let live = self.lock();
-        let count = live.len();
-        for stream in live.values() {
-            let _ = stream.shutdown(SocketShutdown::Read);
-        }
-        let (live, _) =
-            self.ended.wait_timeout_while(live, GRACE, |live| !live.is_empty()).unwrap_or_else(PoisonError::into_inner);
-        for stream in live.values() {
-            let _ = stream.shutdown(SocketShutdown::Both);
-        }
-        info!("action: close_connections | result: success | connections: {count}");
-    }
-}
-
 /// Serves `listener` until `shutdown` is triggered, then shuts down in order and returns.
 ///
 /// # Errors
 /// Only an error that stops the whole server: a final sync of `bets.csv` that failed.
-pub fn run(listener: TcpListener, round: Arc<Round>, limits: Limits, shutdown: &ShutdownHandle) -> io::Result<()> {
+pub fn run(
+    listener: TcpListener,
+    round: Arc<Round>,
+    limits: Limits,
+    security: Arc<Security>,
+    shutdown: &ShutdownHandle,
+) -> io::Result<()> {
     let registry = Arc::new(Registry::default());
     let mut handles: Vec<JoinHandle<()>> = Vec::new();
     let mut next_id = 0u64;
@@ -145,14 +130,15 @@ pub fn run(listener: TcpListener, round: Arc<Round>, limits: Limits, shutdown: &
         };
         handles.retain(|h| !h.is_finished());
         let ip = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-        if registry.lock().len() >= limits.max_connections {
+        if registry.len() >= limits.max_connections {
             warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
             refuse_busy(stream, limits.max_connections);
             continue;
         }
         info!("action: accept_connections | result: success | ip: {ip}");
         next_id += 1;
-        match spawn_connection(next_id, stream, &round, limits, &registry) {
+        let shared = Shared { round: Arc::clone(&round), security: Arc::clone(&security), registry: Arc::clone(&registry) };
+        match spawn_connection(next_id, stream, shared, limits) {
             Ok(handle) => handles.push(handle),
             Err(e) => error!("action: spawn_thread | result: fail | error: {e}"),
         }
@@ -160,7 +146,7 @@ pub fn run(listener: TcpListener, round: Arc<Round>, limits: Limits, shutdown: &
     drop(listener);
     info!("action: close_listener | result: success");
     round.begin_shutdown();
-    registry.close_all();
+    registry.close_all(GRACE);
     let count = handles.len();
     for handle in handles {
         // A thread that panicked has already logged it; its connection is gone either way.
@@ -187,25 +173,43 @@ fn refuse_busy(mut stream: TcpStream, max: usize) {
     let _ = stream.shutdown(SocketShutdown::Both);
 }
 
-fn spawn_connection(
-    id: u64,
-    stream: TcpStream,
-    round: &Arc<Round>,
-    limits: Limits,
-    registry: &Arc<Registry>,
-) -> io::Result<JoinHandle<()>> {
-    stream.set_write_timeout(Some(limits.idle_timeout))?;
+/// What every connection's thread shares.
+struct Shared {
+    round: Arc<Round>,
+    security: Arc<Security>,
+    registry: Arc<Registry>,
+}
+
+fn spawn_connection(id: u64, stream: TcpStream, shared: Shared, limits: Limits) -> io::Result<JoinHandle<()>> {
     // Replies are single short lines: send each at once.
     stream.set_nodelay(true)?;
+    let ip = stream.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let stream = Arc::new(stream);
-    registry.lock().insert(id, Arc::clone(&stream));
-    let round = Arc::clone(round);
-    let registry_for_thread = Arc::clone(registry);
+    let peer = shared.registry.insert(id, Arc::clone(&stream));
+    let registry = Arc::clone(&shared.registry);
     let spawned = thread::Builder::new().name(format!("conn-{id}")).stack_size(STACK_SIZE).spawn(move || {
         // Deregisters even if the session panics.
-        let _registered = Registered { id, registry: registry_for_thread };
-        let mut conn = Connection::new(stream);
-        Session::new(&round, limits.idle_timeout).run(&mut conn);
+        let _registered = Registered { id, registry: Arc::clone(&shared.registry) };
+        let deadline = Instant::now() + limits.idle_timeout;
+        let transport = match tls::accept(stream, shared.security.tls.as_ref(), deadline) {
+            Ok(Some(transport)) => transport,
+            Ok(None) => return,
+            Err(e) => {
+                debug!("action: accept_tls | result: fail | id: {id} | error: {e}");
+                return;
+            }
+        };
+        let mut conn = Connection::with_transport(transport, limits.idle_timeout);
+        let context = Context {
+            round: &shared.round,
+            security: &shared.security,
+            registry: &shared.registry,
+            peer: &peer,
+            id,
+            ip,
+            idle_timeout: limits.idle_timeout,
+        };
+        Session::new(context).run(&mut conn);
         debug!("action: close_connection | result: success | id: {id}");
     });
     if spawned.is_err() {

@@ -1,23 +1,47 @@
-//! One connection's conversation: read a request, apply it to the round, write the reply.
+//! One connection's conversation: read a request, check that this connection may make it,
+//! apply it to the round, write the reply.
 //!
 //! Errors a client causes are answered with an `ERR` line and end at most this connection;
-//! they never reach the round or the other connections.
+//! they never reach the round or the other connections. Refusals of identity (`ERR AUTH`) end
+//! the connection: a client that is not who it says has nothing more to do here.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 
 use crate::ledger::round::{Appended, Round, Rows};
+use crate::server::Security;
+use crate::server::auth;
+use crate::server::registry::{Peer, Registry};
 use crate::wire::bet::{self, RowParser, RowWriter};
 use crate::wire::connection::{Connection, ReadError};
 use crate::wire::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Reply, Request};
+use crate::wire::token::Token;
 
 /// Most batches appended and not yet acknowledged on one connection.
 const MAX_PENDING: usize = 64;
 
+/// How often a `WINNERS` waiter looks up from the round to see whether its client is still
+/// there (or was replaced): a client that hangs up frees its thread within this.
+const WAITER_CHECK: Duration = Duration::from_millis(250);
+
+/// What a session needs from the server around it.
+pub struct Context<'a> {
+    pub round: &'a Round,
+    pub security: &'a Security,
+    pub registry: &'a Registry,
+    /// This connection, as the registry knows it.
+    pub peer: &'a Peer,
+    pub id: u64,
+    pub ip: IpAddr,
+    pub idle_timeout: Duration,
+}
+
 /// One connection's state besides its socket.
 pub struct Session<'a> {
     round: &'a Round,
+    cx: Context<'a>,
     idle_timeout: Duration,
     agency: Option<u32>,
     parser: RowParser,
@@ -36,13 +60,16 @@ enum Next {
 enum Cut {
     Read(ReadError),
     TooBig,
+    /// A newer connection of the same agency took over.
+    Replaced,
 }
 
 impl<'a> Session<'a> {
-    pub fn new(round: &'a Round, idle_timeout: Duration) -> Self {
+    pub fn new(cx: Context<'a>) -> Self {
         Session {
-            round,
-            idle_timeout,
+            round: cx.round,
+            idle_timeout: cx.idle_timeout,
+            cx,
             agency: None,
             parser: RowParser::default(),
             writer: RowWriter::default(),
@@ -68,6 +95,14 @@ impl<'a> Session<'a> {
                 Ok(line) => (line.len() + 1, protocol::parse_request(line)),
                 Err(e) => return self.end(conn, Cut::Read(e), "request"),
             };
+            if self.cx.peer.is_replaced() {
+                return self.end(conn, Cut::Replaced, "request");
+            }
+            if let Ok(request) = &request
+                && let Err(refused) = self.allowed(request, conn.is_tls())
+            {
+                return self.refuse(conn, refused);
+            }
             let (reply, next) = match request {
                 Ok(Request::Batch { offset, count }) => {
                     match self.read_batch(conn, (offset, count), header_len, deadline) {
@@ -93,7 +128,18 @@ impl<'a> Session<'a> {
                     if self.acknowledge(conn).is_err() {
                         return;
                     }
-                    self.apply(request)
+                    match request {
+                        Request::Hello { agency, token } => match self.hello(agency, token) {
+                            Ok(reply) => (reply, Next::Continue),
+                            Err(refused) if refused.code == ErrorCode::Auth => return self.refuse(conn, refused),
+                            Err(refused) => (Reply::Err(refused), Next::Continue),
+                        },
+                        Request::Winners => match self.wait_winners(conn) {
+                            Some(reply) => (reply, Next::Continue),
+                            None => return,
+                        },
+                        request => self.apply(request),
+                    }
                 }
                 Err(e) => (Reply::Err(e), Next::Continue),
             };
@@ -137,17 +183,74 @@ impl<'a> Session<'a> {
             Request::Ping => Ok(Reply::Pong),
             Request::Quit => return (Reply::Bye, Next::Close),
             Request::Status => Ok(Reply::Status(self.round.status())),
-            Request::Hello(agency) => self.round.hello(agency).map(|stored| {
-                self.agency = Some(agency);
-                Reply::Ok(Some(stored))
-            }),
             Request::Bet(row) => self.bet(&row),
             Request::Done => self.agency().and_then(|a| self.round.done(a)).map(|()| Reply::Ok(None)),
-            Request::Winners => self.agency().and_then(|a| self.round.winners(a)).map(Reply::Winners),
-            // Read with its rows by `run`.
-            Request::Batch { .. } => Err(ProtocolError::new(ErrorCode::BadRequest, "BATCH without rows")),
+            // Read with its rows, answered or waited for by `run`.
+            Request::Batch { .. } | Request::Hello { .. } | Request::Winners => {
+                Err(ProtocolError::new(ErrorCode::BadRequest, "not a one-line request"))
+            }
         };
         (reply.unwrap_or_else(Reply::Err), Next::Continue)
+    }
+
+    /// Whether this connection may make `request` at all: over plain text on a TLS server, only
+    /// the probes `PING`, `STATUS` and `QUIT`.
+    fn allowed(&self, request: &Request, tls: bool) -> Result<(), ProtocolError> {
+        let probe = matches!(request, Request::Ping | Request::Status | Request::Quit);
+        if probe || tls || self.cx.security.tls.is_none() {
+            Ok(())
+        } else {
+            Err(ProtocolError::new(ErrorCode::Auth, "this server takes agencies over TLS only"))
+        }
+    }
+
+    /// `HELLO`: the agency's number in range, then who may speak for it (its token, or loopback
+    /// in protected mode), then the count it holds; this connection now speaks for it, and an
+    /// older connection of the same agency is ended.
+    fn hello(&mut self, agency: u32, token: Option<Token>) -> Result<Reply, ProtocolError> {
+        self.round.check_agency(agency)?;
+        if let Err(why) = auth::check_hello(self.cx.security.keys.as_ref(), agency, token.as_ref(), self.cx.ip) {
+            warn!("action: hello | result: fail | agency: {agency} | ip: {} | error: AUTH", self.cx.ip);
+            return Err(ProtocolError::new(ErrorCode::Auth, why));
+        }
+        let stored = self.round.hello(agency)?;
+        if self.cx.registry.claim(agency, self.cx.id) {
+            info!("action: replace_session | result: success | agency: {agency} | ip: {}", self.cx.ip);
+        }
+        self.agency = Some(agency);
+        Ok(Reply::Ok(Some(stored)))
+    }
+
+    /// `WINNERS`: waits for the draw, looking up every [`WAITER_CHECK`] to see whether the
+    /// client hung up or was replaced. `None` if the connection is over.
+    fn wait_winners(&mut self, conn: &mut Connection) -> Option<Reply> {
+        let agency = match self.agency() {
+            Ok(agency) => agency,
+            Err(e) => return Some(Reply::Err(e)),
+        };
+        loop {
+            match self.round.winners_within(agency, WAITER_CHECK) {
+                Ok(Some(winners)) => return Some(Reply::Winners(winners)),
+                Err(e) => return Some(Reply::Err(e)),
+                Ok(None) if self.cx.peer.is_replaced() => {
+                    self.end(conn, Cut::Replaced, "request");
+                    return None;
+                }
+                Ok(None) if conn.peer_gone() => {
+                    debug!("action: winners | result: fail | agency: {agency} | error: the client hung up");
+                    conn.close();
+                    return None;
+                }
+                Ok(None) => {}
+            }
+        }
+    }
+
+    /// Answers an identity refusal and ends the connection.
+    fn refuse(&mut self, conn: &mut Connection, refused: ProtocolError) {
+        let _ = self.acknowledge(conn);
+        let _ = conn.write_reply(&Reply::Err(refused));
+        conn.close();
     }
 
     fn agency(&self) -> Result<u32, ProtocolError> {
@@ -212,7 +315,13 @@ impl<'a> Session<'a> {
     /// hear it, and closes.
     fn end(&mut self, conn: &mut Connection, cut: Cut, reading: &str) {
         let _ = self.acknowledge(conn);
+        // A replaced connection was woken by the shutdown of its reading half: say why.
+        let cut = if self.cx.peer.is_replaced() { Cut::Replaced } else { cut };
         let reply = match cut {
+            Cut::Replaced => {
+                let agency = self.agency.map(|a| a.to_string()).unwrap_or_default();
+                Some((ErrorCode::Replaced, format!("agency {agency} connected again on another connection")))
+            }
             Cut::TooBig => Some((ErrorCode::TooLong, format!("a batch is at most {MAX_LINE} bytes, header and rows"))),
             // Our own shutdown closed the reading half: the client can still hear why.
             Cut::Read(ReadError::Closed | ReadError::ClosedMidLine) if self.round.is_shutting_down() => {

@@ -20,9 +20,11 @@ use crate::agency::{self, Outcome, Stop};
 use crate::config::{AgencySettings, ServerSettings, Settings};
 use crate::ledger::round::{Round, RoundConfig, SyncMode};
 use crate::logging;
-use crate::server::{self, Limits, ShutdownHandle};
+use crate::server::auth::AgencyKeys;
+use crate::server::{self, Limits, Security, ShutdownHandle, tls};
 use crate::tools::dataset;
 use crate::tools::hostile;
+use crate::tools::keys;
 use crate::wire::protocol::{Reply, Status};
 
 const HELP: &str = "\
@@ -45,6 +47,9 @@ Options:
   --hostile K           also run K misbehaving clients of mixed kinds (idle, slowloris, oversized
                         lines, garbage, half batches, bad bets, out-of-range requests) and report
                         what they got; the round's own server then cuts idle clients after 1 s
+  --plaintext           no TLS and no agency tokens (the server in protected mode), to measure
+                        what they cost; by default the round makes throw-away keys in its
+                        temporary directory and runs TLS + tokens
   --verbose             print the server's and agencies' log lines
   -h, --help            this text
 
@@ -64,6 +69,8 @@ pub struct Options {
     pub server: Option<SocketAddr>,
     /// Hostile clients to run beside the agencies.
     pub hostile: u32,
+    /// No TLS, no tokens.
+    pub plaintext: bool,
     pub verbose: bool,
 }
 
@@ -79,6 +86,7 @@ impl Default for Options {
             keep: None,
             server: None,
             hostile: 0,
+            plaintext: false,
             verbose: false,
         }
     }
@@ -104,6 +112,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Optio
             Long("keep") => opts.keep = Some(parser.value().map_err(wrap)?.into()),
             Long("server") => opts.server = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?),
             Long("hostile") => opts.hostile = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
+            Long("plaintext") => opts.plaintext = true,
             Long("verbose") => opts.verbose = true,
             Short('h') | Long("help") => return Ok(None),
             other => return Err(other.unexpected().to_string()),
@@ -166,9 +175,13 @@ pub fn run(opts: &Options) -> Result<bool, String> {
     let data = data_dir(opts, scratch.path())?;
     let files: Vec<PathBuf> = (1..=opts.agencies).map(|id| dataset::agency_file(&data, id)).collect();
     let total = files.iter().map(|f| count_lines(f)).sum::<io::Result<u64>>().map_err(|e| e.to_string())?;
+    let credentials = credentials(opts, &settings, scratch.path())?;
     let local = match &opts.server {
         Some(_) => None,
-        None => Some(LocalServer::start(opts, &server_settings, &work_dir(opts, scratch.path())?)?),
+        None => {
+            let dir = work_dir(opts, scratch.path())?;
+            Some(LocalServer::start(opts, &server_settings, &dir, credentials.security.clone())?)
+        }
     };
     let addr = match (&local, &opts.server) {
         (Some(server), _) => server.addr,
@@ -180,6 +193,7 @@ pub fn run(opts: &Options) -> Result<bool, String> {
     if let Some(server) = &local {
         println!("bets.csv in {}, SERVER_SYNC={sync}", server.dir.display());
     }
+    println!("security: {}", credentials.said);
 
     let stop = Stop::default();
     {
@@ -198,7 +212,7 @@ pub fn run(opts: &Options) -> Result<bool, String> {
             thread::Builder::new().stack_size(64 * 1024).spawn(move || hostile::run(kind, addr, seed))
         })
         .collect();
-    let outcomes = run_agencies(&files, addr, batch_max, &stop);
+    let outcomes = run_agencies(&files, addr, batch_max, &credentials.agencies, &stop);
     let elapsed = started.elapsed();
     progress.finish();
     let hostile: Vec<hostile::Report> = hostile.into_iter().filter_map(|h| h.ok()?.join().ok()).collect();
@@ -222,6 +236,44 @@ fn work_dir(opts: &Options, scratch: &Path) -> Result<PathBuf, String> {
     Ok(dir.clone())
 }
 
+/// How the round's agencies and server prove and check who they are.
+struct RoundCredentials {
+    /// For the round's own server.
+    security: Arc<Security>,
+    /// For each agency (index 0 is agency 1): its token file, CA and name to check.
+    agencies: Vec<AgencySettings>,
+    /// For the report.
+    said: String,
+}
+
+/// Throw-away keys for a round of our own, the configured ones for `--server`, or none with
+/// `--plaintext`.
+fn credentials(opts: &Options, settings: &Settings, scratch: &Path) -> Result<RoundCredentials, String> {
+    let mut agencies: Vec<AgencySettings> = (1..=opts.agencies)
+        .map(|id| settings.agency_with_id(id).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    if opts.plaintext {
+        agencies.iter_mut().for_each(|a| (a.token_file, a.tls_ca, a.tls_name) = (None, None, None));
+        let said = "plain text, no tokens (--plaintext; the server in protected mode)".to_owned();
+        return Ok(RoundCredentials { security: Arc::new(Security::default()), agencies, said });
+    }
+    if opts.server.is_some() {
+        let said = "TLS and tokens as CLI_TLS_CA and CLI_TOKEN_FILE say".to_owned();
+        return Ok(RoundCredentials { security: Arc::new(Security::default()), agencies, said });
+    }
+    let dir = scratch.join("keys");
+    keys::make_keys(&dir, opts.agencies, &[])?;
+    let config = tls::server_config(&dir.join("server.pem"), &dir.join("server.key"))?;
+    let keys = AgencyKeys::load(&dir.join("agencies.keys"), opts.agencies)?;
+    for (id, agency) in (1..).zip(agencies.iter_mut()) {
+        agency.token_file = Some(dir.join(format!("agency-{id}.token")));
+        agency.tls_ca = Some(dir.join("ca.pem"));
+        agency.tls_name = None;
+    }
+    let said = format!("TLS + agency tokens, throw-away keys in {}", dir.display());
+    Ok(RoundCredentials { security: Arc::new(Security { tls: Some(config), keys: Some(keys) }), agencies, said })
+}
+
 /// The server, in this process, on a free loopback port.
 struct LocalServer {
     addr: SocketAddr,
@@ -231,7 +283,12 @@ struct LocalServer {
 }
 
 impl LocalServer {
-    fn start(opts: &Options, settings: &ServerSettings, dir: &Path) -> Result<LocalServer, String> {
+    fn start(
+        opts: &Options,
+        settings: &ServerSettings,
+        dir: &Path,
+        security: Arc<Security>,
+    ) -> Result<LocalServer, String> {
         let config = RoundConfig {
             agencies: opts.agencies,
             storage_path: dir.join("bets.csv"),
@@ -251,7 +308,7 @@ impl LocalServer {
         let handle = shutdown.clone();
         let thread = thread::Builder::new()
             .name("server".into())
-            .spawn(move || server::run(listener, Arc::new(round), limits, &handle))
+            .spawn(move || server::run(listener, Arc::new(round), limits, security, &handle))
             .map_err(|e| format!("cannot start the server thread: {e}"))?;
         Ok(LocalServer { addr, dir: dir.to_owned(), shutdown, thread })
     }
@@ -267,19 +324,26 @@ impl LocalServer {
 }
 
 /// Runs one agency thread per file and waits for them all.
-fn run_agencies(files: &[PathBuf], addr: SocketAddr, batch_max: usize, stop: &Stop) -> Vec<Result<Outcome, String>> {
+fn run_agencies(
+    files: &[PathBuf],
+    addr: SocketAddr,
+    batch_max: usize,
+    configured: &[AgencySettings],
+    stop: &Stop,
+) -> Vec<Result<Outcome, String>> {
     let agencies: Vec<_> = files
         .iter()
-        .zip(1..)
-        .map(|(file, id)| {
+        .zip(configured)
+        .map(|(file, configured)| {
+            let id = configured.id;
             let settings = AgencySettings {
-                id,
                 server_address: addr.to_string(),
                 batch_max,
                 data_path: file.clone(),
                 retry_timeout: Duration::from_secs(30),
                 log_level: LevelFilter::Info,
                 extra_bet: None,
+                ..configured.clone()
             };
             let stop = stop.clone();
             thread::Builder::new()

@@ -3,4 +3,5 @@
 
 pub mod dataset;
 pub mod hostile;
+pub mod keys;
 pub mod local_round;

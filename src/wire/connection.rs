@@ -1,15 +1,20 @@
-//! A socket and its read buffer: lines in, replies out, with a deadline on every line.
+//! A server-side connection, plain or TLS, and its read buffer: lines in, replies out, with a
+//! deadline on every line and on every reply.
 //!
 //! The read buffer is fixed-size: a line longer than [`MAX_LINE`] is refused after reading
 //! just past the cap, never buffered whole. A read timeout alone would let a client that sends
-//! one byte per tick hold a thread forever, so every line (or a whole batch) gets a deadline.
+//! one byte per tick hold a thread forever, so every line (or a whole batch) gets a deadline;
+//! likewise a reply must be taken whole within the write timeout of its first byte.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use rustls::ServerConnection;
 
 use crate::wire::protocol::{MAX_LINE, Reply};
+use crate::wire::transport::{Socket, Transport};
 
 /// Room for one longest line, its `\r\n`, and what a pipelining client sent after it.
 const BUFFER: usize = 2 * MAX_LINE + 2;
@@ -33,6 +38,9 @@ pub struct Connection {
     /// Shared with the server's registry, which shuts it down at shutdown: an `Arc` rather than
     /// a `try_clone`, so that a connection costs one file descriptor, not two.
     stream: Arc<TcpStream>,
+    transport: Transport<ServerConnection>,
+    /// How long a reply may take to be taken whole by the client.
+    write_timeout: Duration,
     buf: Box<[u8]>,
     /// `buf[start..end]` is read but not yet consumed.
     start: usize,
@@ -41,8 +49,29 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(stream: Arc<TcpStream>) -> Self {
-        Connection { stream, buf: vec![0; BUFFER].into_boxed_slice(), start: 0, end: 0, out: Vec::with_capacity(256) }
+    /// A plain-text connection over `stream`.
+    pub fn new(stream: Arc<TcpStream>, write_timeout: Duration) -> Self {
+        let transport = Transport::Plain(Socket::new(Arc::clone(&stream)));
+        Connection::with_transport(transport, write_timeout)
+    }
+
+    /// A connection over `transport` (plain text, or TLS whose handshake runs on first use).
+    pub fn with_transport(mut transport: Transport<ServerConnection>, write_timeout: Duration) -> Self {
+        let stream = Arc::clone(transport.socket_mut().stream());
+        Connection {
+            stream,
+            transport,
+            write_timeout,
+            buf: vec![0; BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            out: Vec::with_capacity(256),
+        }
+    }
+
+    /// Whether the client speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.transport.is_tls()
     }
 
     /// Whether a whole line is already buffered, so reading it will not block.
@@ -57,7 +86,8 @@ impl Connection {
         if self.end == self.buf.len() || self.stream.set_nonblocking(true).is_err() {
             return false;
         }
-        let read = (&*self.stream).read(&mut self.buf[self.end..]);
+        self.transport.socket_mut().read_deadline = None;
+        let read = self.transport.read(&mut self.buf[self.end..]);
         // If this failed, the next read times out at once and the connection ends: no hang.
         let _ = self.stream.set_nonblocking(false);
         match read {
@@ -111,14 +141,13 @@ impl Connection {
     /// Reads more bytes into the buffer, waiting at most until `deadline`.
     fn fill(&mut self, deadline: Instant) -> Result<(), ReadError> {
         self.compact();
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(ReadError::TimedOut);
-        }
-        self.stream.set_read_timeout(Some(remaining)).map_err(ReadError::Io)?;
-        match (&*self.stream).read(&mut self.buf[self.end..]) {
+        self.transport.socket_mut().read_deadline = Some(deadline);
+        match self.transport.read(&mut self.buf[self.end..]) {
             Ok(0) if self.start == self.end => Err(ReadError::Closed),
             Ok(0) => Err(ReadError::ClosedMidLine),
+            // A TLS peer that hung up without saying so: the same as a plain one.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && self.start == self.end => Err(ReadError::Closed),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(ReadError::ClosedMidLine),
             Ok(n) => {
                 self.end += n;
                 Ok(())
@@ -150,13 +179,35 @@ impl Connection {
     /// # Errors
     /// As [`Connection::write_reply`].
     pub fn flush(&mut self) -> io::Result<()> {
-        let result = (&*self.stream).write_all(&self.out);
+        self.transport.socket_mut().write_deadline = Some(Instant::now() + self.write_timeout);
+        let result = self.transport.write_all(&self.out).and_then(|()| self.transport.flush());
         self.out.clear();
         result
     }
 
-    /// Closes both directions, so that a peer blocked on us sees the end at once.
-    pub fn close(&self) {
+    /// Whether the client has hung up, without waiting or consuming anything: for a thread
+    /// that is waiting on the round rather than reading.
+    pub fn peer_gone(&self) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let peeked = self.stream.peek(&mut [0u8; 1]);
+        let _ = self.stream.set_nonblocking(false);
+        match peeked {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted),
+        }
+    }
+
+    /// Closes both directions, so that a peer blocked on us sees the end at once; a TLS peer is
+    /// told first (`close_notify`), so that it can tell our close from a cut connection.
+    pub fn close(&mut self) {
+        if let Transport::Tls(tls) = &mut self.transport {
+            tls.conn.send_close_notify();
+            tls.sock.write_deadline = Some(Instant::now() + self.write_timeout.min(Duration::from_secs(1)));
+            let _ = tls.flush();
+        }
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 }
@@ -165,13 +216,12 @@ impl Connection {
 mod tests {
     use super::*;
     use std::net::TcpListener;
-    use std::time::Duration;
 
     fn pair() -> (TcpStream, Connection) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
-        (client, Connection::new(Arc::new(server)))
+        (client, Connection::new(Arc::new(server), Duration::from_secs(5)))
     }
 
     fn soon() -> Instant {

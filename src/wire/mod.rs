@@ -4,3 +4,5 @@
 pub mod bet;
 pub mod connection;
 pub mod protocol;
+pub mod token;
+pub mod transport;

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use crate::wire::token::Token;
+
 /// Longest request line, without its line end; a batch's header plus rows share this budget too.
 pub const MAX_LINE: usize = 8192;
 
@@ -16,7 +18,11 @@ pub const MAX_BATCH_ROWS: u32 = (MAX_LINE / 19) as u32;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Ping,
-    Hello(u32),
+    /// `HELLO <agency> [<token>]`; the token is a secret and never shown (see [`Token`]).
+    Hello {
+        agency: u32,
+        token: Option<Token>,
+    },
     /// The CSV row after `BET `, not yet validated as a bet.
     Bet(Vec<u8>),
     /// `BATCH <offset> <count>`: `count` rows follow on their own lines.
@@ -46,11 +52,16 @@ pub enum ErrorCode {
     Storage,
     /// The connection was silent, or too slow to finish a request, for the idle timeout.
     Timeout,
+    /// Not allowed to speak for that agency: a wrong or missing token, plain text where TLS is
+    /// required, or (protected mode) a peer that is not on loopback.
+    Auth,
+    /// A newer connection of the same agency took over this one's session.
+    Replaced,
 }
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::TooLong,
         ErrorCode::BadAgency,
         ErrorCode::BadBet,
@@ -62,6 +73,8 @@ impl ErrorCode {
         ErrorCode::Shutdown,
         ErrorCode::Storage,
         ErrorCode::Timeout,
+        ErrorCode::Auth,
+        ErrorCode::Replaced,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +90,8 @@ impl ErrorCode {
             ErrorCode::Shutdown => "SHUTDOWN",
             ErrorCode::Storage => "STORAGE",
             ErrorCode::Timeout => "TIMEOUT",
+            ErrorCode::Auth => "AUTH",
+            ErrorCode::Replaced => "REPLACED",
         }
     }
 
@@ -143,14 +158,31 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
 }
 
 fn parse_hello(args: &[u8]) -> Result<Request, ProtocolError> {
-    let text = String::from_utf8_lossy(args);
-    match text.parse::<u32>() {
-        Ok(agency) if text.bytes().all(|b| b.is_ascii_digit()) => Ok(Request::Hello(agency)),
-        _ => Err(ProtocolError::new(
-            ErrorCode::BadAgency,
-            format!("{:?} is not an agency number (usage: HELLO <agency>)", shorten(&text)),
-        )),
-    }
+    // Only the agency's word is ever quoted back: the rest may be a secret.
+    let (agency, token) = match args.iter().position(|&b| b == b' ') {
+        Some(i) => (&args[..i], Some(&args[i + 1..])),
+        None => (args, None),
+    };
+    let text = String::from_utf8_lossy(agency);
+    let agency = match text.parse::<u32>() {
+        Ok(agency) if text.bytes().all(|b| b.is_ascii_digit()) => agency,
+        _ => {
+            return Err(ProtocolError::new(
+                ErrorCode::BadAgency,
+                format!("{:?} is not an agency number (usage: HELLO <agency> <token>)", shorten(&text)),
+            ));
+        }
+    };
+    let token = match token {
+        None => None,
+        Some(t) => Some(
+            std::str::from_utf8(t)
+                .ok()
+                .and_then(Token::new)
+                .ok_or_else(|| bad_request("a token is 1 to 256 printable characters without spaces"))?,
+        ),
+    };
+    Ok(Request::Hello { agency, token })
 }
 
 fn parse_batch(args: &[u8]) -> Result<Request, ProtocolError> {
@@ -305,7 +337,9 @@ mod tests {
     fn parses_every_request() {
         assert_eq!(parse_request(b"PING"), Ok(Request::Ping));
         assert_eq!(parse_request(b"ping"), Ok(Request::Ping));
-        assert_eq!(parse_request(b"HELLO 3"), Ok(Request::Hello(3)));
+        assert_eq!(parse_request(b"HELLO 3"), Ok(Request::Hello { agency: 3, token: None }));
+        let token = Token::new("abc123").unwrap();
+        assert_eq!(parse_request(b"HELLO 3 abc123"), Ok(Request::Hello { agency: 3, token: Some(token) }));
         assert_eq!(parse_request(b"BET a,b,1,2000-01-01,2"), Ok(Request::Bet(b"a,b,1,2000-01-01,2".to_vec())));
         assert_eq!(parse_request(b"BATCH 100 50"), Ok(Request::Batch { offset: 100, count: 50 }));
         assert_eq!(parse_request(b"DONE"), Ok(Request::Done));
@@ -323,12 +357,21 @@ mod tests {
         assert_eq!(code(b"HELLO"), ErrorCode::BadAgency);
         assert_eq!(code(b"HELLO -1"), ErrorCode::BadAgency);
         assert_eq!(code(b"HELLO 99999999999"), ErrorCode::BadAgency);
+        assert_eq!(code(b"HELLO 1 two words"), ErrorCode::BadRequest);
         assert_eq!(code(b"BET"), ErrorCode::BadRequest);
         assert_eq!(code(b"BATCH 1"), ErrorCode::BadRequest);
         assert_eq!(code(b"BATCH 1 0"), ErrorCode::BadRequest);
         assert_eq!(code(b"BATCH -1 2"), ErrorCode::BadRequest);
         assert_eq!(code(b"BATCH 0 100000"), ErrorCode::BadRequest);
         assert_eq!(code(b"BATCH 0 1 2"), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn a_bad_hello_never_quotes_the_token() {
+        for line in [&b"HELLO x s3cret"[..], b"HELLO 1 s3cret extra", b"HELLO 1 s3cret\x01"] {
+            let err = parse_request(line).unwrap_err();
+            assert!(!err.message.contains("s3cret"), "{err}");
+        }
     }
 
     #[test]

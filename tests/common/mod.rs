@@ -242,11 +242,16 @@ impl TestServer {
         let port_text = port.to_string();
         let storage = dir.join("bets.csv");
         let storage = storage.to_str().expect("UTF-8 temp path");
+        // Plain text and protected mode unless the test says otherwise (see `Keys`): most tests
+        // speak the protocol by hand from loopback, as the README's `nc` session does.
         let mut vars = vec![
             ("SERVER_IP", "127.0.0.1"),
             ("SERVER_PORT", port_text.as_str()),
             ("SERVER_AGENCIES", agencies.as_str()),
             ("SERVER_STORAGE_PATH", storage),
+            ("SERVER_AGENCY_KEYS", ""),
+            ("SERVER_TLS_CERT", ""),
+            ("SERVER_TLS_KEY", ""),
         ];
         vars.extend_from_slice(env);
         let mut proc = Proc::spawn("lottery-server", command(SERVER, dir, &vars));
@@ -424,11 +429,14 @@ pub const WINNING_NUMBER: &str = "7574";
 pub fn agency(dir: &Path, id: u32, address: &str, data: &Path, batch: usize, env: &[(&str, &str)]) -> Proc {
     let (id, batch) = (id.to_string(), batch.to_string());
     let data = data.to_str().expect("UTF-8 temp path");
+    // No token and plain text unless the test says otherwise (see `Keys::agency_env`).
     let mut vars = vec![
         ("CLI_ID", id.as_str()),
         ("CLI_SERVER_ADDRESS", address),
         ("CLI_DATA_PATH", data),
         ("CLI_BATCH_MAXAMOUNT", &batch),
+        ("CLI_TOKEN_FILE", ""),
+        ("CLI_TLS_CA", ""),
     ];
     vars.extend_from_slice(env);
     let cmd: Command = command(AGENCY, dir, &vars);

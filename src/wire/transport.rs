@@ -1,0 +1,124 @@
+//! One TCP socket as a byte stream, in plain text or TLS (rustls over the same blocking
+//! socket), with a deadline on reads and on writes.
+//!
+//! A socket timeout alone restarts with every system call, so a peer that trickles a byte per
+//! tick, or reads our reply a byte at a time, could hold a thread for ever; rustls also makes
+//! several reads per call while it handshakes. The deadline lives in [`Socket`], under rustls,
+//! so every system call gets only the time that is left, whichever layer makes it.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls::{ConnectionCommon, SideData, StreamOwned};
+
+/// A socket shared with whoever must be able to shut it down (the server's registry, the
+/// agency's stop handle), with the deadlines of the read and write under way.
+pub struct Socket {
+    stream: Arc<TcpStream>,
+    pub read_deadline: Option<Instant>,
+    pub write_deadline: Option<Instant>,
+}
+
+impl Socket {
+    pub fn new(stream: Arc<TcpStream>) -> Socket {
+        Socket { stream, read_deadline: None, write_deadline: None }
+    }
+
+    pub fn stream(&self) -> &Arc<TcpStream> {
+        &self.stream
+    }
+}
+
+/// The time left before `deadline`, or a `TimedOut` error once it has passed.
+fn left(deadline: Option<Instant>) -> io::Result<Option<std::time::Duration>> {
+    match deadline {
+        None => Ok(None),
+        Some(d) => match d.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => Ok(Some(left)),
+            _ => Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed")),
+        },
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(left) = left(self.read_deadline)? {
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        (&*self.stream).read(buf)
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(left) = left(self.write_deadline)? {
+            self.stream.set_write_timeout(Some(left))?;
+        }
+        (&*self.stream).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A socket in plain text or TLS; `C` is rustls's `ServerConnection` or `ClientConnection`.
+pub enum Transport<C> {
+    Plain(Socket),
+    Tls(Box<StreamOwned<C, Socket>>),
+}
+
+impl<C> Transport<C> {
+    pub fn socket_mut(&mut self) -> &mut Socket {
+        match self {
+            Transport::Plain(socket) => socket,
+            Transport::Tls(tls) => &mut tls.sock,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls(_))
+    }
+}
+
+impl<C, S> Read for Transport<C>
+where
+    C: DerefMut + Deref<Target = ConnectionCommon<S>>,
+    S: SideData,
+{
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(socket) => socket.read(buf),
+            Transport::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl<C, S> Write for Transport<C>
+where
+    C: DerefMut + Deref<Target = ConnectionCommon<S>>,
+    S: SideData,
+{
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(socket) => socket.write(buf),
+            Transport::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Transport::Plain(socket) => socket.flush(),
+            Transport::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
+/// The rustls error behind an I/O error, if any: a certificate that is not trusted, a record
+/// that fails its integrity check. Such an error is never cured by trying again.
+pub fn tls_error(error: &io::Error) -> Option<&rustls::Error> {
+    error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}

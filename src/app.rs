@@ -258,14 +258,10 @@ pub fn agency_main() -> ExitCode {
             info!("action: shutdown | result: success");
             ExitCode::SUCCESS
         }
-        Err(e @ AgencyError::Data { .. }) if !stop.is_triggered() => {
-            // A data problem found before any connection: said on stderr too, as a start-up error.
+        Err(e) => {
+            // Logged, and said on stderr as one line: a final failure, not to be retried.
             error!("action: round | result: fail | error: {}", logging::field(&e.to_string()));
             fail(NAME, &e)
-        }
-        Err(e) => {
-            error!("action: round | result: fail | error: {}", logging::field(&e.to_string()));
-            ExitCode::FAILURE
         }
     }
 }

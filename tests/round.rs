@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    Proc, STEP, TestServer, agency, assert_log_format, assert_store, expected_store, log_field, read_csv, winners_of,
-    winners_reply,
+    Keys, Proc, STEP, TestServer, TlsClient, agency, assert_log_format, assert_store, env_refs, expected_store,
+    log_field, read_csv, winners_of, winners_reply,
 };
 
 fn no_fail(name: &str, lines: &[String]) {
@@ -14,6 +14,7 @@ fn no_fail(name: &str, lines: &[String]) {
     }
 }
 
+/// The round as deployed: TLS and agency tokens, keys made by `lottery-server --make-keys`.
 #[test]
 fn a_full_round_of_five_agency_processes() {
     const AGENCIES: u32 = 5;
@@ -23,10 +24,13 @@ fn a_full_round_of_five_agency_processes() {
     let data = tempfile::tempdir().unwrap();
     // Seed 2 gives 1, 2, 2, 1 and 0 winners: agencies with several winners and one with none.
     let files = lottery::tools::dataset::generate(data.path(), AGENCIES, BETS, 2).unwrap();
-    let mut server = TestServer::start(AGENCIES, &[]);
+    let keys = Keys::make(data.path(), AGENCIES);
+    let mut server = TestServer::start(AGENCIES, &env_refs(&keys.server_env()));
     let address = server.address();
-    let mut agencies: Vec<Proc> =
-        (1..=AGENCIES).zip(&files).map(|(id, file)| agency(data.path(), id, &address, file, BATCH, &[])).collect();
+    let mut agencies: Vec<Proc> = (1..=AGENCIES)
+        .zip(&files)
+        .map(|(id, file)| agency(data.path(), id, &address, file, BATCH, &env_refs(&keys.agency_env(id))))
+        .collect();
     for agency in &mut agencies {
         agency.wait_success(STEP);
     }
@@ -58,11 +62,11 @@ fn a_full_round_of_five_agency_processes() {
 
     // What the server answers to a raw query is what the agencies were told.
     for (id, winners) in (1..=AGENCIES).zip(&winners) {
-        let mut client = server.client();
-        assert_eq!(client.send(&format!("HELLO {id}")), format!("OK {BETS}"));
+        let mut client = TlsClient::connect(server.port, &keys.path("ca.pem"));
+        assert_eq!(client.send(&format!("HELLO {id} {}", keys.token(id))), format!("OK {BETS}"));
         assert_eq!(client.send("WINNERS"), winners_reply(winners), "agency {id}");
         assert_eq!(client.send("QUIT"), "BYE");
-        client.expect_eof();
+        assert_eq!(client.read_line(), None);
     }
     assert_store(&server.bets_path(), &expected_store(&files));
 

@@ -47,7 +47,8 @@ impl Credentials {
             None => address.rsplit_once(':').map_or(address, |(host, _)| host),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        ServerName::try_from(host.to_owned()).map_err(|e| format!("{host:?} cannot be checked against a certificate: {e}"))
+        ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("{host:?} cannot be checked against a certificate: {e}"))
     }
 }
 

@@ -207,6 +207,24 @@ fn extra_bet(settings: &AgencySettings) -> Result<Option<Bet>, AgencyError> {
     })
 }
 
+/// A TLS failure said for a person: what it means for this agency, then rustls's own words.
+fn describe(error: &rustls::Error) -> String {
+    use rustls::{CertificateError, Error};
+    let meaning = match error {
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => {
+            "the server's certificate does not hold the name this agency checks (CLI_TLS_NAME, else the host of CLI_SERVER_ADDRESS)"
+        }
+        Error::InvalidCertificate(_) => "the server's certificate is not one that CLI_TLS_CA vouches for",
+        Error::DecryptError | Error::InvalidMessage(_) | Error::PeerMisbehaved(_) => {
+            "what arrived was not what the server sent (tampered with on the way?)"
+        }
+        _ => "the TLS session broke",
+    };
+    format!("{meaning}: {error}")
+}
+
 /// One connection's failure: worth another connection, or final.
 enum Attempt {
     Retry(String),
@@ -217,7 +235,7 @@ impl From<io::Error> for Attempt {
     fn from(e: io::Error) -> Self {
         match tls_error(&e) {
             // Said without the address here; `round` knows it and adds it.
-            Some(tls) => Attempt::Fatal(AgencyError::Tls { address: String::new(), why: tls.to_string() }),
+            Some(tls) => Attempt::Fatal(AgencyError::Tls { address: String::new(), why: describe(tls) }),
             None => Attempt::Retry(e.to_string()),
         }
     }

@@ -51,7 +51,8 @@ impl AgencyKeys {
 
     /// The text of an `agencies.keys` file for these digests (agency 1 first).
     pub fn file_text(digests: &[TokenDigest]) -> String {
-        let mut text = String::from("# lottery-server agency keys: the SHA-256 of each agency's token, never a token\n");
+        let mut text =
+            String::from("# lottery-server agency keys: the SHA-256 of each agency's token, never a token\n");
         for (k, digest) in (1..).zip(digests) {
             text.push_str(&format!("{k} {}\n", digest.to_text()));
         }

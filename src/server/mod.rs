@@ -137,7 +137,8 @@ pub fn run(
         }
         info!("action: accept_connections | result: success | ip: {ip}");
         next_id += 1;
-        let shared = Shared { round: Arc::clone(&round), security: Arc::clone(&security), registry: Arc::clone(&registry) };
+        let shared =
+            Shared { round: Arc::clone(&round), security: Arc::clone(&security), registry: Arc::clone(&registry) };
         match spawn_connection(next_id, stream, shared, limits) {
             Ok(handle) => handles.push(handle),
             Err(e) => error!("action: spawn_thread | result: fail | error: {e}"),
@@ -191,11 +192,17 @@ fn spawn_connection(id: u64, stream: TcpStream, shared: Shared, limits: Limits) 
         // Deregisters even if the session panics.
         let _registered = Registered { id, registry: Arc::clone(&shared.registry) };
         let deadline = Instant::now() + limits.idle_timeout;
-        let transport = match tls::accept(stream, shared.security.tls.as_ref(), deadline) {
+        let transport = match tls::accept(Arc::clone(&stream), shared.security.tls.as_ref(), deadline) {
             Ok(Some(transport)) => transport,
             Ok(None) => return,
             Err(e) => {
+                // Silent from the start: not TLS, so it may read a line of plain text.
                 debug!("action: accept_tls | result: fail | id: {id} | error: {e}");
+                let ms = limits.idle_timeout.as_millis();
+                let why = ProtocolError::new(ErrorCode::Timeout, format!("no request within {ms} ms; closing"));
+                let mut conn = Connection::new(stream, Duration::from_secs(1));
+                let _ = conn.write_reply(&Reply::Err(why));
+                conn.close();
                 return;
             }
         };

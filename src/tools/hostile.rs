@@ -55,8 +55,10 @@ pub struct Report {
 /// How long a hostile client waits for the server to deal with it.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// Runs one hostile client of `kind` against `addr`; `seed` varies its garbage.
-pub fn run(kind: Kind, addr: SocketAddr, seed: u64) -> Report {
+/// Runs one hostile client of `kind` against `addr`; `seed` varies its garbage. The kinds that
+/// say `HELLO` speak for `agency`: give them one no honest agency uses, or (in protected mode,
+/// where loopback is trusted) they take over that agency's session, as they may.
+pub fn run(kind: Kind, addr: SocketAddr, seed: u64, agency: u32) -> Report {
     let mut report = Report { kind, replies: Vec::new(), closed_by_server: false };
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
         report.replies.push("connect failed".into());
@@ -68,13 +70,14 @@ pub fn run(kind: Kind, addr: SocketAddr, seed: u64) -> Report {
         Kind::Slowloris => return slowloris(stream, report),
         Kind::Oversized => stream.write_all(&vec![b'A'; 64 * 1024]),
         Kind::Garbage => stream.write_all(&garbage(seed)).and_then(|()| stream.write_all(b"\nQUIT\n")),
-        Kind::HalfBatch => {
-            stream.write_all(b"HELLO 1\nBATCH 0 10\nNot,Sent,1,2000-01-01,1\n\"Half\",a,2,2000-01-01,2\nx,y,3")
-        }
-        Kind::BadBets => stream.write_all(BAD_BETS.as_bytes()),
-        Kind::OutOfRange => {
-            stream.write_all(b"HELLO 0\nHELLO 4294967295\nHELLO 1\nBATCH 999999999 1\nOut,Of,1,2000-01-01,1\nQUIT\n")
-        }
+        Kind::HalfBatch => stream.write_all(
+            format!("HELLO {agency}\nBATCH 0 10\nNot,Sent,1,2000-01-01,1\n\"Half\",a,2,2000-01-01,2\nx,y,3").as_bytes(),
+        ),
+        Kind::BadBets => stream.write_all(BAD_BETS.replace("HELLO 1", &format!("HELLO {agency}")).as_bytes()),
+        Kind::OutOfRange => stream.write_all(
+            format!("HELLO 0\nHELLO 4294967295\nHELLO {agency}\nBATCH 999999999 1\nOut,Of,1,2000-01-01,1\nQUIT\n")
+                .as_bytes(),
+        ),
     };
     // A write may fail when the server has already answered and closed: read what it said.
     let _ = sent;
@@ -86,7 +89,8 @@ pub fn run(kind: Kind, addr: SocketAddr, seed: u64) -> Report {
     report
 }
 
-/// Every field wrong in turn, a bet before `HELLO`, and a batch with one bad row among good-
+/// Every field wrong in turn, a bet before `HELLO` (of agency 1, which [`run`] replaces by its
+/// own), and a batch with one bad row among good-
 /// looking rows whose agency is not this connection's business (the batch is refused whole).
 const BAD_BETS: &str = "BET Ana,Paz,1,2000-01-01,1\n\
     HELLO 1\n\

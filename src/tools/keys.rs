@@ -79,7 +79,12 @@ fn certificates(extra_names: &[String]) -> Result<Certificates, String> {
     let now = OffsetDateTime::now_utc();
     let ca_key = KeyPair::generate().map_err(|e| format!("cannot make the CA's key: {e}"))?;
     let mut ca_params = CertificateParams::default();
-    ca_params.distinguished_name.push(DnType::CommonName, "lottery central CA");
+    // A name of its own: a verifier that meets another round's CA finds no issuer of that name
+    // ("unknown issuer"), rather than a signature that does not check.
+    let mut tag = [0u8; 4];
+    getrandom::fill(&mut tag).map_err(|e| format!("no random bytes from the system: {e}"))?;
+    let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    ca_params.distinguished_name.push(DnType::CommonName, format!("lottery central CA {tag}"));
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     (ca_params.not_before, ca_params.not_after) = (now - Duration::hours(1), now + Duration::days(3650));
@@ -92,7 +97,8 @@ fn certificates(extra_names: &[String]) -> Result<Certificates, String> {
     (params.not_before, params.not_after) = (now - Duration::hours(1), now + Duration::days(825));
     let server_key = KeyPair::generate().map_err(|e| format!("cannot make the server's key: {e}"))?;
     let issuer = Issuer::new(ca_params, &ca_key);
-    let server = params.signed_by(&server_key, &issuer).map_err(|e| format!("cannot sign the server's certificate: {e}"))?;
+    let server =
+        params.signed_by(&server_key, &issuer).map_err(|e| format!("cannot sign the server's certificate: {e}"))?;
     Ok(Certificates { ca: ca.pem(), server: server.pem(), server_key: server_key.serialize_pem() })
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -206,16 +206,11 @@ pub fn run(opts: &Options) -> Result<bool, String> {
     }
     let started = Instant::now();
     let progress = Progress::start(addr, total);
-    let hostile: Vec<_> = (0..opts.hostile)
-        .map(|i| {
-            let (kind, seed) = (hostile::Kind::nth(i as usize), opts.seed + u64::from(i));
-            thread::Builder::new().stack_size(64 * 1024).spawn(move || hostile::run(kind, addr, seed))
-        })
-        .collect();
+    let hostile = run_hostile(opts, addr);
     let outcomes = run_agencies(&files, addr, batch_max, &credentials.agencies, &stop);
     let elapsed = started.elapsed();
     progress.finish();
-    let hostile: Vec<hostile::Report> = hostile.into_iter().filter_map(|h| h.ok()?.join().ok()).collect();
+    let hostile: Vec<hostile::Report> = hostile.and_then(|h| h.join().ok()).unwrap_or_default();
     if let Some(server) = local {
         server.stop()?;
     }
@@ -223,6 +218,51 @@ pub fn run(opts: &Options) -> Result<bool, String> {
     let ok = report(&outcomes, &expected, total, elapsed);
     report_hostile(&hostile);
     Ok(ok)
+}
+
+/// The agency the hostile clients speak for: in protected mode (`--plaintext`) loopback is
+/// trusted, so they get one of their own, after the real ones, or they would take over a real
+/// agency's session; over TLS they are refused at the door whatever agency they name.
+fn hostile_agency(opts: &Options) -> Option<u32> {
+    (opts.plaintext && opts.hostile > 0 && opts.server.is_none()).then_some(opts.agencies + 1)
+}
+
+/// Runs the hostile clients in a thread of their own; once they are all dealt with, says
+/// `DONE` for their agency so that the draw can happen.
+fn run_hostile(opts: &Options, addr: SocketAddr) -> Option<thread::JoinHandle<Vec<hostile::Report>>> {
+    if opts.hostile == 0 {
+        return None;
+    }
+    let (count, first_seed, agency) = (opts.hostile, opts.seed, hostile_agency(opts));
+    let run = move || {
+        let clients: Vec<_> = (0..count)
+            .map(|i| {
+                let (kind, seed) = (hostile::Kind::nth(i as usize), first_seed + u64::from(i));
+                let agency = agency.unwrap_or(1);
+                thread::Builder::new().stack_size(64 * 1024).spawn(move || hostile::run(kind, addr, seed, agency))
+            })
+            .collect();
+        let reports = clients.into_iter().filter_map(|h| h.ok()?.join().ok()).collect();
+        if let Some(agency) = agency {
+            say_done(addr, agency);
+        }
+        reports
+    };
+    thread::Builder::new().name("hostile".into()).spawn(run).ok()
+}
+
+/// `HELLO <agency>` and `DONE` over plain text from loopback (protected mode).
+fn say_done(addr: SocketAddr, agency: u32) {
+    let said = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).and_then(|mut stream| {
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.write_all(format!("HELLO {agency}\nDONE\nQUIT\n").as_bytes())?;
+        let mut replies = String::new();
+        BufReader::new(stream).read_to_string(&mut replies)?;
+        Ok(replies)
+    });
+    if !said.as_ref().is_ok_and(|r| r.lines().nth(1) == Some("OK")) {
+        eprintln!("lottery-round: the hostile clients' agency {agency} could not say DONE: {said:?}");
+    }
 }
 
 /// Where `bets.csv` goes: `--keep DIR` (which must not hold one yet) or the scratch directory.
@@ -290,7 +330,7 @@ impl LocalServer {
         security: Arc<Security>,
     ) -> Result<LocalServer, String> {
         let config = RoundConfig {
-            agencies: opts.agencies,
+            agencies: opts.agencies + u32::from(hostile_agency(opts).is_some()),
             storage_path: dir.join("bets.csv"),
             sync: settings.sync,
             group_commit: settings.group_commit,

@@ -482,3 +482,185 @@ pub fn assert_store(bets: &Path, expected: &[Vec<String>]) {
         panic!("bets.csv differs from the input: sorted row {i} is {:?}, expected {:?}", stored[i], expected[i]);
     }
 }
+
+/// Keys made by the real `lottery-server --make-keys`, and the settings that use them.
+pub struct Keys {
+    pub dir: PathBuf,
+}
+
+impl Keys {
+    /// Runs `lottery-server --make-keys DIR` for `agencies` agencies; panics if it fails.
+    pub fn make(dir: &Path, agencies: u32) -> Keys {
+        let agencies = agencies.to_string();
+        let cmd = {
+            let mut cmd = command(SERVER, dir, &[("SERVER_AGENCIES", agencies.as_str())]);
+            cmd.arg("--make-keys").arg(dir.join("keys"));
+            cmd
+        };
+        let (status, stdout, stderr) = run_to_exit("lottery-server --make-keys", cmd);
+        assert!(status.success(), "--make-keys failed: {stderr}");
+        assert!(stdout.starts_with("wrote ca.pem"), "{stdout}");
+        Keys { dir: dir.join("keys") }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().expect("UTF-8 temp path").to_owned()
+    }
+
+    /// The server's settings for TLS and tokens, to pass to [`TestServer::start`].
+    pub fn server_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("SERVER_AGENCY_KEYS".into(), self.path("agencies.keys")),
+            ("SERVER_TLS_CERT".into(), self.path("server.pem")),
+            ("SERVER_TLS_KEY".into(), self.path("server.key")),
+        ]
+    }
+
+    /// Agency `id`'s settings for TLS and its token, to pass to [`agency`].
+    pub fn agency_env(&self, id: u32) -> Vec<(String, String)> {
+        vec![
+            ("CLI_TOKEN_FILE".into(), self.path(&format!("agency-{id}.token"))),
+            ("CLI_TLS_CA".into(), self.path("ca.pem")),
+        ]
+    }
+
+    /// Agency `id`'s token (for a test's own TLS client; never printed).
+    pub fn token(&self, id: u32) -> String {
+        std::fs::read_to_string(self.dir.join(format!("agency-{id}.token"))).expect("token file").trim().to_owned()
+    }
+}
+
+/// `[(String, String)]` as the `[(&str, &str)]` that [`TestServer::start`] and [`agency`] take.
+pub fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// A line-oriented TLS client that trusts the CA in `ca`, with timeouts on its socket.
+pub struct TlsClient {
+    stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl TlsClient {
+    pub fn connect(port: u16, ca: &str) -> TlsClient {
+        use rustls::pki_types::pem::PemObject;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let tcp = TcpStream::connect_timeout(&addr, STEP).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        tcp.set_read_timeout(Some(STEP)).expect("read timeout");
+        tcp.set_write_timeout(Some(STEP)).expect("write timeout");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
+            roots.add(cert.expect("a CA certificate")).expect("a usable CA");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("a TLS client");
+        TlsClient { stream: rustls::StreamOwned::new(conn, tcp), buf: Vec::new() }
+    }
+
+    /// Sends one request line (never echoed in a panic message: it may hold a token) and
+    /// returns the reply line.
+    pub fn send(&mut self, line: &str) -> String {
+        self.write(format!("{line}\n").as_bytes()).unwrap_or_else(|e| panic!("send: {e}"));
+        self.read_line().unwrap_or_else(|| panic!("the server closed the connection instead of replying"))
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes).and_then(|()| self.stream.flush())
+    }
+
+    /// The next line, or `None` at the end of the stream (a close, with or without notice).
+    pub fn read_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some(String::from_utf8_lossy(&line).trim_end_matches(['\n', '\r']).to_owned());
+            }
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::ConnectionReset => {
+                    return None;
+                }
+                Err(e) => panic!("no reply: {e}"),
+            }
+        }
+    }
+}
+
+/// A man in the middle: forwards one connection at a time between a client and `upstream`,
+/// keeps every byte it saw, and may flip one byte of what the server sends once the client
+/// has sent `flip_after` bytes.
+pub struct Relay {
+    pub port: u16,
+    /// Every byte that crossed, both ways.
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    _accept: JoinHandle<()>,
+}
+
+impl Relay {
+    pub fn start(upstream: u16, flip_after: Option<usize>) -> Relay {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let captured = Arc::clone(&seen);
+        let accept = thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+                let sent_up = Arc::new(AtomicUsize::new(0));
+                let flipped = Arc::new(AtomicBool::new(false));
+                for (from, to, upward) in [
+                    (client.try_clone().expect("clone"), server.try_clone().expect("clone"), true),
+                    (server, client, false),
+                ] {
+                    let (captured, sent_up, flipped) =
+                        (Arc::clone(&captured), Arc::clone(&sent_up), Arc::clone(&flipped));
+                    thread::spawn(move || pump(from, to, upward, &captured, &sent_up, &flipped, flip_after));
+                }
+            }
+        });
+        // The accept thread ends with the test process; the listener dies with it.
+        Relay { port, seen, _accept: accept }
+    }
+}
+
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    upward: bool,
+    captured: &std::sync::Mutex<Vec<u8>>,
+    sent_up: &std::sync::atomic::AtomicUsize,
+    flipped: &std::sync::atomic::AtomicBool,
+    flip_after: Option<usize>,
+) {
+    use std::sync::atomic::Ordering;
+    let _ = from.set_read_timeout(Some(STEP * 6));
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        captured.lock().expect("capture").extend_from_slice(&buf[..n]);
+        if upward {
+            sent_up.fetch_add(n, Ordering::SeqCst);
+        } else if flip_after.is_some_and(|after| sent_up.load(Ordering::SeqCst) >= after)
+            && !flipped.swap(true, Ordering::SeqCst)
+        {
+            buf[n - 1] ^= 0x01;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}

@@ -3,7 +3,7 @@
 # every agency; config.ini and the agency files are mounted at run time, never baked in.
 #
 # The base images are build arguments, so another tag (or a mirror) is one flag away:
-#   docker build --build-arg RUST_IMAGE=rust:1.85-slim-bookworm -t lottery .
+#   docker build --build-arg RUST_IMAGE=rust:1.89-slim-bookworm -t lottery .
 # The runtime image must be Debian-based: the build installs netcat with apt (see below).
 ARG RUST_IMAGE=rust:1.95-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim

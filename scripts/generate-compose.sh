@@ -21,7 +21,14 @@
 # - stop_grace_period leaves room above the server's 2-second clean shutdown on SIGTERM, so
 #   `docker-compose down` never has to SIGKILL it;
 # - the agencies start once the server answers PING (healthcheck: the image's own
-#   `lottery-agency --ping`, no shell or netcat needed).
+#   `lottery-agency --ping`, no shell or netcat needed);
+# - TLS and agency tokens with no command of yours: a one-shot `keys` service runs
+#   `lottery-server --make-keys` into the volume `keys` on the first `up` (later ones find the
+#   keys there and make none; `down` keeps them), then copies to each container only what it
+#   needs, on a volume of its own mounted at /app/.secrets, where the defaults look: the server
+#   gets server.pem, server.key and agencies.keys; agency N gets ca.pem and agency-N.token,
+#   never another agency's token. The keys service runs as root to own fresh volumes, and
+#   hands the files to the image's user (uid 10001), secrets at mode 0600.
 set -euo pipefail
 
 usage() {
@@ -49,6 +56,41 @@ compose() {
 # differs per container. Agency data: .data/agency-N.csv, or \$LOTTERY_DATA_DIR/agency-N.csv.
 
 services:
+  keys:
+    image: lottery:latest
+    user: "0:0"
+    environment:
+      SERVER_AGENCIES: "$n"
+    entrypoint: ["/bin/sh", "-c"]
+    command:
+      - |
+        set -eu
+        if [ ! -e /keys/agencies.keys ]; then lottery-server --make-keys /keys; fi
+        give() { install -o 10001 -g 10001 -m "\$\$1" "/keys/\$\$2" "/out/\$\$3/\$\$2"; }
+        give 0644 server.pem server
+        give 0600 server.key server
+        give 0600 agencies.keys server
+        for i in \$\$(seq 1 $n); do give 0644 ca.pem agency-\$\$i; give 0600 agency-\$\$i.token agency-\$\$i; done
+        echo "action: keys | result: success | dir: /keys"
+    volumes:
+      - type: volume
+        source: keys
+        target: /keys
+      - type: volume
+        source: keys-server
+        target: /out/server
+EOF
+  for ((id = 1; id <= n; id++)); do
+    cat <<EOF
+      - type: volume
+        source: keys-agency-$id
+        target: /out/agency-$id
+EOF
+  done
+  cat <<EOF
+    networks:
+      - lottery
+
   server:
     build:
       context: .
@@ -65,8 +107,15 @@ services:
       - type: volume
         source: bets
         target: /var/lib/lottery
+      - type: volume
+        source: keys-server
+        target: /app/.secrets
+        read_only: true
     networks:
       - lottery
+    depends_on:
+      keys:
+        condition: service_completed_successfully
     stop_grace_period: 5s
     healthcheck:
       test: ["CMD", "lottery-agency", "--ping", "127.0.0.1:$port"]
@@ -94,6 +143,10 @@ EOF
         source: \${LOTTERY_DATA_DIR:-./.data}/agency-$id.csv
         target: /app/.data/agency-$id.csv
         read_only: true
+      - type: volume
+        source: keys-agency-$id
+        target: /app/.secrets
+        read_only: true
     networks:
       - lottery
     depends_on:
@@ -110,7 +163,12 @@ networks:
 
 volumes:
   bets:
+  keys:
+  keys-server:
 EOF
+  for ((id = 1; id <= n; id++)); do
+    echo "  keys-agency-$id:"
+  done
 }
 
 if [[ $out == - ]]; then

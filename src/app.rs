@@ -121,7 +121,7 @@ pub fn server_main() -> ExitCode {
         Ok(started) => started,
         Err(e) => return fail(NAME, &e),
     };
-    let limits = Limits { max_connections: settings.max_connections, idle_timeout: settings.idle_timeout };
+    let limits = Limits::from_settings(&settings);
     match server::run(listener, Arc::new(round), limits, Arc::new(security), &shutdown) {
         Ok(()) => {
             info!("action: shutdown | result: success");
@@ -192,6 +192,8 @@ fn start_server(settings: &ServerSettings) -> Result<Started, String> {
         storage_path: settings.storage_path.clone(),
         sync: settings.sync,
         group_commit: settings.group_commit,
+        max_bets_per_agency: settings.max_bets_per_agency,
+        min_free_bytes: settings.min_free_bytes,
     };
     let (round, resumed) = Round::open(config).map_err(|e| e.to_string())?;
     info!(

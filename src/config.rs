@@ -27,6 +27,11 @@ pub const KEYS: &[(&str, Option<&str>)] = &[
     ("SERVER_STORAGE_PATH", Some("./bets.csv")),
     ("SERVER_MAX_CONNECTIONS", Some("1024")),
     ("SERVER_IDLE_TIMEOUT_MS", Some("30000")),
+    ("SERVER_MAX_GUESTS", Some("64")),
+    ("SERVER_MAX_GUESTS_PER_IP", Some("8")),
+    ("SERVER_HELLO_TIMEOUT_MS", Some("5000")),
+    ("SERVER_MAX_BETS_PER_AGENCY", Some("10000000")),
+    ("SERVER_MIN_FREE_BYTES", Some("268435456")),
     ("SERVER_SYNC", Some("always")),
     ("SERVER_GROUP_COMMIT", Some("true")),
     ("LOGGING_LEVEL", Some("INFO")),
@@ -77,6 +82,13 @@ pub struct ServerSettings {
     pub storage_path: PathBuf,
     pub max_connections: usize,
     pub idle_timeout: Duration,
+    /// Connections not yet authenticated, at once, and per source address.
+    pub max_guests: usize,
+    pub max_guests_per_ip: usize,
+    /// How long a guest has to authenticate (or finish its probe).
+    pub hello_timeout: Duration,
+    pub max_bets_per_agency: u64,
+    pub min_free_bytes: u64,
     pub sync: SyncMode,
     pub group_commit: bool,
     pub log_level: LevelFilter,
@@ -182,6 +194,19 @@ impl Settings {
     /// # Errors
     /// The first value that does not parse, naming its key.
     pub fn server(&self) -> Result<ServerSettings, ConfigError> {
+        let settings = self.server_unchecked()?;
+        let needed = settings.agencies as usize + settings.max_guests;
+        if settings.max_connections < needed {
+            return Err(ConfigError(format!(
+                "SERVER_MAX_CONNECTIONS = {} leaves no room: every agency has a connection of its own besides the \
+                 SERVER_MAX_GUESTS unauthenticated ones, so it must be at least SERVER_AGENCIES + SERVER_MAX_GUESTS = {needed}",
+                settings.max_connections
+            )));
+        }
+        Ok(settings)
+    }
+
+    fn server_unchecked(&self) -> Result<ServerSettings, ConfigError> {
         Ok(ServerSettings {
             ip: self.get("SERVER_IP", "an IP address", |v| v.parse().ok())?,
             port: self.number("SERVER_PORT", 0, u16::MAX, "a port 0..=65535")?,
@@ -191,6 +216,16 @@ impl Settings {
                 .get("SERVER_STORAGE_PATH", "a path", |v| Some(v).filter(|v| !v.is_empty()).map(PathBuf::from))?,
             max_connections: self.number("SERVER_MAX_CONNECTIONS", 1, 1_000_000, "a number 1..=1000000")?,
             idle_timeout: self.millis("SERVER_IDLE_TIMEOUT_MS")?,
+            max_guests: self.number("SERVER_MAX_GUESTS", 1, 1_000_000, "a number 1..=1000000")?,
+            max_guests_per_ip: self.number("SERVER_MAX_GUESTS_PER_IP", 1, 1_000_000, "a number 1..=1000000")?,
+            hello_timeout: self.millis("SERVER_HELLO_TIMEOUT_MS")?,
+            max_bets_per_agency: self.number(
+                "SERVER_MAX_BETS_PER_AGENCY",
+                1,
+                u64::MAX,
+                "a number of bets, at least 1",
+            )?,
+            min_free_bytes: self.number("SERVER_MIN_FREE_BYTES", 0, u64::MAX, "a number of bytes")?,
             sync: self.get("SERVER_SYNC", "always or never", |v| match v.to_ascii_lowercase().as_str() {
                 "always" => Some(SyncMode::Always),
                 "never" => Some(SyncMode::Never),
@@ -337,7 +372,9 @@ mod tests {
     #[test]
     fn every_env_var_overrides_the_file() {
         let file = "SERVER_IP = 10.0.0.1\nSERVER_PORT = 1\nSERVER_LISTEN_BACKLOG = 1\nSERVER_AGENCIES = 1\n\
-            SERVER_STORAGE_PATH = file.csv\nSERVER_MAX_CONNECTIONS = 1\nSERVER_IDLE_TIMEOUT_MS = 1\n\
+            SERVER_STORAGE_PATH = file.csv\nSERVER_MAX_CONNECTIONS = 2\nSERVER_IDLE_TIMEOUT_MS = 1\n\
+            SERVER_MAX_GUESTS = 1\nSERVER_MAX_GUESTS_PER_IP = 1\nSERVER_HELLO_TIMEOUT_MS = 1\n\
+            SERVER_MAX_BETS_PER_AGENCY = 1\nSERVER_MIN_FREE_BYTES = 1\n\
             SERVER_SYNC = always\nSERVER_GROUP_COMMIT = true\nLOGGING_LEVEL = ERROR\nCLI_ID = 1\n\
             CLI_SERVER_ADDRESS = file:1\nCLI_BATCH_MAXAMOUNT = 1\nCLI_DATA_PATH = file-{CLI_ID}.csv\n\
             CLI_RETRY_TIMEOUT_MS = 1\nCLI_LOG_LEVEL = ERROR\nSERVER_AGENCY_KEYS = f.keys\n\
@@ -349,7 +386,12 @@ mod tests {
             ("SERVER_LISTEN_BACKLOG", "2"),
             ("SERVER_AGENCIES", "2"),
             ("SERVER_STORAGE_PATH", "env.csv"),
-            ("SERVER_MAX_CONNECTIONS", "2"),
+            ("SERVER_MAX_CONNECTIONS", "5"),
+            ("SERVER_MAX_GUESTS", "3"),
+            ("SERVER_MAX_GUESTS_PER_IP", "2"),
+            ("SERVER_HELLO_TIMEOUT_MS", "7"),
+            ("SERVER_MAX_BETS_PER_AGENCY", "9"),
+            ("SERVER_MIN_FREE_BYTES", "0"),
             ("SERVER_IDLE_TIMEOUT_MS", "2"),
             ("SERVER_SYNC", "never"),
             ("SERVER_GROUP_COMMIT", "false"),
@@ -375,7 +417,9 @@ mod tests {
         let (_dir, from_env) = with_file(file, &overrides);
         let (s, a) = (from_env.as_ref().unwrap().server().unwrap(), from_env.unwrap().agency().unwrap());
         assert_eq!(s.ip.to_string(), "127.0.0.2");
-        assert_eq!((s.port, s.backlog, s.agencies, s.max_connections), (2, 2, 2, 2));
+        assert_eq!((s.port, s.backlog, s.agencies, s.max_connections), (2, 2, 2, 5));
+        assert_eq!((s.max_guests, s.max_guests_per_ip, s.hello_timeout), (3, 2, Duration::from_millis(7)));
+        assert_eq!((s.max_bets_per_agency, s.min_free_bytes), (9, 0));
         assert_eq!((s.storage_path, s.idle_timeout), (PathBuf::from("env.csv"), Duration::from_millis(2)));
         assert_eq!((s.sync, s.group_commit, s.log_level), (SyncMode::Never, false, LevelFilter::Debug));
         assert_eq!((a.id, a.server_address.as_str(), a.batch_max), (2, "env:2", 2));
@@ -385,6 +429,13 @@ mod tests {
         assert_eq!(s.tls_names, ["a.example", "b.example"]);
         assert_eq!((a.token_file, a.tls_ca), (Some(PathBuf::from("e-2.token")), None));
         assert_eq!(a.tls_name.as_deref(), Some("e.example"));
+    }
+
+    #[test]
+    fn connections_must_leave_room_for_every_agency_and_the_guests() {
+        let (_dir, settings) = with_file("", &[("SERVER_MAX_CONNECTIONS", "68")]);
+        let err = settings.unwrap().server().unwrap_err().0;
+        assert!(err.contains("at least SERVER_AGENCIES + SERVER_MAX_GUESTS = 69"), "{err}");
     }
 
     #[test]

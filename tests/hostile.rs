@@ -20,12 +20,20 @@ const HOSTILE_PER_KIND: usize = 30;
 fn an_honest_round_completes_beside_two_hundred_hostile_clients() {
     let data = tempfile::tempdir().unwrap();
     let files = lottery::tools::dataset::generate(data.path(), AGENCIES, BETS, 42).unwrap();
-    // Few connections and a short idle timeout: the hostile clients overflow the server
-    // (ERR BUSY) and are cut off quickly; the agencies retry until they get in. The server is
+    // Few connections and a short idle timeout: the hostile clients overflow the guest places
+    // (the oldest is closed with ERR BUSY for each newcomer) and are cut off quickly; the
+    // agencies retry until they get in. The server is
     // in protected mode (loopback is trusted), so the hostile clients get an agency of their
     // own, the last one: its DONE, said once they are all dealt with, lets the draw happen.
-    let mut server =
-        TestServer::start(AGENCIES + 1, &[("SERVER_MAX_CONNECTIONS", "40"), ("SERVER_IDLE_TIMEOUT_MS", "500")]);
+    let mut server = TestServer::start(
+        AGENCIES + 1,
+        &[
+            ("SERVER_MAX_CONNECTIONS", "40"),
+            ("SERVER_MAX_GUESTS", "34"),
+            ("SERVER_MAX_GUESTS_PER_IP", "34"),
+            ("SERVER_IDLE_TIMEOUT_MS", "500"),
+        ],
+    );
     let address = server.address();
     let addr: SocketAddr = address.parse().unwrap();
 

@@ -26,6 +26,12 @@ use crate::wire::protocol::{ErrorCode, MAX_LINE, ProtocolError, Reply};
 use crate::wire::transport::{Socket, Transport, tls_error};
 use credentials::Credentials;
 
+/// The longest reply read: a server gone wrong cannot make us buffer more. The longest legal
+/// reply is `WINNERS` for an agency all of whose bets won, at the default quota
+/// (`SERVER_MAX_BETS_PER_AGENCY`, 10,000,000) of 10-digit documents: 110,000,000 bytes and a
+/// few. A server with a higher quota may send more, and this agency would refuse it.
+const MAX_REPLY: u64 = 128 << 20;
+
 /// Longest wait for a reply other than `WINNERS` (which waits for the other agencies).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -524,8 +530,7 @@ impl Link {
     fn receive(&mut self, timeout: Option<Duration>) -> Result<Reply, Attempt> {
         self.stream.set_read_timeout(timeout)?;
         self.line.clear();
-        // A reply is one line; 16 MiB bounds a server gone wrong.
-        let n = (&mut self.io).take(16 << 20).read_line(&mut self.line)?;
+        let n = (&mut self.io).take(MAX_REPLY).read_line(&mut self.line)?;
         if n == 0 || !self.line.ends_with('\n') {
             return Err(Attempt::Retry("the server closed the connection".into()));
         }

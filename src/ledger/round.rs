@@ -12,14 +12,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use log::{error, info, warn};
 
+use crate::ledger::free_space::FreeSpace;
 use crate::ledger::round_file::{self, RoundFile};
 use crate::ledger::store::{self, Recovered, Store, StoreError};
-use crate::wire::protocol::{ErrorCode, ProtocolError, Status};
+use crate::wire::protocol::{self, ErrorCode, ProtocolError, Status};
 
 /// When an `OK` is sent for stored bets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +41,10 @@ pub struct RoundConfig {
     /// Share one sync among all the rows appended while it runs (`SERVER_GROUP_COMMIT`). Off,
     /// every write syncs on its own, holding the lock: only for measuring what group commit buys.
     pub group_commit: bool,
+    /// Most bets one agency may store (`SERVER_MAX_BETS_PER_AGENCY`).
+    pub max_bets_per_agency: u64,
+    /// Bytes that must stay free on the storage's filesystem (`SERVER_MIN_FREE_BYTES`; 0: off).
+    pub min_free_bytes: u64,
 }
 
 /// The shared state of one round.
@@ -68,14 +73,16 @@ struct State {
     /// A sync failed: what was written since may not be on disk, so nothing more is
     /// acknowledged until the server restarts and recounts from the file.
     broken: Option<String>,
+    free_space: FreeSpace,
 }
 
 enum Phase {
     Open,
     /// The last agency said `DONE`; one thread is reading `bets.csv` back.
     Drawing,
-    /// Winners per agency (index 0 is agency 1), their documents joined by commas.
-    Drawn(Vec<String>),
+    /// Each agency's `WINNERS` reply line (index 0 is agency 1), encoded once at the draw and
+    /// shared by every request for it: a reply of millions of winners costs its memory once.
+    Drawn(Vec<Arc<[u8]>>),
 }
 
 /// What start-up found, for the log.
@@ -140,7 +147,7 @@ impl Round {
         };
         let phase = if saved.drawn {
             let winners = store::winners(&config.storage_path, config.agencies, None)?.unwrap_or_default();
-            Phase::Drawn(winners)
+            Phase::Drawn(replies(&winners))
         } else {
             Phase::Open
         };
@@ -159,6 +166,7 @@ impl Round {
             shutting_down: false,
             syncing: false,
             broken: None,
+            free_space: FreeSpace::new(&config.storage_path, config.min_free_bytes),
         };
         let round = Round {
             config,
@@ -262,6 +270,18 @@ impl Round {
             if st.done[i] {
                 let why = format!("agency {agency} already said DONE");
                 return Err(ProtocolError::new(ErrorCode::Closed, why));
+            }
+            let max = self.config.max_bets_per_agency;
+            if held + (count - skip) > max {
+                let why = format!(
+                    "agency {agency} may store at most {max} bets and holds {held}; nothing of this batch was stored"
+                );
+                return Err(ProtocolError::new(ErrorCode::Quota, why));
+            }
+            let (len, adding) = (st.store.len(), rows.from(skip as usize).len() as u64);
+            if let Err(why) = st.free_space.check(len, adding) {
+                warn!("action: store | result: fail | error: {why}");
+                return Err(ProtocolError::new(ErrorCode::Storage, why));
             }
             if let Err(e) = st.store.append(rows.from(skip as usize)) {
                 let why = format!("cannot write {}: {e}", self.storage_path().display());
@@ -372,7 +392,7 @@ impl Round {
                 if let Err(e) = self.save(&st, true) {
                     error!("action: sorteo | result: fail | error: {e}; the next start draws again");
                 }
-                st.phase = Phase::Drawn(winners);
+                st.phase = Phase::Drawn(replies(&winners));
                 info!("action: sorteo | result: success");
             }
             Ok(None) => st.phase = Phase::Open,
@@ -389,12 +409,13 @@ impl Round {
         RoundFile { agencies: self.config.agencies, done, drawn }.save(&self.round_path)
     }
 
-    /// Waits for the draw at most `wait`, then returns `agency`'s own winners, or `None` if the
-    /// draw is not made yet (the caller looks at its client, then waits again).
+    /// Waits for the draw at most `wait`, then returns `agency`'s `WINNERS` reply line (its own
+    /// winners only), or `None` if the draw is not made yet (the caller looks at its client,
+    /// then waits again).
     ///
     /// # Errors
     /// `BAD_AGENCY`, or `SHUTDOWN` if the server stops first.
-    pub fn winners_within(&self, agency: u32, wait: Duration) -> Result<Option<Vec<String>>, ProtocolError> {
+    pub fn winners_within(&self, agency: u32, wait: Duration) -> Result<Option<Arc<[u8]>>, ProtocolError> {
         let i = self.check_agency(agency)?;
         let st = self.lock();
         let (st, _) = self
@@ -402,8 +423,7 @@ impl Round {
             .wait_timeout_while(st, wait, |s| !matches!(s.phase, Phase::Drawn(_)) && !s.shutting_down)
             .unwrap_or_else(PoisonError::into_inner);
         match &st.phase {
-            Phase::Drawn(winners) if winners[i].is_empty() => Ok(Some(Vec::new())),
-            Phase::Drawn(winners) => Ok(Some(winners[i].split(',').map(str::to_owned).collect())),
+            Phase::Drawn(replies) => Ok(Some(Arc::clone(&replies[i]))),
             _ if st.shutting_down => Err(shutting_down()),
             _ => Ok(None),
         }
@@ -440,6 +460,11 @@ impl Round {
     }
 }
 
+/// Each agency's `WINNERS` line, from its documents joined by commas.
+fn replies(winners: &[String]) -> Vec<Arc<[u8]>> {
+    winners.iter().map(|joined| Arc::from(protocol::winners_line(joined))).collect()
+}
+
 fn shutting_down() -> ProtocolError {
     ProtocolError::new(ErrorCode::Shutdown, "the server is shutting down")
 }
@@ -452,8 +477,14 @@ mod tests {
 
     /// A round of one agency over an in-memory bets file.
     fn round(file: &Arc<FailingFile>, dir: &Path) -> Round {
-        let config =
-            RoundConfig { agencies: 1, storage_path: dir.join("bets.csv"), sync: SyncMode::Always, group_commit: true };
+        let config = RoundConfig {
+            agencies: 1,
+            storage_path: dir.join("bets.csv"),
+            sync: SyncMode::Always,
+            group_commit: true,
+            max_bets_per_agency: 6,
+            min_free_bytes: 0,
+        };
         let store = Store::with_file(Arc::clone(file) as Arc<dyn store::BetFile>, 0);
         let recovered = Recovered { stored: vec![0], truncated: 0 };
         Round::resume(config, store, recovered, false).unwrap().0
@@ -484,6 +515,20 @@ mod tests {
         // The retry is stored.
         assert_eq!(round.store(1, Some(2), &rows(3)), Ok(5));
         assert_eq!(file.data.lock().unwrap().len(), rows(2).bytes.len() + rows(3).bytes.len());
+    }
+
+    #[test]
+    fn past_the_quota_a_batch_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(FailingFile::new(None, None));
+        let round = round(&file, dir.path());
+        assert_eq!(round.store(1, Some(0), &rows(4)), Ok(4));
+        let err = round.store(1, Some(4), &rows(3)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Quota);
+        assert_eq!(round.hello(1), Ok(4));
+        // A retry of what is held is still acknowledged, and the quota may be filled exactly.
+        assert_eq!(round.store(1, Some(0), &rows(4)), Ok(4));
+        assert_eq!(round.store(1, Some(4), &rows(2)), Ok(6));
     }
 
     #[test]

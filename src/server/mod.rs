@@ -7,6 +7,7 @@
 //! `bets.csv` → log.
 
 pub mod auth;
+pub mod guest_log;
 pub mod registry;
 pub mod session;
 pub mod tls;
@@ -20,11 +21,13 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
+use crate::config::ServerSettings;
 use crate::ledger::round::Round;
 use crate::wire::connection::Connection;
 use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
 use auth::AgencyKeys;
-use registry::Registry;
+use guest_log::{GuestEvent, GuestLog};
+use registry::{GuestLimits, Peer, Registry};
 use session::{Context, Session};
 
 /// Stack of a connection's thread: a session needs a few KiB; the default 2 MiB would only
@@ -34,8 +37,25 @@ const STACK_SIZE: usize = 128 * 1024;
 /// Limits on what clients can hold.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Threads at once: the hard ceiling, past which a connection is turned away at the door.
     pub max_connections: usize,
     pub idle_timeout: Duration,
+    /// Connections not yet authenticated, at once and per address.
+    pub guests: GuestLimits,
+    /// How long a guest has to authenticate, or to finish its probe.
+    pub hello_timeout: Duration,
+}
+
+impl Limits {
+    /// The limits the settings give.
+    pub fn from_settings(settings: &ServerSettings) -> Limits {
+        Limits {
+            max_connections: settings.max_connections,
+            idle_timeout: settings.idle_timeout,
+            guests: GuestLimits { total: settings.max_guests, per_ip: settings.max_guests_per_ip },
+            hello_timeout: settings.hello_timeout,
+        }
+    }
 }
 
 /// Who may do what: TLS on the port, and the agencies' token digests.
@@ -112,6 +132,7 @@ pub fn run(
     shutdown: &ShutdownHandle,
 ) -> io::Result<()> {
     let registry = Arc::new(Registry::default());
+    let guest_log = Arc::new(GuestLog::default());
     let mut handles: Vec<JoinHandle<()>> = Vec::new();
     let mut next_id = 0u64;
     for incoming in listener.incoming() {
@@ -129,17 +150,30 @@ pub fn run(
             }
         };
         handles.retain(|h| !h.is_finished());
-        let ip = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-        if registry.len() >= limits.max_connections {
-            warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
-            refuse_busy(stream, limits.max_connections);
-            continue;
-        }
-        info!("action: accept_connections | result: success | ip: {ip}");
+        let ip = stream.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         next_id += 1;
-        let shared =
-            Shared { round: Arc::clone(&round), security: Arc::clone(&security), registry: Arc::clone(&registry) };
-        match spawn_connection(next_id, stream, shared, limits) {
+        let stream = Arc::new(stream);
+        let (peer, evicted) = registry.admit(next_id, ip, Arc::clone(&stream), limits.guests, limits.max_connections);
+        for _ in 0..evicted {
+            guest_log.event(GuestEvent::Evicted, || {
+                info!("action: evict_guest | result: success | detail: the oldest guest made room for a newer one");
+            });
+        }
+        let Some(peer) = peer else {
+            guest_log.event(GuestEvent::Refused, || {
+                warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
+            });
+            refuse_busy(&stream, limits.max_connections, security.tls.is_some());
+            continue;
+        };
+        guest_log.event(GuestEvent::Accepted, || info!("action: accept_connections | result: success | ip: {ip}"));
+        let shared = Shared {
+            round: Arc::clone(&round),
+            security: Arc::clone(&security),
+            registry: Arc::clone(&registry),
+            guest_log: Arc::clone(&guest_log),
+        };
+        match spawn_connection(next_id, stream, ip, peer, shared, limits) {
             Ok(handle) => handles.push(handle),
             Err(e) => error!("action: spawn_thread | result: fail | error: {e}"),
         }
@@ -154,6 +188,7 @@ pub fn run(
         let _ = handle.join();
     }
     info!("action: join_threads | result: success | threads: {count}");
+    guest_log.flush();
     let synced = round.close();
     match &synced {
         Ok(()) => info!("action: close_storage | result: success | path: {}", round.storage_path().display()),
@@ -163,14 +198,26 @@ pub fn run(
 }
 
 /// Answers `ERR BUSY` and closes, without a thread: the client is told at once, never queued.
-fn refuse_busy(mut stream: TcpStream, max: usize) {
+/// On a TLS server a client that has already begun (or may yet begin) a handshake is closed
+/// without a word: a plain-text line would reach its TLS layer as a broken record, where the
+/// agency treats it as final; a bare close it retries.
+fn refuse_busy(stream: &TcpStream, max: usize, tls: bool) {
+    if tls {
+        let _ = stream.set_nonblocking(true);
+        let plain = matches!(stream.peek(&mut [0u8; 1]), Ok(1)) && !tls::opens_handshake(stream);
+        let _ = stream.set_nonblocking(false);
+        if !plain {
+            let _ = stream.shutdown(SocketShutdown::Both);
+            return;
+        }
+    }
     let mut out = Vec::new();
     let why = format!("the server serves {max} connections at once; try again later");
     Reply::Err(ProtocolError::new(ErrorCode::Busy, why)).encode(&mut out);
     // A fresh socket's send buffer takes a short line without blocking; the timeout guards
     // the accept loop anyway.
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-    let _ = stream.write_all(&out);
+    let _ = (&*stream).write_all(&out);
     let _ = stream.shutdown(SocketShutdown::Both);
 }
 
@@ -179,30 +226,39 @@ struct Shared {
     round: Arc<Round>,
     security: Arc<Security>,
     registry: Arc<Registry>,
+    guest_log: Arc<GuestLog>,
 }
 
-fn spawn_connection(id: u64, stream: TcpStream, shared: Shared, limits: Limits) -> io::Result<JoinHandle<()>> {
-    // Replies are single short lines: send each at once.
-    stream.set_nodelay(true)?;
-    let ip = stream.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let stream = Arc::new(stream);
-    let peer = shared.registry.insert(id, Arc::clone(&stream));
+fn spawn_connection(
+    id: u64,
+    stream: Arc<TcpStream>,
+    ip: IpAddr,
+    peer: Arc<Peer>,
+    shared: Shared,
+    limits: Limits,
+) -> io::Result<JoinHandle<()>> {
     let registry = Arc::clone(&shared.registry);
     let spawned = thread::Builder::new().name(format!("conn-{id}")).stack_size(STACK_SIZE).spawn(move || {
         // Deregisters even if the session panics.
         let _registered = Registered { id, registry: Arc::clone(&shared.registry) };
-        let deadline = Instant::now() + limits.idle_timeout;
-        let transport = match tls::accept(Arc::clone(&stream), shared.security.tls.as_ref(), deadline) {
+        // Replies are single short lines: send each at once.
+        let _ = stream.set_nodelay(true);
+        let accepted = Instant::now();
+        // A guest must authenticate within the hello timeout, but a person at `nc` on the
+        // server's own machine, in protected mode, gets the idle timeout.
+        let trusted = shared.security.keys.is_none() && auth::is_loopback(ip);
+        let guest_deadline = (!trusted).then(|| accepted + limits.hello_timeout);
+        let first_byte =
+            guest_deadline.map_or(accepted + limits.idle_timeout, |d| d.min(accepted + limits.idle_timeout));
+        let transport = match tls::accept(Arc::clone(&stream), shared.security.tls.as_ref(), first_byte) {
             Ok(Some(transport)) => transport,
             Ok(None) => return,
             Err(e) => {
-                // Silent from the start: not TLS, so it may read a line of plain text.
+                // Silent from the start (or evicted before a word): not TLS, so it may read a
+                // line of plain text.
                 debug!("action: accept_tls | result: fail | id: {id} | error: {e}");
-                let ms = limits.idle_timeout.as_millis();
-                let why = ProtocolError::new(ErrorCode::Timeout, format!("no request within {ms} ms; closing"));
-                let mut conn = Connection::new(stream, Duration::from_secs(1));
-                let _ = conn.write_reply(&Reply::Err(why));
-                conn.close();
+                let mut conn = Connection::new(stream, Duration::from_millis(100));
+                session::farewell_before_first_byte(&mut conn, &peer, limits, &shared.guest_log, ip);
                 return;
             }
         };
@@ -211,10 +267,13 @@ fn spawn_connection(id: u64, stream: TcpStream, shared: Shared, limits: Limits) 
             round: &shared.round,
             security: &shared.security,
             registry: &shared.registry,
+            guest_log: &shared.guest_log,
             peer: &peer,
             id,
             ip,
             idle_timeout: limits.idle_timeout,
+            hello_timeout: limits.hello_timeout,
+            guest_deadline,
         };
         Session::new(context).run(&mut conn);
         debug!("action: close_connection | result: success | id: {id}");

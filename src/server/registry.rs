@@ -1,25 +1,58 @@
-//! The live connections: their sockets, so that shutdown can unblock their threads, and which
-//! connection speaks for each agency, so that a newer session of an agency ends the older one.
+//! The live connections: their sockets, so that shutdown can unblock their threads; which
+//! connection speaks for each agency, so that a newer session of an agency ends the older one;
+//! and which are still *guests* (not yet authenticated), so that strangers never take more than
+//! their share of the server: past `SERVER_MAX_GUESTS` (or `SERVER_MAX_GUESTS_PER_IP` from one
+//! address) the oldest guest is evicted to make room for the newcomer, and an authenticated
+//! agency is no guest at all.
 
-use std::collections::HashMap;
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use log::info;
 
+/// Why a connection was told to end by someone else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Still on.
+    No,
+    /// A newer connection of the same agency took over.
+    Replaced,
+    /// A guest evicted to make room for a newer one.
+    Evicted,
+}
+
 /// One live connection, as others may need to reach it.
 pub struct Peer {
     pub stream: Arc<TcpStream>,
-    /// A newer connection of the same agency took over: this one says `ERR REPLACED` and ends.
-    replaced: AtomicBool,
+    ended: AtomicU8,
 }
 
 impl Peer {
-    pub fn is_replaced(&self) -> bool {
-        self.replaced.load(Ordering::SeqCst)
+    pub fn ended(&self) -> Ended {
+        match self.ended.load(Ordering::SeqCst) {
+            1 => Ended::Replaced,
+            2 => Ended::Evicted,
+            _ => Ended::No,
+        }
     }
+
+    /// Marks the connection ended for `why` and wakes its thread from any read, so that it
+    /// can still say why. (A thread blocked writing to a client that does not read ends at
+    /// its write deadline: for a guest, its hello deadline.)
+    fn end(&self, why: Ended) {
+        self.ended.store(if why == Ended::Replaced { 1 } else { 2 }, Ordering::SeqCst);
+        let _ = self.stream.shutdown(Shutdown::Read);
+    }
+}
+
+/// How many guests may be at once.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestLimits {
+    pub total: usize,
+    pub per_ip: usize,
 }
 
 #[derive(Default)]
@@ -27,6 +60,36 @@ struct Live {
     peers: HashMap<u64, Arc<Peer>>,
     /// The connection that speaks for each agency.
     agencies: HashMap<u32, u64>,
+    /// The guests, oldest (smallest id) first, with their addresses.
+    guests: BTreeMap<u64, IpAddr>,
+    guests_per_ip: HashMap<IpAddr, usize>,
+    /// Peers told to end whose threads have not yet: they are on their way out.
+    ending: usize,
+}
+
+impl Live {
+    fn forget_guest(&mut self, id: u64) {
+        if let Some(ip) = self.guests.remove(&id)
+            && let Some(n) = self.guests_per_ip.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.guests_per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Evicts the oldest guest (from `ip` only, if given); true if there was one.
+    fn evict_oldest(&mut self, ip: Option<IpAddr>) -> bool {
+        let oldest = self.guests.iter().find(|(_, g)| ip.is_none_or(|ip| **g == ip)).map(|(&id, _)| id);
+        let Some(id) = oldest else { return false };
+        self.forget_guest(id);
+        if let Some(peer) = self.peers.get(&id) {
+            peer.end(Ended::Evicted);
+            self.ending += 1;
+        }
+        true
+    }
 }
 
 /// Every live connection, and a `Condvar` signalled whenever one ends.
@@ -42,6 +105,7 @@ impl Registry {
         self.live.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Connections whose threads are running (guests, agencies, and those told to end).
     pub fn len(&self) -> usize {
         self.lock().peers.len()
     }
@@ -50,30 +114,63 @@ impl Registry {
         self.len() == 0
     }
 
-    pub fn insert(&self, id: u64, stream: Arc<TcpStream>) -> Arc<Peer> {
-        let peer = Arc::new(Peer { stream, replaced: AtomicBool::new(false) });
-        self.lock().peers.insert(id, Arc::clone(&peer));
-        peer
+    /// Admits connection `id` from `ip` as a guest, first evicting the oldest guest of that
+    /// address, then the oldest of all, as the guest limits require; then, if the connections
+    /// being served still reach `ceiling`, refuses it (`None`). Returns the peer and how many
+    /// guests were evicted.
+    pub fn admit(
+        &self,
+        id: u64,
+        ip: IpAddr,
+        stream: Arc<TcpStream>,
+        limits: GuestLimits,
+        ceiling: usize,
+    ) -> (Option<Arc<Peer>>, usize) {
+        let mut live = self.lock();
+        let mut evicted = 0;
+        while live.guests_per_ip.get(&ip).copied().unwrap_or(0) >= limits.per_ip && live.evict_oldest(Some(ip)) {
+            evicted += 1;
+        }
+        while live.guests.len() >= limits.total && live.evict_oldest(None) {
+            evicted += 1;
+        }
+        // Those told to end are leaving within a fraction of a second, but a pile of them
+        // counts too: threads are what the ceiling bounds.
+        if live.peers.len() - live.ending >= ceiling || live.peers.len() >= 2 * ceiling {
+            return (None, evicted);
+        }
+        let peer = Arc::new(Peer { stream, ended: AtomicU8::new(0) });
+        live.peers.insert(id, Arc::clone(&peer));
+        live.guests.insert(id, ip);
+        *live.guests_per_ip.entry(ip).or_default() += 1;
+        (Some(peer), evicted)
     }
 
-    /// Forgets connection `id` and any agency it spoke for.
+    /// Forgets connection `id`, any agency it spoke for, and its guest place.
     pub fn remove(&self, id: u64) {
         let mut live = self.lock();
-        live.peers.remove(&id);
+        if live.peers.remove(&id).is_some_and(|p| p.ended() != Ended::No) {
+            live.ending -= 1;
+        }
         live.agencies.retain(|_, holder| *holder != id);
+        live.forget_guest(id);
         drop(live);
         self.ended.notify_all();
     }
 
-    /// Makes connection `id` the one that speaks for `agency`. The connection that spoke for it
-    /// before, if any, is marked replaced and its reading half shut, so that its thread wakes
-    /// from any read and ends with `ERR REPLACED`; true if there was one.
+    /// Makes connection `id`, now authenticated, the one that speaks for `agency`: it leaves
+    /// the guests. The connection that spoke for the agency before, if any, is told it was
+    /// replaced and its reading half shut, so that its thread wakes from any read and ends
+    /// with `ERR REPLACED`; true if there was one.
     pub fn claim(&self, agency: u32, id: u64) -> bool {
         let mut live = self.lock();
+        live.forget_guest(id);
         let previous = live.agencies.insert(agency, id).filter(|&old| old != id);
-        let Some(old) = previous.and_then(|old| live.peers.get(&old)) else { return false };
-        old.replaced.store(true, Ordering::SeqCst);
-        let _ = old.stream.shutdown(Shutdown::Read);
+        let Some(old) = previous.and_then(|old| live.peers.get(&old)).map(Arc::clone) else { return false };
+        if old.ended() == Ended::No {
+            live.ending += 1;
+        }
+        old.end(Ended::Replaced);
         true
     }
 
@@ -92,5 +189,42 @@ impl Registry {
             let _ = peer.stream.shutdown(Shutdown::Both);
         }
         info!("action: close_connections | result: success | connections: {count}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn admit(registry: &Registry, id: u64, ip: IpAddr, listener: &TcpListener) -> (Arc<Peer>, usize) {
+        let stream = Arc::new(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+        let (peer, evicted) = registry.admit(id, ip, stream, GuestLimits { total: 3, per_ip: 2 }, 100);
+        (peer.expect("room under the ceiling"), evicted)
+    }
+
+    #[test]
+    fn the_oldest_guest_makes_room_per_address_first_then_overall_and_agencies_are_no_guests() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let registry = Registry::default();
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+        let (p1, _) = admit(&registry, 1, a, &listener);
+        let (p2, _) = admit(&registry, 2, a, &listener);
+        let (p3, evicted) = admit(&registry, 3, a, &listener);
+        assert_eq!((evicted, p1.ended(), p2.ended()), (1, Ended::Evicted, Ended::No));
+        // 2 and 3 from a; 4 from b fits; 5 from b makes the oldest of all (2) go.
+        let (p4, evicted) = admit(&registry, 4, b, &listener);
+        assert_eq!(evicted, 0);
+        let (_, evicted) = admit(&registry, 5, b, &listener);
+        assert_eq!((evicted, p2.ended(), p3.ended(), p4.ended()), (1, Ended::Evicted, Ended::No, Ended::No));
+        // Authenticated, 3 is no guest: room for two more before anyone is evicted.
+        assert!(!registry.claim(1, 3));
+        registry.remove(1);
+        registry.remove(2);
+        let (_, evicted) = admit(&registry, 6, a, &listener);
+        assert_eq!((evicted, p3.ended()), (0, Ended::No));
+        // A second session of agency 1 replaces the first.
+        assert!(registry.claim(1, 6));
+        assert_eq!(p3.ended(), Ended::Replaced);
     }
 }

@@ -11,13 +11,33 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::ledger::round::{Appended, Round, Rows};
-use crate::server::Security;
 use crate::server::auth;
-use crate::server::registry::{Peer, Registry};
+use crate::server::guest_log::{GuestEvent, GuestLog};
+use crate::server::registry::{Ended, Peer, Registry};
+use crate::server::{Limits, Security};
 use crate::wire::bet::{self, RowParser, RowWriter};
 use crate::wire::connection::{Connection, ReadError};
 use crate::wire::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Reply, Request};
 use crate::wire::token::Token;
+
+/// How long a connection that is being ended (evicted, timed out) may take to read why.
+const FAREWELL: Duration = Duration::from_millis(100);
+
+/// Says why to a connection that never sent its first byte (or was evicted first), then closes.
+pub fn farewell_before_first_byte(conn: &mut Connection, peer: &Peer, limits: Limits, log: &GuestLog, ip: IpAddr) {
+    let why = if peer.ended() == Ended::Evicted {
+        ProtocolError::new(
+            ErrorCode::Busy,
+            "the server is full of connections that have not said HELLO; this, the oldest, makes room",
+        )
+    } else {
+        log.event(GuestEvent::TimedOut, || info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT"));
+        let ms = limits.hello_timeout.min(limits.idle_timeout).as_millis();
+        ProtocolError::new(ErrorCode::Timeout, format!("no request within {ms} ms; closing"))
+    };
+    let _ = conn.write_reply(&Reply::Err(why));
+    conn.close();
+}
 
 /// Most batches appended and not yet acknowledged on one connection.
 const MAX_PENDING: usize = 64;
@@ -31,11 +51,16 @@ pub struct Context<'a> {
     pub round: &'a Round,
     pub security: &'a Security,
     pub registry: &'a Registry,
+    pub guest_log: &'a GuestLog,
     /// This connection, as the registry knows it.
     pub peer: &'a Peer,
     pub id: u64,
     pub ip: IpAddr,
     pub idle_timeout: Duration,
+    pub hello_timeout: Duration,
+    /// While a guest: when it must have authenticated, or be gone. `None`: a trusted loopback
+    /// peer in protected mode, held to the idle timeout only.
+    pub guest_deadline: Option<Instant>,
 }
 
 /// One connection's state besides its socket.
@@ -60,8 +85,8 @@ enum Next {
 enum Cut {
     Read(ReadError),
     TooBig,
-    /// A newer connection of the same agency took over.
-    Replaced,
+    /// Another connection ended this one: a newer one of the same agency, or a newer guest.
+    Ended,
 }
 
 impl<'a> Session<'a> {
@@ -89,14 +114,20 @@ impl<'a> Session<'a> {
             if idle && self.acknowledge(conn).is_err() {
                 return;
             }
-            // Each request, a batch with all its rows included, must arrive within the timeout.
-            let deadline = Instant::now() + self.idle_timeout;
+            // Each request, a batch with all its rows included, must arrive within the timeout;
+            // a guest's, also before its time as a guest is up.
+            let guest_deadline = self.guest_deadline();
+            if guest_deadline.is_some_and(|d| Instant::now() >= d) {
+                return self.end(conn, Cut::Read(ReadError::TimedOut), "request");
+            }
+            let deadline = guest_deadline
+                .map_or(Instant::now() + self.idle_timeout, |d| d.min(Instant::now() + self.idle_timeout));
             let (header_len, request) = match conn.read_line(deadline) {
                 Ok(line) => (line.len() + 1, protocol::parse_request(line)),
                 Err(e) => return self.end(conn, Cut::Read(e), "request"),
             };
-            if self.cx.peer.is_replaced() {
-                return self.end(conn, Cut::Replaced, "request");
+            if self.cx.peer.ended() != Ended::No {
+                return self.end(conn, Cut::Ended, "request");
             }
             if let Ok(request) = &request
                 && let Err(refused) = self.allowed(request, conn.is_tls())
@@ -143,6 +174,12 @@ impl<'a> Session<'a> {
                 }
                 Err(e) => (Reply::Err(e), Next::Continue),
             };
+            // A guest's reply must be taken before its time is up, not within the idle timeout.
+            if let Some(deadline) = self.guest_deadline() {
+                conn.set_write_timeout(deadline.saturating_duration_since(Instant::now()).max(FAREWELL));
+            } else {
+                conn.set_write_timeout(self.idle_timeout);
+            }
             if self.acknowledge(conn).and_then(|()| conn.write_reply(&reply)).is_err() {
                 return;
             }
@@ -210,7 +247,10 @@ impl<'a> Session<'a> {
     fn hello(&mut self, agency: u32, token: Option<Token>) -> Result<Reply, ProtocolError> {
         self.round.check_agency(agency)?;
         if let Err(why) = auth::check_hello(self.cx.security.keys.as_ref(), agency, token.as_ref(), self.cx.ip) {
-            warn!("action: hello | result: fail | agency: {agency} | ip: {} | error: AUTH", self.cx.ip);
+            let ip = self.cx.ip;
+            self.cx.guest_log.event(GuestEvent::AuthFailed, || {
+                warn!("action: hello | result: fail | agency: {agency} | ip: {ip} | error: AUTH");
+            });
             return Err(ProtocolError::new(ErrorCode::Auth, why));
         }
         let stored = self.round.hello(agency)?;
@@ -230,10 +270,10 @@ impl<'a> Session<'a> {
         };
         loop {
             match self.round.winners_within(agency, WAITER_CHECK) {
-                Ok(Some(winners)) => return Some(Reply::Winners(winners)),
+                Ok(Some(line)) => return Some(Reply::Line(line)),
                 Err(e) => return Some(Reply::Err(e)),
-                Ok(None) if self.cx.peer.is_replaced() => {
-                    self.end(conn, Cut::Replaced, "request");
+                Ok(None) if self.cx.peer.ended() != Ended::No => {
+                    self.end(conn, Cut::Ended, "request");
                     return None;
                 }
                 Ok(None) if conn.peer_gone() => {
@@ -251,6 +291,11 @@ impl<'a> Session<'a> {
         let _ = self.acknowledge(conn);
         let _ = conn.write_reply(&Reply::Err(refused));
         conn.close();
+    }
+
+    /// While a guest (no agency yet), when its time is up.
+    fn guest_deadline(&self) -> Option<Instant> {
+        self.cx.guest_deadline.filter(|_| self.agency.is_none())
     }
 
     fn agency(&self) -> Result<u32, ProtocolError> {
@@ -315,12 +360,26 @@ impl<'a> Session<'a> {
     /// hear it, and closes.
     fn end(&mut self, conn: &mut Connection, cut: Cut, reading: &str) {
         let _ = self.acknowledge(conn);
-        // A replaced connection was woken by the shutdown of its reading half: say why.
-        let cut = if self.cx.peer.is_replaced() { Cut::Replaced } else { cut };
+        // A connection ended by another was woken by the shutdown of its reading half: say why.
+        let cut = if self.cx.peer.ended() == Ended::No { cut } else { Cut::Ended };
         let reply = match cut {
-            Cut::Replaced => {
+            Cut::Ended if self.cx.peer.ended() == Ended::Replaced => {
                 let agency = self.agency.map(|a| a.to_string()).unwrap_or_default();
                 Some((ErrorCode::Replaced, format!("agency {agency} connected again on another connection")))
+            }
+            Cut::Ended => {
+                conn.set_write_timeout(FAREWELL);
+                let why = "the server is full of connections that have not said HELLO; this, the oldest, makes room";
+                Some((ErrorCode::Busy, why.to_owned()))
+            }
+            Cut::Read(ReadError::TimedOut) if self.guest_deadline().is_some_and(|d| Instant::now() >= d) => {
+                let ip = self.cx.ip;
+                self.cx.guest_log.event(GuestEvent::TimedOut, || {
+                    info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT");
+                });
+                conn.set_write_timeout(FAREWELL);
+                let ms = self.cx.hello_timeout.as_millis();
+                Some((ErrorCode::Timeout, format!("no HELLO (or end to a probe) within {ms} ms")))
             }
             Cut::TooBig => Some((ErrorCode::TooLong, format!("a batch is at most {MAX_LINE} bytes, header and rows"))),
             // Our own shutdown closed the reading half: the client can still hear why.

@@ -16,6 +16,13 @@ use crate::wire::transport::{Socket, Transport};
 /// The first byte of every TLS connection: a record of type "handshake".
 const TLS_HANDSHAKE: u8 = 0x16;
 
+/// Whether the first byte waiting on `stream` opens a TLS handshake (the socket may be
+/// non-blocking; nothing is consumed).
+pub fn opens_handshake(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first), Ok(1)) && first[0] == TLS_HANDSHAKE
+}
+
 /// A rustls server configuration from a PEM certificate chain and its PEM private key.
 ///
 /// # Errors

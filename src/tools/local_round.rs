@@ -334,17 +334,20 @@ impl LocalServer {
             storage_path: dir.join("bets.csv"),
             sync: settings.sync,
             group_commit: settings.group_commit,
+            max_bets_per_agency: settings.max_bets_per_agency,
+            min_free_bytes: settings.min_free_bytes,
         };
         let (round, _) = Round::open(config).map_err(|e| e.to_string())?;
         let listener = server::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 1024).map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let shutdown = ShutdownHandle::new(&listener).map_err(|e| e.to_string())?;
-        let limits = Limits {
-            // Room for every agency, the progress probe and the hostile clients' first wave.
-            max_connections: settings.max_connections.max(opts.agencies as usize + 16),
+        let mut limits = Limits::from_settings(settings);
+        // Room for every agency besides the guests (the progress probe, hostile clients).
+        limits.max_connections = limits.max_connections.max(opts.agencies as usize + 1 + limits.guests.total);
+        if opts.hostile > 0 {
             // Hostile clients are cut off quickly, so that the round is not kept waiting.
-            idle_timeout: if opts.hostile > 0 { Duration::from_secs(1) } else { settings.idle_timeout },
-        };
+            limits.idle_timeout = Duration::from_secs(1);
+        }
         let handle = shutdown.clone();
         let thread = thread::Builder::new()
             .name("server".into())

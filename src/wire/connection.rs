@@ -165,6 +165,11 @@ impl Connection {
     /// # Errors
     /// The socket's write error (the peer is gone, or did not read for the write timeout).
     pub fn write_reply(&mut self, reply: &Reply) -> io::Result<()> {
+        if let Reply::Line(line) = reply {
+            // Possibly megabytes, shared with every other request for it: sent as it is.
+            self.flush()?;
+            return self.send(line);
+        }
         self.queue_reply(reply);
         self.flush()
     }
@@ -179,10 +184,26 @@ impl Connection {
     /// # Errors
     /// As [`Connection::write_reply`].
     pub fn flush(&mut self) -> io::Result<()> {
-        self.transport.socket_mut().write_deadline = Some(Instant::now() + self.write_timeout);
-        let result = self.transport.write_all(&self.out).and_then(|()| self.transport.flush());
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let result = self.send(&out);
+        self.out = out;
         self.out.clear();
         result
+    }
+
+    /// Writes `bytes`, which the client must take whole within the write timeout of the first.
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.transport.socket_mut().write_deadline = Some(Instant::now() + self.write_timeout);
+        self.transport.write_all(bytes).and_then(|()| self.transport.flush())
+    }
+
+    /// Sets the time the next replies may take (shorter for a guest or a connection that is
+    /// being ended).
+    pub fn set_write_timeout(&mut self, timeout: Duration) {
+        self.write_timeout = timeout;
     }
 
     /// Whether the client has hung up, without waiting or consuming anything: for a thread

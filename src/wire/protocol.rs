@@ -4,6 +4,7 @@
 //! Framing (finding the lines, the 8 KiB cap, timeouts) lives in [`crate::wire::connection`].
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::wire::token::Token;
 
@@ -57,11 +58,13 @@ pub enum ErrorCode {
     Auth,
     /// A newer connection of the same agency took over this one's session.
     Replaced,
+    /// The agency has stored as many bets as `SERVER_MAX_BETS_PER_AGENCY` allows.
+    Quota,
 }
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::TooLong,
         ErrorCode::BadAgency,
         ErrorCode::BadBet,
@@ -75,6 +78,7 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Auth,
         ErrorCode::Replaced,
+        ErrorCode::Quota,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +96,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "TIMEOUT",
             ErrorCode::Auth => "AUTH",
             ErrorCode::Replaced => "REPLACED",
+            ErrorCode::Quota => "QUOTA",
         }
     }
 
@@ -234,6 +239,9 @@ pub enum Reply {
     Status(Status),
     Bye,
     Err(ProtocolError),
+    /// A reply already encoded, `\n` included, shared rather than rebuilt per request (an
+    /// agency's `WINNERS` line, made once at the draw). Never produced by [`Reply::parse`].
+    Line(Arc<[u8]>),
 }
 
 /// The figures of a `STATUS` reply.
@@ -255,6 +263,10 @@ impl Reply {
     /// Appends the reply and its `\n` to `out`. An error message is kept to one line.
     pub fn encode(&self, out: &mut Vec<u8>) {
         use std::io::Write;
+        if let Reply::Line(line) = self {
+            out.extend_from_slice(line);
+            return;
+        }
         // Writing into a Vec cannot fail.
         let _ = match self {
             Reply::Pong => out.write_all(b"PONG"),
@@ -270,6 +282,7 @@ impl Reply {
                 let message = e.message.replace(['\n', '\r'], " ");
                 write!(out, "ERR {} {message}", e.code.as_str())
             }
+            Reply::Line(_) => Ok(()),
         };
         out.push(b'\n');
     }
@@ -297,6 +310,16 @@ impl Reply {
         };
         Ok(reply)
     }
+}
+
+/// The `WINNERS` reply line, `\n` included, for documents already joined by commas: what the
+/// server encodes once per agency at the draw.
+pub fn winners_line(joined: &str) -> Vec<u8> {
+    if joined.is_empty() {
+        return b"WINNERS 0\n".to_vec();
+    }
+    let count = joined.bytes().filter(|&b| b == b',').count() + 1;
+    format!("WINNERS {count} {joined}\n").into_bytes()
 }
 
 fn parse_winners(rest: &str) -> Option<Vec<String>> {
@@ -403,6 +426,8 @@ mod tests {
         };
         assert_eq!(encode(Reply::Winners(vec![])), "WINNERS 0\n");
         assert_eq!(encode(Reply::Winners(vec!["1".into(), "2".into()])), "WINNERS 2 1,2\n");
+        assert_eq!(winners_line("1,2"), b"WINNERS 2 1,2\n");
+        assert_eq!(winners_line(""), b"WINNERS 0\n");
         let status = Status { agencies_done: 1, agencies: 5, bets: 7, drawn: true };
         assert_eq!(encode(Reply::Status(status)), "STATUS agencies_done=1/5 bets=7 drawn=true\n");
         let err = ProtocolError::new(ErrorCode::Busy, "two\nlines");

@@ -473,7 +473,7 @@ fn round_progress(addr: SocketAddr, total: u64, live: bool) -> Progress {
             return Some(Sample { phase: "draw", done: 0, total: None, detail: "reading bets.csv back".into() });
         }
         let rate = status.bets as f64 / started.elapsed().as_secs_f64();
-        let detail = format!("{rate:.0} bets/s, agencies done {}/{}", status.agencies_done, status.agencies);
+        let detail = format!("{}/{} agencies done, {rate:.0} bets/s", status.agencies_done, status.agencies);
         Some(Sample { phase: "send", done: status.bets, total: Some(total), detail })
     })
 }

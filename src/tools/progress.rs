@@ -72,34 +72,31 @@ impl Progress {
 }
 
 enum View {
-    Bar(ProgressBar, &'static str),
-    Lines { last: String },
+    /// The current phase's bar, and that phase.
+    Bar(Option<(ProgressBar, &'static str)>),
+    Lines {
+        last: String,
+    },
 }
 
 impl View {
     fn bar() -> View {
-        View::Bar(ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()), "")
+        View::Bar(None)
     }
 
     fn show(&mut self, s: &Sample, elapsed: Duration) {
         match self {
-            View::Bar(bar, shown) => {
-                if *shown != s.phase {
-                    *shown = s.phase;
-                    let template = match s.total {
-                        Some(_) => "{prefix:>8} [{bar:30}] {pos}/{len} bets ({percent}%) {msg}",
-                        None => "{prefix:>8} {spinner} {elapsed} {msg}",
-                    };
-                    if let Ok(style) = ProgressStyle::with_template(template) {
-                        bar.set_style(style.progress_chars("=> "));
+            View::Bar(current) => {
+                if current.as_ref().is_none_or(|(_, phase)| *phase != s.phase) {
+                    if let Some((old, _)) = current.take() {
+                        old.finish_and_clear();
                     }
-                    bar.reset();
-                    bar.set_prefix(s.phase);
+                    *current = Some((new_bar(s), s.phase));
                 }
-                bar.set_length(s.total.unwrap_or(0));
-                bar.set_position(s.done);
-                bar.set_message(s.detail.clone());
-                bar.tick();
+                if let Some((bar, _)) = current {
+                    bar.set_message(s.detail.clone());
+                    bar.set_position(s.done);
+                }
             }
             View::Lines { last } => {
                 let line = line(s, elapsed);
@@ -112,13 +109,31 @@ impl View {
     }
 
     fn clear(self) {
-        if let View::Bar(bar, _) = self {
+        if let View::Bar(Some((bar, _))) = self {
             bar.finish_and_clear();
         }
     }
 }
 
-/// A plain progress line: `send: 4500000/10000000 bets (45%), 1100000 bets/s, agencies done 2/5`.
+/// A bar for a phase with a total, a spinner for one without; the message is cut to the
+/// terminal's width. It redraws itself (10 times a second), so that an update the draw rate
+/// limit skipped still shows.
+fn new_bar(s: &Sample) -> ProgressBar {
+    let template = match s.total {
+        Some(_) => "{prefix:>8} [{bar:25}] {percent:>3}% {pos}/{len} {wide_msg}",
+        None => "{prefix:>8} {spinner} {elapsed} {wide_msg}",
+    };
+    let style = ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bar = ProgressBar::with_draw_target(s.total, ProgressDrawTarget::stderr())
+        .with_style(style.progress_chars("=> "))
+        .with_prefix(s.phase)
+        .with_message(s.detail.clone())
+        .with_position(s.done);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+/// A plain progress line: `send: 4500000/10000000 bets (45%), 2/5 agencies done, 1100000 bets/s`.
 fn line(s: &Sample, elapsed: Duration) -> String {
     let detail = if s.detail.is_empty() { String::new() } else { format!(", {}", s.detail) };
     match s.total {
@@ -136,8 +151,8 @@ mod tests {
 
     #[test]
     fn plain_lines_say_the_phase_the_count_and_the_share() {
-        let send = Sample { phase: "send", done: 450, total: Some(1000), detail: "agencies done 2/5".into() };
-        assert_eq!(line(&send, Duration::ZERO), "send: 450/1000 bets (45%), agencies done 2/5");
+        let send = Sample { phase: "send", done: 450, total: Some(1000), detail: "2/5 agencies done".into() };
+        assert_eq!(line(&send, Duration::ZERO), "send: 450/1000 bets (45%), 2/5 agencies done");
         let draw = Sample { phase: "draw", done: 0, total: None, detail: "reading bets.csv back".into() };
         assert_eq!(line(&draw, Duration::from_millis(2100)), "draw: 2 s, reading bets.csv back");
     }

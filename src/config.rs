@@ -1,7 +1,7 @@
 //! Settings: built-in defaults, then `config.ini` (or the file named by `LOTTERY_CONFIG`), then
 //! environment variables, read in one place into typed values.
 //!
-//! The INI file is read by [`ini`], which knows the line of every value, so that every error
+//! The INI file is read by `config/ini.rs`, which knows the line of every value, so that every error
 //! says the file, the line and what was expected. Every key has one name, the same in the file
 //! and in the environment (case-insensitive in the file). A value that does not parse is an
 //! error naming the key and where it came from.

@@ -47,7 +47,7 @@ pub fn write(bytes: &[u8]) {
     }
 }
 
-/// Prints one line on stdout (see [`write`]).
+/// Prints one line on stdout (see [`write()`]).
 pub fn line(args: fmt::Arguments<'_>) {
     write(format!("{args}\n").as_bytes());
 }
@@ -57,7 +57,7 @@ pub fn err_line(args: fmt::Arguments<'_>) {
     let _ = writeln!(io::stderr().lock(), "{args}");
 }
 
-/// The logger's target: stdout through [`write`], never an error to the logger.
+/// The logger's target: stdout through [`write()`], never an error to the logger.
 pub struct LogTarget;
 
 impl Write for LogTarget {

@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 
 use common::{AGENCY, ROUND, SERVER, STEP, TestServer, command, run_to_exit};
 
+/// A server in plain text and protected mode, as `TestServer` starts it (see `tests/common`).
+const PLAIN_SERVER: [(&str, &str); 3] = [("SERVER_AGENCY_KEYS", ""), ("SERVER_TLS_CERT", ""), ("SERVER_TLS_KEY", "")];
+/// Agencies with no token and no TLS, for such a server.
+const PLAIN_AGENCY: [(&str, &str); 2] = [("CLI_TOKEN_FILE", ""), ("CLI_TLS_CA", "")];
+
 const BINARIES: [(&str, &str); 3] = [("lottery-server", SERVER), ("lottery-agency", AGENCY), ("lottery-round", ROUND)];
 
 #[test]
@@ -164,7 +169,11 @@ fn a_closed_stdout_ends_every_binary_quietly() {
     }
     // A server whose log is gone stops as on SIGTERM: cleanly, exit 0, nothing on stderr.
     let storage = dir.path().join("bets.csv");
-    let env = [("SERVER_IP", "127.0.0.1"), ("SERVER_PORT", "0"), ("SERVER_STORAGE_PATH", storage.to_str().unwrap())];
+    let env = [
+        &[("SERVER_IP", "127.0.0.1"), ("SERVER_PORT", "0"), ("SERVER_STORAGE_PATH", storage.to_str().unwrap())],
+        &PLAIN_SERVER[..],
+    ]
+    .concat();
     let (status, stderr) = with_stdout_closed(command(SERVER, dir.path(), &env));
     assert!(status.success() && stderr.is_empty(), "lottery-server: {status}, stderr {stderr:?}");
 }
@@ -173,7 +182,11 @@ fn a_closed_stdout_ends_every_binary_quietly() {
 fn a_server_whose_reader_goes_away_stops_at_its_next_log_line() {
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("bets.csv");
-    let env = [("SERVER_IP", "127.0.0.1"), ("SERVER_PORT", "0"), ("SERVER_STORAGE_PATH", storage.to_str().unwrap())];
+    let env = [
+        &[("SERVER_IP", "127.0.0.1"), ("SERVER_PORT", "0"), ("SERVER_STORAGE_PATH", storage.to_str().unwrap())],
+        &PLAIN_SERVER[..],
+    ]
+    .concat();
     let mut server = Piped::spawn(command(SERVER, dir.path(), &env));
     let mut log = BufReader::new(server.child.stdout.take().expect("piped stdout"));
     let mut line = String::new();
@@ -192,7 +205,12 @@ fn a_server_whose_reader_goes_away_stops_at_its_next_log_line() {
     let data = dir.path().join("agency-1.csv");
     std::fs::write(&data, "Ana,Paz,1,2000-01-01,5\n").unwrap();
     let server = TestServer::start(1, &[]);
-    let env = [("CLI_ID", "1"), ("CLI_SERVER_ADDRESS", &server.address()), ("CLI_DATA_PATH", data.to_str().unwrap())];
+    let address = server.address();
+    let env = [
+        &[("CLI_ID", "1"), ("CLI_SERVER_ADDRESS", &address), ("CLI_DATA_PATH", data.to_str().unwrap())],
+        &PLAIN_AGENCY[..],
+    ]
+    .concat();
     let (status, stderr) = with_stdout_closed(command(AGENCY, dir.path(), &env));
     assert!(status.success() && stderr.is_empty(), "lottery-agency: {status}, stderr {stderr:?}");
 }
@@ -204,7 +222,7 @@ fn the_course_config_ini_is_read_and_config_errors_name_file_line_and_expectatio
     // The course's file, with a port of 0 and a host name this machine resolves.
     let course = "[DEFAULT]\nSERVER_PORT = 0\nSERVER_IP = localhost\nSERVER_LISTEN_BACKLOG = 5\nLOGGING_LEVEL = INFO\n";
     std::fs::write(dir.path().join("config.ini"), course).unwrap();
-    let env = [("SERVER_STORAGE_PATH", storage.to_str().unwrap())];
+    let env = [&[("SERVER_STORAGE_PATH", storage.to_str().unwrap())], &PLAIN_SERVER[..]].concat();
     let mut server = common::Proc::spawn("lottery-server", command(SERVER, dir.path(), &env));
     server.logs.wait_for("action: listen | result: success");
     drop(server);
@@ -254,7 +272,8 @@ fn a_round_that_cannot_reach_its_server_fails_within_the_retry_timeout_without_a
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens on port 1; the default retry window (30 s) would outlast run_to_exit's.
     let args = ["--agencies", "2", "--bets-per-agency", "10", "--server", "127.0.0.1:1"];
-    let (status, stdout, stderr) = round(dir.path(), &[("CLI_RETRY_TIMEOUT_MS", "200")], &args);
+    let env = [&[("CLI_RETRY_TIMEOUT_MS", "200")], &PLAIN_AGENCY[..]].concat();
+    let (status, stdout, stderr) = round(dir.path(), &env, &args);
     assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(!stdout.contains("bets/s"), "a rate for a failed round: {stdout}");
     assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
@@ -285,7 +304,7 @@ fn an_interrupted_round_shows_progress_once_a_second_and_prints_no_rate() {
     // Three agencies make the draw and the round brings two: it waits, showing its progress.
     let server = TestServer::start(3, &[]);
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = command(ROUND, dir.path(), &[]);
+    let mut cmd = command(ROUND, dir.path(), &PLAIN_AGENCY);
     cmd.args(["--agencies", "2", "--bets-per-agency", "50", "--server", &server.address()]);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = Piped { child: cmd.spawn().unwrap(), stderr: None };

@@ -15,6 +15,11 @@ const PLAIN_SERVER: [(&str, &str); 3] = [("SERVER_AGENCY_KEYS", ""), ("SERVER_TL
 /// Agencies with no token and no TLS, for such a server.
 const PLAIN_AGENCY: [(&str, &str); 2] = [("CLI_TOKEN_FILE", ""), ("CLI_TLS_CA", "")];
 
+/// A plain-text server on a free loopback port, storing into `storage`.
+fn server_env(storage: &str) -> Vec<(&str, &str)> {
+    [&[("SERVER_IP", "127.0.0.1"), ("SERVER_PORT", "0"), ("SERVER_STORAGE_PATH", storage)], &PLAIN_SERVER[..]].concat()
+}
+
 const BINARIES: [(&str, &str); 3] = [("lottery-server", SERVER), ("lottery-agency", AGENCY), ("lottery-round", ROUND)];
 
 #[test]
@@ -169,11 +174,7 @@ fn a_closed_stdout_ends_every_binary_quietly() {
     }
     // A server whose log is gone stops as on SIGTERM: cleanly, exit 0, nothing on stderr.
     let storage = dir.path().join("bets.csv");
-    let env = [
-        &[("SERVER_IP", "127.0.0.1"), ("SERVER_PORT", "0"), ("SERVER_STORAGE_PATH", storage.to_str().unwrap())],
-        &PLAIN_SERVER[..],
-    ]
-    .concat();
+    let env = server_env(storage.to_str().unwrap());
     let (status, stderr) = with_stdout_closed(command(SERVER, dir.path(), &env));
     assert!(status.success() && stderr.is_empty(), "lottery-server: {status}, stderr {stderr:?}");
 }
@@ -182,11 +183,7 @@ fn a_closed_stdout_ends_every_binary_quietly() {
 fn a_server_whose_reader_goes_away_stops_at_its_next_log_line() {
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("bets.csv");
-    let env = [
-        &[("SERVER_IP", "127.0.0.1"), ("SERVER_PORT", "0"), ("SERVER_STORAGE_PATH", storage.to_str().unwrap())],
-        &PLAIN_SERVER[..],
-    ]
-    .concat();
+    let env = server_env(storage.to_str().unwrap());
     let mut server = Piped::spawn(command(SERVER, dir.path(), &env));
     let mut log = BufReader::new(server.child.stdout.take().expect("piped stdout"));
     let mut line = String::new();
@@ -196,12 +193,17 @@ fn a_server_whose_reader_goes_away_stops_at_its_next_log_line() {
     }
     let address = line.trim_end().rsplit_once("address: ").and_then(|(_, a)| a.split(' ').next()).unwrap().to_owned();
     drop(log); // `| head -2`: the reader has what it wanted
-    // A connection makes the server log `accept_connections`, into the closed pipe. An agency
-    // of the round connects the same way: its log line is what stops it.
+    // A connection makes the server log `accept_connections` into the closed pipe: that line
+    // is what stops it.
     let client = TcpStream::connect(&address).unwrap();
     let (status, stderr) = server.finish();
     assert!(status.success() && stderr.is_empty(), "{status}, stderr {stderr:?}");
     drop(client);
+}
+
+#[test]
+fn an_agency_whose_reader_goes_away_stops_quietly() {
+    let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("agency-1.csv");
     std::fs::write(&data, "Ana,Paz,1,2000-01-01,5\n").unwrap();
     let server = TestServer::start(1, &[]);

@@ -14,6 +14,7 @@ use crate::config::{ServerSettings, Settings};
 use crate::ledger::lock::StorageLock;
 use crate::ledger::round::{Round, RoundConfig};
 use crate::logging;
+use crate::output;
 use crate::server::auth::AgencyKeys;
 use crate::server::{self, Limits, Security, ShutdownHandle, tls};
 use crate::tools::keys;
@@ -53,11 +54,11 @@ pub fn help_only(name: &str, help: &str) -> Option<ExitCode> {
     match args.next().as_deref() {
         None => None,
         Some("-h" | "--help") => {
-            println!("{help}");
+            output::line(format_args!("{help}"));
             Some(ExitCode::SUCCESS)
         }
         Some(other) => {
-            eprintln!("{name}: unknown argument {other:?}; see {name} --help");
+            output::err_line(format_args!("{name}: unknown argument {other:?}; see {name} --help"));
             Some(ExitCode::from(2))
         }
     }
@@ -75,7 +76,7 @@ pub fn raise_open_files_limit() {
 
 /// Prints a start-up error as one line and returns the failure code.
 fn fail(name: &str, error: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("{name}: {error}");
+    output::err_line(format_args!("{name}: {error}"));
     ExitCode::FAILURE
 }
 
@@ -88,11 +89,11 @@ fn make_keys(dir: &str) -> ExitCode {
     };
     match keys::make_keys(Path::new(dir), settings.agencies, &settings.tls_names) {
         Ok(made) => {
-            println!(
+            output::line(format_args!(
                 "wrote {} into {}: give each agency its agency-<k>.token and ca.pem; server.key, agencies.keys and the tokens are mode 0600",
                 made.files.join(", "),
                 made.dir.display()
-            );
+            ));
             ExitCode::SUCCESS
         }
         Err(e) => fail(NAME, &e),
@@ -209,6 +210,9 @@ fn start_server(settings: &ServerSettings) -> Result<Started, String> {
     let shutdown = ShutdownHandle::new(&listener).map_err(|e| e.to_string())?;
     let on_signal = shutdown.clone();
     ctrlc::set_handler(move || on_signal.trigger()).map_err(|e| format!("cannot handle signals: {e}"))?;
+    // A log that nobody reads any more (`lottery-server | head`) stops the server as SIGTERM does.
+    let on_close = shutdown.clone();
+    output::on_close(move || on_close.trigger());
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     info!(
         "action: listen | result: success | address: {local} | agencies: {} | tls: {} | agency_keys: {}",
@@ -223,7 +227,7 @@ fn start_server(settings: &ServerSettings) -> Result<Started, String> {
 fn ping(address: Result<String, String>) -> ExitCode {
     match address.and_then(|a| agency::ping(&a, Duration::from_secs(2)).map(|()| a)) {
         Ok(address) => {
-            println!("PONG from {address}");
+            output::line(format_args!("PONG from {address}"));
             ExitCode::SUCCESS
         }
         Err(e) => fail("lottery-agency", &e),
@@ -254,6 +258,8 @@ pub fn agency_main() -> ExitCode {
     if let Err(e) = ctrlc::set_handler(move || on_signal.trigger()) {
         return fail(NAME, &format!("cannot handle signals: {e}"));
     }
+    let on_close = stop.clone();
+    output::on_close(move || on_close.trigger());
     match agency::run(&settings, &stop) {
         Ok(_) => ExitCode::SUCCESS,
         Err(AgencyError::Stopped) => {

@@ -1,22 +1,23 @@
 //! Settings: built-in defaults, then `config.ini` (or the file named by `LOTTERY_CONFIG`), then
 //! environment variables, read in one place into typed values.
 //!
-//! The `config` crate parses the INI file. Its own environment source lowercases names while
-//! INI keys keep their case, which silently drops overrides, so the overlay is done here: every
-//! key has one name, the same in the file and in the environment (case-insensitive in the file).
-//! A value that does not parse is an error naming the key and where it came from.
+//! The INI file is read by `config/ini.rs`, which knows the line of every value, so that every error
+//! says the file, the line and what was expected. Every key has one name, the same in the file
+//! and in the environment (case-insensitive in the file). A value that does not parse is an
+//! error naming the key and where it came from.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use config::{FileFormat, Source as _};
 use log::LevelFilter;
 
 use crate::ledger::round::SyncMode;
 use crate::wire::protocol::MAX_BATCH_ROWS;
+
+mod ini;
 
 /// Every key, with its built-in default (`None`: no default).
 pub const KEYS: &[(&str, Option<&str>)] = &[
@@ -138,7 +139,7 @@ impl Settings {
         for &(key, default) in KEYS {
             let value = match (env.get(key), file.get(key)) {
                 (Some(v), _) => Some((v.clone(), format!("environment variable {key}"))),
-                (None, Some(v)) => Some((v.clone(), format!("{key} in {}", path.display()))),
+                (None, Some(entry)) => Some((entry.value.clone(), format!("{}:{}: {key}", path.display(), entry.line))),
                 (None, None) => default.map(|d| (d.to_owned(), format!("{key} (built-in default)"))),
             };
             if let Some(value) = value {
@@ -208,7 +209,7 @@ impl Settings {
 
     fn server_unchecked(&self) -> Result<ServerSettings, ConfigError> {
         Ok(ServerSettings {
-            ip: self.get("SERVER_IP", "an IP address", |v| v.parse().ok())?,
+            ip: self.get("SERVER_IP", "an IP address, nor a host name this machine resolves", resolve_ip)?,
             port: self.number("SERVER_PORT", 0, u16::MAX, "a port 0..=65535")?,
             backlog: self.number("SERVER_LISTEN_BACKLOG", 1, 65535, "a backlog 1..=65535")?,
             agencies: self.number("SERVER_AGENCIES", 1, 100_000, "a number of agencies 1..=100000")?,
@@ -270,12 +271,7 @@ impl Settings {
             server_address: self.server_address()?,
             batch_max: self.batch_max()?,
             data_path: PathBuf::from(data_path.replace("{CLI_ID}", &id.to_string())),
-            retry_timeout: Duration::from_millis(self.number(
-                "CLI_RETRY_TIMEOUT_MS",
-                0,
-                u64::MAX,
-                "a number of milliseconds",
-            )?),
+            retry_timeout: self.retry_timeout()?,
             log_level: self.level("CLI_LOG_LEVEL")?,
             extra_bet: self.extra_bet()?,
             token_file: self.optional("CLI_TOKEN_FILE")?.map(|f| PathBuf::from(f.replace("{CLI_ID}", &id.to_string()))),
@@ -300,7 +296,15 @@ impl Settings {
     /// # Errors
     /// It does not parse, or is not in `1..=431` (what 8 KiB can hold).
     pub fn batch_max(&self) -> Result<usize, ConfigError> {
-        self.number("CLI_BATCH_MAXAMOUNT", 1, MAX_BATCH_ROWS as usize, "a number of bets 1..=431")
+        self.get("CLI_BATCH_MAXAMOUNT", BATCH_MAX_WHAT, parse_batch_max)
+    }
+
+    /// `CLI_RETRY_TIMEOUT_MS`: how long an agency keeps reconnecting.
+    ///
+    /// # Errors
+    /// It is not a number of milliseconds.
+    pub fn retry_timeout(&self) -> Result<Duration, ConfigError> {
+        self.number("CLI_RETRY_TIMEOUT_MS", 0, u64::MAX, "a number of milliseconds").map(Duration::from_millis)
     }
 
     fn extra_bet(&self) -> Result<Option<[String; 5]>, ConfigError> {
@@ -317,24 +321,37 @@ impl Settings {
     }
 }
 
-/// The INI file's keys (upper-cased) and values; an absent optional file is empty.
-fn read_ini(path: &Path, required: bool) -> Result<HashMap<String, String>, ConfigError> {
-    let source = config::File::from(path).format(FileFormat::Ini).required(required);
-    let table = source.collect().map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-    let mut out = HashMap::new();
-    for (key, value) in table {
-        let upper = key.to_ascii_uppercase();
-        if !KEYS.iter().any(|(k, _)| *k == upper) {
-            return Err(ConfigError(format!("{}: unknown key {key:?} (keys: {})", path.display(), key_names())));
-        }
-        let text = value.into_string().map_err(|e| ConfigError(format!("{}: {key}: {e}", path.display())))?;
-        out.insert(upper, text);
-    }
-    Ok(out)
+/// What a batch size (`CLI_BATCH_MAXAMOUNT`, `lottery-round --batch`) must be.
+pub const BATCH_MAX_WHAT: &str = "a number of bets 1..=431 (what a batch of 8 KiB can hold)";
+
+/// A batch size, if it is [`BATCH_MAX_WHAT`].
+pub fn parse_batch_max(value: &str) -> Option<usize> {
+    value.trim().parse().ok().filter(|n| (1..=MAX_BATCH_ROWS as usize).contains(n))
 }
 
-fn key_names() -> String {
-    KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+/// `SERVER_IP`: an IP address, or a host name resolved once, at start-up (the course's
+/// `config.ini` says `SERVER_IP = server`, the container's own name); IPv4 first.
+fn resolve_ip(value: &str) -> Option<IpAddr> {
+    if let Ok(ip) = value.parse() {
+        return Some(ip);
+    }
+    let addrs: Vec<IpAddr> = (value, 0).to_socket_addrs().ok()?.map(|a| a.ip()).collect();
+    addrs.iter().find(|ip| ip.is_ipv4()).or(addrs.first()).copied()
+}
+
+/// The INI file's keys (upper-cased), values and lines; an absent optional file is empty.
+fn read_ini(path: &Path, required: bool) -> Result<HashMap<String, ini::Entry>, ConfigError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(HashMap::new()),
+        Err(e) => return Err(ConfigError(format!("{}: cannot read it: {e}", path.display()))),
+    };
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        ConfigError(format!("{}:{line}: not UTF-8 text: expected a text file in UTF-8", path.display()))
+    })?;
+    let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+    ini::parse(&text, &known).map_err(|(line, why)| ConfigError(format!("{}:{line}: {why}", path.display())))
 }
 
 #[cfg(test)]
@@ -451,12 +468,34 @@ mod tests {
     fn a_bad_value_names_its_key_and_origin() {
         let (_dir, settings) = with_file("SERVER_PORT = 99999\n", &[]);
         let err = settings.unwrap().server().unwrap_err().to_string();
-        assert!(err.contains("SERVER_PORT in ") && err.contains("\"99999\" is not a port"), "{err}");
+        assert!(err.contains("config.ini:1: SERVER_PORT = \"99999\" is not a port"), "{err}");
         let (_dir, settings) = with_file("", &[("SERVER_AGENCIES", "five")]);
         let err = settings.unwrap().server().unwrap_err().to_string();
         assert!(err.contains("environment variable SERVER_AGENCIES = \"five\""), "{err}");
         let (_dir, settings) = with_file("SERVER_PROT = 1\n", &[]);
-        assert!(settings.unwrap_err().0.contains("unknown key"));
+        assert!(settings.unwrap_err().0.contains("config.ini:1: unknown key"));
+    }
+
+    #[test]
+    fn the_course_config_ini_is_accepted_with_a_host_name() {
+        let course =
+            "[DEFAULT]\nSERVER_PORT = 12345\nSERVER_IP = localhost\nSERVER_LISTEN_BACKLOG = 5\nLOGGING_LEVEL = INFO\n";
+        let (_dir, settings) = with_file(course, &[]);
+        let server = settings.unwrap().server().unwrap();
+        assert!(server.ip.is_loopback(), "{}", server.ip);
+        assert_eq!((server.port, server.backlog, server.log_level), (12345, 5, LevelFilter::Info));
+        let (_dir, settings) = with_file("\nSERVER_IP = no-such-host.invalid\n", &[]);
+        let err = settings.unwrap().server().unwrap_err().to_string();
+        assert!(err.contains("config.ini:2: SERVER_IP = \"no-such-host.invalid\" is not an IP address"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_size_is_checked_in_one_place() {
+        assert_eq!((parse_batch_max("1"), parse_batch_max("431")), (Some(1), Some(431)));
+        assert_eq!((parse_batch_max("0"), parse_batch_max("432"), parse_batch_max("x")), (None, None, None));
+        let (_dir, settings) = with_file("", &[("CLI_BATCH_MAXAMOUNT", "1000")]);
+        let err = settings.unwrap().batch_max().unwrap_err().to_string();
+        assert!(err.ends_with(&format!("CLI_BATCH_MAXAMOUNT = \"1000\" is not {BATCH_MAX_WHAT}")), "{err}");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //!   [`tools::dataset`] (synthetic agency files), [`tools::hostile`] (misbehaving clients).
 //! - [`config`]: `config.ini` plus environment into typed settings.
 //! - [`logging`]: the log line format of the spec.
+//! - [`output`]: stdout and stderr that a closed pipe stops instead of crashing.
 //! - [`app`]: what the binaries run, so that `src/bin/*` only wire.
 
 pub mod agency;
@@ -27,6 +28,7 @@ pub mod app;
 pub mod config;
 pub mod ledger;
 pub mod logging;
+pub mod output;
 pub mod server;
 pub mod tools;
 pub mod wire;

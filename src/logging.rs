@@ -1,5 +1,6 @@
 //! The log line format of the spec: `YYYY-MM-DD HH:MM:SS LEVEL    action: … | result: …`, on
-//! stdout, timestamps in UTC.
+//! stdout (through [`crate::output`], so that a closed pipe stops a binary instead of crashing
+//! it), timestamps in UTC.
 
 use std::io::Write;
 
@@ -11,7 +12,7 @@ pub fn init(level: LevelFilter) {
     let format = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
     let _ = env_logger::Builder::new()
         .filter_level(level)
-        .target(env_logger::Target::Stdout)
+        .target(env_logger::Target::Pipe(Box::new(crate::output::LogTarget)))
         .format(move |buf, record| {
             let now = time::OffsetDateTime::now_utc();
             let stamp = now.format(&format).unwrap_or_default();

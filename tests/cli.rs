@@ -2,7 +2,23 @@
 
 mod common;
 
-use common::{AGENCY, ROUND, SERVER, TestServer, command, run_to_exit};
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpStream;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{AGENCY, ROUND, SERVER, STEP, TestServer, command, run_to_exit};
+
+/// A server in plain text and protected mode, as `TestServer` starts it (see `tests/common`).
+const PLAIN_SERVER: [(&str, &str); 3] = [("SERVER_AGENCY_KEYS", ""), ("SERVER_TLS_CERT", ""), ("SERVER_TLS_KEY", "")];
+/// Agencies with no token and no TLS, for such a server.
+const PLAIN_AGENCY: [(&str, &str); 2] = [("CLI_TOKEN_FILE", ""), ("CLI_TLS_CA", "")];
+
+/// A plain-text server on a free loopback port, storing into `storage`.
+fn server_env(storage: &str) -> Vec<(&str, &str)> {
+    [&[("SERVER_IP", "127.0.0.1"), ("SERVER_PORT", "0"), ("SERVER_STORAGE_PATH", storage)], &PLAIN_SERVER[..]].concat()
+}
 
 const BINARIES: [(&str, &str); 3] = [("lottery-server", SERVER), ("lottery-agency", AGENCY), ("lottery-round", ROUND)];
 
@@ -86,4 +102,225 @@ fn agency_ping_is_a_health_check() {
     let (status, _, stderr) = run_to_exit("lottery-agency --ping", cmd);
     assert_eq!(status.code(), Some(1));
     assert!(stderr.starts_with("lottery-agency: cannot reach 127.0.0.1:1") && stderr.lines().count() == 1, "{stderr}");
+}
+
+/// A child whose stdout the test may close, killed and reaped on `Drop` if still running.
+struct Piped {
+    child: Child,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Piped {
+    fn spawn(mut cmd: Command) -> Piped {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start the binary");
+        let mut err = child.stderr.take().expect("piped stderr");
+        let stderr = thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text);
+            text
+        });
+        Piped { child, stderr: Some(stderr) }
+    }
+
+    /// Waits (at most [`STEP`]) for the exit; its status and everything it said on stderr.
+    fn finish(&mut self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + STEP;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "still running {STEP:?} after its stdout closed");
+            // Polling the exit status: there is no portable wait-with-timeout on a child.
+            thread::sleep(Duration::from_millis(5));
+        };
+        (status, self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default())
+    }
+}
+
+impl Drop for Piped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `cmd` with its stdout closed before it writes anything (`| head -0`); exit and stderr.
+fn with_stdout_closed(cmd: Command) -> (ExitStatus, String) {
+    let mut piped = Piped::spawn(cmd);
+    drop(piped.child.stdout.take());
+    piped.finish()
+}
+
+#[test]
+fn a_closed_stdout_ends_every_binary_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, binary) in BINARIES {
+        let mut cmd = command(binary, dir.path(), &[]);
+        cmd.arg("--help");
+        let (status, stderr) = with_stdout_closed(cmd);
+        assert!(status.success() && stderr.is_empty(), "{name} --help | head -0: {status}, stderr {stderr:?}");
+    }
+    for verbose in [false, true] {
+        let mut cmd = command(ROUND, dir.path(), &[]);
+        cmd.args(["--agencies", "2", "--bets-per-agency", "300"]);
+        if verbose {
+            cmd.arg("--verbose");
+        }
+        let (status, stderr) = with_stdout_closed(cmd);
+        assert!(status.success() && stderr.is_empty(), "lottery-round (verbose {verbose}): {status}, {stderr:?}");
+    }
+    // A server whose log is gone stops as on SIGTERM: cleanly, exit 0, nothing on stderr.
+    let storage = dir.path().join("bets.csv");
+    let env = server_env(storage.to_str().unwrap());
+    let (status, stderr) = with_stdout_closed(command(SERVER, dir.path(), &env));
+    assert!(status.success() && stderr.is_empty(), "lottery-server: {status}, stderr {stderr:?}");
+}
+
+#[test]
+fn a_server_whose_reader_goes_away_stops_at_its_next_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("bets.csv");
+    let env = server_env(storage.to_str().unwrap());
+    let mut server = Piped::spawn(command(SERVER, dir.path(), &env));
+    let mut log = BufReader::new(server.child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    while !line.contains("action: listen") {
+        line.clear();
+        assert!(log.read_line(&mut line).unwrap() > 0, "the server ended before listening");
+    }
+    let address = line.trim_end().rsplit_once("address: ").and_then(|(_, a)| a.split(' ').next()).unwrap().to_owned();
+    drop(log); // `| head -2`: the reader has what it wanted
+    // A connection makes the server log `accept_connections` into the closed pipe: that line
+    // is what stops it.
+    let client = TcpStream::connect(&address).unwrap();
+    let (status, stderr) = server.finish();
+    assert!(status.success() && stderr.is_empty(), "{status}, stderr {stderr:?}");
+    drop(client);
+}
+
+#[test]
+fn an_agency_whose_reader_goes_away_stops_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("agency-1.csv");
+    std::fs::write(&data, "Ana,Paz,1,2000-01-01,5\n").unwrap();
+    let server = TestServer::start(1, &[]);
+    let address = server.address();
+    let env = [
+        &[("CLI_ID", "1"), ("CLI_SERVER_ADDRESS", &address), ("CLI_DATA_PATH", data.to_str().unwrap())],
+        &PLAIN_AGENCY[..],
+    ]
+    .concat();
+    let (status, stderr) = with_stdout_closed(command(AGENCY, dir.path(), &env));
+    assert!(status.success() && stderr.is_empty(), "lottery-agency: {status}, stderr {stderr:?}");
+}
+
+#[test]
+fn the_course_config_ini_is_read_and_config_errors_name_file_line_and_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("bets.csv");
+    // The course's file, with a port of 0 and a host name this machine resolves.
+    let course = "[DEFAULT]\nSERVER_PORT = 0\nSERVER_IP = localhost\nSERVER_LISTEN_BACKLOG = 5\nLOGGING_LEVEL = INFO\n";
+    std::fs::write(dir.path().join("config.ini"), course).unwrap();
+    let env = [&[("SERVER_STORAGE_PATH", storage.to_str().unwrap())], &PLAIN_SERVER[..]].concat();
+    let mut server = common::Proc::spawn("lottery-server", command(SERVER, dir.path(), &env));
+    server.logs.wait_for("action: listen | result: success");
+    drop(server);
+    let cases = [
+        ("[DEFAULT]\nSERVER_PORT\n", "config.ini:2: \"SERVER_PORT\" is not a setting: expected KEY = value"),
+        ("[server]\nSERVER_PORT = 1\n", "config.ini:1: section [server] is not accepted: expected keys"),
+        ("\nSERVER_PORT = 99999\n", "config.ini:2: SERVER_PORT = \"99999\" is not a port 0..=65535"),
+    ];
+    for (text, expected) in cases {
+        std::fs::write(dir.path().join("config.ini"), text).unwrap();
+        let (status, stdout, stderr) = run_to_exit("lottery-server", command(SERVER, dir.path(), &env));
+        assert!(!status.success() && stdout.is_empty(), "{text:?}: {status}, {stdout}");
+        assert_eq!(stderr.lines().count(), 1, "{text:?}: {stderr:?}");
+        assert!(stderr.contains(expected), "{text:?}: {stderr:?} lacks {expected:?}");
+    }
+}
+
+/// `lottery-round` in `dir` with `args`, run to its end.
+fn round(dir: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> (ExitStatus, String, String) {
+    let mut cmd = command(ROUND, dir, env);
+    cmd.args(args);
+    run_to_exit("lottery-round", cmd)
+}
+
+#[test]
+fn a_batch_size_is_checked_the_same_way_as_a_flag_and_as_a_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = format!("is not {}", lottery::config::BATCH_MAX_WHAT);
+    let runs = [
+        round(dir.path(), &[], &["--batch", "0"]),
+        round(dir.path(), &[], &["--batch", "1000"]),
+        round(dir.path(), &[("CLI_BATCH_MAXAMOUNT", "1000")], &[]),
+        round(dir.path(), &[("CLI_BATCH_MAXAMOUNT", "0")], &[]),
+    ];
+    for (status, stdout, stderr) in runs {
+        assert!(!status.success() && stdout.is_empty(), "{status}: {stdout}");
+        assert!(stderr.lines().count() == 1 && stderr.contains(&expected), "{stderr:?} lacks {expected:?}");
+    }
+    let (status, stdout, stderr) =
+        round(dir.path(), &[], &["--agencies", "1", "--bets-per-agency", "20", "--batch", "431"]);
+    assert!(status.success(), "--batch 431: {status}, {stderr}");
+    assert!(stdout.contains("bets/s"), "{stdout}");
+}
+
+#[test]
+fn a_round_that_cannot_reach_its_server_fails_within_the_retry_timeout_without_a_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1; the default retry window (30 s) would outlast run_to_exit's.
+    let args = ["--agencies", "2", "--bets-per-agency", "10", "--server", "127.0.0.1:1"];
+    let env = [&[("CLI_RETRY_TIMEOUT_MS", "200")], &PLAIN_AGENCY[..]].concat();
+    let (status, stdout, stderr) = round(dir.path(), &env, &args);
+    assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("bets/s"), "a rate for a failed round: {stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(stderr.contains("failed for 2 of 2 agencies") && stderr.contains("no server at 127.0.0.1:1"), "{stderr}");
+}
+
+#[test]
+fn an_explicit_size_or_seed_wins_over_a_complete_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    lottery::tools::dataset::generate(&dir.path().join(".data"), 2, 10, 1).unwrap();
+    let (status, stdout, stderr) = round(dir.path(), &[], &["--agencies", "2"]);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.starts_with("round: 2 agencies, 20 bets from .data,"), "{stdout}");
+    for flag in [["--bets-per-agency", "30"], ["--seed", "9"]] {
+        let (status, stdout, stderr) = round(dir.path(), &[], &[&["--agencies", "2"], &flag[..]].concat());
+        assert!(status.success(), "{flag:?}: {stderr}");
+        let first = stdout.lines().next().unwrap_or_default();
+        assert!(first.contains(" bets from ") && !first.contains("from .data,"), "{flag:?}: {first}");
+    }
+    let (status, _, stderr) = round(dir.path(), &[], &["--agencies", "2", "--bets-per-agency", "30"]);
+    assert!(status.success() && stderr.is_empty(), "{stderr}");
+    let (status, _, stderr) = round(dir.path(), &[], &["--data", ".data", "--bets-per-agency", "30"]);
+    assert!(status.code() == Some(2) && stderr.contains("--data uses DIR's files as they are"), "{stderr}");
+}
+
+#[test]
+fn an_interrupted_round_shows_progress_once_a_second_and_prints_no_rate() {
+    // Three agencies make the draw and the round brings two: it waits, showing its progress.
+    let server = TestServer::start(3, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(ROUND, dir.path(), &PLAIN_AGENCY);
+    cmd.args(["--agencies", "2", "--bets-per-agency", "50", "--server", &server.address()]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = Piped { child: cmd.spawn().unwrap(), stderr: None };
+    let mut stdout = common::Logs::capture(child.child.stdout.take().unwrap());
+    let mut stderr = common::Logs::capture(child.child.stderr.take().unwrap());
+    stdout.wait_for("round: 2 agencies, 100 bets");
+    stderr.wait_count("send: 100/100 bets (100%), 2/3 agencies done, ", 2);
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(child.child.id() as i32, libc::SIGINT) }, 0);
+    let (status, _) = child.finish();
+    assert_eq!(status.code(), Some(1));
+    let lines = stderr.until_eof().to_vec();
+    assert!(lines.last().is_some_and(|l| l.contains("interrupted")), "{lines:?}");
+    assert!(lines.windows(2).all(|w| w[0] != w[1]), "a progress line printed twice: {lines:?}");
+    assert!(lines.iter().any(|l| l.contains("bets (100%), 2/3 agencies done, ")), "{lines:?}");
+    assert!(!stdout.until_eof().iter().any(|l| l.contains("bets/s")), "a rate for an interrupted round");
 }

@@ -15,14 +15,13 @@ const AGENCIES: u32 = 5;
 const BETS: u64 = 3_000;
 const LIVES: usize = 6;
 
-/// The seed of the kill moments: `LOTTERY_TEST_SEED`, or the clock (printed, to replay a run).
+/// The seed of the kill moments: `LOTTERY_TEST_SEED`, or the clock (a failure names it, to
+/// replay the run).
 fn seed() -> u64 {
-    let seed = std::env::var("LOTTERY_TEST_SEED")
+    std::env::var("LOTTERY_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7574));
-    println!("kill moments seeded with LOTTERY_TEST_SEED={seed}");
-    seed
+        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7574))
 }
 
 /// A port that was free a moment ago: every life of the server must listen on the same one,
@@ -74,10 +73,24 @@ fn sigterm_mid_round_loses_and_duplicates_nothing() {
     round_across_lives(Stop::Term);
 }
 
+/// [`lives`] with a fresh seed; a failure's panic message ends with the seed that replays it,
+/// so that it shows wherever the failure does.
+fn round_across_lives(how: Stop) {
+    let seed = seed();
+    if let Err(panic) = std::panic::catch_unwind(|| lives(how, seed)) {
+        let why = match (panic.downcast_ref::<String>(), panic.downcast_ref::<&str>()) {
+            (Some(why), _) => why.clone(),
+            (None, Some(why)) => (*why).to_owned(),
+            (None, None) => "a panic without a message".to_owned(),
+        };
+        panic!("{why}\nreplay with LOTTERY_TEST_SEED={seed}");
+    }
+}
+
 /// A 5-agency round whose server is stopped `LIVES` times, each after a random number of
 /// acknowledged batches, and once more after the draw; every life restarts on the same files.
-fn round_across_lives(how: Stop) {
-    let mut rng = seed() | 1;
+fn lives(how: Stop, seed: u64) {
+    let mut rng = seed | 1;
     let mut next = move |below: u64| {
         rng ^= rng << 13;
         rng ^= rng >> 7;

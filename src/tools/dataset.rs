@@ -5,6 +5,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::wire::bet::{Bet, RowWriter, WINNING_NUMBER};
 
@@ -121,6 +122,20 @@ pub fn agency_file(dir: &Path, id: u32) -> PathBuf {
 /// # Errors
 /// The directory or a file cannot be written.
 pub fn generate(dir: &Path, agencies: u32, bets: u64, seed: u64) -> io::Result<Vec<PathBuf>> {
+    generate_counted(dir, agencies, bets, seed, &AtomicU64::new(0))
+}
+
+/// [`generate`], adding to `written` the bets written so far, for a progress display.
+///
+/// # Errors
+/// As [`generate`].
+pub fn generate_counted(
+    dir: &Path,
+    agencies: u32,
+    bets: u64,
+    seed: u64,
+    written: &AtomicU64,
+) -> io::Result<Vec<PathBuf>> {
     fs::create_dir_all(dir)?;
     (1..=agencies)
         .map(|id| {
@@ -132,9 +147,11 @@ pub fn generate(dir: &Path, agencies: u32, bets: u64, seed: u64) -> io::Result<V
                 rows.push_bet(&bet(&mut rng));
                 if i % 1024 == 1023 {
                     out.write_all(&rows.take())?;
+                    written.fetch_add(1024, Ordering::Relaxed);
                 }
             }
             out.write_all(&rows.take())?;
+            written.fetch_add(bets % 1024, Ordering::Relaxed);
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             Ok(path)
         })

@@ -2,7 +2,6 @@
 //! over loopback TCP, on `.data/` if it holds the agency files, else on a generated data set;
 //! it prints the winners per agency and the throughput.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -10,40 +9,47 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::LevelFilter;
 
 use crate::agency::{self, Outcome, Stop};
-use crate::config::{AgencySettings, ServerSettings, Settings};
+use crate::config::{self, AgencySettings, BATCH_MAX_WHAT, ServerSettings, Settings};
 use crate::ledger::round::{Round, RoundConfig, SyncMode};
 use crate::logging;
+use crate::output;
 use crate::server::auth::AgencyKeys;
 use crate::server::{self, Limits, Security, ShutdownHandle, tls};
 use crate::tools::dataset;
 use crate::tools::hostile;
 use crate::tools::keys;
+use crate::tools::progress::{Progress, Sample};
+use crate::tools::report::{count_lines, count_winners, report, report_hostile};
 use crate::wire::protocol::{Reply, Status};
 
 const HELP: &str = "\
 lottery-round: a whole lottery round on this machine: the server and N agencies over loopback TCP.
-Uses .data/agency-{1..N}.csv if they are all there, else a generated data set. Prints the bets
-and winners of each agency, then the wall time and bets per second.
+Uses .data/agency-{1..N}.csv if they are all there (and no --bets-per-agency or --seed is
+given), else a generated data set. Prints the bets and winners of each agency, then, if the
+round completed, the wall time and bets per second; a failed or interrupted round says what
+failed on stderr and exits 1. Progress goes to stderr: a bar on a terminal, else a line a second.
 
 Usage: lottery-round [OPTIONS]
 
 Options:
   --agencies N          agencies in the round (default 5)
-  --bets-per-agency M   bets per agency in a generated data set (default 20000)
-  --batch B             most bets per batch (default: CLI_BATCH_MAXAMOUNT, 100)
+  --bets-per-agency M   bets per agency: generate a data set of this size, even if .data is
+                        complete (default 20000, when there is no .data)
+  --batch B             most bets per batch, 1..=431 (default: CLI_BATCH_MAXAMOUNT, 100)
   --data DIR            read agency-{1..N}.csv from DIR (default .data, if complete)
   --generate DIR        only write a generated data set (N files of M bets) into DIR and exit
-  --seed S              seed of the generated data set (default 75740)
+  --seed S              generate the data set from this seed, even if .data is complete
+                        (default 75740)
   --keep DIR            keep bets.csv (and its round file) in DIR instead of a temporary one
   --server ADDR         run only the agencies, against the lottery-server at ADDR (ip:port),
-                        started with SERVER_AGENCIES=N
+                        started with SERVER_AGENCIES=N; they retry for CLI_RETRY_TIMEOUT_MS
   --hostile K           also run K misbehaving clients of mixed kinds (idle, slowloris, oversized
                         lines, garbage, half batches, bad bets, out-of-range requests) and report
                         what they got; the round's own server then cuts idle clients after 1 s
@@ -53,17 +59,25 @@ Options:
   --verbose             print the server's and agencies' log lines
   -h, --help            this text
 
-Settings (SERVER_SYNC, SERVER_GROUP_COMMIT, ...) come from config.ini and the environment.";
+Settings (SERVER_SYNC, SERVER_GROUP_COMMIT, CLI_BATCH_MAXAMOUNT, CLI_RETRY_TIMEOUT_MS, ...) come
+from config.ini and the environment.";
+
+/// Bets per agency in a generated data set, unless `--bets-per-agency` says otherwise.
+const DEFAULT_BETS: u64 = 20_000;
+/// The generated data set's seed, unless `--seed` says otherwise.
+const DEFAULT_SEED: u64 = 75_740;
 
 /// The options of `lottery-round`.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub agencies: u32,
-    pub bets_per_agency: u64,
+    /// Given: generate a data set of this size rather than use `.data`.
+    pub bets_per_agency: Option<u64>,
     pub batch: Option<usize>,
     pub data: Option<PathBuf>,
     pub generate: Option<PathBuf>,
-    pub seed: u64,
+    /// Given: generate a data set from this seed rather than use `.data`.
+    pub seed: Option<u64>,
     pub keep: Option<PathBuf>,
     /// Run the agencies against this server instead of one in this process.
     pub server: Option<SocketAddr>,
@@ -78,17 +92,29 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             agencies: 5,
-            bets_per_agency: 20_000,
+            bets_per_agency: None,
             batch: None,
             data: None,
             generate: None,
-            seed: 75_740,
+            seed: None,
             keep: None,
             server: None,
             hostile: 0,
             plaintext: false,
             verbose: false,
         }
+    }
+}
+
+impl Options {
+    /// Bets per agency in a generated data set.
+    fn bets(&self) -> u64 {
+        self.bets_per_agency.unwrap_or(DEFAULT_BETS)
+    }
+
+    /// The seed of a generated data set.
+    fn seed(&self) -> u64 {
+        self.seed.unwrap_or(DEFAULT_SEED)
     }
 }
 
@@ -104,11 +130,17 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Optio
     while let Some(arg) = parser.next().map_err(wrap)? {
         match arg {
             Long("agencies") => opts.agencies = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
-            Long("bets-per-agency") => opts.bets_per_agency = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
-            Long("batch") => opts.batch = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?),
+            Long("bets-per-agency") => {
+                opts.bets_per_agency = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?)
+            }
+            Long("batch") => {
+                let value = parser.value().map_err(wrap)?.string().map_err(wrap)?;
+                let batch = config::parse_batch_max(&value);
+                opts.batch = Some(batch.ok_or_else(|| format!("--batch {value:?} is not {BATCH_MAX_WHAT}"))?);
+            }
             Long("data") => opts.data = Some(parser.value().map_err(wrap)?.into()),
             Long("generate") => opts.generate = Some(parser.value().map_err(wrap)?.into()),
-            Long("seed") => opts.seed = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
+            Long("seed") => opts.seed = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?),
             Long("keep") => opts.keep = Some(parser.value().map_err(wrap)?.into()),
             Long("server") => opts.server = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?),
             Long("hostile") => opts.hostile = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
@@ -121,6 +153,11 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Optio
     if opts.agencies == 0 {
         return Err("--agencies must be at least 1".into());
     }
+    if opts.data.is_some() && (opts.bets_per_agency.is_some() || opts.seed.is_some()) {
+        return Err(
+            "--bets-per-agency and --seed shape a generated data set; --data uses DIR's files as they are".into()
+        );
+    }
     if opts.server.is_some() && opts.keep.is_some() {
         return Err("--keep names where the round's own server stores; with --server there is none".into());
     }
@@ -132,35 +169,40 @@ pub fn main() -> ExitCode {
     let opts = match parse_args(std::env::args().skip(1)) {
         Ok(Some(opts)) => opts,
         Ok(None) => {
-            println!("{HELP}");
+            output::line(format_args!("{HELP}"));
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("lottery-round: {e}; see lottery-round --help");
+            output::err_line(format_args!("lottery-round: {e}; see lottery-round --help"));
             return ExitCode::from(2);
         }
     };
-    match run(&opts) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("lottery-round: {e}");
+    let result = run(&opts);
+    match (result, output::closed()) {
+        // The reader went away (`| head`): no error of ours, and nowhere to report the round.
+        (_, Some(io::ErrorKind::BrokenPipe)) => ExitCode::SUCCESS,
+        (_, Some(kind)) => {
+            output::err_line(format_args!("lottery-round: cannot write to stdout: {}", io::Error::from(kind)));
+            ExitCode::FAILURE
+        }
+        (Ok(()), None) => ExitCode::SUCCESS,
+        (Err(e), None) => {
+            output::err_line(format_args!("lottery-round: {e}"));
             ExitCode::FAILURE
         }
     }
 }
 
-/// Runs the round (or only generates data); `Ok(false)` if an agency failed or got the
-/// wrong winners.
+/// Runs the round (or only generates data).
 ///
 /// # Errors
-/// Set-up failed: settings, data, the work directory, the server's files or socket.
-pub fn run(opts: &Options) -> Result<bool, String> {
+/// Set-up failed (settings, data, the work directory, the server's files or socket), an agency
+/// failed or got the wrong winners, or the round was interrupted: said for a person.
+pub fn run(opts: &Options) -> Result<(), String> {
     if let Some(dir) = &opts.generate {
-        let files = dataset::generate(dir, opts.agencies, opts.bets_per_agency, opts.seed)
-            .map_err(|e| format!("cannot write {}: {e}", dir.display()))?;
-        println!("wrote {} files of {} bets into {}", files.len(), opts.bets_per_agency, dir.display());
-        return Ok(true);
+        let files = generate(dir, opts)?;
+        output::line(format_args!("wrote {} files of {} bets into {}", files.len(), opts.bets(), dir.display()));
+        return Ok(());
     }
     let settings = Settings::from_process().map_err(|e| e.to_string())?;
     let server_settings = settings.server().map_err(|e| e.to_string())?;
@@ -189,35 +231,48 @@ pub fn run(opts: &Options) -> Result<bool, String> {
         (None, None) => unreachable!("a local server is started when no --server is given"),
     };
     let sync = if server_settings.sync == SyncMode::Always { "always" } else { "never" };
-    println!("round: {} agencies, {total} bets from {}, server {addr}", opts.agencies, data.display());
+    let stops = stop_on_interrupt(files.len(), local.as_ref());
+    output::line(format_args!(
+        "round: {} agencies, {total} bets from {}, server {addr}",
+        opts.agencies,
+        data.display()
+    ));
     if let Some(server) = &local {
-        println!("bets.csv in {}, SERVER_SYNC={sync}", server.dir.display());
+        output::line(format_args!("bets.csv in {}, SERVER_SYNC={sync}", server.dir.display()));
     }
-    println!("security: {}", credentials.said);
-
-    let stop = Stop::default();
-    {
-        let stop = stop.clone();
-        let shutdown = local.as_ref().map(|s| s.shutdown.clone());
-        let _ = ctrlc::set_handler(move || {
-            stop.trigger();
-            shutdown.iter().for_each(ShutdownHandle::trigger);
-        });
-    }
+    output::line(format_args!("security: {}", credentials.said));
     let started = Instant::now();
-    let progress = Progress::start(addr, total);
+    let progress = round_progress(addr, total, !opts.verbose);
     let hostile = run_hostile(opts, addr);
-    let outcomes = run_agencies(&files, addr, batch_max, &credentials.agencies, &stop);
+    let outcomes = run_agencies(&files, addr, batch_max, &credentials.agencies, &stops);
     let elapsed = started.elapsed();
     progress.finish();
     let hostile: Vec<hostile::Report> = hostile.and_then(|h| h.join().ok()).unwrap_or_default();
     if let Some(server) = local {
         server.stop()?;
     }
+    if stops.iter().any(Stop::is_triggered) {
+        let finished = outcomes.iter().filter(|o| o.is_ok()).count();
+        return Err(format!("interrupted: {finished} of {} agencies had their winners", outcomes.len()));
+    }
     let expected = files.iter().map(|f| count_winners(f)).collect::<io::Result<Vec<_>>>().map_err(|e| e.to_string())?;
-    let ok = report(&outcomes, &expected, total, elapsed);
+    let verdict = report(&outcomes, &expected, total, elapsed);
     report_hostile(&hostile);
-    Ok(ok)
+    verdict
+}
+
+/// A `Stop` per agency (one closes only the socket it last watched), triggered with the local
+/// server's shutdown by Ctrl-C, SIGTERM, or a stdout nobody reads any more (`| head`).
+fn stop_on_interrupt(agencies: usize, local: Option<&LocalServer>) -> Vec<Stop> {
+    let stops: Vec<Stop> = (0..agencies).map(|_| Stop::default()).collect();
+    let (on_signal, shutdown) = (stops.clone(), local.map(|s| s.shutdown.clone()));
+    let interrupt = move || {
+        on_signal.iter().for_each(Stop::trigger);
+        shutdown.iter().for_each(ShutdownHandle::trigger);
+    };
+    output::on_close(interrupt.clone());
+    let _ = ctrlc::set_handler(interrupt);
+    stops
 }
 
 /// The agency the hostile clients speak for: in protected mode (`--plaintext`) loopback is
@@ -233,7 +288,7 @@ fn run_hostile(opts: &Options, addr: SocketAddr) -> Option<thread::JoinHandle<Ve
     if opts.hostile == 0 {
         return None;
     }
-    let (count, first_seed, agency) = (opts.hostile, opts.seed, hostile_agency(opts));
+    let (count, first_seed, agency) = (opts.hostile, opts.seed(), hostile_agency(opts));
     let run = move || {
         let clients: Vec<_> = (0..count)
             .map(|i| {
@@ -261,7 +316,9 @@ fn say_done(addr: SocketAddr, agency: u32) {
         Ok(replies)
     });
     if !said.as_ref().is_ok_and(|r| r.lines().nth(1) == Some("OK")) {
-        eprintln!("lottery-round: the hostile clients' agency {agency} could not say DONE: {said:?}");
+        output::err_line(format_args!(
+            "lottery-round: the hostile clients' agency {agency} could not say DONE: {said:?}"
+        ));
     }
 }
 
@@ -367,23 +424,25 @@ impl LocalServer {
 }
 
 /// Runs one agency thread per file and waits for them all.
+/// `configured` holds each agency's settings (`CLI_RETRY_TIMEOUT_MS` among them) and
+/// credentials; `stops` a `Stop` for each.
 fn run_agencies(
     files: &[PathBuf],
     addr: SocketAddr,
     batch_max: usize,
     configured: &[AgencySettings],
-    stop: &Stop,
+    stops: &[Stop],
 ) -> Vec<Result<Outcome, String>> {
     let agencies: Vec<_> = files
         .iter()
         .zip(configured)
-        .map(|(file, configured)| {
+        .zip(stops)
+        .map(|((file, configured), stop)| {
             let id = configured.id;
             let settings = AgencySettings {
                 server_address: addr.to_string(),
                 batch_max,
                 data_path: file.clone(),
-                retry_timeout: Duration::from_secs(30),
                 log_level: LevelFilter::Info,
                 extra_bet: None,
                 ..configured.clone()
@@ -407,90 +466,33 @@ fn run_agencies(
         .collect()
 }
 
-/// Prints the table and the throughput; true if every agency got exactly its expected winners.
-fn report(outcomes: &[Result<Outcome, String>], expected: &[u64], total: u64, elapsed: Duration) -> bool {
-    println!("{:>7} {:>10} {:>8} {:>9}", "agency", "bets", "winners", "expected");
-    let mut ok = true;
-    for (id, (outcome, want)) in outcomes.iter().zip(expected).enumerate() {
-        match outcome {
-            Ok(o) => {
-                let mark = if o.winners.len() as u64 == *want { "" } else { "  MISMATCH" };
-                ok &= mark.is_empty();
-                println!("{:>7} {:>10} {:>8} {:>9}{mark}", id + 1, o.stored, o.winners.len(), want);
-            }
-            Err(e) => {
-                ok = false;
-                println!("{:>7} failed: {e}", id + 1);
-            }
+/// The progress of sending (the bets the server holds) and of the draw (every agency done, no
+/// winners yet), from `STATUS`.
+fn round_progress(addr: SocketAddr, total: u64, live: bool) -> Progress {
+    let started = Instant::now();
+    Progress::start(live, move || {
+        let status = query_status(addr).filter(|s| !s.drawn)?;
+        if status.agencies_done == status.agencies {
+            return Some(Sample { phase: "draw", done: 0, total: None, detail: "reading bets.csv back".into() });
         }
-    }
-    let winners: usize = outcomes.iter().flatten().map(|o| o.winners.len()).sum();
-    println!("{:>7} {:>10} {:>8} {:>9}", "total", total, winners, expected.iter().sum::<u64>());
-    let secs = elapsed.as_secs_f64();
-    println!("wall time {secs:.3} s, {:.0} bets/s", total as f64 / secs.max(1e-9));
-    ok
+        let rate = status.bets as f64 / started.elapsed().as_secs_f64();
+        let detail = format!("{}/{} agencies done, {rate:.0} bets/s", status.agencies_done, status.agencies);
+        Some(Sample { phase: "send", done: status.bets, total: Some(total), detail })
+    })
 }
 
-/// Prints, per kind of hostile client, what the server answered them.
-fn report_hostile(reports: &[hostile::Report]) {
-    if reports.is_empty() {
-        return;
-    }
-    let mut by_kind: BTreeMap<hostile::Kind, (usize, usize, BTreeMap<String, usize>)> = BTreeMap::new();
-    for r in reports {
-        let entry = by_kind.entry(r.kind).or_default();
-        entry.0 += 1;
-        entry.1 += usize::from(r.closed_by_server);
-        for reply in &r.replies {
-            *entry.2.entry(reply.clone()).or_default() += 1;
-        }
-    }
-    println!("{:>11} {:>7} {:>7}  replies", "hostile", "clients", "closed");
-    for (kind, (clients, closed, replies)) in by_kind {
-        let replies: Vec<String> = replies.iter().map(|(r, n)| format!("{r} x{n}")).collect();
-        println!("{:>11} {clients:>7} {closed:>7}  {}", kind.to_string(), replies.join(", "));
-    }
-}
-
-/// Prints the round's progress to stderr once a second while it runs, from `STATUS`.
-struct Progress {
-    done: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Progress {
-    fn start(addr: SocketAddr, total: u64) -> Progress {
-        let done = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&done);
-        let started = Instant::now();
-        let thread = thread::Builder::new()
-            .name("progress".into())
-            .spawn(move || {
-                loop {
-                    thread::park_timeout(Duration::from_secs(1));
-                    if flag.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Some(status) = query_status(addr) else { continue };
-                    let rate = status.bets as f64 / started.elapsed().as_secs_f64();
-                    let pct = 100.0 * status.bets as f64 / total.max(1) as f64;
-                    eprintln!(
-                        "progress: {}/{total} bets ({pct:.0}%), {rate:.0} bets/s, agencies done {}/{}",
-                        status.bets, status.agencies_done, status.agencies
-                    );
-                }
-            })
-            .ok();
-        Progress { done, thread }
-    }
-
-    fn finish(mut self) {
-        self.done.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            thread.thread().unpark();
-            let _ = thread.join();
-        }
-    }
+/// Writes the data set the options ask for into `dir`, showing how far it is.
+fn generate(dir: &Path, opts: &Options) -> Result<Vec<PathBuf>, String> {
+    let written = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&written);
+    let total = u64::from(opts.agencies) * opts.bets();
+    let progress = Progress::start(!opts.verbose, move || {
+        let done = count.load(Ordering::Relaxed);
+        Some(Sample { phase: "generate", done, total: Some(total), detail: String::new() })
+    });
+    let files = dataset::generate_counted(dir, opts.agencies, opts.bets(), opts.seed(), &written);
+    progress.finish();
+    files.map_err(|e| format!("cannot write a data set into {}: {e}", dir.display()))
 }
 
 /// One `STATUS` over a fresh connection; `None` if the server did not answer one.
@@ -506,17 +508,18 @@ fn query_status(addr: SocketAddr) -> Option<Status> {
     }
 }
 
-/// The directory of the agency files: `--data`, else `.data` if complete, else generated.
+/// The directory of the agency files: `--data`; else `.data` if complete and no size or seed
+/// was asked for; else generated.
 fn data_dir(opts: &Options, scratch: &Path) -> Result<PathBuf, String> {
     let complete = |dir: &Path| (1..=opts.agencies).all(|id| dataset::agency_file(dir, id).is_file());
+    let asked = opts.bets_per_agency.is_some() || opts.seed.is_some();
     match &opts.data {
         Some(dir) if complete(dir) => Ok(dir.clone()),
         Some(dir) => Err(format!("{} lacks some of agency-1.csv … agency-{}.csv", dir.display(), opts.agencies)),
-        None if complete(Path::new(".data")) => Ok(PathBuf::from(".data")),
+        None if !asked && complete(Path::new(".data")) => Ok(PathBuf::from(".data")),
         None => {
             let dir = scratch.join("data");
-            dataset::generate(&dir, opts.agencies, opts.bets_per_agency, opts.seed)
-                .map_err(|e| format!("cannot generate data in {}: {e}", dir.display()))?;
+            generate(&dir, opts)?;
             Ok(dir)
         }
     }
@@ -527,31 +530,4 @@ fn tempfile_dir() -> Result<tempfile::TempDir, String> {
         .prefix("lottery-round-")
         .tempdir()
         .map_err(|e| format!("cannot create a temporary directory: {e}"))
-}
-
-/// Lines in a file: the bets an agency will send.
-fn count_lines(path: &Path) -> io::Result<u64> {
-    let mut reader = BufReader::with_capacity(1 << 20, fs::File::open(path)?);
-    let mut lines = 0;
-    loop {
-        let buf = reader.fill_buf()?;
-        if buf.is_empty() {
-            return Ok(lines);
-        }
-        lines += buf.iter().filter(|&&b| b == b'\n').count() as u64;
-        let n = buf.len();
-        reader.consume(n);
-    }
-}
-
-/// Winning bets in an agency file: rows whose number is 7574.
-fn count_winners(path: &Path) -> io::Result<u64> {
-    let reader = BufReader::with_capacity(1 << 20, fs::File::open(path)?);
-    let mut winners = 0;
-    for line in reader.split(b'\n') {
-        let line = line?;
-        let line = line.strip_suffix(b"\r").unwrap_or(&line);
-        winners += u64::from(line.ends_with(b",7574"));
-    }
-    Ok(winners)
 }

@@ -5,3 +5,5 @@ pub mod dataset;
 pub mod hostile;
 pub mod keys;
 pub mod local_round;
+pub mod progress;
+pub mod report;

@@ -11,7 +11,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ pub fn command(binary: &str, dir: &Path, env: &[(&str, &str)]) -> Command {
     cmd
 }
 
-/// The lines a child writes on stdout, read by a thread and handed over through a channel.
+/// The lines a child writes on stdout (or stderr), read by a thread and handed over through a channel.
 pub struct Logs {
     rx: Receiver<String>,
     /// Every line received so far, in order.
@@ -51,7 +51,7 @@ pub struct Logs {
 }
 
 impl Logs {
-    pub fn capture(stdout: ChildStdout) -> Logs {
+    pub fn capture(stdout: impl Read + Send + 'static) -> Logs {
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             let mut reader = BufReader::new(stdout);

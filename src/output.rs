@@ -1,0 +1,72 @@
+//! Stdout and stderr that a closed pipe cannot crash. `println!` panics when the reader has
+//! gone (`lottery-round | head -2`); every line the binaries print or log goes through here
+//! instead. The first failed write to stdout marks it closed and runs the hook the binary
+//! registered (stop the round, shut the server down), so a closed pipe ends a binary as quietly
+//! as it ends `cat`; later writes are dropped.
+
+use std::fmt;
+use std::io::{self, Write};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+/// Why stdout stopped taking lines, once it has.
+static CLOSED: OnceLock<io::ErrorKind> = OnceLock::new();
+
+type Hook = Box<dyn Fn() + Send>;
+
+/// What to do when stdout closes: registered by the binary once it can stop itself.
+static ON_CLOSE: Mutex<Option<Hook>> = Mutex::new(None);
+
+/// Runs `hook` when stdout closes, or now if it already has (a log line of start-up may have
+/// found it closed before the binary could stop itself).
+pub fn on_close(hook: impl Fn() + Send + 'static) {
+    let mut slot = ON_CLOSE.lock().unwrap_or_else(PoisonError::into_inner);
+    if CLOSED.get().is_some() {
+        hook();
+    }
+    *slot = Some(Box::new(hook));
+}
+
+/// `None` while stdout takes lines; else the kind of error that closed it (`BrokenPipe`: the
+/// reader went away, which is no error of ours).
+pub fn closed() -> Option<io::ErrorKind> {
+    CLOSED.get().copied()
+}
+
+/// Writes `bytes` to stdout, unless it has closed; a failure closes it and runs the hook.
+pub fn write(bytes: &[u8]) {
+    if CLOSED.get().is_some() {
+        return;
+    }
+    let mut out = io::stdout().lock();
+    if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
+        drop(out);
+        if CLOSED.set(e.kind()).is_ok() {
+            let hook = ON_CLOSE.lock().unwrap_or_else(PoisonError::into_inner);
+            hook.iter().for_each(|hook| hook());
+        }
+    }
+}
+
+/// Prints one line on stdout (see [`write()`]).
+pub fn line(args: fmt::Arguments<'_>) {
+    write(format!("{args}\n").as_bytes());
+}
+
+/// Prints one line on stderr; a closed stderr drops it (there is nowhere left to say so).
+pub fn err_line(args: fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr().lock(), "{args}");
+}
+
+/// The logger's target: stdout through [`write()`], never an error to the logger.
+pub struct LogTarget;
+
+impl Write for LogTarget {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        write(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

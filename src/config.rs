@@ -1,8 +1,10 @@
 //! Settings: built-in defaults, then `config.ini` (or the file named by `LOTTERY_CONFIG`), then
 //! environment variables, read in one place into typed values.
 //!
-//! The INI file is read by `config/ini.rs`, which knows the line of every value, so that every error
-//! says the file, the line and what was expected. Every key has one name, the same in the file
+//! The `config` crate reads the file, through a format of our own (`config/ini.rs`, the
+//! course's dialect of INI) that knows the line of every value: the crate's own INI format
+//! reports errors as Rust debug text, on the wrong line, and drops the line of every value, so
+//! that every error here can say the file, the line and what was expected. Every key has one name, the same in the file
 //! and in the environment (case-insensitive in the file). A value that does not parse is an
 //! error naming the key and where it came from.
 
@@ -139,7 +141,7 @@ impl Settings {
         for &(key, default) in KEYS {
             let value = match (env.get(key), file.get(key)) {
                 (Some(v), _) => Some((v.clone(), format!("environment variable {key}"))),
-                (None, Some(entry)) => Some((entry.value.clone(), format!("{}:{}: {key}", path.display(), entry.line))),
+                (None, Some((value, origin))) => Some((value.clone(), format!("{origin}: {key}"))),
                 (None, None) => default.map(|d| (d.to_owned(), format!("{key} (built-in default)"))),
             };
             if let Some(value) = value {
@@ -339,8 +341,10 @@ fn resolve_ip(value: &str) -> Option<IpAddr> {
     addrs.iter().find(|ip| ip.is_ipv4()).or(addrs.first()).copied()
 }
 
-/// The INI file's keys (upper-cased), values and lines; an absent optional file is empty.
-fn read_ini(path: &Path, required: bool) -> Result<HashMap<String, ini::Entry>, ConfigError> {
+/// The INI file's keys (upper-cased), values, and where each is (`path:line`); an absent
+/// optional file is empty.
+fn read_ini(path: &Path, required: bool) -> Result<HashMap<String, (String, String)>, ConfigError> {
+    use config::Source as _;
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(HashMap::new()),
@@ -350,8 +354,15 @@ fn read_ini(path: &Path, required: bool) -> Result<HashMap<String, ini::Entry>, 
         let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count();
         ConfigError(format!("{}:{line}: not UTF-8 text: expected a text file in UTF-8", path.display()))
     })?;
-    let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
-    ini::parse(&text, &known).map_err(|(line, why)| ConfigError(format!("{}:{line}: {why}", path.display())))
+    let format = ini::CourseIni { path: path.display().to_string(), known: KEYS.iter().map(|(k, _)| *k).collect() };
+    let table = config::File::from_str(&text, format).collect().map_err(|e| ConfigError(e.to_string()))?;
+    let mut out = HashMap::new();
+    for (key, value) in table {
+        let origin = value.origin().unwrap_or_default().to_owned();
+        let text = value.into_string().map_err(|e| ConfigError(format!("{origin}: {key}: {e}")))?;
+        out.insert(key.to_ascii_uppercase(), (text, origin));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

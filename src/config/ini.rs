@@ -5,6 +5,36 @@
 //! these binaries have one set of keys, so a section could only mislead.
 
 use std::collections::HashMap;
+use std::error::Error;
+
+use config::{Map, Value, ValueKind};
+
+/// The dialect as a `config` format: each value's origin is `path:line`, and an error is
+/// `path:line: what is wrong`.
+#[derive(Debug, Clone)]
+pub struct CourseIni {
+    pub path: String,
+    pub known: Vec<&'static str>,
+}
+
+impl config::Format for CourseIni {
+    fn parse(&self, _uri: Option<&String>, text: &str) -> Result<Map<String, Value>, Box<dyn Error + Send + Sync>> {
+        let entries = parse(text, &self.known).map_err(|(line, why)| format!("{}:{line}: {why}", self.path))?;
+        Ok(entries
+            .into_iter()
+            .map(|(key, entry)| {
+                let origin = format!("{}:{}", self.path, entry.line);
+                (key, Value::new(Some(&origin), ValueKind::String(entry.value)))
+            })
+            .collect())
+    }
+}
+
+impl config::FileStoredFormat for CourseIni {
+    fn file_extensions(&self) -> &'static [&'static str] {
+        &["ini"]
+    }
+}
 
 /// A value from the file, and the line it is on (from 1).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -94,7 +94,9 @@ fn check_hostile_replies(reports: &[hostile::Report]) {
     expect(Kind::Slowloris, "ERR TIMEOUT");
     expect(Kind::Oversized, "ERR TOO_LONG");
     expect(Kind::Garbage, "ERR UNKNOWN");
-    expect(Kind::Garbage, "BYE");
+    // Garbage of many lines reaches the cap on requests before HELLO (ERR BUSY); a short one, QUIT.
+    let garbage = &seen[&Kind::Garbage];
+    assert!(garbage.iter().any(|r| r == "BYE" || r == "ERR BUSY"), "{garbage:?}");
     expect(Kind::BadBets, "ERR NO_AGENCY");
     expect(Kind::BadBets, "ERR BAD_BET");
     expect(Kind::OutOfRange, "ERR BAD_AGENCY");

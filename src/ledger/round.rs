@@ -11,7 +11,7 @@
 //! between reading a request and writing its reply.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -56,6 +56,11 @@ pub struct Round {
     synced: Condvar,
     /// Set at shutdown, read without the lock by a draw in progress so that it gives up.
     stopping: AtomicBool,
+    /// What `STATUS` says, kept beside the state (written under the lock, read without it):
+    /// strangers may ask as often as they like without ever queueing before an agency's append.
+    status_bets: AtomicU64,
+    status_done: AtomicU32,
+    status_drawn: AtomicBool,
 }
 
 /// Everything the Mutex guards.
@@ -175,6 +180,9 @@ impl Round {
             drawn: Condvar::new(),
             synced: Condvar::new(),
             stopping: AtomicBool::new(false),
+            status_bets: AtomicU64::new(resumed.bets),
+            status_done: AtomicU32::new(resumed.agencies_done as u32),
+            status_drawn: AtomicBool::new(resumed.drawn),
         };
         // The last DONE was saved, but the server died before the draw was: make it now.
         if round.start_draw_if_all_done(round.lock()) {
@@ -289,6 +297,7 @@ impl Round {
                 return Err(ProtocolError::new(ErrorCode::Storage, why));
             }
             st.stored[i] += count - skip;
+            self.status_bets.fetch_add(count - skip, Ordering::Relaxed);
         }
         // Even rows that were all held already are acknowledged only once durable: another
         // connection may have appended them and still be syncing.
@@ -366,6 +375,7 @@ impl Round {
             error!("action: done | result: fail | error: {e}");
             return Err(ProtocolError::new(ErrorCode::Storage, e.to_string()));
         }
+        self.status_done.fetch_add(1, Ordering::Relaxed);
         if self.start_draw_if_all_done(st) {
             self.draw();
         }
@@ -393,6 +403,7 @@ impl Round {
                     error!("action: sorteo | result: fail | error: {e}; the next start draws again");
                 }
                 st.phase = Phase::Drawn(replies(&winners));
+                self.status_drawn.store(true, Ordering::Relaxed);
                 info!("action: sorteo | result: success");
             }
             Ok(None) => st.phase = Phase::Open,
@@ -429,13 +440,13 @@ impl Round {
         }
     }
 
+    /// The round's figures, without taking the lock.
     pub fn status(&self) -> Status {
-        let st = self.lock();
         Status {
-            agencies_done: st.done.iter().filter(|&&d| d).count() as u32,
+            agencies_done: self.status_done.load(Ordering::Relaxed),
             agencies: self.config.agencies,
-            bets: st.stored.iter().sum(),
-            drawn: matches!(st.phase, Phase::Drawn(_)),
+            bets: self.status_bets.load(Ordering::Relaxed),
+            drawn: self.status_drawn.load(Ordering::Relaxed),
         }
     }
 

@@ -7,7 +7,7 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::info;
 
 /// Guest lines logged as they are, each second.
 pub const LINES_PER_SECOND: u32 = 50;
@@ -95,7 +95,7 @@ impl GuestLog {
 fn summarise(st: &mut State) {
     let c = std::mem::take(&mut st.unlogged);
     if c.total() > 0 {
-        warn!(
+        info!(
             "action: guests | result: fail | accepted: {} | refused: {} | evicted: {} | timed_out: {} | auth_failed: {} | detail: more than {LINES_PER_SECOND} guest lines in a second; these were counted, not logged",
             c.accepted, c.refused, c.evicted, c.timed_out, c.auth_failed
         );

@@ -27,7 +27,7 @@ use crate::wire::connection::Connection;
 use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
 use auth::AgencyKeys;
 use guest_log::{GuestEvent, GuestLog};
-use registry::{GuestLimits, Peer, Registry};
+use registry::{GuestLimits, Peer, Registry, Stage};
 use session::{Context, Session};
 
 /// Stack of a connection's thread: a session needs a few KiB; the default 2 MiB would only
@@ -262,6 +262,10 @@ fn spawn_connection(
                 return;
             }
         };
+        if transport.is_tls() {
+            // A handshake has begun: under way, the last a guest to be evicted.
+            peer.set_stage(Stage::Underway);
+        }
         let mut conn = Connection::with_transport(transport, limits.idle_timeout);
         let context = Context {
             round: &shared.round,

@@ -24,13 +24,37 @@ pub enum Ended {
     Evicted,
 }
 
+/// How far a guest has got, which decides who is evicted first when guests are too many:
+/// a guest that was already answered a probe (`PING`, `STATUS`: it has had its service), then
+/// one that has sent nothing, and only then one that is mid-way (a TLS handshake, a `HELLO`
+/// arriving), oldest first within each. An agency connecting is mid-way; most attackers are not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    Probed = 0,
+    Silent = 1,
+    Underway = 2,
+}
+
 /// One live connection, as others may need to reach it.
 pub struct Peer {
     pub stream: Arc<TcpStream>,
     ended: AtomicU8,
+    stage: AtomicU8,
 }
 
 impl Peer {
+    pub fn set_stage(&self, stage: Stage) {
+        self.stage.store(stage as u8, Ordering::Relaxed);
+    }
+
+    fn stage(&self) -> Stage {
+        match self.stage.load(Ordering::Relaxed) {
+            0 => Stage::Probed,
+            1 => Stage::Silent,
+            _ => Stage::Underway,
+        }
+    }
+
     pub fn ended(&self) -> Ended {
         match self.ended.load(Ordering::SeqCst) {
             1 => Ended::Replaced,
@@ -79,10 +103,13 @@ impl Live {
         }
     }
 
-    /// Evicts the oldest guest (from `ip` only, if given); true if there was one.
+    /// Evicts a guest (from `ip` only, if given): the oldest of the first [`Stage`] that has
+    /// one; true if there was one.
     fn evict_oldest(&mut self, ip: Option<IpAddr>) -> bool {
-        let oldest = self.guests.iter().find(|(_, g)| ip.is_none_or(|ip| **g == ip)).map(|(&id, _)| id);
-        let Some(id) = oldest else { return false };
+        let candidates = self.guests.iter().filter(|(_, g)| ip.is_none_or(|ip| **g == ip));
+        let stage = |id: &u64| self.peers.get(id).map_or(Stage::Probed, |p| p.stage());
+        // `min_by_key` keeps the first of equals: the oldest, as `guests` is ordered by id.
+        let Some(id) = candidates.map(|(&id, _)| id).min_by_key(stage) else { return false };
         self.forget_guest(id);
         if let Some(peer) = self.peers.get(&id) {
             peer.end(Ended::Evicted);
@@ -139,7 +166,7 @@ impl Registry {
         if live.peers.len() - live.ending >= ceiling || live.peers.len() >= 2 * ceiling {
             return (None, evicted);
         }
-        let peer = Arc::new(Peer { stream, ended: AtomicU8::new(0) });
+        let peer = Arc::new(Peer { stream, ended: AtomicU8::new(0), stage: AtomicU8::new(Stage::Silent as u8) });
         live.peers.insert(id, Arc::clone(&peer));
         live.guests.insert(id, ip);
         *live.guests_per_ip.entry(ip).or_default() += 1;
@@ -226,5 +253,17 @@ mod tests {
         // A second session of agency 1 replaces the first.
         assert!(registry.claim(1, 6));
         assert_eq!(p3.ended(), Ended::Replaced);
+    }
+
+    #[test]
+    fn a_guest_under_way_is_evicted_last() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let registry = Registry::default();
+        let ip: IpAddr = "127.0.0.2".parse().unwrap();
+        let (underway, _) = admit(&registry, 1, ip, &listener);
+        underway.set_stage(Stage::Underway);
+        let (silent, _) = admit(&registry, 2, ip, &listener);
+        let (_, evicted) = admit(&registry, 3, ip, &listener);
+        assert_eq!((evicted, underway.ended(), silent.ended()), (1, Ended::No, Ended::Evicted));
     }
 }

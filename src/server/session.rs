@@ -13,7 +13,7 @@ use log::{debug, info, warn};
 use crate::ledger::round::{Appended, Round, Rows};
 use crate::server::auth;
 use crate::server::guest_log::{GuestEvent, GuestLog};
-use crate::server::registry::{Ended, Peer, Registry};
+use crate::server::registry::{Ended, Peer, Registry, Stage};
 use crate::server::{Limits, Security};
 use crate::wire::bet::{self, RowParser, RowWriter};
 use crate::wire::connection::{Connection, ReadError};
@@ -38,6 +38,10 @@ pub fn farewell_before_first_byte(conn: &mut Connection, peer: &Peer, limits: Li
     let _ = conn.write_reply(&Reply::Err(why));
     conn.close();
 }
+
+/// Requests a guest may make before `HELLO`: a probe is a few (`PING`, `STATUS`, `QUIT`); a
+/// stranger asking without end would only cost the server for nothing.
+const MAX_GUEST_REQUESTS: u32 = 16;
 
 /// Most batches appended and not yet acknowledged on one connection.
 const MAX_PENDING: usize = 64;
@@ -69,6 +73,8 @@ pub struct Session<'a> {
     cx: Context<'a>,
     idle_timeout: Duration,
     agency: Option<u32>,
+    /// Requests made while a guest.
+    guest_requests: u32,
     parser: RowParser,
     writer: RowWriter,
     /// Batches appended but not yet durable, with their row counts, oldest first.
@@ -96,6 +102,7 @@ impl<'a> Session<'a> {
             idle_timeout: cx.idle_timeout,
             cx,
             agency: None,
+            guest_requests: 0,
             parser: RowParser::default(),
             writer: RowWriter::default(),
             pending: Vec::new(),
@@ -133,6 +140,15 @@ impl<'a> Session<'a> {
                 && let Err(refused) = self.allowed(request, conn.is_tls())
             {
                 return self.refuse(conn, refused);
+            }
+            if self.agency.is_none() {
+                let probe = matches!(request, Ok(Request::Ping | Request::Status));
+                self.cx.peer.set_stage(if probe { Stage::Probed } else { Stage::Underway });
+                self.guest_requests += 1;
+                if self.guest_requests > MAX_GUEST_REQUESTS {
+                    let why = format!("at most {MAX_GUEST_REQUESTS} requests before HELLO; closing");
+                    return self.refuse(conn, ProtocolError::new(ErrorCode::Busy, why));
+                }
             }
             let (reply, next) = match request {
                 Ok(Request::Batch { offset, count }) => {

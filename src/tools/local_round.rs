@@ -22,6 +22,8 @@ use crate::logging;
 use crate::output;
 use crate::server::auth::AgencyKeys;
 use crate::server::{self, Limits, Security, ShutdownHandle, tls};
+use crate::tools::attack_round;
+use crate::tools::attacks::{Attack, Sources};
 use crate::tools::dataset;
 use crate::tools::hostile;
 use crate::tools::keys;
@@ -53,6 +55,14 @@ Options:
   --hostile K           also run K misbehaving clients of mixed kinds (idle, slowloris, oversized
                         lines, garbage, half batches, bad bets, out-of-range requests) and report
                         what they got; the round's own server then cuts idle clients after 1 s
+  --attack KIND[,KIND…]|all
+                        measure attacks: a round without, then a round beside N attackers of
+                        each kind (impersonate, park, refresh, trickle, churn, flood, noread,
+                        hangup-waiter); prints each round's time against the first
+  --attackers N         attacker connections of each kind (default 200)
+  --attack-from spread|same
+                        attackers from addresses of their own in 127.1.0.0/16, as a botnet
+                        (default), or all from 127.0.0.1, the agencies' own address
   --plaintext           no TLS and no agency tokens (the server in protected mode), to measure
                         what they cost; by default the round makes throw-away keys in its
                         temporary directory and runs TLS + tokens
@@ -83,6 +93,11 @@ pub struct Options {
     pub server: Option<SocketAddr>,
     /// Hostile clients to run beside the agencies.
     pub hostile: u32,
+    /// Attacks to measure, each in a round of its own after one without.
+    pub attacks: Vec<Attack>,
+    /// Attacker connections of each kind.
+    pub attackers: usize,
+    pub attack_from: Sources,
     /// No TLS, no tokens.
     pub plaintext: bool,
     pub verbose: bool,
@@ -100,6 +115,9 @@ impl Default for Options {
             keep: None,
             server: None,
             hostile: 0,
+            attacks: Vec::new(),
+            attackers: 200,
+            attack_from: Sources::Spread,
             plaintext: false,
             verbose: false,
         }
@@ -144,6 +162,17 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Optio
             Long("keep") => opts.keep = Some(parser.value().map_err(wrap)?.into()),
             Long("server") => opts.server = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?),
             Long("hostile") => opts.hostile = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
+            Long("attack") => {
+                opts.attacks = Attack::parse_list(&parser.value().map_err(wrap)?.string().map_err(wrap)?)?
+            }
+            Long("attackers") => opts.attackers = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
+            Long("attack-from") => {
+                opts.attack_from = match parser.value().map_err(wrap)?.string().map_err(wrap)?.as_str() {
+                    "spread" => Sources::Spread,
+                    "same" => Sources::Same,
+                    other => return Err(format!("--attack-from {other:?} is not spread or same")),
+                }
+            }
             Long("plaintext") => opts.plaintext = true,
             Long("verbose") => opts.verbose = true,
             Short('h') | Long("help") => return Ok(None),
@@ -157,6 +186,11 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Optio
         return Err(
             "--bets-per-agency and --seed shape a generated data set; --data uses DIR's files as they are".into()
         );
+    }
+    if !opts.attacks.is_empty() && (opts.plaintext || opts.server.is_some() || opts.hostile > 0) {
+        return Err("--attack runs rounds of its own, on TLS with agency tokens: not with --plaintext (every \
+                    loopback client is trusted then), --server or --hostile"
+            .into());
     }
     if opts.server.is_some() && opts.keep.is_some() {
         return Err("--keep names where the round's own server stores; with --server there is none".into());
@@ -218,6 +252,10 @@ pub fn run(opts: &Options) -> Result<(), String> {
     let files: Vec<PathBuf> = (1..=opts.agencies).map(|id| dataset::agency_file(&data, id)).collect();
     let total = files.iter().map(|f| count_lines(f)).sum::<io::Result<u64>>().map_err(|e| e.to_string())?;
     let credentials = credentials(opts, &settings, scratch.path())?;
+    if !opts.attacks.is_empty() {
+        let round = attack_round::Suite { opts, settings: &server_settings, batch_max, files: &files, total };
+        return round.run(&credentials, scratch.path());
+    }
     let local = match &opts.server {
         Some(_) => None,
         None => {
@@ -334,11 +372,11 @@ fn work_dir(opts: &Options, scratch: &Path) -> Result<PathBuf, String> {
 }
 
 /// How the round's agencies and server prove and check who they are.
-struct RoundCredentials {
+pub(crate) struct RoundCredentials {
     /// For the round's own server.
-    security: Arc<Security>,
+    pub(crate) security: Arc<Security>,
     /// For each agency (index 0 is agency 1): its token file, CA and name to check.
-    agencies: Vec<AgencySettings>,
+    pub(crate) agencies: Vec<AgencySettings>,
     /// For the report.
     said: String,
 }
@@ -372,15 +410,15 @@ fn credentials(opts: &Options, settings: &Settings, scratch: &Path) -> Result<Ro
 }
 
 /// The server, in this process, on a free loopback port.
-struct LocalServer {
-    addr: SocketAddr,
+pub(crate) struct LocalServer {
+    pub(crate) addr: SocketAddr,
     dir: PathBuf,
     shutdown: ShutdownHandle,
     thread: thread::JoinHandle<io::Result<()>>,
 }
 
 impl LocalServer {
-    fn start(
+    pub(crate) fn start(
         opts: &Options,
         settings: &ServerSettings,
         dir: &Path,
@@ -413,7 +451,7 @@ impl LocalServer {
         Ok(LocalServer { addr, dir: dir.to_owned(), shutdown, thread })
     }
 
-    fn stop(self) -> Result<(), String> {
+    pub(crate) fn stop(self) -> Result<(), String> {
         self.shutdown.trigger();
         match self.thread.join() {
             Ok(Ok(())) => Ok(()),
@@ -426,7 +464,7 @@ impl LocalServer {
 /// Runs one agency thread per file and waits for them all.
 /// `configured` holds each agency's settings (`CLI_RETRY_TIMEOUT_MS` among them) and
 /// credentials; `stops` a `Stop` for each.
-fn run_agencies(
+pub(crate) fn run_agencies(
     files: &[PathBuf],
     addr: SocketAddr,
     batch_max: usize,

@@ -1,6 +1,8 @@
 //! What runs a round for people and tests rather than serving one: `lottery-round`, synthetic
 //! data sets, and misbehaving clients.
 
+pub mod attack_round;
+pub mod attacks;
 pub mod dataset;
 pub mod hostile;
 pub mod keys;

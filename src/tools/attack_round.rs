@@ -1,0 +1,138 @@
+//! `lottery-round --attack`: a round without attackers, then, for each kind, a round of the same
+//! agencies and data beside N attackers of that kind, each on a server of its own (same keys,
+//! fresh `bets.csv`). It prints each round's time against the first, whether every agency got
+//! exactly its winners, and what the attackers were answered.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::agency::Stop;
+use crate::agency::credentials::Credentials;
+use crate::config::ServerSettings;
+use crate::output;
+use crate::tools::attacks::{self, Attack, Report, Sources, Target};
+use crate::tools::local_round::{LocalServer, Options, RoundCredentials, run_agencies};
+use crate::tools::report::count_winners;
+
+/// How long the attackers run before the agencies start, so that they meet a server already
+/// under attack rather than race it.
+const HEAD_START: Duration = Duration::from_millis(500);
+
+/// One invocation's rounds.
+pub(crate) struct Suite<'a> {
+    pub opts: &'a Options,
+    pub settings: &'a ServerSettings,
+    pub batch_max: usize,
+    pub files: &'a [PathBuf],
+    pub total: u64,
+}
+
+/// What one round gave.
+struct Row {
+    attack: Option<Attack>,
+    elapsed: Duration,
+    failed: Vec<String>,
+    /// Times the agencies had to connect again, all together.
+    reconnects: u32,
+    report: Option<Report>,
+}
+
+impl Suite<'_> {
+    /// Runs the rounds and prints the table.
+    ///
+    /// # Errors
+    /// A round could not be set up, or an agency failed or got the wrong winners in any round.
+    pub(crate) fn run(&self, credentials: &RoundCredentials, scratch: &Path) -> Result<(), String> {
+        let expected: Vec<u64> =
+            self.files.iter().map(|f| count_winners(f)).collect::<io::Result<_>>().map_err(|e| e.to_string())?;
+        let first = credentials.agencies.first().ok_or("no agencies")?;
+        let tls = Credentials::load(first)?.tls;
+        let sources = match self.opts.attack_from {
+            Sources::Spread => "each from an address of its own (127.1.0.0/16)",
+            Sources::Same => "all from 127.0.0.1, the agencies' own address",
+        };
+        output::line(format_args!(
+            "attack rounds: {} agencies, {} bets; {} attackers of each kind, {sources}; TLS + agency tokens",
+            self.opts.agencies, self.total, self.opts.attackers
+        ));
+        let mut rows = Vec::new();
+        for attack in std::iter::once(None).chain(self.opts.attacks.iter().copied().map(Some)) {
+            let dir = scratch.join(format!("round-{}", attack.map_or("none", Attack::name)));
+            fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let server = LocalServer::start(self.opts, self.settings, &dir, credentials.security.clone())?;
+            let target = Target {
+                addr: server.addr,
+                tls: tls.clone(),
+                agencies: self.opts.agencies,
+                refresh_every: self.settings.hello_timeout.min(self.settings.idle_timeout).mul_f64(0.9),
+            };
+            let attackers =
+                attack.map(|kind| attacks::launch(kind, self.opts.attackers, &target, self.opts.attack_from));
+            if attackers.is_some() {
+                thread::sleep(HEAD_START);
+            }
+            let stops: Vec<Stop> = self.files.iter().map(|_| Stop::default()).collect();
+            let started = Instant::now();
+            let outcomes = run_agencies(self.files, server.addr, self.batch_max, &credentials.agencies, &stops);
+            let elapsed = started.elapsed();
+            let report = attackers.map(attacks::Attackers::stop);
+            server.stop()?;
+            let failed = outcomes
+                .iter()
+                .zip(&expected)
+                .enumerate()
+                .filter_map(|(i, (outcome, want))| match outcome {
+                    Ok(o) if o.winners.len() as u64 == *want => None,
+                    Ok(o) => Some(format!("agency {}: {} winners, not {want}", i + 1, o.winners.len())),
+                    Err(e) => Some(format!("agency {}: {e}", i + 1)),
+                })
+                .collect();
+            let reconnects = outcomes.iter().flatten().map(|o| o.reconnects).sum();
+            rows.push(Row { attack, elapsed, failed, reconnects, report });
+        }
+        print_rows(&rows);
+        let failed: Vec<String> = rows
+            .iter()
+            .flat_map(|r| r.failed.iter().map(move |f| format!("{}: {f}", r.attack.map_or("none", Attack::name))))
+            .collect();
+        if failed.is_empty() { Ok(()) } else { Err(format!("the round failed under attack: {}", failed.join("; "))) }
+    }
+}
+
+fn print_rows(rows: &[Row]) {
+    let base = rows.first().map_or(1.0, |r| r.elapsed.as_secs_f64()).max(1e-9);
+    output::line(format_args!(
+        "{:>14} {:>9} {:>9} {:>8} {:>10} {:>9}  attackers got",
+        "attack", "round s", "vs none", "agencies", "reconnects", "connects"
+    ));
+    for row in rows {
+        let secs = row.elapsed.as_secs_f64();
+        let agencies = if row.failed.is_empty() { "exact" } else { "FAILED" };
+        let (connects, got) = match &row.report {
+            Some(r) => (r.connections.to_string(), r.replies_text()),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
+        output::line(format_args!(
+            "{:>14} {secs:>9.3} {:>8.2}x {agencies:>8} {:>10} {connects:>9}  {got}",
+            row.attack.map_or("none", Attack::name),
+            secs / base,
+            row.reconnects
+        ));
+    }
+    if let Some(hwm) = peak_rss_kib() {
+        output::line(format_args!(
+            "peak RSS of this process (server, agencies and attackers together): {:.1} MB",
+            hwm as f64 / 1024.0
+        ));
+    }
+}
+
+/// `VmHWM` of this process, in KiB (Linux).
+fn peak_rss_kib() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

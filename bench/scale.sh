@@ -3,6 +3,7 @@
 # `lottery-round --server`; prints the round's table, its wall time and the server's peak RSS.
 #
 #   bench/scale.sh AGENCIES BETS_PER_AGENCY     # e.g. 1000 100, 5 200000, 5 2000000
+#   SECURITY=plain bench/scale.sh …             # without TLS and tokens
 set -euo pipefail
 agencies=${1:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
 bets=${2:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
@@ -18,9 +19,18 @@ cleanup() {
 }
 trap cleanup EXIT
 "$bin/lottery-round" --generate "$work/data" --agencies "$agencies" --bets-per-agency "$bets" >/dev/null
+# TLS and agency tokens, as deployed (SECURITY=plain: neither, the server in protected mode).
+keys=$work/keys
+if [[ ${SECURITY:-tls} == tls ]]; then
+  SERVER_AGENCIES=$agencies "$bin/lottery-server" --make-keys "$keys" >/dev/null
+  export SERVER_AGENCY_KEYS=$keys/agencies.keys SERVER_TLS_CERT=$keys/server.pem SERVER_TLS_KEY=$keys/server.key
+  export CLI_TLS_CA=$keys/ca.pem CLI_TOKEN_FILE=$keys/agency-{CLI_ID}.token
+else
+  export SERVER_AGENCY_KEYS='' SERVER_TLS_CERT='' SERVER_TLS_KEY='' CLI_TLS_CA='' CLI_TOKEN_FILE=''
+fi
 
 SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies SERVER_STORAGE_PATH=$work/bets.csv \
-  SERVER_MAX_CONNECTIONS=$((agencies + 64)) \
+  SERVER_MAX_CONNECTIONS=$((agencies + ${SERVER_MAX_GUESTS:-64})) \
   /usr/bin/time -v -o "$work/time" "$bin/lottery-server" >"$work/server.log" 2>&1 &
 time_pid=$!
 port=$(server_port "$work/server.log")

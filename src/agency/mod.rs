@@ -157,7 +157,7 @@ pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyErro
     }
 }
 
-/// The agency's retry window (`CLI_RETRY_TIMEOUT_MS`) and its backoff, 50 ms doubling to 1 s.
+/// The agency's retry window (`CLI_RETRY_TIMEOUT_MS`) and its backoff, 50 ms doubling to 250 ms.
 /// Both start again at every `HELLO` the server answers: a server that restarts many times
 /// in one round is waited for each time, but one that keeps refusing (`ERR BUSY`) is not
 /// hammered, and not waited for forever.
@@ -170,6 +170,10 @@ struct Backoff {
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(50);
+    /// The longest pause: a server that sheds strangers by closing its oldest guests may close
+    /// an agency that is still connecting, and it should try again soon, not in seconds; four
+    /// tries a second are still nothing to a server that is down.
+    const LAST: Duration = Duration::from_millis(250);
 
     fn new(settings: &AgencySettings) -> Backoff {
         Backoff {
@@ -198,7 +202,7 @@ impl Backoff {
         if stop.sleep(self.pause) {
             return Err(AgencyError::Stopped);
         }
-        self.pause = (self.pause * 2).min(Duration::from_secs(1));
+        self.pause = (self.pause * 2).min(Self::LAST);
         Ok(())
     }
 }

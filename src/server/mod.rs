@@ -25,9 +25,10 @@ use crate::config::ServerSettings;
 use crate::ledger::round::Round;
 use crate::wire::connection::Connection;
 use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
+use crate::wire::transport::Transport;
 use auth::AgencyKeys;
 use guest_log::{GuestEvent, GuestLog};
-use registry::{GuestLimits, Peer, Registry, Stage};
+use registry::{Ended, GuestLimits, Peer, Registry, Stage};
 use session::{Context, Session};
 
 /// Stack of a connection's thread: a session needs a few KiB; the default 2 MiB would only
@@ -133,6 +134,7 @@ pub fn run(
 ) -> io::Result<()> {
     let registry = Arc::new(Registry::default());
     let guest_log = Arc::new(GuestLog::default());
+    let gate = Arc::new(tls::HandshakeGate::per_core());
     let mut handles: Vec<JoinHandle<()>> = Vec::new();
     let mut next_id = 0u64;
     for incoming in listener.incoming() {
@@ -172,6 +174,7 @@ pub fn run(
             security: Arc::clone(&security),
             registry: Arc::clone(&registry),
             guest_log: Arc::clone(&guest_log),
+            gate: Arc::clone(&gate),
         };
         match spawn_connection(next_id, stream, ip, peer, shared, limits) {
             Ok(handle) => handles.push(handle),
@@ -227,6 +230,7 @@ struct Shared {
     security: Arc<Security>,
     registry: Arc<Registry>,
     guest_log: Arc<GuestLog>,
+    gate: Arc<tls::HandshakeGate>,
 }
 
 fn spawn_connection(
@@ -251,6 +255,16 @@ fn spawn_connection(
         let first_byte =
             guest_deadline.map_or(accepted + limits.idle_timeout, |d| d.min(accepted + limits.idle_timeout));
         let transport = match tls::accept(Arc::clone(&stream), shared.security.tls.as_ref(), first_byte) {
+            Ok(Some(Transport::Tls(mut tls))) => {
+                // A handshake has begun: under way, the last a guest to be evicted.
+                peer.set_stage(Stage::Underway);
+                let gone = || peer.ended() != Ended::No;
+                if let Err(e) = tls::handshake(&mut tls, &shared.gate, first_byte, &gone) {
+                    debug!("action: tls_handshake | result: fail | id: {id} | error: {e}");
+                    return;
+                }
+                Transport::Tls(tls)
+            }
             Ok(Some(transport)) => transport,
             Ok(None) => return,
             Err(e) => {
@@ -262,10 +276,6 @@ fn spawn_connection(
                 return;
             }
         };
-        if transport.is_tls() {
-            // A handshake has begun: under way, the last a guest to be evicted.
-            peer.set_stage(Stage::Underway);
-        }
         let mut conn = Connection::with_transport(transport, limits.idle_timeout);
         let context = Context {
             round: &shared.round,

@@ -4,8 +4,8 @@
 use std::io;
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -78,4 +78,89 @@ pub fn accept(
     }
     let conn = ServerConnection::new(Arc::clone(tls)).map_err(io::Error::other)?;
     Ok(Some(Transport::Tls(Box::new(StreamOwned::new(conn, Socket::new(stream))))))
+}
+
+/// Rations the CPU that TLS handshakes take: at most as many run their cryptography at once as
+/// there are cores. A handshake costs the server a key exchange and a signature, a fraction of
+/// a millisecond; strangers opening handshakes as fast as they can would otherwise put a
+/// runnable thread each beside the agencies' few, and take the CPU by their number. Waiting
+/// for a permit costs nothing but the wait, and a guest evicted meanwhile gives up its turn.
+pub struct HandshakeGate {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// A permit to compute; given back on drop.
+struct Permit<'a>(&'a HandshakeGate);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// How often a waiting handshake looks whether it was evicted.
+const GATE_CHECK: Duration = Duration::from_millis(50);
+
+impl HandshakeGate {
+    /// A gate of one permit per core.
+    pub fn per_core() -> HandshakeGate {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        HandshakeGate { free: Mutex::new(cores), freed: Condvar::new() }
+    }
+
+    /// Waits for a permit until `deadline`, or until `gone()` says the connection was ended.
+    fn acquire(&self, deadline: Instant, gone: &dyn Fn() -> bool) -> Option<Permit<'_>> {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if *free > 0 {
+                *free -= 1;
+                return Some(Permit(self));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || gone() {
+                return None;
+            }
+            free = self.freed.wait_timeout(free, left.min(GATE_CHECK)).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+}
+
+/// Runs the server's side of a TLS handshake to its end before `deadline`: reading and writing
+/// freely, computing only with a permit of `gate`.
+///
+/// # Errors
+/// The deadline passed, the peer hung up or was ended (`gone`), or the handshake failed (an
+/// alert is sent first when there is one to send).
+pub fn handshake(
+    tls: &mut StreamOwned<ServerConnection, Socket>,
+    gate: &HandshakeGate,
+    deadline: Instant,
+    gone: &dyn Fn() -> bool,
+) -> io::Result<()> {
+    tls.sock.read_deadline = Some(deadline);
+    tls.sock.write_deadline = Some(deadline);
+    while tls.conn.is_handshaking() {
+        while tls.conn.wants_write() {
+            tls.conn.write_tls(&mut tls.sock)?;
+        }
+        if !tls.conn.is_handshaking() {
+            break;
+        }
+        if tls.conn.read_tls(&mut tls.sock)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer hung up during the handshake"));
+        }
+        let Some(_permit) = gate.acquire(deadline, gone) else {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no turn to compute before the deadline"));
+        };
+        if let Err(e) = tls.conn.process_new_packets() {
+            let _ = tls.conn.write_tls(&mut tls.sock);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+    }
+    while tls.conn.wants_write() {
+        tls.conn.write_tls(&mut tls.sock)?;
+    }
+    Ok(())
 }

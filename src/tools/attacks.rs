@@ -18,7 +18,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -162,15 +162,17 @@ impl Report {
 /// Running attackers of one kind.
 pub struct Attackers {
     stop: Arc<AtomicBool>,
+    connected: Arc<AtomicU64>,
     threads: Vec<JoinHandle<Report>>,
 }
 
 /// Starts `count` attackers of `kind` against `target`.
 pub fn launch(kind: Attack, count: usize, target: &Target, sources: Sources) -> Attackers {
     let stop = Arc::new(AtomicBool::new(false));
+    let connected = Arc::new(AtomicU64::new(0));
     let threads = (0..count)
         .filter_map(|i| {
-            let (stop, target) = (Arc::clone(&stop), target.clone());
+            let (stop, target, counter) = (Arc::clone(&stop), target.clone(), Arc::clone(&connected));
             let source = match sources {
                 Sources::Spread => Some(spread_address(i)),
                 Sources::Same => None,
@@ -178,14 +180,19 @@ pub fn launch(kind: Attack, count: usize, target: &Target, sources: Sources) -> 
             thread::Builder::new()
                 .name(format!("attack-{kind}"))
                 .stack_size(256 * 1024)
-                .spawn(move || attacker(kind, &target, source, i as u64, &stop))
+                .spawn(move || attacker(kind, &target, source, i as u64, &stop, &counter))
                 .ok()
         })
         .collect();
-    Attackers { stop, threads }
+    Attackers { stop, connected, threads }
 }
 
 impl Attackers {
+    /// Connections made so far, by all of them.
+    pub fn connected(&self) -> u64 {
+        self.connected.load(Ordering::Relaxed)
+    }
+
     /// Stops every attacker, waits for each to close its socket, and sums what they got.
     pub fn stop(self) -> Report {
         self.stop.store(true, Ordering::SeqCst);
@@ -206,7 +213,14 @@ fn spread_address(i: usize) -> IpAddr {
 }
 
 /// One attacker: connects, attacks until the server closes it, and again, until stopped.
-fn attacker(kind: Attack, target: &Target, source: Option<IpAddr>, seed: u64, stop: &AtomicBool) -> Report {
+fn attacker(
+    kind: Attack,
+    target: &Target,
+    source: Option<IpAddr>,
+    seed: u64,
+    stop: &AtomicBool,
+    connected: &AtomicU64,
+) -> Report {
     // This thread only (a thread id as the process id of PRIO_PROCESS is Linux's per-thread
     // niceness); if it cannot be lowered the attack runs at full priority, which is harsher.
     let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
@@ -219,6 +233,7 @@ fn attacker(kind: Attack, target: &Target, source: Option<IpAddr>, seed: u64, st
             continue;
         };
         report.connections += 1;
+        connected.fetch_add(1, Ordering::Relaxed);
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;

@@ -107,6 +107,29 @@ impl Logs {
         }
     }
 
+    /// Like [`Logs::wait_for`], but gives up after `within` (returning `None`) instead of failing.
+    pub fn try_wait_for(&mut self, needle: &str, within: Duration) -> Option<String> {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return Some(line.clone());
+        }
+        let deadline = Instant::now() + within;
+        while !self.eof {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    self.seen.push(line);
+                    if found {
+                        return self.seen.last().cloned();
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => self.eof = true,
+                Err(RecvTimeoutError::Timeout) => return None,
+            }
+        }
+        None
+    }
+
     /// Waits until `n` lines containing `needle` have been seen in all, and returns the last.
     pub fn wait_count(&mut self, needle: &str, n: usize) -> String {
         let deadline = Instant::now() + STEP;

@@ -1,0 +1,223 @@
+//! Availability under attack, black box: for each kind of attack, 2,000 attacker connections
+//! beside five `lottery-agency` processes on TLS with tokens, from addresses of their own (a
+//! botnet) and from the agencies' own address; every agency finishes exact, and once the
+//! attackers stop the server's threads are back to their idle number within 2 s. Then the
+//! limits one by one: quotas, free space, a hung-up waiter, the hello timeout, the log's size.
+
+mod common;
+
+use std::fs;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use common::{
+    Keys, Proc, STEP, TestServer, TlsClient, agency, assert_store, env_refs, expected_store, log_field, read_csv,
+    winners_of,
+};
+use lottery::tools::attacks::{self, Attack, Sources, Target};
+
+const AGENCIES: u32 = 5;
+const ATTACKERS: usize = 2_000;
+
+/// One attack at a time: each brings 2,000 threads and sockets of its own.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The number of threads of process `pid` (Linux).
+fn threads_of(pid: i32) -> usize {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+}
+
+/// The names of `pid`'s threads, for a failure message.
+fn thread_names(pid: i32) -> String {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
+    let names: Vec<String> = tasks
+        .iter()
+        .filter_map(|t| fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect();
+    names.join(", ")
+}
+
+/// Waits (at most `within`) for `pid` to be back to `idle` threads; the count it last saw.
+fn settles(pid: i32, idle: usize, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = threads_of(pid);
+        if now <= idle || Instant::now() >= deadline {
+            return now;
+        }
+        // Polling a count the kernel keeps; nothing to wait on instead.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn client_config(ca: &str) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(cert.expect("a certificate")).expect("a usable CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// A round of five agency processes beside `ATTACKERS` attackers of `kind` from `sources`.
+fn round_under(kind: Attack, sources: Sources) {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let files = lottery::tools::dataset::generate(data.path(), AGENCIES, 300, 11).unwrap();
+    let keys = Keys::make(dir.path(), AGENCIES);
+    let mut server = TestServer::start(AGENCIES, &env_refs(&keys.server_env()));
+    let idle = threads_of(server.proc.pid());
+    let target = Target {
+        addr: server.address().parse().unwrap(),
+        tls: Some(client_config(&keys.path("ca.pem"))),
+        agencies: AGENCIES,
+        refresh_every: Duration::from_millis(4_500),
+    };
+    let attackers = attacks::launch(kind, ATTACKERS, &target, sources);
+    // The agencies meet a server already under attack: every attacker has connected once.
+    let deadline = Instant::now() + STEP * 3;
+    while attackers.connected() < ATTACKERS as u64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut agencies: Vec<Proc> = (1..=AGENCIES)
+        .zip(&files)
+        .map(|(id, file)| {
+            let mut env = keys.agency_env(id);
+            env.push(("CLI_RETRY_TIMEOUT_MS".into(), "60000".into()));
+            agency(data.path(), id, &server.address(), file, 50, &env_refs(&env))
+        })
+        .collect();
+    for (agency, file) in agencies.iter_mut().zip(&files) {
+        agency.wait_success(STEP * 9);
+        let line = agency.logs.wait_for("action: consulta_ganadores | result: success");
+        let got: usize = log_field(&line, "cant_ganadores").unwrap().parse().unwrap();
+        assert_eq!(got, winners_of(&read_csv(file)).len(), "{kind} from {sources:?}: {}", agency.name);
+    }
+    let report = attackers.stop();
+    assert!(report.connections >= ATTACKERS as u64, "{kind}: only {} connections", report.connections);
+    assert_store(&server.bets_path(), &expected_store(&files));
+    let left = settles(server.proc.pid(), idle, Duration::from_secs(2));
+    assert!(
+        left <= idle,
+        "{kind} from {sources:?}: {left} server threads 2 s after the attack, {idle} idle: {}",
+        thread_names(server.proc.pid())
+    );
+    server.proc.sigterm();
+    assert!(server.proc.wait_exit(STEP).success());
+    let lines = server.logs().until_eof();
+    assert_eq!(lines.iter().filter(|l| l.contains("action: sorteo | result: success")).count(), 1);
+}
+
+#[test]
+fn every_attack_from_many_addresses_leaves_the_round_exact() {
+    for kind in Attack::ALL {
+        round_under(kind, Sources::Spread);
+    }
+}
+
+#[test]
+fn every_attack_from_the_agencies_own_address_leaves_the_round_exact() {
+    for kind in Attack::ALL {
+        round_under(kind, Sources::Same);
+    }
+}
+
+#[test]
+fn past_the_quota_or_below_the_free_space_a_batch_stores_nothing() {
+    let server = TestServer::start(2, &[("SERVER_MAX_BETS_PER_AGENCY", "3")]);
+    let mut client = server.client();
+    assert_eq!(client.send("HELLO 1"), "OK 0");
+    client.write(b"BATCH 0 2\nAna,Paz,1,2000-01-01,7574\nLuis,Sol,2,2000-01-01,1\n").unwrap();
+    assert_eq!(client.read_line(), "OK 2");
+    client.write(b"BATCH 2 2\nAna,Paz,3,2000-01-01,7574\nLuis,Sol,4,2000-01-01,1\n").unwrap();
+    let reply = client.read_line();
+    assert!(reply.starts_with("ERR QUOTA agency 1 may store at most 3 bets"), "{reply}");
+    assert_eq!(client.send("BET Ana,Paz,5,2000-01-01,7574"), "OK 3");
+    assert_eq!(read_csv(&server.bets_path()).len(), 3);
+
+    let full = TestServer::start(1, &[("SERVER_MIN_FREE_BYTES", "18446744073709551615")]);
+    let mut client = full.client();
+    assert_eq!(client.send("HELLO 1"), "OK 0");
+    client.write(b"BATCH 0 1\nAna,Paz,1,2000-01-01,7574\n").unwrap();
+    let reply = client.read_line();
+    assert!(reply.starts_with("ERR STORAGE ") && reply.contains("SERVER_MIN_FREE_BYTES"), "{reply}");
+    assert_eq!(fs::metadata(full.bets_path()).map(|m| m.len()).unwrap_or(0), 0);
+}
+
+#[test]
+fn a_waiter_that_hangs_up_is_released_within_a_second() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::make(dir.path(), 2);
+    let server = TestServer::start(2, &env_refs(&keys.server_env()));
+    let idle = threads_of(server.proc.pid());
+    let mut waiter = TlsClient::connect(server.port, &keys.path("ca.pem"));
+    assert_eq!(waiter.send(&format!("HELLO 1 {}", keys.token(1))), "OK 0");
+    waiter.write(b"WINNERS\n").unwrap();
+    assert!(threads_of(server.proc.pid()) > idle);
+    drop(waiter);
+    let left = settles(server.proc.pid(), idle, Duration::from_millis(1_500));
+    assert!(left <= idle, "the hung-up waiter still holds its thread: {left} threads, {idle} idle");
+}
+
+#[test]
+fn a_guest_has_the_hello_timeout_but_a_loopback_guest_in_protected_mode_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::make(dir.path(), 1);
+    let mut env = keys.server_env();
+    env.push(("SERVER_HELLO_TIMEOUT_MS".into(), "300".into()));
+    let server = TestServer::start(1, &env_refs(&env));
+    let mut silent = server.client();
+    let started = Instant::now();
+    let reply = silent.read_line();
+    assert!(reply.starts_with("ERR TIMEOUT "), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+    silent.expect_eof();
+
+    let protected = TestServer::start(1, &[("SERVER_HELLO_TIMEOUT_MS", "300")]);
+    let mut person = protected.client();
+    person.expect_silence(Duration::from_millis(900));
+    assert_eq!(person.send("HELLO 1"), "OK 0");
+}
+
+#[test]
+fn connection_churn_is_summarised_in_the_log_not_logged_line_by_line() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut server = TestServer::start(1, &[]);
+    let target = Target {
+        addr: server.address().parse().unwrap(),
+        tls: None,
+        agencies: 1,
+        refresh_every: Duration::from_secs(1),
+    };
+    let churn = attacks::launch(Attack::Churn, 50, &target, Sources::Spread);
+    let deadline = Instant::now() + STEP;
+    while churn.connected() < 3_000 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let made = churn.stop().connections;
+    // The counts are logged with the first guest event of a new second: one probe at a time
+    // until then (each is a connection the server logs, or counts).
+    let mut summary = None;
+    for _ in 0..40 {
+        let mut probe = server.client();
+        assert_eq!(probe.send("PING"), "PONG");
+        summary = server.logs().try_wait_for("action: guests | result: fail", Duration::from_millis(100));
+        if summary.is_some() {
+            break;
+        }
+    }
+    assert!(summary.is_some(), "no action: guests line after {made} connections");
+    let lines = server.logs().seen.len() as u64;
+    assert!(lines * 10 < made, "{lines} log lines for {made} connections");
+}

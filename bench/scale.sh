@@ -30,7 +30,7 @@ else
 fi
 
 SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies SERVER_STORAGE_PATH=$work/bets.csv \
-  SERVER_MAX_CONNECTIONS=$((agencies + ${SERVER_MAX_GUESTS:-64})) \
+  SERVER_MAX_CONNECTIONS=$((agencies + ${SERVER_MAX_GUESTS:-256})) \
   /usr/bin/time -v -o "$work/time" "$bin/lottery-server" >"$work/server.log" 2>&1 &
 time_pid=$!
 port=$(server_port "$work/server.log")

@@ -83,7 +83,7 @@ fn fail(name: &str, error: &dyn std::fmt::Display) -> ExitCode {
 /// `lottery-server --make-keys DIR`.
 fn make_keys(dir: &str) -> ExitCode {
     const NAME: &str = "lottery-server";
-    let settings = match Settings::from_process().and_then(|s| s.server()) {
+    let settings = match Settings::from_process().and_then(|s| s.server_unchecked()) {
         Ok(s) => s,
         Err(e) => return fail(NAME, &e),
     };

@@ -33,8 +33,11 @@ fn thread_names(pid: i32) -> String {
     let tasks = fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
     let names: Vec<String> = tasks
         .iter()
-        .filter_map(|t| fs::read_to_string(t.path().join("comm")).ok())
-        .map(|n| n.trim().to_owned())
+        .filter_map(|t| {
+            let name = fs::read_to_string(t.path().join("comm")).ok()?;
+            let waiting = fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            Some(format!("{} ({waiting})", name.trim()))
+        })
         .collect();
     names.join(", ")
 }

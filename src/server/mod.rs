@@ -118,6 +118,9 @@ impl ShutdownHandle {
 /// How long the accept loop pauses after a failed `accept`.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
 
+/// How long a guest (but a trusted one) may take to send its first byte.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long shutdown lets connections finish their last reply before cutting them off.
 const GRACE: Duration = Duration::from_millis(500);
 
@@ -155,7 +158,12 @@ pub fn run(
         let ip = stream.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         next_id += 1;
         let stream = Arc::new(stream);
-        let (peer, evicted) = registry.admit(next_id, ip, Arc::clone(&stream), limits.guests, limits.max_connections);
+        // A TLS client has usually sent its hello by the time it is accepted: under way from
+        // the start, not mistaken for a silent guest while its thread is being started.
+        let stage =
+            if security.tls.is_some() && tls::opens_handshake_now(&stream) { Stage::Underway } else { Stage::Silent };
+        let (peer, evicted) =
+            registry.admit(next_id, ip, Arc::clone(&stream), stage, limits.guests, limits.max_connections);
         for _ in 0..evicted {
             guest_log.event(GuestEvent::Evicted, || {
                 info!("action: evict_guest | result: success | detail: the oldest guest made room for a newer one");
@@ -252,14 +260,22 @@ fn spawn_connection(
         // server's own machine, in protected mode, gets the idle timeout.
         let trusted = shared.security.keys.is_none() && auth::is_loopback(ip);
         let guest_deadline = (!trusted).then(|| accepted + limits.hello_timeout);
-        let first_byte =
-            guest_deadline.map_or(accepted + limits.idle_timeout, |d| d.min(accepted + limits.idle_timeout));
+        // Its first byte comes at once from any client but a person: a TLS hello, a probe. A
+        // connection that sends nothing for a second is a parked stranger, or a dead one the
+        // kernel handed over late (its peer gone before its handshake was accepted), and is
+        // not kept for the whole hello timeout.
+        let first_byte = match guest_deadline {
+            Some(deadline) => deadline.min(accepted + FIRST_BYTE_TIMEOUT),
+            None => accepted + limits.idle_timeout,
+        };
         let transport = match tls::accept(Arc::clone(&stream), shared.security.tls.as_ref(), first_byte) {
             Ok(Some(Transport::Tls(mut tls))) => {
                 // A handshake has begun: under way, the last a guest to be evicted.
                 peer.set_stage(Stage::Underway);
                 let gone = || peer.ended() != Ended::No;
-                if let Err(e) = tls::handshake(&mut tls, &shared.gate, first_byte, &gone) {
+                let by =
+                    guest_deadline.map_or(accepted + limits.idle_timeout, |d| d.min(accepted + limits.idle_timeout));
+                if let Err(e) = tls::handshake(&mut tls, &shared.gate, by, &gone) {
                     debug!("action: tls_handshake | result: fail | id: {id} | error: {e}");
                     return;
                 }
@@ -272,7 +288,8 @@ fn spawn_connection(
                 // line of plain text.
                 debug!("action: accept_tls | result: fail | id: {id} | error: {e}");
                 let mut conn = Connection::new(stream, Duration::from_millis(100));
-                session::farewell_before_first_byte(&mut conn, &peer, limits, &shared.guest_log, ip);
+                let waited = first_byte.saturating_duration_since(accepted);
+                session::farewell_before_first_byte(&mut conn, &peer, waited, &shared.guest_log, ip);
                 return;
             }
         };

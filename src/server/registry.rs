@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::info;
 
@@ -27,7 +27,12 @@ pub enum Ended {
 /// How far a guest has got, which decides who is evicted first when guests are too many:
 /// a guest that was already answered a probe (`PING`, `STATUS`: it has had its service), then
 /// one that has sent nothing, and only then one that is mid-way (a TLS handshake, a `HELLO`
-/// arriving), oldest first within each. An agency connecting is mid-way; most attackers are not.
+/// arriving) for longer than [`UNDERWAY_GRACE`], oldest first within each. An agency
+/// connecting is mid-way for milliseconds; most attackers are never mid-way, and one that
+/// stalls mid-way is evicted once its grace is over. When every guest is young and mid-way,
+/// the newcomer is turned away instead: it waits behind guests that are busy, not idle, and
+/// closing one of them would only make a crowd of agencies (a thousand behind one address)
+/// close each other in turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
     Probed = 0,
@@ -79,13 +84,16 @@ pub struct GuestLimits {
     pub per_ip: usize,
 }
 
+/// How long a guest under way is spared eviction.
+pub const UNDERWAY_GRACE: Duration = Duration::from_millis(500);
+
 #[derive(Default)]
 struct Live {
     peers: HashMap<u64, Arc<Peer>>,
     /// The connection that speaks for each agency.
     agencies: HashMap<u32, u64>,
-    /// The guests, oldest (smallest id) first, with their addresses.
-    guests: BTreeMap<u64, IpAddr>,
+    /// The guests, oldest (smallest id) first, with their addresses and when they came.
+    guests: BTreeMap<u64, (IpAddr, Instant)>,
     guests_per_ip: HashMap<IpAddr, usize>,
     /// Peers told to end whose threads have not yet: they are on their way out.
     ending: usize,
@@ -93,7 +101,7 @@ struct Live {
 
 impl Live {
     fn forget_guest(&mut self, id: u64) {
-        if let Some(ip) = self.guests.remove(&id)
+        if let Some((ip, _)) = self.guests.remove(&id)
             && let Some(n) = self.guests_per_ip.get_mut(&ip)
         {
             *n -= 1;
@@ -104,10 +112,15 @@ impl Live {
     }
 
     /// Evicts a guest (from `ip` only, if given): the oldest of the first [`Stage`] that has
-    /// one; true if there was one.
+    /// one, a guest under way only past its grace; true if there was one.
     fn evict_oldest(&mut self, ip: Option<IpAddr>) -> bool {
-        let candidates = self.guests.iter().filter(|(_, g)| ip.is_none_or(|ip| **g == ip));
+        let now = Instant::now();
         let stage = |id: &u64| self.peers.get(id).map_or(Stage::Probed, |p| p.stage());
+        let candidates = self
+            .guests
+            .iter()
+            .filter(|(_, (g, _))| ip.is_none_or(|ip| *g == ip))
+            .filter(|(id, (_, came))| stage(id) != Stage::Underway || now.duration_since(*came) >= UNDERWAY_GRACE);
         // `min_by_key` keeps the first of equals: the oldest, as `guests` is ordered by id.
         let Some(id) = candidates.map(|(&id, _)| id).min_by_key(stage) else { return false };
         self.forget_guest(id);
@@ -142,14 +155,16 @@ impl Registry {
     }
 
     /// Admits connection `id` from `ip` as a guest, first evicting the oldest guest of that
-    /// address, then the oldest of all, as the guest limits require; then, if the connections
-    /// being served still reach `ceiling`, refuses it (`None`). Returns the peer and how many
+    /// address, then the oldest of all, as the guest limits require; refuses it (`None`) if the
+    /// guests are still too many (all young and under way) or the connections being served
+    /// reach `ceiling`. Returns the peer and how many
     /// guests were evicted.
     pub fn admit(
         &self,
         id: u64,
         ip: IpAddr,
         stream: Arc<TcpStream>,
+        stage: Stage,
         limits: GuestLimits,
         ceiling: usize,
     ) -> (Option<Arc<Peer>>, usize) {
@@ -161,14 +176,16 @@ impl Registry {
         while live.guests.len() >= limits.total && live.evict_oldest(None) {
             evicted += 1;
         }
+        let crowded =
+            live.guests_per_ip.get(&ip).copied().unwrap_or(0) >= limits.per_ip || live.guests.len() >= limits.total;
         // Those told to end are leaving within a fraction of a second, but a pile of them
         // counts too: threads are what the ceiling bounds.
-        if live.peers.len() - live.ending >= ceiling || live.peers.len() >= 2 * ceiling {
+        if crowded || live.peers.len() - live.ending >= ceiling || live.peers.len() >= 2 * ceiling {
             return (None, evicted);
         }
-        let peer = Arc::new(Peer { stream, ended: AtomicU8::new(0), stage: AtomicU8::new(Stage::Silent as u8) });
+        let peer = Arc::new(Peer { stream, ended: AtomicU8::new(0), stage: AtomicU8::new(stage as u8) });
         live.peers.insert(id, Arc::clone(&peer));
-        live.guests.insert(id, ip);
+        live.guests.insert(id, (ip, Instant::now()));
         *live.guests_per_ip.entry(ip).or_default() += 1;
         (Some(peer), evicted)
     }
@@ -226,7 +243,7 @@ mod tests {
 
     fn admit(registry: &Registry, id: u64, ip: IpAddr, listener: &TcpListener) -> (Arc<Peer>, usize) {
         let stream = Arc::new(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
-        let (peer, evicted) = registry.admit(id, ip, stream, GuestLimits { total: 3, per_ip: 2 }, 100);
+        let (peer, evicted) = registry.admit(id, ip, stream, Stage::Silent, GuestLimits { total: 3, per_ip: 2 }, 100);
         (peer.expect("room under the ceiling"), evicted)
     }
 

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::ledger::round::{Appended, Round, Rows};
+use crate::server::Security;
 use crate::server::auth;
 use crate::server::guest_log::{GuestEvent, GuestLog};
 use crate::server::registry::{Ended, Peer, Registry, Stage};
-use crate::server::{Limits, Security};
 use crate::wire::bet::{self, RowParser, RowWriter};
 use crate::wire::connection::{Connection, ReadError};
 use crate::wire::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Reply, Request};
@@ -24,7 +24,7 @@ use crate::wire::token::Token;
 const FAREWELL: Duration = Duration::from_millis(100);
 
 /// Says why to a connection that never sent its first byte (or was evicted first), then closes.
-pub fn farewell_before_first_byte(conn: &mut Connection, peer: &Peer, limits: Limits, log: &GuestLog, ip: IpAddr) {
+pub fn farewell_before_first_byte(conn: &mut Connection, peer: &Peer, waited: Duration, log: &GuestLog, ip: IpAddr) {
     let why = if peer.ended() == Ended::Evicted {
         ProtocolError::new(
             ErrorCode::Busy,
@@ -32,8 +32,7 @@ pub fn farewell_before_first_byte(conn: &mut Connection, peer: &Peer, limits: Li
         )
     } else {
         log.event(GuestEvent::TimedOut, || info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT"));
-        let ms = limits.hello_timeout.min(limits.idle_timeout).as_millis();
-        ProtocolError::new(ErrorCode::Timeout, format!("no request within {ms} ms; closing"))
+        ProtocolError::new(ErrorCode::Timeout, format!("nothing sent within {} ms; closing", waited.as_millis()))
     };
     let _ = conn.write_reply(&Reply::Err(why));
     conn.close();
@@ -269,11 +268,12 @@ impl<'a> Session<'a> {
             });
             return Err(ProtocolError::new(ErrorCode::Auth, why));
         }
-        let stored = self.round.hello(agency)?;
+        // Authenticated: no guest any more, before the count's wait for a sync in progress.
         if self.cx.registry.claim(agency, self.cx.id) {
             info!("action: replace_session | result: success | agency: {agency} | ip: {}", self.cx.ip);
         }
         self.agency = Some(agency);
+        let stored = self.round.hello(agency)?;
         Ok(Reply::Ok(Some(stored)))
     }
 

@@ -23,6 +23,16 @@ pub fn opens_handshake(stream: &TcpStream) -> bool {
     matches!(stream.peek(&mut first), Ok(1)) && first[0] == TLS_HANDSHAKE
 }
 
+/// [`opens_handshake`] without waiting: whether a handshake's first byte has already arrived.
+pub fn opens_handshake_now(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let opens = opens_handshake(stream);
+    let _ = stream.set_nonblocking(false);
+    opens
+}
+
 /// A rustls server configuration from a PEM certificate chain and its PEM private key.
 ///
 /// # Errors
@@ -152,7 +162,9 @@ pub fn handshake(
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer hung up during the handshake"));
         }
         let Some(_permit) = gate.acquire(deadline, gone) else {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "no turn to compute before the deadline"));
+            let why =
+                if gone() { "ended while waiting for its turn" } else { "no turn to compute before the deadline" };
+            return Err(io::Error::new(io::ErrorKind::TimedOut, why));
         };
         if let Err(e) = tls.conn.process_new_packets() {
             let _ = tls.conn.write_tls(&mut tls.sock);

@@ -8,16 +8,25 @@
 //!
 //! - [`wire`]: what crosses the network. [`wire::bet`] (a bet, its validation, its CSV rows),
 //!   [`wire::protocol`] (requests and replies over bytes; no sockets), [`wire::connection`] (a
-//!   socket and its read buffer: lines with deadlines, the 8 KiB cap).
+//!   server's socket and its read buffer: lines with deadlines, the 8 KiB cap),
+//!   [`wire::transport`] (plain text or TLS over one socket, with read and write deadlines),
+//!   [`wire::token`] (an agency's secret and its digest).
 //! - [`ledger`]: where the round lives. [`ledger::store`] (`bets.csv`: append whole rows, sync,
 //!   read back, recover a torn tail), [`ledger::round_file`] (the `DONE`s and the draw across
 //!   restarts), [`ledger::round`] (the state behind the Mutex, the "winners ready" and
-//!   group-commit Condvars).
+//!   group-commit Condvars), [`ledger::lock`] (one server per storage),
+//!   [`ledger::free_space`] (`SERVER_MIN_FREE_BYTES`).
 //! - [`server`]: bind, the accept loop, one thread per connection, orderly shutdown;
-//!   [`server::session`] is one connection's conversation, request by request.
-//! - [`agency`]: the agency client (used by `lottery-agency`, `lottery-round` and the tests).
+//!   [`server::session`] is one connection's conversation, request by request;
+//!   [`server::auth`] who may speak for an agency; [`server::tls`] the certificate, TLS or
+//!   plain by the first byte, handshakes taking turns; [`server::registry`] the live
+//!   connections, agencies' sessions and guests; [`server::guest_log`] guest lines kept few.
+//! - [`agency`]: the agency client (used by `lottery-agency`, `lottery-round` and the tests);
+//!   [`agency::credentials`] its token and the CA it trusts.
 //! - [`tools`]: [`tools::local_round`] (`lottery-round`, a whole round in one process),
-//!   [`tools::dataset`] (synthetic agency files), [`tools::hostile`] (misbehaving clients).
+//!   [`tools::dataset`] (synthetic agency files), [`tools::hostile`] (misbehaving clients),
+//!   [`tools::keys`] (`--make-keys`), [`tools::attacks`] and [`tools::attack_round`]
+//!   (`lottery-round --attack`).
 //! - [`config`]: `config.ini` plus environment into typed settings.
 //! - [`logging`]: the log line format of the spec.
 //! - [`output`]: stdout and stderr that a closed pipe stops instead of crashing.

@@ -146,6 +146,10 @@ pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyErro
         let mut link = connect(settings, &credentials, stop, &mut backoff)?;
         match round(settings, &credentials, &mut link, extra.as_ref(), has_file, &mut backoff) {
             Ok((winners, stored)) => return Ok(Outcome { winners, stored, reconnects }),
+            // A TLS failure is said without the address where it is found; it is added here.
+            Err(Attempt::Fatal(AgencyError::Tls { why, .. })) => {
+                return Err(AgencyError::Tls { address: settings.server_address.clone(), why });
+            }
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(_)) if stop.is_triggered() => return Err(AgencyError::Stopped),
             Err(Attempt::Retry(why)) => {
@@ -259,22 +263,6 @@ impl From<AgencyError> for Attempt {
 
 /// The conversation over one connection, from `HELLO` to the winners.
 fn round(
-    settings: &AgencySettings,
-    credentials: &Credentials,
-    link: &mut Link,
-    extra: Option<&Bet>,
-    has_file: bool,
-    backoff: &mut Backoff,
-) -> Result<(Vec<String>, u64), Attempt> {
-    conversation(settings, credentials, link, extra, has_file, backoff).map_err(|attempt| match attempt {
-        Attempt::Fatal(AgencyError::Tls { why, .. }) => {
-            Attempt::Fatal(AgencyError::Tls { address: settings.server_address.clone(), why })
-        }
-        other => other,
-    })
-}
-
-fn conversation(
     settings: &AgencySettings,
     credentials: &Credentials,
     link: &mut Link,

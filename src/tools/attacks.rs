@@ -1,7 +1,7 @@
 //! Attackers, for `lottery-round --attack` and the tests: the cheap ways a stranger (or a
 //! botnet) could try to keep agencies out of a round, each run by many threads until told to
 //! stop. Every attacker reconnects when the server closes it, so the pressure lasts; every
-//! loop checks the stop flag at least every [`TICK`], and every socket has timeouts, so that
+//! loop checks the stop flag at least every 200 ms, and every socket has timeouts, so that
 //! stopping them is prompt and nothing of theirs outlives [`Attackers::stop`].
 //!
 //! Attacker threads run at the lowest CPU priority (nice 19): they stand in for a botnet's own
@@ -152,6 +152,15 @@ impl Report {
         *self.replies.entry(key).or_default() += 1;
     }
 
+    /// Counts the whole lines of `bytes`, after what `pending` kept of the last read.
+    fn lines(&mut self, pending: &mut Vec<u8>, bytes: &[u8]) {
+        pending.extend_from_slice(bytes);
+        while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=i).collect();
+            self.reply(&line[..line.len() - 1]);
+        }
+    }
+
     /// The replies as `ERR BUSY x3, closed x5`.
     pub fn replies_text(&self) -> String {
         let parts: Vec<String> = self.replies.iter().map(|(r, n)| format!("{r} x{n}")).collect();
@@ -295,13 +304,7 @@ fn watch(
                 *report.replies.entry("closed".into()).or_default() += 1;
                 return Ok(());
             }
-            Ok(n) => {
-                pending.extend_from_slice(&buf[..n]);
-                while let Some(i) = pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=i).collect();
-                    report.reply(&line[..line.len() - 1]);
-                }
-            }
+            Ok(n) => report.lines(&mut pending, &buf[..n]),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(e) => return Err(e),
         }
@@ -405,13 +408,7 @@ fn read_until_closed(io: &mut dyn ReadWrite, stop: &AtomicBool, report: &mut Rep
     while !stop.load(Ordering::SeqCst) {
         match io.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => {
-                pending.extend_from_slice(&buf[..n]);
-                while let Some(i) = pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=i).collect();
-                    report.reply(&line[..line.len() - 1]);
-                }
-            }
+            Ok(n) => report.lines(&mut pending, &buf[..n]),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(_) => break,
         }

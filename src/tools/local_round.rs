@@ -244,7 +244,10 @@ pub fn run(opts: &Options) -> Result<(), String> {
         Some(b) => b,
         None => settings.batch_max().map_err(|e| e.to_string())?,
     };
-    logging::init(if opts.verbose { LevelFilter::Info } else { LevelFilter::Warn });
+    // Under attack the server warns of every stranger it refuses (within its rate limit): the
+    // table says what they got, so only errors are shown unless asked.
+    let quiet = if opts.attacks.is_empty() { LevelFilter::Warn } else { LevelFilter::Error };
+    logging::init(if opts.verbose { LevelFilter::Info } else { quiet });
     crate::app::raise_open_files_limit();
 
     let scratch = tempfile_dir()?;

@@ -158,6 +158,20 @@ fn a_retried_batch_on_another_replica_is_not_stored_twice() {
 }
 
 #[test]
+fn past_the_quota_a_batch_is_refused_whole() {
+    let Some(db) = Database::create("quota") else { return };
+    let server = TestServer::start(1, &[("SERVER_DATABASE_URL", &db.url), ("SERVER_MAX_BETS_PER_AGENCY", "2")]);
+    let mut client = server.client();
+    assert_eq!(client.send("HELLO 1"), "OK 0");
+    client.write(b"BATCH 0 3\nAna,Paz,1,1990-01-01,1\nEva,Sol,2,1980-02-02,2\nLuis,Gil,3,1970-03-03,3\n").unwrap();
+    assert!(client.read_line().starts_with("ERR QUOTA agency 1 may store at most 2 bets and holds 0"));
+    client.write(b"BATCH 0 2\nAna,Paz,1,1990-01-01,1\nEva,Sol,2,1980-02-02,2\n").unwrap();
+    assert_eq!(client.read_line(), "OK 2");
+    let rows: i64 = db.connect().query_one("SELECT count(*) FROM lottery_bet", &[]).unwrap().get(0);
+    assert_eq!(rows, 2);
+}
+
+#[test]
 fn shutdown_wakes_a_waiter_and_a_round_of_another_size_is_refused() {
     let Some(db) = Database::create("shutdown") else { return };
     let mut server = replica(&db, 2);

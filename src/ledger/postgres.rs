@@ -33,7 +33,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{error, info};
 use postgres::types::Type;
@@ -79,6 +79,9 @@ SELECT a.stored, a.done, r.drawn FROM a, r";
 /// Connections one replica keeps at most; a request finding none free waits for one.
 const POOL_SIZE: u32 = 32;
 
+/// How old a `STATUS` may be: at most one reading of the database per replica this often.
+const STATUS_AGE: Duration = Duration::from_millis(100);
+
 /// How long a request waits for a connection before it is answered `ERR STORAGE`.
 const POOL_WAIT: Duration = Duration::from_secs(10);
 
@@ -103,6 +106,9 @@ pub struct PgLedger {
     pool: Pool<Manager>,
     shared: Arc<Shared>,
     watcher: Mutex<Option<JoinHandle<()>>>,
+    /// The last `STATUS` read and when: anyone may ask for it, at any rate, and each reading
+    /// takes a connection the agencies' batches need.
+    status: Mutex<Option<(Instant, Status)>>,
     /// `host:port/database`, for the log: never the password.
     place: String,
 }
@@ -180,7 +186,15 @@ impl PgLedger {
             .build_unchecked(Manager { config: config.clone() });
         let shared =
             Arc::new(Shared { state: Mutex::default(), drawn: Condvar::new(), stopping: AtomicBool::new(false) });
-        let ledger = PgLedger { agencies, max_bets, pool, shared, watcher: Mutex::new(None), place: place.clone() };
+        let ledger = PgLedger {
+            agencies,
+            max_bets,
+            pool,
+            shared,
+            watcher: Mutex::new(None),
+            status: Mutex::new(None),
+            place: place.clone(),
+        };
         let status = ledger.read_status(&mut client).map_err(fail)?;
         if status.drawn {
             ledger.shared.publish(load_winners(&mut client).map_err(fail)?);
@@ -383,9 +397,16 @@ impl Ledger for PgLedger {
         }
     }
 
+    /// The database's figures, read at most every [`STATUS_AGE`].
     fn status(&self) -> Result<Status, ProtocolError> {
+        let mut cached = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, status)) = cached.filter(|(at, _)| at.elapsed() < STATUS_AGE) {
+            return Ok(status);
+        }
         let mut conn = self.client()?;
-        self.read_status(&mut conn.client).map_err(|e| self.storage(&e))
+        let status = self.read_status(&mut conn.client).map_err(|e| self.storage(&e))?;
+        *cached = Some((Instant::now(), status));
+        Ok(status)
     }
 
     fn begin_shutdown(&self) {

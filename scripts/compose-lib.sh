@@ -2,8 +2,8 @@
 # Shared by scripts/compose-smoke.sh and scripts/compose-smoke-replicas.sh: source it, don't run
 # it. The caller sets `name` (for its messages), `repo`, `project`, `compose_file`, `work` and
 # `data` first; this picks docker-compose or `docker compose`, and on exit (also on failure or
-# Ctrl-C) shows the end of $work/compose.log if something failed, runs `down -v`, then the
-# caller's `after_down` if it defines one, and removes $work.
+# Ctrl-C) shows the end of $work/compose.log if something failed, runs `down -v` and removes
+# $work.
 
 say() { echo "$name: $*"; }
 die() {
@@ -28,7 +28,6 @@ cleanup() {
     tail -n 20 "$work/compose.log" >&2
   fi
   compose down -v --remove-orphans >>"$work/compose.log" 2>&1 || echo "$name: down -v failed" >&2
-  if declare -F after_down >/dev/null; then after_down; fi
   rm -rf "$work"
   exit "$rc"
 }
@@ -41,3 +40,20 @@ container() {
     --filter "label=com.docker.compose.service=$1" | head -n 1
 }
 logs() { docker logs "$(container "$1")" 2>&1; }
+
+declare -a expected=()
+
+# Generates the data set into $data with the image's lottery-round, and counts each agency's
+# winners (rows whose number is 7574) into expected[1..agencies].
+generate_data() {
+  docker run --rm --user "$(id -u):$(id -g)" -v "$data:/out" --entrypoint /usr/local/bin/lottery-round "$image" \
+    --generate /out --agencies "$agencies" --bets-per-agency "$bets" >>"$work/compose.log" 2>&1 \
+    || die "lottery-round --generate failed"
+  # The containers run as another user: the files must be readable by anyone.
+  chmod a+r "$data"/agency-*.csv
+  local id
+  for ((id = 1; id <= agencies; id++)); do
+    expected[id]=$(awk -F, '{ sub(/\r$/, "") } $NF == "7574" { n++ } END { print n + 0 }' "$data/agency-$id.csv")
+  done
+  say "expected winners per agency: ${expected[*]}"
+}

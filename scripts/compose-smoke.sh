@@ -94,16 +94,7 @@ say "building the image"
 compose build >>"$work/compose.log" 2>&1 || die "docker-compose build failed"
 
 say "generating the data set in $data"
-docker run --rm --user "$(id -u):$(id -g)" -v "$data:/out" --entrypoint /usr/local/bin/lottery-round "$image" \
-  --generate /out --agencies "$agencies" --bets-per-agency "$bets" >>"$work/compose.log" 2>&1 \
-  || die "lottery-round --generate failed"
-# The containers run as another user: the files must be readable by anyone.
-chmod a+r "$data"/agency-*.csv
-declare -a expected
-for ((id = 1; id <= agencies; id++)); do
-  expected[id]=$(awk -F, '{ sub(/\r$/, "") } $NF == "7574" { n++ } END { print n + 0 }' "$data/agency-$id.csv")
-done
-say "expected winners per agency: ${expected[*]}"
+generate_data
 
 # Probes until the STATUS line matches, or gives up after $wait_s seconds.
 await_status() {

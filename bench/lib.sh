@@ -6,7 +6,8 @@
 server_port() {
   local log=$1 port
   for _ in $(seq 100); do
-    port=$(sed -n 's/.*action: listen | result: success | address: [0-9.]*:\([0-9]*\).*/\1/p' "$log")
+    # The server's shell may not have created the log yet.
+    port=$(sed -n 's/.*action: listen | result: success | address: [0-9.]*:\([0-9]*\).*/\1/p' "$log" 2>/dev/null)
     [[ -n $port ]] && { echo "$port"; return; }
     sleep 0.1
   done

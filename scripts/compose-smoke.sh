@@ -13,7 +13,9 @@
 #   6. `up` again: the server opens the round already drawn, does not draw again, and the
 #      agencies get the same winners;
 #   7. the server stopped (exit code 0): scripts/probe.sh fails;
-#   8. `down -v`, always, also on failure or Ctrl-C.
+#   8. `down -v`, always, also on failure or Ctrl-C;
+#   9. scripts/compose-smoke-replicas.sh: docker-compose.replicas.yaml (PostgreSQL, two
+#      replicas), one replica killed mid-round.
 #
 #   scripts/compose-smoke.sh
 #
@@ -33,41 +35,10 @@ work=$(mktemp -d -t lottery-smoke.XXXXXX)
 data=$work/data
 mkdir -p "$data"
 
-say() { echo "compose-smoke: $*"; }
-die() {
-  echo "compose-smoke: FAIL: $*" >&2
-  exit 1
-}
-
-if command -v docker-compose >/dev/null; then
-  compose_cmd=(docker-compose)
-elif docker compose version >/dev/null 2>&1; then
-  compose_cmd=(docker compose)
-else
-  die "neither docker-compose nor docker compose is installed"
-fi
-compose() { LOTTERY_DATA_DIR=$data "${compose_cmd[@]}" -p "$project" -f "$repo/docker-compose.yaml" "$@"; }
-
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  if ((rc != 0)) && [[ -s $work/compose.log ]]; then
-    echo "compose-smoke: the last lines of $work/compose.log:" >&2
-    tail -n 20 "$work/compose.log" >&2
-  fi
-  compose down -v --remove-orphans >>"$work/compose.log" 2>&1 || echo "compose-smoke: down -v failed" >&2
-  rm -rf "$work"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# The id of a service's container (running or not).
-container() {
-  docker ps -aq --filter "label=com.docker.compose.project=$project" \
-    --filter "label=com.docker.compose.service=$1" | head -n 1
-}
-logs() { docker logs "$(container "$1")" 2>&1; }
+name=compose-smoke
+compose_file=$repo/docker-compose.yaml
+# shellcheck source=scripts/compose-lib.sh
+source "$repo/scripts/compose-lib.sh"
 
 # Waits for every agency container to exit and checks each exited 0.
 wait_agencies() {
@@ -123,16 +94,7 @@ say "building the image"
 compose build >>"$work/compose.log" 2>&1 || die "docker-compose build failed"
 
 say "generating the data set in $data"
-docker run --rm --user "$(id -u):$(id -g)" -v "$data:/out" --entrypoint /usr/local/bin/lottery-round "$image" \
-  --generate /out --agencies "$agencies" --bets-per-agency "$bets" >>"$work/compose.log" 2>&1 \
-  || die "lottery-round --generate failed"
-# The containers run as another user: the files must be readable by anyone.
-chmod a+r "$data"/agency-*.csv
-declare -a expected
-for ((id = 1; id <= agencies; id++)); do
-  expected[id]=$(awk -F, '{ sub(/\r$/, "") } $NF == "7574" { n++ } END { print n + 0 }' "$data/agency-$id.csv")
-done
-say "expected winners per agency: ${expected[*]}"
+generate_data
 
 # Probes until the STATUS line matches, or gives up after $wait_s seconds.
 await_status() {
@@ -190,4 +152,7 @@ code=$(docker inspect --format '{{.State.ExitCode}}' "$(container server)")
 [[ $code == 0 ]] || die "docker-compose stop: the server exited $code"
 say "probe: $probe"
 
-say "ok: build, a round resumed after down, clean downs, the drawn round kept across down/up, probe success and fail"
+say "the replicas: docker-compose.replicas.yaml, one replica killed mid-round"
+"$repo/scripts/compose-smoke-replicas.sh" || die "scripts/compose-smoke-replicas.sh failed"
+
+say "ok: build, a round resumed after down, clean downs, the drawn round kept across down/up, probe success and fail, replicas"

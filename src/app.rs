@@ -11,8 +11,10 @@ use log::{debug, error, info, warn};
 
 use crate::agency::{self, AgencyError, Stop};
 use crate::config::{ServerSettings, Settings};
+use crate::ledger::Ledger;
+use crate::ledger::file::{self, FileConfig, FileLedger};
 use crate::ledger::lock::StorageLock;
-use crate::ledger::round::{Round, RoundConfig};
+use crate::ledger::postgres::{self as pg, PgLedger};
 use crate::logging;
 use crate::output;
 use crate::server::auth::AgencyKeys;
@@ -27,11 +29,15 @@ Usage: lottery-server [--help]
        lottery-server --make-keys DIR   write a CA, the server's certificate and key, one token
                                         per agency (SERVER_AGENCIES) and agencies.keys into DIR;
                                         never overwrites a file
+       lottery-server --export-bets FILE  write the round's bets to FILE (a new file) in the
+                                        bets.csv format, from SERVER_DATABASE_URL if set, else
+                                        from SERVER_STORAGE_PATH
 
 Settings come from ./config.ini (or the file named by LOTTERY_CONFIG), then environment
 variables: SERVER_IP, SERVER_PORT, SERVER_LISTEN_BACKLOG, SERVER_AGENCIES, SERVER_STORAGE_PATH,
 SERVER_MAX_CONNECTIONS, SERVER_IDLE_TIMEOUT_MS, SERVER_SYNC, SERVER_GROUP_COMMIT, LOGGING_LEVEL,
-SERVER_AGENCY_KEYS, SERVER_TLS_CERT, SERVER_TLS_KEY, SERVER_TLS_NAMES.
+SERVER_AGENCY_KEYS, SERVER_TLS_CERT, SERVER_TLS_KEY, SERVER_TLS_NAMES, SERVER_DATABASE_URL
+(postgres://…: the round lives in that database, shared by every server on it).
 SIGTERM or SIGINT shuts it down cleanly.";
 
 const AGENCY_HELP: &str = "\
@@ -107,6 +113,7 @@ pub fn server_main() -> ExitCode {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["--make-keys", dir] => return make_keys(dir),
         ["--make-keys"] => return fail(NAME, &"--make-keys needs a directory, e.g. --make-keys .secrets"),
+        ["--export-bets", path] => return export_bets(Path::new(path)),
         _ => {}
     }
     if let Some(code) = help_only(NAME, SERVER_HELP) {
@@ -123,7 +130,7 @@ pub fn server_main() -> ExitCode {
         Err(e) => return fail(NAME, &e),
     };
     let limits = Limits::from_settings(&settings);
-    match server::run(listener, Arc::new(round), limits, Arc::new(security), &shutdown) {
+    match server::run(listener, round, limits, Arc::new(security), &shutdown) {
         Ok(()) => {
             info!("action: shutdown | result: success");
             ExitCode::SUCCESS
@@ -138,10 +145,11 @@ pub fn server_main() -> ExitCode {
 /// What the server has once it may serve.
 struct Started {
     listener: TcpListener,
-    round: Round,
+    round: Arc<dyn Ledger>,
     security: Security,
     shutdown: ShutdownHandle,
-    _lock: StorageLock,
+    /// The file ledger's; replicas on one database share it by design, and take none.
+    _lock: Option<StorageLock>,
 }
 
 /// The TLS configuration and agency keys the settings name, with a `WARN` for each that is
@@ -187,24 +195,7 @@ pub fn load_security(settings: &ServerSettings) -> Result<Security, String> {
 /// been served.
 fn start_server(settings: &ServerSettings) -> Result<Started, String> {
     let security = load_security(settings)?;
-    let lock = StorageLock::acquire(&settings.storage_path)?;
-    let config = RoundConfig {
-        agencies: settings.agencies,
-        storage_path: settings.storage_path.clone(),
-        sync: settings.sync,
-        group_commit: settings.group_commit,
-        max_bets_per_agency: settings.max_bets_per_agency,
-        min_free_bytes: settings.min_free_bytes,
-    };
-    let (round, resumed) = Round::open(config).map_err(|e| e.to_string())?;
-    info!(
-        "action: open_storage | result: success | path: {} | bets: {} | truncated_bytes: {} | agencies_done: {} | drawn: {}",
-        settings.storage_path.display(),
-        resumed.bets,
-        resumed.truncated,
-        resumed.agencies_done,
-        resumed.drawn
-    );
+    let (round, lock) = open_ledger(settings)?;
     let addr = SocketAddr::new(settings.ip, settings.port);
     let listener = server::bind(addr, settings.backlog).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let shutdown = ShutdownHandle::new(&listener).map_err(|e| e.to_string())?;
@@ -221,6 +212,74 @@ fn start_server(settings: &ServerSettings) -> Result<Started, String> {
         security.keys.is_some()
     );
     Ok(Started { listener, round, security, shutdown, _lock: lock })
+}
+
+/// The round's ledger: the database of `SERVER_DATABASE_URL` if set, else `bets.csv`, locked.
+fn open_ledger(settings: &ServerSettings) -> Result<(Arc<dyn Ledger>, Option<StorageLock>), String> {
+    if let Some(url) = &settings.database_url {
+        let (ledger, opened) = PgLedger::open(url, settings.agencies, settings.max_bets_per_agency)?;
+        info!(
+            "action: open_storage | result: success | {} | bets: {} | agencies_done: {} | drawn: {}",
+            ledger.describe(),
+            opened.bets,
+            opened.agencies_done,
+            opened.drawn
+        );
+        return Ok((Arc::new(ledger), None));
+    }
+    let lock = StorageLock::acquire(&settings.storage_path)?;
+    let config = FileConfig {
+        agencies: settings.agencies,
+        storage_path: settings.storage_path.clone(),
+        sync: settings.sync,
+        group_commit: settings.group_commit,
+        max_bets_per_agency: settings.max_bets_per_agency,
+        min_free_bytes: settings.min_free_bytes,
+    };
+    let (round, resumed) = FileLedger::open(config).map_err(|e| e.to_string())?;
+    info!(
+        "action: open_storage | result: success | path: {} | bets: {} | truncated_bytes: {} | agencies_done: {} | drawn: {}",
+        settings.storage_path.display(),
+        resumed.bets,
+        resumed.truncated,
+        resumed.agencies_done,
+        resumed.drawn
+    );
+    Ok((Arc::new(round), Some(lock)))
+}
+
+/// `lottery-server --export-bets FILE`: the round's bets into a new file.
+fn export_bets(path: &Path) -> ExitCode {
+    const NAME: &str = "lottery-server";
+    let settings = match Settings::from_process().and_then(|s| s.server()) {
+        Ok(s) => s,
+        Err(e) => return fail(NAME, &e),
+    };
+    let created = std::fs::OpenOptions::new().write(true).create_new(true).open(path);
+    let file = match created {
+        Ok(file) => file,
+        Err(e) => return fail(NAME, &format!("cannot create {}: {e}", path.display())),
+    };
+    let mut out = std::io::BufWriter::new(file);
+    let written = match &settings.database_url {
+        Some(url) => pg::export(url, &mut out),
+        None => file::export(&settings.storage_path, &mut out),
+    };
+    let flushed = written.and_then(|n| {
+        let file = out.into_inner().map_err(|e| e.error().to_string())?;
+        file.sync_all().map(|()| n).map_err(|e| e.to_string())
+    });
+    match flushed {
+        Ok(n) => {
+            output::line(format_args!("{NAME}: wrote {n} bets to {}", path.display()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            // Half an export is worse than none: it would read as a smaller round.
+            let _ = std::fs::remove_file(path);
+            fail(NAME, &format!("{}: {e}", path.display()))
+        }
+    }
 }
 
 /// `lottery-agency --ping`: exit 0 if the server answers `PONG`.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
-use crate::ledger::round::SyncMode;
+use crate::ledger::file::SyncMode;
 use crate::wire::protocol::MAX_BATCH_ROWS;
 
 mod ini;
@@ -37,6 +37,7 @@ pub const KEYS: &[(&str, Option<&str>)] = &[
     ("SERVER_MIN_FREE_BYTES", Some("268435456")),
     ("SERVER_SYNC", Some("always")),
     ("SERVER_GROUP_COMMIT", Some("true")),
+    ("SERVER_DATABASE_URL", Some("")),
     ("LOGGING_LEVEL", Some("INFO")),
     ("SERVER_AGENCY_KEYS", Some(".secrets/agencies.keys")),
     ("SERVER_TLS_CERT", Some(".secrets/server.pem")),
@@ -94,6 +95,8 @@ pub struct ServerSettings {
     pub min_free_bytes: u64,
     pub sync: SyncMode,
     pub group_commit: bool,
+    /// `SERVER_DATABASE_URL`: the round lives in that PostgreSQL database; `None`: in `bets.csv`.
+    pub database_url: Option<String>,
     pub log_level: LevelFilter,
     /// `agencies.keys`; `None`: protected mode.
     pub agency_keys: Option<PathBuf>,
@@ -240,6 +243,7 @@ impl Settings {
                 _ => None,
             })?,
             group_commit: self.get("SERVER_GROUP_COMMIT", "true or false", |v| v.to_ascii_lowercase().parse().ok())?,
+            database_url: self.database_url()?,
             log_level: self.level("LOGGING_LEVEL")?,
             agency_keys: self.optional("SERVER_AGENCY_KEYS")?.map(PathBuf::from),
             tls: match (self.optional("SERVER_TLS_CERT")?, self.optional("SERVER_TLS_KEY")?) {
@@ -287,14 +291,30 @@ impl Settings {
         })
     }
 
-    /// `CLI_SERVER_ADDRESS`: the server's `host:port`.
+    /// `SERVER_DATABASE_URL`, if set and not empty.
     ///
     /// # Errors
-    /// It is not `host:port`.
+    /// It is not a `postgres://` URL. The message does not quote it: it may hold a password.
+    fn database_url(&self) -> Result<Option<String>, ConfigError> {
+        let (value, origin) = self.raw("SERVER_DATABASE_URL")?;
+        match value.trim() {
+            "" => Ok(None),
+            url if url.starts_with("postgres://") || url.starts_with("postgresql://") => Ok(Some(url.to_owned())),
+            _ => Err(ConfigError(format!("{origin} is not a postgres://… URL (its value is not shown)"))),
+        }
+    }
+
+    /// `CLI_SERVER_ADDRESS`: the server's `host:port`, or several (`host:port,host:port`) for
+    /// replicas of one round.
+    ///
+    /// # Errors
+    /// One of them is not `host:port`.
     pub fn server_address(&self) -> Result<String, ConfigError> {
-        self.get("CLI_SERVER_ADDRESS", "host:port", |v| {
-            let (host, port) = v.rsplit_once(':')?;
-            (!host.is_empty() && port.parse::<u16>().is_ok()).then(|| v.to_owned())
+        self.get("CLI_SERVER_ADDRESS", "host:port, or several separated by commas", |v| {
+            let valid = v.split(',').map(str::trim).all(|one| {
+                one.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            });
+            valid.then(|| v.to_owned())
         })
     }
 
@@ -408,7 +428,8 @@ mod tests {
             SERVER_STORAGE_PATH = file.csv\nSERVER_MAX_CONNECTIONS = 2\nSERVER_IDLE_TIMEOUT_MS = 1\n\
             SERVER_MAX_GUESTS = 1\nSERVER_MAX_GUESTS_PER_IP = 1\nSERVER_HELLO_TIMEOUT_MS = 1\n\
             SERVER_MAX_BETS_PER_AGENCY = 1\nSERVER_MIN_FREE_BYTES = 1\n\
-            SERVER_SYNC = always\nSERVER_GROUP_COMMIT = true\nLOGGING_LEVEL = ERROR\nCLI_ID = 1\n\
+            SERVER_SYNC = always\nSERVER_GROUP_COMMIT = true\nSERVER_DATABASE_URL = postgres://file/db\n\
+            LOGGING_LEVEL = ERROR\nCLI_ID = 1\n\
             CLI_SERVER_ADDRESS = file:1\nCLI_BATCH_MAXAMOUNT = 1\nCLI_DATA_PATH = file-{CLI_ID}.csv\n\
             CLI_RETRY_TIMEOUT_MS = 1\nCLI_LOG_LEVEL = ERROR\nSERVER_AGENCY_KEYS = f.keys\n\
             SERVER_TLS_CERT = f.pem\nSERVER_TLS_KEY = f.key\nSERVER_TLS_NAMES = f.example\n\
@@ -428,6 +449,7 @@ mod tests {
             ("SERVER_IDLE_TIMEOUT_MS", "2"),
             ("SERVER_SYNC", "never"),
             ("SERVER_GROUP_COMMIT", "false"),
+            ("SERVER_DATABASE_URL", "postgresql://env/db"),
             ("LOGGING_LEVEL", "DEBUG"),
             ("CLI_ID", "2"),
             ("CLI_SERVER_ADDRESS", "env:2"),
@@ -455,6 +477,7 @@ mod tests {
         assert_eq!((s.max_bets_per_agency, s.min_free_bytes), (9, 0));
         assert_eq!((s.storage_path, s.idle_timeout), (PathBuf::from("env.csv"), Duration::from_millis(2)));
         assert_eq!((s.sync, s.group_commit, s.log_level), (SyncMode::Never, false, LevelFilter::Debug));
+        assert_eq!(s.database_url.as_deref(), Some("postgresql://env/db"));
         assert_eq!((a.id, a.server_address.as_str(), a.batch_max), (2, "env:2", 2));
         assert_eq!((a.data_path, a.retry_timeout), (PathBuf::from("env-2.csv"), Duration::from_millis(2)));
         assert_eq!(a.log_level, LevelFilter::Debug);
@@ -488,6 +511,15 @@ mod tests {
         let (_dir, settings) = with_file("", &[("SERVER_AGENCIES", "five")]);
         let err = settings.unwrap().server().unwrap_err().to_string();
         assert!(err.contains("environment variable SERVER_AGENCIES = \"five\""), "{err}");
+        let (_dir, settings) = with_file("", &[("SERVER_DATABASE_URL", "mysql://u:secret@h/db")]);
+        let err = settings.unwrap().server().unwrap_err().to_string();
+        assert!(err.contains("SERVER_DATABASE_URL is not a postgres") && !err.contains("secret"), "{err}");
+        let (_dir, settings) = with_file("", &[("SERVER_DATABASE_URL", "")]);
+        assert_eq!(settings.unwrap().server().unwrap().database_url, None);
+        let (_dir, settings) = with_file("", &[("CLI_SERVER_ADDRESS", "a:1, b:2")]);
+        assert_eq!(settings.unwrap().server_address().unwrap(), "a:1, b:2");
+        let (_dir, settings) = with_file("", &[("CLI_SERVER_ADDRESS", "a:1,b")]);
+        assert!(settings.unwrap().server_address().unwrap_err().0.contains("separated by commas"));
         let (_dir, settings) = with_file("SERVER_PROT = 1\n", &[]);
         assert!(settings.unwrap_err().0.contains("config.ini:1: unknown key"));
     }

@@ -11,11 +11,12 @@
 //!   server's socket and its read buffer: lines with deadlines, the 8 KiB cap),
 //!   [`wire::transport`] (plain text or TLS over one socket, with read and write deadlines),
 //!   [`wire::token`] (an agency's secret and its digest).
-//! - [`ledger`]: where the round lives. [`ledger::store`] (`bets.csv`: append whole rows, sync,
-//!   read back, recover a torn tail), [`ledger::round_file`] (the `DONE`s and the draw across
-//!   restarts), [`ledger::round`] (the state behind the Mutex, the "winners ready" and
-//!   group-commit Condvars), [`ledger::lock`] (one server per storage),
-//!   [`ledger::free_space`] (`SERVER_MIN_FREE_BYTES`).
+//! - [`ledger`]: where the round lives, behind the [`ledger::Ledger`] trait. [`ledger::file`]
+//!   (the default: the state behind the Mutex, the "winners ready" and group-commit Condvars),
+//!   [`ledger::store`] (`bets.csv`: append whole rows, sync, read back, recover a torn tail),
+//!   [`ledger::round_file`] (the `DONE`s and the draw across restarts), [`ledger::lock`] (one
+//!   server per storage), [`ledger::free_space`] (`SERVER_MIN_FREE_BYTES`),
+//!   [`ledger::postgres`] (the round in PostgreSQL, shared by replicas).
 //! - [`server`]: bind, the accept loop, one thread per connection, orderly shutdown;
 //!   [`server::session`] is one connection's conversation, request by request;
 //!   [`server::auth`] who may speak for an agency; [`server::tls`] the certificate, TLS or

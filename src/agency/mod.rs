@@ -142,8 +142,10 @@ pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyErro
     let credentials = Credentials::load(settings).map_err(AgencyError::Credentials)?;
     let mut reconnects = 0;
     let mut backoff = Backoff::new(settings);
+    // Which of the server's addresses to try first: after a broken connection, the next one.
+    let mut first = 0;
     loop {
-        let mut link = connect(settings, &credentials, stop, &mut backoff)?;
+        let mut link = connect(settings, &credentials, stop, &mut backoff, &mut first)?;
         match round(settings, &credentials, &mut link, extra.as_ref(), has_file, &mut backoff) {
             Ok((winners, stored)) => return Ok(Outcome { winners, stored, reconnects }),
             // A TLS failure is said without the address where it is found; it is added here.
@@ -153,6 +155,7 @@ pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyErro
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(_)) if stop.is_triggered() => return Err(AgencyError::Stopped),
             Err(Attempt::Retry(why)) => {
+                first += 1;
                 backoff
                     .wait(stop, &why, || warn!("action: reconnect | result: in_progress | error: {}", field(&why)))?;
                 reconnects += 1;
@@ -413,21 +416,26 @@ impl BetSource {
     }
 }
 
-/// Connects, retrying with backoff until the retry window that began at `since` closes.
+/// Connects to one of the server's addresses, from the `first`-th on (and sets `first` to the
+/// one that answered), retrying with backoff until the retry window closes.
 fn connect(
     settings: &AgencySettings,
     credentials: &Credentials,
     stop: &Stop,
     backoff: &mut Backoff,
+    first: &mut usize,
 ) -> Result<Link, AgencyError> {
     let address = &settings.server_address;
     loop {
-        let why = match open(address).map(Arc::new) {
-            Ok(stream) => {
+        let why = match open(address, *first) {
+            Ok((stream, used)) => {
+                let stream = Arc::new(stream);
                 stop.watch(&stream)?;
-                match Link::new(stream, credentials, address) {
+                *first = used;
+                let used = address.split(',').nth(used).map_or(address.as_str(), str::trim);
+                match Link::new(stream, credentials, used) {
                     Ok(link) => {
-                        info!("action: connect | result: success | address: {address}");
+                        info!("action: connect | result: success | address: {used}");
                         return Ok(link);
                     }
                     Err(LinkError::Io(e)) => e.to_string(),
@@ -451,7 +459,7 @@ fn connect(
 /// # Errors
 /// What went wrong, for a person: no connection, no reply within `timeout`, another reply.
 pub fn ping(address: &str, timeout: Duration) -> Result<(), String> {
-    let mut stream = open(address).map_err(|e| format!("cannot reach {address}: {e}"))?;
+    let (mut stream, _) = open(address, 0).map_err(|e| format!("cannot reach {address}: {e}"))?;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
@@ -465,12 +473,25 @@ pub fn ping(address: &str, timeout: Duration) -> Result<(), String> {
     }
 }
 
-fn open(address: &str) -> io::Result<TcpStream> {
+/// Connects to the first of `addresses` (`host:port,host:port,…`) that answers, trying them in
+/// turn from the `first`-th (modulo their number), and every address each name resolves to;
+/// returns the stream and which of `addresses` it reached.
+fn open(addresses: &str, first: usize) -> io::Result<(TcpStream, usize)> {
+    let list: Vec<&str> = addresses.split(',').map(str::trim).collect();
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
-    for addr in address.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last = e,
+    for i in (0..list.len()).map(|k| (first + k) % list.len()) {
+        let resolved = match list[i].to_socket_addrs() {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        for addr in resolved {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(stream) => return Ok((stream, i)),
+                Err(e) => last = io::Error::new(e.kind(), format!("{}: {e}", list[i])),
+            }
         }
     }
     Err(last)

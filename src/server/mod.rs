@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 
 use crate::config::ServerSettings;
-use crate::ledger::round::Round;
+use crate::ledger::Ledger;
 use crate::wire::connection::Connection;
 use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
 use crate::wire::transport::Transport;
@@ -130,7 +130,7 @@ const GRACE: Duration = Duration::from_millis(500);
 /// Only an error that stops the whole server: a final sync of `bets.csv` that failed.
 pub fn run(
     listener: TcpListener,
-    round: Arc<Round>,
+    round: Arc<dyn Ledger>,
     limits: Limits,
     security: Arc<Security>,
     shutdown: &ShutdownHandle,
@@ -202,7 +202,7 @@ pub fn run(
     guest_log.flush();
     let synced = round.close();
     match &synced {
-        Ok(()) => info!("action: close_storage | result: success | path: {}", round.storage_path().display()),
+        Ok(()) => info!("action: close_storage | result: success | {}", round.describe()),
         Err(e) => error!("action: close_storage | result: fail | error: {e}"),
     }
     synced
@@ -234,7 +234,7 @@ fn refuse_busy(stream: &TcpStream, max: usize, tls: bool) {
 
 /// What every connection's thread shares.
 struct Shared {
-    round: Arc<Round>,
+    round: Arc<dyn Ledger>,
     security: Arc<Security>,
     registry: Arc<Registry>,
     guest_log: Arc<GuestLog>,
@@ -295,7 +295,7 @@ fn spawn_connection(
         };
         let mut conn = Connection::with_transport(transport, limits.idle_timeout);
         let context = Context {
-            round: &shared.round,
+            round: &*shared.round,
             security: &shared.security,
             registry: &shared.registry,
             guest_log: &shared.guest_log,

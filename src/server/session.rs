@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use crate::ledger::round::{Appended, Round, Rows};
+use crate::ledger::{Appended, Ledger, Rows};
 use crate::server::Security;
 use crate::server::auth;
 use crate::server::guest_log::{GuestEvent, GuestLog};
@@ -51,7 +51,7 @@ const WAITER_CHECK: Duration = Duration::from_millis(250);
 
 /// What a session needs from the server around it.
 pub struct Context<'a> {
-    pub round: &'a Round,
+    pub round: &'a dyn Ledger,
     pub security: &'a Security,
     pub registry: &'a Registry,
     pub guest_log: &'a GuestLog,
@@ -68,7 +68,7 @@ pub struct Context<'a> {
 
 /// One connection's state besides its socket.
 pub struct Session<'a> {
-    round: &'a Round,
+    round: &'a dyn Ledger,
     cx: Context<'a>,
     idle_timeout: Duration,
     agency: Option<u32>,
@@ -154,7 +154,7 @@ impl<'a> Session<'a> {
                     match self.read_batch(conn, (offset, count), header_len, deadline) {
                         Ok(Ok(appended)) => {
                             self.pending.push((appended, count));
-                            let full = self.pending.len() >= MAX_PENDING || !self.round.group_commit();
+                            let full = self.pending.len() >= MAX_PENDING || !self.round.pipelines();
                             if full && self.acknowledge(conn).is_err() {
                                 return;
                             }
@@ -234,7 +234,7 @@ impl<'a> Session<'a> {
         let reply = match request {
             Request::Ping => Ok(Reply::Pong),
             Request::Quit => return (Reply::Bye, Next::Close),
-            Request::Status => Ok(Reply::Status(self.round.status())),
+            Request::Status => self.round.status().map(Reply::Status),
             Request::Bet(row) => self.bet(&row),
             Request::Done => self.agency().and_then(|a| self.round.done(a)).map(|()| Reply::Ok(None)),
             // Read with its rows, answered or waited for by `run`.
@@ -285,7 +285,7 @@ impl<'a> Session<'a> {
             Err(e) => return Some(Reply::Err(e)),
         };
         loop {
-            match self.round.winners_within(agency, WAITER_CHECK) {
+            match self.round.winners(agency, WAITER_CHECK) {
                 Ok(Some(line)) => return Some(Reply::Line(line)),
                 Err(e) => return Some(Reply::Err(e)),
                 Ok(None) if self.cx.peer.ended() != Ended::No => {

@@ -17,7 +17,7 @@ use log::LevelFilter;
 
 use crate::agency::{self, Outcome, Stop};
 use crate::config::{self, AgencySettings, BATCH_MAX_WHAT, ServerSettings, Settings};
-use crate::ledger::round::{Round, RoundConfig, SyncMode};
+use crate::ledger::file::{FileConfig, FileLedger, SyncMode};
 use crate::logging;
 use crate::output;
 use crate::server::auth::AgencyKeys;
@@ -427,7 +427,7 @@ impl LocalServer {
         dir: &Path,
         security: Arc<Security>,
     ) -> Result<LocalServer, String> {
-        let config = RoundConfig {
+        let config = FileConfig {
             agencies: opts.agencies + u32::from(hostile_agency(opts).is_some()),
             storage_path: dir.join("bets.csv"),
             sync: settings.sync,
@@ -435,7 +435,7 @@ impl LocalServer {
             max_bets_per_agency: settings.max_bets_per_agency,
             min_free_bytes: settings.min_free_bytes,
         };
-        let (round, _) = Round::open(config).map_err(|e| e.to_string())?;
+        let (round, _) = FileLedger::open(config).map_err(|e| e.to_string())?;
         let listener = server::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 1024).map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let shutdown = ShutdownHandle::new(&listener).map_err(|e| e.to_string())?;

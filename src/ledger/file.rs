@@ -1,5 +1,5 @@
-//! The round: the state every connection shares, behind one `Mutex`, and the two `Condvar`s
-//! that connections wait on.
+//! The file ledger, the default: `bets.csv` and its round file, and the state every connection
+//! shares, behind one `Mutex`, with the two `Condvar`s that connections wait on.
 //!
 //! - `drawn` is the "winners ready" event: `WINNERS` waits on it until the draw is made (or the
 //!   server shuts down). The predicate lives in the state, so no wake-up is lost.
@@ -10,6 +10,8 @@
 //! No socket is touched here, and no lock is held across one: connections call these methods
 //! between reading a request and writing its reply.
 
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -20,6 +22,7 @@ use log::{error, info, warn};
 use crate::ledger::free_space::FreeSpace;
 use crate::ledger::round_file::{self, RoundFile};
 use crate::ledger::store::{self, Recovered, Store, StoreError};
+use crate::ledger::{Appended, Ledger, Rows};
 use crate::wire::protocol::{self, ErrorCode, ProtocolError, Status};
 
 /// When an `OK` is sent for stored bets.
@@ -34,7 +37,7 @@ pub enum SyncMode {
 
 /// What a round needs to know at start.
 #[derive(Debug, Clone)]
-pub struct RoundConfig {
+pub struct FileConfig {
     pub agencies: u32,
     pub storage_path: PathBuf,
     pub sync: SyncMode,
@@ -47,9 +50,9 @@ pub struct RoundConfig {
     pub min_free_bytes: u64,
 }
 
-/// The shared state of one round.
-pub struct Round {
-    config: RoundConfig,
+/// The shared state of one round kept in `bets.csv`.
+pub struct FileLedger {
+    config: FileConfig,
     round_path: PathBuf,
     state: Mutex<State>,
     drawn: Condvar,
@@ -99,49 +102,25 @@ pub struct Resumed {
     pub drawn: bool,
 }
 
-/// Rows appended by [`Round::append`] and not yet acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Appended {
-    /// Bets the agency holds, counting these.
-    pub stored: u64,
-    /// The file must be durable up to here before the rows are acknowledged.
-    pub end: u64,
-}
-
-/// Bets to store, already validated and encoded as `bets.csv` rows.
-#[derive(Debug, Default)]
-pub struct Rows {
-    pub bytes: Vec<u8>,
-    /// `ends[i]` is where row `i` ends in `bytes`.
-    pub ends: Vec<usize>,
-}
-
-impl Rows {
-    fn from(&self, row: usize) -> &[u8] {
-        let start = if row == 0 { 0 } else { self.ends[row - 1] };
-        &self.bytes[start..]
-    }
-}
-
-impl Round {
+impl FileLedger {
     /// Opens the bets file and the round file, recovering what a previous run left, and makes
     /// the draw if every agency had already said `DONE`.
     ///
     /// # Errors
     /// A file cannot be read or written, or does not belong to a round of `config.agencies`.
-    pub fn open(config: RoundConfig) -> Result<(Round, Resumed), StoreError> {
+    pub fn open(config: FileConfig) -> Result<(FileLedger, Resumed), StoreError> {
         let had_bets = config.storage_path.exists();
         let (store, recovered) = Store::open(&config.storage_path, config.agencies)?;
-        Round::resume(config, store, recovered, had_bets)
+        FileLedger::resume(config, store, recovered, had_bets)
     }
 
-    /// [`Round::open`] over a store already open (tests give it a file that fails).
+    /// [`FileLedger::open`] over a store already open (tests give it a file that fails).
     fn resume(
-        config: RoundConfig,
+        config: FileConfig,
         store: Store,
         recovered: Recovered,
         had_bets: bool,
-    ) -> Result<(Round, Resumed), StoreError> {
+    ) -> Result<(FileLedger, Resumed), StoreError> {
         let round_path = round_file::path_for(&config.storage_path);
         let saved = match RoundFile::load(&round_path, config.agencies)? {
             Some(_) if !had_bets => {
@@ -173,7 +152,7 @@ impl Round {
             broken: None,
             free_space: FreeSpace::new(&config.storage_path, config.min_free_bytes),
         };
-        let round = Round {
+        let round = FileLedger {
             config,
             round_path,
             state: Mutex::new(state),
@@ -191,11 +170,6 @@ impl Round {
         Ok((round, resumed))
     }
 
-    /// Whether syncs are shared among writes (`SERVER_GROUP_COMMIT`).
-    pub fn group_commit(&self) -> bool {
-        self.config.group_commit
-    }
-
     pub fn storage_path(&self) -> &Path {
         &self.config.storage_path
     }
@@ -211,13 +185,95 @@ impl Round {
     ///
     /// # Errors
     /// `BAD_AGENCY` outside `1..=agencies`.
-    pub fn check_agency(&self, agency: u32) -> Result<usize, ProtocolError> {
-        if (1..=self.config.agencies).contains(&agency) {
-            Ok(agency as usize - 1)
-        } else {
-            let why = format!("agency {agency} is not in 1..={}", self.config.agencies);
-            Err(ProtocolError::new(ErrorCode::BadAgency, why))
+    fn index(&self, agency: u32) -> Result<usize, ProtocolError> {
+        self.check_agency(agency).map(|()| agency as usize - 1)
+    }
+
+    /// Returns once the file is durable up to `end` (as the sync mode promises).
+    fn wait_durable<'a>(&'a self, mut st: MutexGuard<'a, State>, end: u64) -> Result<(), ProtocolError> {
+        match (self.config.sync, self.config.group_commit) {
+            (SyncMode::Never, _) => return Ok(()),
+            (SyncMode::Always, false) if st.synced_len < end => {
+                let result = st.store.file().sync();
+                self.after_sync(&mut st, end, result);
+            }
+            _ => {}
         }
+        while st.synced_len < end {
+            if let Some(why) = &st.broken {
+                return Err(ProtocolError::new(ErrorCode::Storage, why.clone()));
+            }
+            if st.syncing {
+                st = self.synced.wait(st).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // Nobody is syncing: this thread syncs everything appended so far, for everyone.
+            st.syncing = true;
+            let upto = st.store.len();
+            let file = st.store.file();
+            drop(st);
+            let result = file.sync();
+            st = self.lock();
+            st.syncing = false;
+            self.after_sync(&mut st, upto, result);
+            self.synced.notify_all();
+        }
+        Ok(())
+    }
+
+    fn after_sync(&self, st: &mut State, upto: u64, result: std::io::Result<()>) {
+        match result {
+            Ok(()) => st.synced_len = st.synced_len.max(upto),
+            Err(e) => {
+                let why = format!("cannot sync {}: {e}; restart the server", self.storage_path().display());
+                error!("action: sync | result: fail | error: {why}");
+                st.broken = Some(why);
+            }
+        }
+    }
+
+    /// Moves an open round whose agencies are all done to `Drawing`; true if the caller must
+    /// now make the draw.
+    fn start_draw_if_all_done(&self, mut st: MutexGuard<'_, State>) -> bool {
+        let ready = matches!(st.phase, Phase::Open) && st.done.iter().all(|&d| d);
+        if ready {
+            st.phase = Phase::Drawing;
+        }
+        ready
+    }
+
+    /// Reads `bets.csv` back with the lock released, then publishes the winners.
+    fn draw(&self) {
+        let result = store::winners(self.storage_path(), self.config.agencies, Some(&self.stopping));
+        let mut st = self.lock();
+        match result {
+            Ok(Some(winners)) => {
+                // Saved before it is logged: a crash in between loses a log line, never a draw.
+                if let Err(e) = self.save(&st, true) {
+                    error!("action: sorteo | result: fail | error: {e}; the next start draws again");
+                }
+                st.phase = Phase::Drawn(replies(&winners));
+                self.status_drawn.store(true, Ordering::Relaxed);
+                info!("action: sorteo | result: success");
+            }
+            Ok(None) => st.phase = Phase::Open,
+            Err(e) => {
+                error!("action: sorteo | result: fail | error: {e}");
+                st.phase = Phase::Open;
+            }
+        }
+        self.drawn.notify_all();
+    }
+
+    fn save(&self, st: &State, drawn: bool) -> Result<(), StoreError> {
+        let done = (1..=self.config.agencies).filter(|&a| st.done[a as usize - 1]).collect();
+        RoundFile { agencies: self.config.agencies, done, drawn }.save(&self.round_path)
+    }
+}
+
+impl Ledger for FileLedger {
+    fn agencies(&self) -> u32 {
+        self.config.agencies
     }
 
     /// How many of `agency`'s bets are held durably (the reply to `HELLO`): it waits for a
@@ -225,35 +281,23 @@ impl Round {
     ///
     /// # Errors
     /// `BAD_AGENCY` outside `1..=agencies`; `STORAGE` if that sync failed.
-    pub fn hello(&self, agency: u32) -> Result<u64, ProtocolError> {
-        let i = self.check_agency(agency)?;
+    fn hello(&self, agency: u32) -> Result<u64, ProtocolError> {
+        let i = self.index(agency)?;
         let st = self.lock();
         let (stored, end) = (st.stored[i], st.store.len());
         self.wait_durable(st, end).map(|()| stored)
     }
 
-    /// Stores `rows` as `agency`'s bets `offset..offset + count` (or, with no offset, after the
-    /// ones held), all or none, and returns how many the agency then holds, once they are as
-    /// durable as the sync mode promises. Rows already held are acknowledged, not stored twice.
-    ///
-    /// # Errors
-    /// As [`Round::append`] and [`Round::make_durable`].
-    pub fn store(&self, agency: u32, offset: Option<u64>, rows: &Rows) -> Result<u64, ProtocolError> {
-        let appended = self.append(agency, offset, rows)?;
-        self.make_durable(appended.end)?;
-        Ok(appended.stored)
-    }
-
-    /// The first half of [`Round::store`]: appends the rows not held yet, without waiting for
-    /// them to be durable. They must not be acknowledged before [`Round::make_durable`] of
+    /// The first half of [`FileLedger::store`]: appends the rows not held yet, without waiting for
+    /// them to be durable. They must not be acknowledged before [`FileLedger::make_durable`] of
     /// `end` returns; a connection that has more requests queued appends those first, so that
     /// one sync covers them all.
     ///
     /// # Errors
     /// `BAD_REQUEST` for an offset past what is held, `CLOSED` after the draw or the agency's
     /// `DONE`, `STORAGE` if the file could not be written, `SHUTDOWN`.
-    pub fn append(&self, agency: u32, offset: Option<u64>, rows: &Rows) -> Result<Appended, ProtocolError> {
-        let i = self.check_agency(agency)?;
+    fn append(&self, agency: u32, offset: Option<u64>, rows: &Rows) -> Result<Appended, ProtocolError> {
+        let i = self.index(agency)?;
         let count = rows.ends.len() as u64;
         let mut st = self.lock();
         if st.shutting_down {
@@ -308,51 +352,12 @@ impl Round {
     ///
     /// # Errors
     /// `STORAGE` if a sync failed.
-    pub fn make_durable(&self, end: u64) -> Result<(), ProtocolError> {
+    fn make_durable(&self, end: u64) -> Result<(), ProtocolError> {
         self.wait_durable(self.lock(), end)
     }
 
-    /// Returns once the file is durable up to `end` (as the sync mode promises).
-    fn wait_durable<'a>(&'a self, mut st: MutexGuard<'a, State>, end: u64) -> Result<(), ProtocolError> {
-        match (self.config.sync, self.config.group_commit) {
-            (SyncMode::Never, _) => return Ok(()),
-            (SyncMode::Always, false) if st.synced_len < end => {
-                let result = st.store.file().sync();
-                self.after_sync(&mut st, end, result);
-            }
-            _ => {}
-        }
-        while st.synced_len < end {
-            if let Some(why) = &st.broken {
-                return Err(ProtocolError::new(ErrorCode::Storage, why.clone()));
-            }
-            if st.syncing {
-                st = self.synced.wait(st).unwrap_or_else(PoisonError::into_inner);
-                continue;
-            }
-            // Nobody is syncing: this thread syncs everything appended so far, for everyone.
-            st.syncing = true;
-            let upto = st.store.len();
-            let file = st.store.file();
-            drop(st);
-            let result = file.sync();
-            st = self.lock();
-            st.syncing = false;
-            self.after_sync(&mut st, upto, result);
-            self.synced.notify_all();
-        }
-        Ok(())
-    }
-
-    fn after_sync(&self, st: &mut State, upto: u64, result: std::io::Result<()>) {
-        match result {
-            Ok(()) => st.synced_len = st.synced_len.max(upto),
-            Err(e) => {
-                let why = format!("cannot sync {}: {e}; restart the server", self.storage_path().display());
-                error!("action: sync | result: fail | error: {why}");
-                st.broken = Some(why);
-            }
-        }
+    fn pipelines(&self) -> bool {
+        self.config.group_commit
     }
 
     /// Records that `agency` has sent everything; the last distinct agency's `DONE` makes the
@@ -360,8 +365,8 @@ impl Round {
     ///
     /// # Errors
     /// `BAD_AGENCY`, `STORAGE` if the round file could not be written, `SHUTDOWN`.
-    pub fn done(&self, agency: u32) -> Result<(), ProtocolError> {
-        let i = self.check_agency(agency)?;
+    fn done(&self, agency: u32) -> Result<(), ProtocolError> {
+        let i = self.index(agency)?;
         let mut st = self.lock();
         if st.shutting_down {
             return Err(shutting_down());
@@ -382,52 +387,14 @@ impl Round {
         Ok(())
     }
 
-    /// Moves an open round whose agencies are all done to `Drawing`; true if the caller must
-    /// now make the draw.
-    fn start_draw_if_all_done(&self, mut st: MutexGuard<'_, State>) -> bool {
-        let ready = matches!(st.phase, Phase::Open) && st.done.iter().all(|&d| d);
-        if ready {
-            st.phase = Phase::Drawing;
-        }
-        ready
-    }
-
-    /// Reads `bets.csv` back with the lock released, then publishes the winners.
-    fn draw(&self) {
-        let result = store::winners(self.storage_path(), self.config.agencies, Some(&self.stopping));
-        let mut st = self.lock();
-        match result {
-            Ok(Some(winners)) => {
-                // Saved before it is logged: a crash in between loses a log line, never a draw.
-                if let Err(e) = self.save(&st, true) {
-                    error!("action: sorteo | result: fail | error: {e}; the next start draws again");
-                }
-                st.phase = Phase::Drawn(replies(&winners));
-                self.status_drawn.store(true, Ordering::Relaxed);
-                info!("action: sorteo | result: success");
-            }
-            Ok(None) => st.phase = Phase::Open,
-            Err(e) => {
-                error!("action: sorteo | result: fail | error: {e}");
-                st.phase = Phase::Open;
-            }
-        }
-        self.drawn.notify_all();
-    }
-
-    fn save(&self, st: &State, drawn: bool) -> Result<(), StoreError> {
-        let done = (1..=self.config.agencies).filter(|&a| st.done[a as usize - 1]).collect();
-        RoundFile { agencies: self.config.agencies, done, drawn }.save(&self.round_path)
-    }
-
     /// Waits for the draw at most `wait`, then returns `agency`'s `WINNERS` reply line (its own
     /// winners only), or `None` if the draw is not made yet (the caller looks at its client,
     /// then waits again).
     ///
     /// # Errors
     /// `BAD_AGENCY`, or `SHUTDOWN` if the server stops first.
-    pub fn winners_within(&self, agency: u32, wait: Duration) -> Result<Option<Arc<[u8]>>, ProtocolError> {
-        let i = self.check_agency(agency)?;
+    fn winners(&self, agency: u32, wait: Duration) -> Result<Option<Arc<[u8]>>, ProtocolError> {
+        let i = self.index(agency)?;
         let st = self.lock();
         let (st, _) = self
             .drawn
@@ -441,24 +408,24 @@ impl Round {
     }
 
     /// The round's figures, without taking the lock.
-    pub fn status(&self) -> Status {
-        Status {
+    fn status(&self) -> Result<Status, ProtocolError> {
+        Ok(Status {
             agencies_done: self.status_done.load(Ordering::Relaxed),
             agencies: self.config.agencies,
             bets: self.status_bets.load(Ordering::Relaxed),
             drawn: self.status_drawn.load(Ordering::Relaxed),
-        }
+        })
     }
 
     /// Refuses every new request and wakes every waiter: the first step of shutdown.
-    pub fn begin_shutdown(&self) {
+    fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
         self.lock().shutting_down = true;
         self.drawn.notify_all();
         self.synced.notify_all();
     }
 
-    pub fn is_shutting_down(&self) -> bool {
+    fn is_shutting_down(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }
 
@@ -466,14 +433,41 @@ impl Round {
     ///
     /// # Errors
     /// The sync error.
-    pub fn close(&self) -> std::io::Result<()> {
+    fn close(&self) -> io::Result<()> {
         self.lock().store.file().sync()
+    }
+
+    fn describe(&self) -> String {
+        format!("path: {}", self.storage_path().display())
     }
 }
 
 /// Each agency's `WINNERS` line, from its documents joined by commas.
 fn replies(winners: &[String]) -> Vec<Arc<[u8]>> {
     winners.iter().map(|joined| Arc::from(protocol::winners_line(joined))).collect()
+}
+
+/// Writes the whole rows of the bets file at `path` to `out` (a torn last line is left out),
+/// without opening the round; returns how many. `bets.csv` is already in the export's format.
+///
+/// # Errors
+/// `path` cannot be read, or `out` cannot be written.
+pub fn export(path: &Path, out: &mut dyn Write) -> Result<u64, String> {
+    let file = File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
+    let (mut line, mut rows) = (Vec::new(), 0);
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => return Ok(rows),
+            Ok(_) if line.ends_with(b"\n") => {
+                out.write_all(&line).map_err(|e| e.to_string())?;
+                rows += 1;
+            }
+            Ok(_) => return Ok(rows),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
 }
 
 fn shutting_down() -> ProtocolError {
@@ -487,8 +481,8 @@ mod tests {
     use std::sync::Arc;
 
     /// A round of one agency over an in-memory bets file.
-    fn round(file: &Arc<FailingFile>, dir: &Path) -> Round {
-        let config = RoundConfig {
+    fn round(file: &Arc<FailingFile>, dir: &Path) -> FileLedger {
+        let config = FileConfig {
             agencies: 1,
             storage_path: dir.join("bets.csv"),
             sync: SyncMode::Always,
@@ -498,7 +492,7 @@ mod tests {
         };
         let store = Store::with_file(Arc::clone(file) as Arc<dyn store::BetFile>, 0);
         let recovered = Recovered { stored: vec![0], truncated: 0 };
-        Round::resume(config, store, recovered, false).unwrap().0
+        FileLedger::resume(config, store, recovered, false).unwrap().0
     }
 
     fn rows(count: usize) -> Rows {
@@ -543,6 +537,17 @@ mod tests {
     }
 
     #[test]
+    fn the_export_of_a_bets_file_is_its_whole_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bets.csv");
+        std::fs::write(&path, "1,Ana,Paz,1,1990-01-01,7574\n1,\"Eva, la\",Sol,2,1980-02-02,1\n1,Torn,Li").unwrap();
+        let mut out = Vec::new();
+        assert_eq!(export(&path, &mut out), Ok(2));
+        assert_eq!(out, b"1,Ana,Paz,1,1990-01-01,7574\n1,\"Eva, la\",Sol,2,1980-02-02,1\n");
+        assert!(export(&dir.path().join("none.csv"), &mut out).unwrap_err().contains("cannot read"));
+    }
+
+    #[test]
     fn a_sync_error_refuses_every_write_until_restart() {
         let dir = tempfile::tempdir().unwrap();
         let file = Arc::new(FailingFile::new(None, Some(1)));
@@ -550,7 +555,7 @@ mod tests {
         assert_eq!(round.store(1, Some(0), &rows(1)).unwrap_err().code, ErrorCode::Storage);
         assert_eq!(round.store(1, Some(1), &rows(1)).unwrap_err().code, ErrorCode::Storage);
         // The round still answers what needs no write.
-        assert_eq!(round.status().bets, 1);
+        assert_eq!(round.status().unwrap().bets, 1);
         assert_eq!(round.hello(1).unwrap_err().code, ErrorCode::Storage);
     }
 }

@@ -1,0 +1,212 @@
+//! The round on PostgreSQL: several `lottery-server` replicas on one database, black box.
+//! Each test has a database of its own (see `common/pg.rs`), so they run in parallel.
+
+mod common;
+#[path = "common/pg.rs"]
+mod pg;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{
+    Proc, SERVER, STEP, TestServer, agency, assert_store, command, expected_store, read_csv, run_to_exit, winners_of,
+    winners_reply,
+};
+use pg::Database;
+
+/// A replica of the round in `db`, for `agencies` agencies.
+fn replica(db: &Database, agencies: u32) -> TestServer {
+    TestServer::start(agencies, &[("SERVER_DATABASE_URL", &db.url)])
+}
+
+/// `lottery-server --export-bets` of the round in `db`, read back as rows.
+fn export(db: &Database, dir: &Path) -> PathBuf {
+    let out = dir.join("export.csv");
+    let cmd = command(SERVER, dir, &[("SERVER_DATABASE_URL", &db.url), ("SERVER_STORAGE_PATH", "unused.csv")]);
+    let (status, stdout, stderr) = run_to_exit("lottery-server --export-bets", {
+        let mut cmd = cmd;
+        cmd.arg("--export-bets").arg(&out);
+        cmd
+    });
+    assert!(status.success(), "export failed: {stderr}");
+    assert!(stdout.contains("bets to"), "{stdout}");
+    out
+}
+
+/// Every `sorteo` both replicas logged, read to the end after a SIGTERM each.
+fn draws(servers: &mut [&mut TestServer]) -> usize {
+    for server in servers.iter_mut() {
+        server.proc.sigterm();
+        assert!(server.proc.wait_exit(STEP).success(), "{} did not stop cleanly", server.proc.name);
+    }
+    servers.iter_mut().map(|s| s.logs().until_eof().iter().filter(|l| l.contains("action: sorteo")).count()).sum()
+}
+
+/// Each agency's process logged its own number of winners, and a raw `WINNERS` on `server`
+/// answers its documents in file order.
+fn check_winners(agencies: &mut [Proc], files: &[PathBuf], server: &TestServer) {
+    for ((id, agency), file) in (1..).zip(agencies.iter_mut()).zip(files) {
+        agency.wait_success(STEP * 3);
+        let expected = winners_of(&read_csv(file));
+        let said = format!("cant_ganadores: {}", expected.len());
+        assert!(agency.logs.seen.iter().any(|l| l.ends_with(&said)), "agency {id}: expected {said}");
+        let mut client = server.client();
+        assert!(client.send(&format!("HELLO {id}")).starts_with("OK "));
+        assert_eq!(client.send("WINNERS"), winners_reply(&expected), "agency {id}");
+    }
+}
+
+#[test]
+fn a_round_through_two_replicas() {
+    let Some(db) = Database::create("two_replicas") else { return };
+    let data = tempfile::tempdir().unwrap();
+    let files = lottery::tools::dataset::generate(data.path(), 5, 2_000, 2).unwrap();
+    let (mut a, mut b) = (replica(&db, 5), replica(&db, 5));
+    // Agencies 1, 3 and 5 on A; 2 and 4 on B.
+    let mut agencies: Vec<Proc> = (1..=5)
+        .zip(&files)
+        .map(|(id, file)| {
+            let address = if id % 2 == 1 { a.address() } else { b.address() };
+            agency(data.path(), id, &address, file, 100, &[])
+        })
+        .collect();
+    check_winners(&mut agencies, &files, &b);
+    let status = "STATUS agencies_done=5/5 bets=10000 drawn=true";
+    assert_eq!((a.client().send("STATUS"), b.client().send("STATUS")), (status.into(), status.into()));
+    assert_eq!(draws(&mut [&mut a, &mut b]), 1, "one draw for the round");
+    assert_store(&export(&db, data.path()), &expected_store(&files));
+}
+
+#[test]
+fn a_replica_killed_mid_round_hands_its_agencies_to_the_other() {
+    let Some(db) = Database::create("killed") else { return };
+    let data = tempfile::tempdir().unwrap();
+    let files = lottery::tools::dataset::generate(data.path(), 5, 6_000, 3).unwrap();
+    let (mut a, mut b) = (replica(&db, 5), replica(&db, 5));
+    // Every agency knows both, and starts on A.
+    let both = format!("{},{}", a.address(), b.address());
+    let mut agencies: Vec<Proc> =
+        (1..=5).zip(&files).map(|(id, file)| agency(data.path(), id, &both, file, 50, &[])).collect();
+    a.logs().wait_count("action: apuesta_recibida | result: success", 40);
+    a.proc.child.kill().expect("SIGKILL replica A");
+    a.proc.child.wait().expect("reap replica A");
+    check_winners(&mut agencies, &files, &b);
+    // Wherever each started (A may have died before it first connected), it ended on B.
+    let on_b = format!("action: connect | result: success | address: {}", b.address());
+    for agency in &agencies {
+        assert!(agency.logs.seen.iter().any(|l| l.ends_with(&on_b)), "{} did not move to B", agency.name);
+    }
+    assert_eq!(draws(&mut [&mut b]), 1, "B made the draw");
+    assert_store(&export(&db, data.path()), &expected_store(&files));
+}
+
+#[test]
+fn the_last_two_dones_at_once_on_two_replicas_make_one_draw() {
+    for _ in 0..4 {
+        let Some(db) = Database::create("two_dones") else { return };
+        let (mut a, mut b) = (replica(&db, 2), replica(&db, 2));
+        let (mut one, mut two) = (a.client(), b.client());
+        assert_eq!(one.send("HELLO 1"), "OK 0");
+        assert_eq!(two.send("HELLO 2"), "OK 0");
+        assert_eq!(one.send("BET Ana,Paz,11,1990-01-01,7574"), "OK 1");
+        assert_eq!(two.send("BET Eva,Sol,22,1980-02-02,7574"), "OK 1");
+        // Both DONEs are on the wire before either reply is read.
+        one.write(b"DONE\n").unwrap();
+        two.write(b"DONE\n").unwrap();
+        assert_eq!((one.read_line(), two.read_line()), ("OK".into(), "OK".into()));
+        assert_eq!((one.send("WINNERS"), two.send("WINNERS")), ("WINNERS 1 11".into(), "WINNERS 1 22".into()));
+        assert_eq!(draws(&mut [&mut a, &mut b]), 1, "one draw for the round");
+    }
+}
+
+#[test]
+fn a_winners_waiter_on_one_replica_wakes_when_another_draws() {
+    let Some(db) = Database::create("waiter") else { return };
+    let (a, b) = (replica(&db, 2), replica(&db, 2));
+    let mut waiter = a.client();
+    assert_eq!(waiter.send("HELLO 1"), "OK 0");
+    assert_eq!(waiter.send("BET Ana,Paz,00000042,1990-01-01,7574"), "OK 1");
+    assert_eq!(waiter.send("DONE"), "OK");
+    waiter.write(b"WINNERS\n").unwrap();
+    waiter.expect_silence(Duration::from_millis(300));
+    let mut last = b.client();
+    assert_eq!(last.send("HELLO 2"), "OK 0");
+    assert_eq!(last.send("DONE"), "OK");
+    assert_eq!(waiter.read_line(), "WINNERS 1 00000042");
+    assert_eq!(a.client().send("STATUS"), "STATUS agencies_done=2/2 bets=1 drawn=true");
+}
+
+#[test]
+fn a_retried_batch_on_another_replica_is_not_stored_twice() {
+    let Some(db) = Database::create("retried") else { return };
+    let (a, b) = (replica(&db, 1), replica(&db, 1));
+    let batch = "BATCH 0 2\nAna,Paz,1,1990-01-01,1\nEva,Sol,2,1980-02-02,2\n";
+    let mut first = a.client();
+    assert_eq!(first.send("HELLO 1"), "OK 0");
+    first.write(batch.as_bytes()).unwrap();
+    assert_eq!(first.read_line(), "OK 2");
+    // The same agency, resuming on B as if A's reply had been lost: acknowledged, not stored.
+    let mut second = b.client();
+    assert_eq!(second.send("HELLO 1"), "OK 2");
+    second.write(batch.as_bytes()).unwrap();
+    assert_eq!(second.read_line(), "OK 2");
+    assert_eq!(
+        second.send("BATCH 3 1\nLuis,Gil,3,1970-03-03,3"),
+        "ERR BAD_REQUEST offset 3 is past the 2 bets held for agency 1"
+    );
+    let rows: i64 = db.connect().query_one("SELECT count(*) FROM lottery_bet", &[]).unwrap().get(0);
+    assert_eq!(rows, 2);
+}
+
+#[test]
+fn past_the_quota_a_batch_is_refused_whole() {
+    let Some(db) = Database::create("quota") else { return };
+    let server = TestServer::start(1, &[("SERVER_DATABASE_URL", &db.url), ("SERVER_MAX_BETS_PER_AGENCY", "2")]);
+    let mut client = server.client();
+    assert_eq!(client.send("HELLO 1"), "OK 0");
+    client.write(b"BATCH 0 3\nAna,Paz,1,1990-01-01,1\nEva,Sol,2,1980-02-02,2\nLuis,Gil,3,1970-03-03,3\n").unwrap();
+    assert!(client.read_line().starts_with("ERR QUOTA agency 1 may store at most 2 bets and holds 0"));
+    client.write(b"BATCH 0 2\nAna,Paz,1,1990-01-01,1\nEva,Sol,2,1980-02-02,2\n").unwrap();
+    assert_eq!(client.read_line(), "OK 2");
+    let rows: i64 = db.connect().query_one("SELECT count(*) FROM lottery_bet", &[]).unwrap().get(0);
+    assert_eq!(rows, 2);
+}
+
+#[test]
+fn shutdown_wakes_a_waiter_and_a_round_of_another_size_is_refused() {
+    let Some(db) = Database::create("shutdown") else { return };
+    let mut server = replica(&db, 2);
+    let mut waiter = server.client();
+    assert_eq!(waiter.send("HELLO 1"), "OK 0");
+    waiter.write(b"WINNERS\n").unwrap();
+    waiter.expect_silence(Duration::from_millis(200));
+    server.proc.sigterm();
+    assert!(waiter.read_line().starts_with("ERR SHUTDOWN"));
+    assert!(server.proc.wait_exit(STEP).success());
+    let dir = tempfile::tempdir().unwrap();
+    let plain = [("SERVER_AGENCY_KEYS", ""), ("SERVER_TLS_CERT", ""), ("SERVER_TLS_KEY", "")];
+    let cmd = command(
+        SERVER,
+        dir.path(),
+        &[&plain[..], &[("SERVER_DATABASE_URL", &db.url), ("SERVER_AGENCIES", "3")]].concat(),
+    );
+    let (status, _, stderr) = run_to_exit("lottery-server", cmd);
+    assert!(!status.success());
+    assert!(stderr.contains("this round has 2 agencies, SERVER_AGENCIES is 3"), "{stderr}");
+}
+
+#[test]
+fn an_agency_moves_on_to_the_next_address_when_one_refuses() {
+    // A port nobody listens on: bound, then let go.
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let files = lottery::tools::dataset::generate(data.path(), 1, 300, 2).unwrap();
+    let server = TestServer::start(1, &[]);
+    let addresses = format!("{dead},{}", server.address());
+    let mut one = agency(data.path(), 1, &addresses, &files[0], 100, &[]);
+    one.wait_success(STEP);
+    let expected = winners_of(&read_csv(&files[0]));
+    assert!(one.logs.seen.iter().any(|l| l.ends_with(&format!("cant_ganadores: {}", expected.len()))));
+    assert_store(&server.bets_path(), &expected_store(&files));
+}

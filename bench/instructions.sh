@@ -23,7 +23,7 @@ cleanup() {
   if [[ -n ${server:-} ]] && kill -TERM "$server" 2>/dev/null; then
     wait "$server" || true
   fi
-  rm -rf "$work"
+  [[ -n ${KEEP:-} ]] || rm -rf "$work"; [[ -z ${KEEP:-} ]] || echo "kept $work" >&2
 }
 trap cleanup EXIT
 
@@ -64,16 +64,19 @@ fi
 
 # The total of a callgrind output file: its `summary:` (or `totals:`) line.
 total() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
-# The ten functions with the most instructions of their own: count, share, function.
+# The ten functions with the most instructions of their own: count, share, function (code
+# inlined from other files is listed by callgrind_annotate under each file: summed here).
 top() {
-  callgrind_annotate --inclusive=no "$1" 2>/dev/null >"$1.txt" || true
-  awk '/^-+$/ {rule++; next}
+  callgrind_annotate --inclusive=no --threshold=100 "$1" 2>/dev/null >"$1.txt" || true
+  awk -v total="$(total "$1")" '/^-+$/ {rule++; next}
+       rule >= 3 && !NF && seen {exit}
+       rule >= 3 && $1 ~ /^[0-9,]+$/ {seen = 1}
        rule >= 3 && $1 ~ /^[0-9,]+$/ && !/PROGRAM TOTALS/ {
          fn = $0; sub(/^ *[0-9,]+ +\( *[0-9.]+%\) +/, "", fn); sub(/^[^:]*:/, "", fn); sub(/ \[.*$/, "", fn)
-         pct = $0; sub(/^[^(]*\( */, "", pct); sub(/%.*$/, "%", pct)
-         printf "  %14s %7s  %s\n", $1, pct, fn
-         if (++n == 10) exit
-       }' "$1.txt"
+         n = $1; gsub(/,/, "", n); own[fn] += n
+       }
+       END { for (fn in own) printf "%14d %6.2f%%  %s\n", own[fn], 100 * own[fn] / total, fn }' "$1.txt" |
+    sort -rn | head -n 10
 }
 bets=$(wc -l <"$work/bets.csv")
 agency_bets=$(wc -l <"$data/agency-1.csv")

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::ledger::scan::{Fast, fast_scan};
 use crate::wire::bet::WINNING_NUMBER;
 
 /// What the store needs of a file. A trait so that tests can inject write and sync errors.
@@ -177,12 +178,32 @@ fn whole_lines_len(file: &mut File, len: u64) -> io::Result<u64> {
 /// Reads `bets.csv` from the start, streaming, and calls `visit(agency, document, number)` for
 /// every row. With `stop`, it gives up (returning `Ok(false)`) once `stop` is set.
 ///
+/// Plain lines (all of ours but those with quotes) are read in place by
+/// [`scan::fast_scan`](crate::ledger::scan); from the first other line on, the csv crate reads
+/// the file, so what is accepted and every error are as they always were.
+///
 /// # Errors
 /// The file cannot be read, or a line is not a stored bet of one of `agencies` agencies.
 pub fn scan(
     path: &Path,
     agencies: u32,
     stop: Option<&AtomicBool>,
+    mut visit: impl FnMut(u32, &str, u16),
+) -> Result<bool, StoreError> {
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    match fast_scan(file, agencies, stop, &mut visit).map_err(|e| StoreError::io(path, e))? {
+        Fast::Finished(finished) => Ok(finished),
+        Fast::Unsure { visited } => csv_scan(path, agencies, stop, visited, visit),
+    }
+}
+
+/// [`scan`] by the csv crate, visiting the rows after the first `skip` (which it still reads:
+/// records and lines are told apart only by reading).
+fn csv_scan(
+    path: &Path,
+    agencies: u32,
+    stop: Option<&AtomicBool>,
+    skip: u64,
     mut visit: impl FnMut(u32, &str, u16),
 ) -> Result<bool, StoreError> {
     let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
@@ -210,7 +231,9 @@ pub fn scan(
             .filter(|a| (1..=agencies).contains(a))
             .ok_or_else(|| bad(format!("agency {:?} is not in 1..={agencies}", &record[0])))?;
         let number = record[5].parse::<u16>().map_err(|_| bad(format!("number {:?} is not an integer", &record[5])))?;
-        visit(agency, &record[3], number);
+        if line > skip {
+            visit(agency, &record[3], number);
+        }
     }
 }
 

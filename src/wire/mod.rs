@@ -4,5 +4,6 @@
 pub mod bet;
 pub mod connection;
 pub mod protocol;
+pub mod row;
 pub mod token;
 pub mod transport;

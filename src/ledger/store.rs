@@ -357,4 +357,30 @@ mod tests {
         assert_eq!(store.append(second.as_bytes()).unwrap(), ROWS.len() as u64);
         assert_eq!(*file.data.lock().unwrap(), ROWS.as_bytes());
     }
+
+    /// What a scan saw: every visit, then how it ended.
+    fn seen(path: &Path, csv_only: bool) -> (Vec<(u32, String, u16)>, Result<bool, String>) {
+        let mut visits = Vec::new();
+        let visit = |a: u32, d: &str, n: u16| visits.push((a, d.to_owned(), n));
+        let result = if csv_only { csv_scan(path, 3, None, 0, visit) } else { scan(path, 3, None, visit) };
+        (visits, result.map_err(|e| e.to_string()))
+    }
+
+    proptest::proptest! {
+        /// The fast reader and the csv crate see the same rows and the same errors, whatever
+        /// the file holds: plain rows, quoted ones (some over two lines), blank lines, `\r\n`,
+        /// a BOM, bytes that are not UTF-8, rows of other rounds.
+        #[test]
+        fn the_fast_scan_sees_what_the_csv_crate_sees(lines in proptest::collection::vec(proptest::sample::select(vec![
+            &b"1,Ana,Paz,11,1990-01-01,7574\n"[..], b"2,Lu\xc3\xads,G,0022,1980-02-02,1\n", b"3,\"A, B\",C,33,1970-03-03,+7574\n",
+            b"1,\"A\nB\",C,44,1970-03-03,7574\n", b"\n", b"1,Ana,Paz,55,1990-01-01,7574\r\n", b"\xef\xbb\xbf", b"4,A,B,1,2000-01-01,1\n",
+            b"1,A\xff,B,1,2000-01-01,1\n", b"1,A,B,1,2000-01-01\n", b"1,A,B,1,2000-01-01,99999\n", b"+2,A,B,66,2000-01-01,7574\n",
+            b"1,A\"B,C,77,2000-01-01,7574\n", b"2,A,B,88,2000-01-01,7574",
+        ]), 0..12)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("bets.csv");
+            std::fs::write(&path, lines.concat()).unwrap();
+            proptest::prop_assert_eq!(seen(&path, false), seen(&path, true));
+        }
+    }
 }

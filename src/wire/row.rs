@@ -9,11 +9,10 @@
 //! same error or the same re-encoded row as before: the fast path only ever says "yes, as is".
 //! `tests/properties.rs` compares the two on arbitrary input.
 //!
-//! [`Bet::from_fields`]: crate::wire::bet::Bet::from_fields
 
 use time::Date;
 
-use crate::wire::bet::{BetError, MAX_NAME_BYTES, RowParser, RowWriter};
+use crate::wire::bet::{Bet, BetError, MAX_NAME_BYTES, RowParser, RowWriter};
 
 /// Turns wire or data-file rows into the bytes to send or store, reusing its buffers.
 pub struct RowEncoder {
@@ -75,13 +74,34 @@ impl RowEncoder {
     /// # Errors
     /// As [`RowParser::bet`]; nothing is appended then.
     pub fn push_wire(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), BetError> {
-        if is_plain_bet(line, &self.today_text) {
-            out.reserve(line.len() + 1);
-            out.extend_from_slice(line);
-            out.push(b'\n');
+        if self.push_plain_wire(line, out) {
             return Ok(());
         }
         let bet = self.parser.bet(line, self.today)?;
+        self.writer.push_bet(&bet);
+        out.extend_from_slice(&self.writer.take());
+        Ok(())
+    }
+
+    /// Appends `line` and `\n` to `out` if it is a plain bet ([`is_plain_bet`]); false, and
+    /// nothing appended, otherwise.
+    pub fn push_plain_wire(&mut self, line: &[u8], out: &mut Vec<u8>) -> bool {
+        let plain = is_plain_bet(line, &self.today_text);
+        if plain {
+            out.reserve(line.len() + 1);
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        plain
+    }
+
+    /// Validates the five fields of a row already split (by the csv crate) and appends them to
+    /// `out` as a wire row.
+    ///
+    /// # Errors
+    /// As [`Bet::from_fields`]; nothing is appended then.
+    pub fn push_wire_fields(&mut self, fields: &[&str], out: &mut Vec<u8>) -> Result<(), BetError> {
+        let bet = Bet::from_fields(fields, self.today)?;
         self.writer.push_bet(&bet);
         out.extend_from_slice(&self.writer.take());
         Ok(())

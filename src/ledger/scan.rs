@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::wire::row::plain_commas;
+use crate::wire::plain::plain_commas;
 
 /// How far the fast reader got.
 pub(crate) enum Fast {
@@ -42,6 +42,7 @@ pub(crate) fn fast_scan(
                 return Ok(Fast::Finished(false));
             }
             let line = &buf[start..start + len];
+            // The csv crate drops a BOM that starts the file.
             let bom = visited == 0 && line.starts_with(b"\xef\xbb\xbf");
             let Some((agency, document, number)) = plain_row(line, agencies).filter(|_| !bom) else {
                 return Ok(Fast::Unsure { visited });
@@ -81,9 +82,10 @@ fn next_line(bytes: &[u8], eof: bool) -> Option<usize> {
 /// The agency, document and number of a line that the csv crate would read as exactly these
 /// six comma-separated fields, and that is a row of this round; `None` for anything else.
 fn plain_row(line: &[u8], agencies: u32) -> Option<(u32, &str, u16)> {
-    let ([c1, _, c3, c4, c5], non_ascii) = plain_commas(line)?;
-    if non_ascii {
-        std::str::from_utf8(line).ok()?;
+    let ([c1, _, c3, c4, c5], high) = plain_commas(line)?;
+    // The rest is ASCII: the line is UTF-8 if this is.
+    if let Some(high) = high {
+        std::str::from_utf8(&line[high]).ok()?;
     }
     let agency = parse_unsigned(&line[..c1]).and_then(|a| u32::try_from(a).ok()).filter(|a| (1..=agencies).contains(a))?;
     let number = parse_unsigned(&line[c5 + 1..]).and_then(|n| u16::try_from(n).ok())?;

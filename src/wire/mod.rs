@@ -3,6 +3,7 @@
 
 pub mod bet;
 pub mod connection;
+pub mod plain;
 pub mod protocol;
 pub mod row;
 pub mod token;

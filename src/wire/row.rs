@@ -13,6 +13,7 @@
 use time::Date;
 
 use crate::wire::bet::{Bet, BetError, MAX_NAME_BYTES, RowParser, RowWriter};
+use crate::wire::plain::plain_commas;
 
 /// Turns wire or data-file rows into the bytes to send or store, reusing its buffers.
 pub struct RowEncoder {
@@ -118,7 +119,7 @@ fn date_text(date: Date) -> [u8; 10] {
 /// path would write back byte for byte: five fields, no quote anywhere, a number without
 /// leading zeros. `false` says nothing more: the reference path decides.
 pub fn is_plain_bet(line: &[u8], today: &[u8; 10]) -> bool {
-    let Some(([c1, c2, c3, c4], non_ascii)) = plain_commas(line) else { return false };
+    let Some(([c1, c2, c3, c4], high)) = plain_commas(line) else { return false };
     let (document, birthdate, number) = (&line[c2 + 1..c3], &line[c3 + 1..c4], &line[c4 + 1..]);
     (1..=MAX_NAME_BYTES).contains(&c1)
         && (1..=MAX_NAME_BYTES).contains(&(c2 - c1 - 1))
@@ -129,63 +130,15 @@ pub fn is_plain_bet(line: &[u8], today: &[u8; 10]) -> bool {
         && number.iter().all(u8::is_ascii_digit)
         && (number.len() == 1 || number[0] != b'0')
         // Only the names can hold what is not ASCII: the other fields are digits and dashes.
-        && (!non_ascii || plain_utf8(&line[..c2]))
+        && high.is_none_or(|high| plain_utf8(&line[high]))
 }
 
 /// UTF-8 without a C1 control character (U+0080..=U+009F, which `char::is_control` counts).
+/// Given the bytes from the first to the last that is not ASCII, it answers for the whole line:
+/// ASCII around them neither ends nor begins a character.
 fn plain_utf8(text: &[u8]) -> bool {
     // In valid UTF-8, 0xC2 always leads a two-byte character; U+0080..=U+009F are C2 80..C2 9F.
     std::str::from_utf8(text).is_ok() && !text.windows(2).any(|w| w[0] == 0xc2 && w[1] < 0xa0)
-}
-
-/// Where the `N` commas of `line` are, if it has exactly `N` and no quote, no ASCII control
-/// character (line breaks included) and no DEL; and whether it has bytes that are not ASCII
-/// (not yet checked to be UTF-8). Such a line is, to the csv crate, its `N + 1` fields split
-/// at the commas, unquoted.
-///
-/// It looks at eight bytes at a time (a row is some fifty), with the byte-wise comparisons of
-/// "bit twiddling hacks": on bytes below 0x80, adding 0x7F or 0x60 to each never carries into
-/// the next byte, so the top bit of each byte answers for that byte alone.
-pub fn plain_commas<const N: usize>(line: &[u8]) -> Option<([usize; N], bool)> {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const TOP: u64 = ONES * 0x80;
-    const LOW: u64 = ONES * 0x7f;
-    // Top bit of each byte of `x` (all below 0x80) that equals `b`.
-    let equal = |x: u64, b: u8| !(((x ^ (ONES * u64::from(b))) + LOW) | (x ^ (ONES * u64::from(b)))) & TOP;
-    let (mut commas, mut found, mut high) = ([0; N], 0, 0);
-    let mut visit = |at: usize, word: u64| {
-        let top = word & TOP;
-        let x = word & LOW;
-        let control = !(x + ONES * 0x60) & TOP;
-        if (control | equal(x, 0x7f) | equal(x, b'"')) & !top != 0 {
-            return false;
-        }
-        high |= top;
-        let mut comma = equal(x, b',') & !top;
-        while comma != 0 {
-            if found == N {
-                return false;
-            }
-            commas[found] = at + comma.trailing_zeros() as usize / 8;
-            found += 1;
-            comma &= comma - 1;
-        }
-        true
-    };
-    let mut words = line.chunks_exact(8);
-    for (i, word) in words.by_ref().enumerate() {
-        if !visit(i * 8, u64::from_le_bytes(word.try_into().unwrap_or_default())) {
-            return None;
-        }
-    }
-    // The last bytes, padded with a letter.
-    let tail = words.remainder();
-    let mut last = [b'a'; 8];
-    last[..tail.len()].copy_from_slice(tail);
-    if !visit(line.len() - tail.len(), u64::from_le_bytes(last)) {
-        return None;
-    }
-    (found == N).then_some((commas, high != 0))
 }
 
 /// `YYYY-MM-DD`, a real calendar date from 1900-01-01 to `today`, without a calendar library:

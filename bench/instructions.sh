@@ -67,17 +67,30 @@ total() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
 # The ten functions with the most instructions of their own: count, share, function (code
 # inlined from other files is listed by callgrind_annotate under each file: summed here).
 top() {
-  callgrind_annotate --inclusive=no --threshold=100 "$1" 2>/dev/null >"$1.txt" || true
-  awk -v total="$(total "$1")" '/^-+$/ {rule++; next}
-       rule >= 3 && !NF && seen {exit}
-       rule >= 3 && $1 ~ /^[0-9,]+$/ {seen = 1}
-       rule >= 3 && $1 ~ /^[0-9,]+$/ && !/PROGRAM TOTALS/ {
+  callgrind_annotate --inclusive=no "$1" 2>/dev/null >"$1.txt" || true
+  awk -v total="$(total "$1")" '/file:function/ {on = 1; next}
+       on && /^-+$/ {next}
+       on && !NF {exit}
+       on && $1 ~ /^[0-9,]+$/ {
          fn = $0; sub(/^ *[0-9,]+ +\( *[0-9.]+%\) +/, "", fn); sub(/^[^:]*:/, "", fn); sub(/ \[.*$/, "", fn)
          n = $1; gsub(/,/, "", n); own[fn] += n
        }
        END { for (fn in own) printf "%14d %6.2f%%  %s\n", own[fn], 100 * own[fn] / total, fn }' "$1.txt" |
     sort -rn | head -n 10
 }
+# Start-up: a server restarted on this round's files (recovery reads bets.csv back, and the
+# round was drawn), from exec to listening; it is stopped as soon as it listens.
+mkdir "$work/restart"
+cp "$work/bets.csv" "$work/bets.csv.round" "$work/restart/"
+SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies SERVER_STORAGE_PATH=$work/restart/bets.csv \
+  "${callgrind[@]}" --callgrind-out-file="$work/restart.out" --toggle-collect='*server::run*' --collect-atstart=yes \
+  "$bin/lottery-server" >"$work/restart.log" 2>"$work/restart.err" &
+server=$!
+server_port "$work/restart.log" >/dev/null
+kill -TERM "$server"
+wait "$server" || true
+server=
+
 bets=$(wc -l <"$work/bets.csv")
 agency_bets=$(wc -l <"$data/agency-1.csv")
 server_total=$(total "$work/server.out")
@@ -88,6 +101,7 @@ echo "winners: $(for id in $(seq "$agencies"); do
 done | paste -sd, -)"
 printf 'server:   %d instructions, %d per bet (of %d)\n' "$server_total" $((server_total / bets)) "$bets"
 printf 'agency 1: %d instructions, %d per bet (of %d)\n' "$agency_total" $((agency_total / agency_bets)) "$agency_bets"
+printf 'server restarted on these files: %d instructions from exec to listening\n' "$(total "$work/restart.out")"
 echo "server, top ten functions (own instructions):"
 top "$work/server.out"
 echo "agency 1, top ten functions (own instructions):"

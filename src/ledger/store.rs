@@ -94,6 +94,9 @@ pub struct Recovered {
     pub stored: Vec<u64>,
     /// Bytes of a torn last line that were cut away.
     pub truncated: u64,
+    /// Each agency's winners in the file, as [`winners`] reads them: read in the same pass, so
+    /// that a server restarted after its draw reads the file once, not twice.
+    pub winners: Vec<String>,
 }
 
 /// The open bets file: the append end of it. Reading back goes through [`scan`].
@@ -117,9 +120,12 @@ impl Store {
         if len < full {
             file.set_len(len).and_then(|()| file.sync_data()).map_err(|e| StoreError::io(path, e))?;
         }
-        let mut stored = vec![0; agencies as usize];
-        scan(path, agencies, None, |agency, _, _| stored[agency as usize - 1] += 1)?;
-        let recovered = Recovered { stored, truncated: full - len };
+        let (mut stored, mut winners) = (vec![0; agencies as usize], vec![String::new(); agencies as usize]);
+        scan(path, agencies, None, |agency, document, number| {
+            stored[agency as usize - 1] += 1;
+            add_winner(&mut winners, agency, document, number);
+        })?;
+        let recovered = Recovered { stored, truncated: full - len, winners };
         Ok((Store::with_file(Arc::new(file), len), recovered))
     }
 
@@ -246,15 +252,20 @@ fn csv_scan(
 pub fn winners(path: &Path, agencies: u32, stop: Option<&AtomicBool>) -> Result<Option<Vec<String>>, StoreError> {
     let mut winners = vec![String::new(); agencies as usize];
     let finished = scan(path, agencies, stop, |agency, document, number| {
-        if number == WINNING_NUMBER {
-            let joined = &mut winners[agency as usize - 1];
-            if !joined.is_empty() {
-                joined.push(',');
-            }
-            joined.push_str(document);
-        }
+        add_winner(&mut winners, agency, document, number);
     })?;
     Ok(finished.then_some(winners))
+}
+
+/// Adds `document` to its agency's winners if `number` wins.
+fn add_winner(winners: &mut [String], agency: u32, document: &str, number: u16) {
+    if number == WINNING_NUMBER {
+        let joined = &mut winners[agency as usize - 1];
+        if !joined.is_empty() {
+            joined.push(',');
+        }
+        joined.push_str(document);
+    }
 }
 
 /// A [`BetFile`] in memory that fails when told to, for the tests of the store and the round.
@@ -319,7 +330,7 @@ mod tests {
         let path = dir.path().join("bets.csv");
         std::fs::write(&path, format!("{ROWS}2,Torn,Li")).unwrap();
         let (store, recovered) = Store::open(&path, 2).unwrap();
-        assert_eq!(recovered, Recovered { stored: vec![2, 1], truncated: 9 });
+        assert_eq!(recovered, Recovered { stored: vec![2, 1], truncated: 9, winners: vec!["11,33".into(), String::new()] });
         assert_eq!(store.len(), ROWS.len() as u64);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), ROWS);
         let winners = winners(&path, 2, None).unwrap().unwrap();

@@ -9,6 +9,7 @@
 #   bench/instructions.sh [DATA_DIR]     # agency-N.csv files; default: a generated round of the
 #                                        # course's size (5 agencies × 15,740 bets)
 #
+# SECURITY=tls (the default: TLS and agency tokens) or SECURITY=plain, as in bench/processes.sh.
 # SERVER_SYNC and the other settings pass through from the environment. Needs valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,7 @@ else
 fi
 agencies=$(find "$data" -maxdepth 1 -name 'agency-*.csv' | wc -l)
 [[ $agencies -gt 0 ]] || { echo "no agency-N.csv in $data" >&2; exit 1; }
+security_setup "$bin" "$work/keys" "$agencies"
 callgrind=(valgrind --tool=callgrind --dump-instr=no --compress-strings=no --compress-pos=no)
 
 SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies SERVER_STORAGE_PATH=$work/bets.csv \
@@ -95,7 +97,7 @@ bets=$(wc -l <"$work/bets.csv")
 agency_bets=$(wc -l <"$data/agency-1.csv")
 server_total=$(total "$work/server.out")
 agency_total=$(total "$work/agency.out")
-echo "round: $agencies agencies, $bets bets from $data; SERVER_SYNC=${SERVER_SYNC:-always}"
+echo "round: $agencies agencies, $bets bets from $data; SERVER_SYNC=${SERVER_SYNC:-always}, SECURITY=${SECURITY:-tls}"
 echo "winners: $(for id in $(seq "$agencies"); do
   sed -n 's/.*cant_ganadores: \([0-9]*\).*/\1/p' "$work/agency-$id.log"
 done | paste -sd, -)"

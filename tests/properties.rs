@@ -6,8 +6,8 @@
 //! malformed, makes a parser panic. See `docs/fuzzing.md` for the fuzz target that goes further.
 
 use lottery::wire::bet::{Bet, BetError, RowParser, RowWriter};
-use lottery::wire::row::RowEncoder;
 use lottery::wire::protocol::{ErrorCode, ProtocolError, Reply, Request, Status, parse_request};
+use lottery::wire::row::RowEncoder;
 use proptest::prelude::*;
 use time::{Date, Duration, Month};
 
@@ -197,8 +197,25 @@ fn row_like() -> impl Strategy<Value = Vec<u8>> {
 /// leading zero), at any place, even inside a multi-byte character.
 fn bent_row() -> impl Strategy<Value = Vec<u8>> {
     let insert = proptest::sample::select(vec![
-        &b"\""[..], b"\"\"", b",", b"\r", b"\n", b"\r\n", b"\xef\xbb\xbf", b"\xc2\x85", b"\xc2\xa0", b"\xff",
-        b"\xc3", b"\xa1", b"0", b"9", b"-", b" ", b"\t", b"\x7f", b"+",
+        &b"\""[..],
+        b"\"\"",
+        b",",
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b"\xef\xbb\xbf",
+        b"\xc2\x85",
+        b"\xc2\xa0",
+        b"\xff",
+        b"\xc3",
+        b"\xa1",
+        b"0",
+        b"9",
+        b"-",
+        b" ",
+        b"\t",
+        b"\x7f",
+        b"+",
     ]);
     let edits = proptest::collection::vec((any::<proptest::sample::Index>(), insert), 0..3);
     (valid_bet(), edits, any::<bool>()).prop_map(|(bet, edits, quote_all)| {

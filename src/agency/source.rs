@@ -173,7 +173,11 @@ impl BetSource {
                 Ok(n) => self.end += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    return Err(AgencyError::Data { path: self.path.clone(), line: Some(self.line), why: e.to_string() });
+                    return Err(AgencyError::Data {
+                        path: self.path.clone(),
+                        line: Some(self.line),
+                        why: e.to_string(),
+                    });
                 }
             }
             return Ok(());
@@ -225,7 +229,8 @@ mod tests {
         let (mut out, mut writer, mut line) = (Vec::new(), RowWriter::default(), 0);
         for record in reader.records() {
             line += 1;
-            let error = |why: String| Some(AgencyError::Data { path: path.to_owned(), line: Some(line), why }.to_string());
+            let error =
+                |why: String| Some(AgencyError::Data { path: path.to_owned(), line: Some(line), why }.to_string());
             let fields: Vec<String> = match record {
                 Ok(record) => record.iter().map(str::to_owned).collect(),
                 Err(e) => return (out, error(e.to_string())),

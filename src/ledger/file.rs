@@ -129,11 +129,7 @@ impl FileLedger {
             }
             saved => saved.unwrap_or_else(|| RoundFile::new(config.agencies)),
         };
-        let phase = if saved.drawn {
-            Phase::Drawn(replies(&recovered.winners))
-        } else {
-            Phase::Open
-        };
+        let phase = if saved.drawn { Phase::Drawn(replies(&recovered.winners)) } else { Phase::Open };
         let resumed = Resumed {
             bets: recovered.stored.iter().sum(),
             truncated: recovered.truncated,

@@ -87,7 +87,8 @@ fn plain_row(line: &[u8], agencies: u32) -> Option<(u32, &str, u16)> {
     if let Some(high) = high {
         std::str::from_utf8(&line[high]).ok()?;
     }
-    let agency = parse_unsigned(&line[..c1]).and_then(|a| u32::try_from(a).ok()).filter(|a| (1..=agencies).contains(a))?;
+    let agency =
+        parse_unsigned(&line[..c1]).and_then(|a| u32::try_from(a).ok()).filter(|a| (1..=agencies).contains(a))?;
     let number = parse_unsigned(&line[c5 + 1..]).and_then(|n| u16::try_from(n).ok())?;
     Some((agency, std::str::from_utf8(&line[c3 + 1..c4]).ok()?, number))
 }
@@ -111,7 +112,9 @@ mod tests {
 
     #[test]
     fn parses_unsigned_as_str_parse_does() {
-        for text in ["0", "7574", "+12", "0042", "", "+", "-1", "1 ", "4294967295", "4294967296", "99999999999999999999"] {
+        for text in
+            ["0", "7574", "+12", "0042", "", "+", "-1", "1 ", "4294967295", "4294967296", "99999999999999999999"]
+        {
             let want = text.parse::<u32>().ok();
             let got = parse_unsigned(text.as_bytes()).and_then(|n| u32::try_from(n).ok());
             assert_eq!(got, want, "{text:?}");
@@ -122,7 +125,14 @@ mod tests {
     fn plain_rows_only() {
         assert_eq!(plain_row(b"2,Ana,Paz,0042,2000-01-01,7574", 5), Some((2, "0042", 7574)));
         assert_eq!(plain_row("1,Iñaki,Peña,1,2000-01-01,+5".as_bytes(), 5), Some((1, "1", 5)));
-        for line in [&b"6,Ana,Paz,1,2000-01-01,1"[..], b"1,\"Ana\",Paz,1,2000-01-01,1", b"1,Ana,Paz,1,2000-01-01,1,", b"1,A\xff,P,1,2000-01-01,1", b"1,Ana,Paz,1,2000-01-01,1\r", b""] {
+        for line in [
+            &b"6,Ana,Paz,1,2000-01-01,1"[..],
+            b"1,\"Ana\",Paz,1,2000-01-01,1",
+            b"1,Ana,Paz,1,2000-01-01,1,",
+            b"1,A\xff,P,1,2000-01-01,1",
+            b"1,Ana,Paz,1,2000-01-01,1\r",
+            b"",
+        ] {
             assert_eq!(plain_row(line, 5), None, "{line:?}");
         }
     }

@@ -330,7 +330,10 @@ mod tests {
         let path = dir.path().join("bets.csv");
         std::fs::write(&path, format!("{ROWS}2,Torn,Li")).unwrap();
         let (store, recovered) = Store::open(&path, 2).unwrap();
-        assert_eq!(recovered, Recovered { stored: vec![2, 1], truncated: 9, winners: vec!["11,33".into(), String::new()] });
+        assert_eq!(
+            recovered,
+            Recovered { stored: vec![2, 1], truncated: 9, winners: vec!["11,33".into(), String::new()] }
+        );
         assert_eq!(store.len(), ROWS.len() as u64);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), ROWS);
         let winners = winners(&path, 2, None).unwrap().unwrap();
@@ -369,8 +372,11 @@ mod tests {
         assert_eq!(*file.data.lock().unwrap(), ROWS.as_bytes());
     }
 
+    /// Every visit of a scan: agency, document, number.
+    type Visits = Vec<(u32, String, u16)>;
+
     /// What a scan saw: every visit, then how it ended.
-    fn seen(path: &Path, csv_only: bool) -> (Vec<(u32, String, u16)>, Result<bool, String>) {
+    fn seen(path: &Path, csv_only: bool) -> (Visits, Result<bool, String>) {
         let mut visits = Vec::new();
         let visit = |a: u32, d: &str, n: u16| visits.push((a, d.to_owned(), n));
         let result = if csv_only { csv_scan(path, 3, None, 0, visit) } else { scan(path, 3, None, visit) };

@@ -209,7 +209,10 @@ mod tests {
         encoder.push_stored(3, b"Ana,Paz,7,1990-05-05,7574", &mut out).unwrap();
         encoder.push_stored(3, b"\"Ana\",Paz,7,1990-05-05,0042", &mut out).unwrap();
         encoder.push_wire(b"\"Ana, Mar\xc3\xada\",Paz,7,1990-05-05,1", &mut out).unwrap();
-        assert_eq!(out, b"3,Ana,Paz,7,1990-05-05,7574\n3,Ana,Paz,7,1990-05-05,42\n\"Ana, Mar\xc3\xada\",Paz,7,1990-05-05,1\n");
+        assert_eq!(
+            out,
+            b"3,Ana,Paz,7,1990-05-05,7574\n3,Ana,Paz,7,1990-05-05,42\n\"Ana, Mar\xc3\xada\",Paz,7,1990-05-05,1\n"
+        );
         let err = encoder.push_stored(3, b"Ana,Paz,7,1990-05-05,x", &mut out).unwrap_err();
         assert_eq!(err.to_string(), "number \"x\" is not an integer in 0..=9999");
     }

@@ -182,7 +182,7 @@ fn whole_lines_len(file: &mut File, len: u64) -> io::Result<u64> {
 }
 
 /// Reads `bets.csv` from the start, streaming, and calls `visit(agency, document, number)` for
-/// every row. With `stop`, it gives up (returning `Ok(false)`) once `stop` is set.
+/// every row (the document as bytes: UTF-8, but most visitors never look at it). With `stop`, it gives up (returning `Ok(false)`) once `stop` is set.
 ///
 /// Plain lines (all of ours but those with quotes) are read in place by
 /// [`scan::fast_scan`](crate::ledger::scan); from the first other line on, the csv crate reads
@@ -194,7 +194,7 @@ pub fn scan(
     path: &Path,
     agencies: u32,
     stop: Option<&AtomicBool>,
-    mut visit: impl FnMut(u32, &str, u16),
+    mut visit: impl FnMut(u32, &[u8], u16),
 ) -> Result<bool, StoreError> {
     let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
     match fast_scan(file, agencies, stop, &mut visit).map_err(|e| StoreError::io(path, e))? {
@@ -210,7 +210,7 @@ fn csv_scan(
     agencies: u32,
     stop: Option<&AtomicBool>,
     skip: u64,
-    mut visit: impl FnMut(u32, &str, u16),
+    mut visit: impl FnMut(u32, &[u8], u16),
 ) -> Result<bool, StoreError> {
     let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
     let mut reader =
@@ -238,7 +238,7 @@ fn csv_scan(
             .ok_or_else(|| bad(format!("agency {:?} is not in 1..={agencies}", &record[0])))?;
         let number = record[5].parse::<u16>().map_err(|_| bad(format!("number {:?} is not an integer", &record[5])))?;
         if line > skip {
-            visit(agency, &record[3], number);
+            visit(agency, record[3].as_bytes(), number);
         }
     }
 }
@@ -258,13 +258,14 @@ pub fn winners(path: &Path, agencies: u32, stop: Option<&AtomicBool>) -> Result<
 }
 
 /// Adds `document` to its agency's winners if `number` wins.
-fn add_winner(winners: &mut [String], agency: u32, document: &str, number: u16) {
+fn add_winner(winners: &mut [String], agency: u32, document: &[u8], number: u16) {
     if number == WINNING_NUMBER {
         let joined = &mut winners[agency as usize - 1];
         if !joined.is_empty() {
             joined.push(',');
         }
-        joined.push_str(document);
+        // A scanned row is UTF-8, so this is the document as written.
+        joined.push_str(&String::from_utf8_lossy(document));
     }
 }
 
@@ -378,7 +379,7 @@ mod tests {
     /// What a scan saw: every visit, then how it ended.
     fn seen(path: &Path, csv_only: bool) -> (Visits, Result<bool, String>) {
         let mut visits = Vec::new();
-        let visit = |a: u32, d: &str, n: u16| visits.push((a, d.to_owned(), n));
+        let visit = |a: u32, d: &[u8], n: u16| visits.push((a, String::from_utf8(d.to_vec()).unwrap(), n));
         let result = if csv_only { csv_scan(path, 3, None, 0, visit) } else { scan(path, 3, None, visit) };
         (visits, result.map_err(|e| e.to_string()))
     }

@@ -20,6 +20,8 @@ pub fn plain_commas<const N: usize>(line: &[u8]) -> Option<([usize; N], Option<R
 const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
 const TOP: u64 = ONES * 0x80;
 const LOW: u64 = ONES * 0x7f;
+/// Plain bytes, to fill a word past the end of a line.
+const PAD: u64 = ONES * b'a' as u64;
 
 /// The top bit of each byte of `x` (all below 0x80) that equals `b`.
 #[inline(always)]
@@ -60,11 +62,24 @@ fn classify<const N: usize>(line: &[u8]) -> Option<([usize; N], Option<Range<usi
             return None;
         }
     }
-    // The last bytes, padded with a letter.
+    // The last bytes, padded with letters: the line's last eight bytes shifted down past those
+    // already seen (copying the tail into a padded buffer costs a call to memcpy per line), or
+    // in a line shorter than eight bytes, gathered one by one.
     let tail = words.remainder();
-    let mut last = [b'a'; 8];
-    last[..tail.len()].copy_from_slice(tail);
-    if !word(line.len() - tail.len(), u64::from_le_bytes(last)) || found < N {
+    if !tail.is_empty() {
+        let last = match line.len().checked_sub(8) {
+            Some(from) => {
+                let seen = 8 * (8 - tail.len() as u32);
+                let bytes = u64::from_le_bytes(line[from..].try_into().unwrap_or_default());
+                (bytes >> seen) | (PAD << (64 - seen))
+            }
+            None => tail.iter().rev().fold(PAD, |word, &b| (word << 8) | u64::from(b)),
+        };
+        if !word(line.len() - tail.len(), last) {
+            return None;
+        }
+    }
+    if found < N {
         return None;
     }
     Some((commas, (high.0 < high.1).then_some(high.0..high.1)))

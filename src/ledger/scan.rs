@@ -100,10 +100,13 @@ fn parse_unsigned(text: &[u8]) -> Option<u64> {
     if digits.is_empty() {
         return None;
     }
-    digits.iter().try_fold(0u64, |n, &d| {
-        let d = d.wrapping_sub(b'0');
-        if d > 9 { None } else { n.checked_mul(10)?.checked_add(u64::from(d)) }
-    })
+    let digit = |d: u8| Some(u64::from(d.wrapping_sub(b'0'))).filter(|&d| d <= 9);
+    if digits.len() <= 19 {
+        // Nineteen digits cannot overflow a u64: no checked arithmetic.
+        digits.iter().try_fold(0u64, |n, &d| Some(n * 10 + digit(d)?))
+    } else {
+        digits.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(digit(d)?))
+    }
 }
 
 #[cfg(test)]

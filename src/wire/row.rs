@@ -124,13 +124,19 @@ pub fn is_plain_bet(line: &[u8], today: &[u8; 10]) -> bool {
     (1..=MAX_NAME_BYTES).contains(&c1)
         && (1..=MAX_NAME_BYTES).contains(&(c2 - c1 - 1))
         && (1..=10).contains(&document.len())
-        && document.iter().all(u8::is_ascii_digit)
+        && digits(document)
         && plain_date(birthdate, today)
         && (1..=4).contains(&number.len())
-        && number.iter().all(u8::is_ascii_digit)
+        && digits(number)
         && (number.len() == 1 || number[0] != b'0')
         // Only the names can hold what is not ASCII: the other fields are digits and dashes.
         && high.is_none_or(|high| plain_utf8(&line[high]))
+}
+
+/// Whether every byte is an ASCII digit; without stopping early, which costs more than it
+/// saves on a dozen bytes.
+fn digits(field: &[u8]) -> bool {
+    field.iter().fold(true, |all, &b| all & (b.wrapping_sub(b'0') <= 9))
 }
 
 /// UTF-8 without a C1 control character (U+0080..=U+009F, which `char::is_control` counts).

@@ -15,3 +15,21 @@ server_port() {
   cat "$log" >&2
   return 1
 }
+
+# SECURITY=tls (the default: TLS and agency tokens, from keys that BIN/lottery-server makes with
+# --make-keys into KEYS_DIR for AGENCIES agencies) or SECURITY=plain (no TLS, no tokens: the
+# server in protected mode). Exports the server's and the agencies' settings for it.
+security_setup() {
+  local bin=$1 keys=$2 agencies=$3
+  case ${SECURITY:-tls} in
+    tls)
+      SERVER_AGENCIES=$agencies "$bin/lottery-server" --make-keys "$keys" >/dev/null
+      export SERVER_AGENCY_KEYS=$keys/agencies.keys SERVER_TLS_CERT=$keys/server.pem SERVER_TLS_KEY=$keys/server.key
+      export CLI_TLS_CA=$keys/ca.pem CLI_TOKEN_FILE="$keys/agency-{CLI_ID}.token"
+      ;;
+    plain)
+      export SERVER_AGENCY_KEYS='' SERVER_TLS_CERT='' SERVER_TLS_KEY='' CLI_TLS_CA='' CLI_TOKEN_FILE=''
+      ;;
+    *) echo "SECURITY is tls or plain, not '$SECURITY'" >&2; return 2 ;;
+  esac
+}

@@ -26,20 +26,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-keys=$work/keys
-case ${SECURITY:-tls} in
-  tls)
-    SERVER_AGENCIES=$agencies "$bin/lottery-server" --make-keys "$keys" >/dev/null
-    export SERVER_AGENCY_KEYS=$keys/agencies.keys SERVER_TLS_CERT=$keys/server.pem SERVER_TLS_KEY=$keys/server.key
-    export CLI_TLS_CA=$keys/ca.pem
-    token_file=$keys/agency-{CLI_ID}.token
-    ;;
-  plain)
-    export SERVER_AGENCY_KEYS='' SERVER_TLS_CERT='' SERVER_TLS_KEY='' CLI_TLS_CA=''
-    token_file=''
-    ;;
-  *) echo "SECURITY is tls or plain, not '$SECURITY'" >&2; exit 2 ;;
-esac
+security_setup "$bin" "$work/keys" "$agencies"
 echo "security: ${SECURITY:-tls}"
 
 SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies SERVER_STORAGE_PATH=$work/bets.csv \
@@ -50,7 +37,7 @@ port=$(server_port "$work/server.log")
 start=$(date +%s.%N)
 pids=()
 for id in $(seq "$agencies"); do
-  CLI_ID=$id CLI_SERVER_ADDRESS=127.0.0.1:$port CLI_DATA_PATH=$data/agency-$id.csv CLI_TOKEN_FILE=$token_file \
+  CLI_ID=$id CLI_SERVER_ADDRESS=127.0.0.1:$port CLI_DATA_PATH=$data/agency-$id.csv \
     "$bin/lottery-agency" >"$work/agency-$id.log" 2>&1 &
   pids+=($!)
 done

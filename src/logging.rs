@@ -7,6 +7,11 @@ use std::io::Write;
 use log::LevelFilter;
 use time::macros::format_description;
 
+thread_local! {
+    /// The last second a line was logged in on this thread, and its text.
+    static STAMP: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((i64::MIN, String::new())) };
+}
+
 /// Installs the logger at `level`. Calling it twice (tests, `lottery-round`) keeps the first.
 pub fn init(level: LevelFilter) {
     let format = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
@@ -15,8 +20,14 @@ pub fn init(level: LevelFilter) {
         .target(env_logger::Target::Pipe(Box::new(crate::output::LogTarget)))
         .format(move |buf, record| {
             let now = time::OffsetDateTime::now_utc();
-            let stamp = now.format(&format).unwrap_or_default();
-            writeln!(buf, "{stamp} {:<8} {}", record.level(), record.args())
+            // A busy server logs many lines a second: format the second once, per thread.
+            STAMP.with_borrow_mut(|(second, stamp)| {
+                if *second != now.unix_timestamp() {
+                    *second = now.unix_timestamp();
+                    *stamp = now.format(&format).unwrap_or_default();
+                }
+                writeln!(buf, "{stamp} {:<8} {}", record.level(), record.args())
+            })
         })
         .try_init();
 }

@@ -8,6 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use lottery::wire::bet::{Bet, RowParser, RowWriter};
+use lottery::wire::row::RowEncoder;
 use lottery::wire::protocol::{ProtocolError, Reply, Request, parse_request};
 use time::{Date, Month};
 
@@ -18,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
     for line in data.split(|&b| b == b'\n') {
         check_request(line, &mut parser, today);
         check_row(line, &mut parser, today);
+        check_fast_path(line, &mut parser, today);
         if let Ok(text) = std::str::from_utf8(line) {
             check_reply(text);
         }
@@ -85,6 +87,27 @@ fn check_row(line: &[u8], parser: &mut RowParser, today: Date) {
         let row = one_line(writer.take());
         assert_eq!(parser.bet(&row, today).as_ref(), Ok(&bet), "line {line:?} was written back as {row:?}");
     }
+}
+
+/// The fast path ([`RowEncoder`]) stores and sends exactly what the reference path (the parser,
+/// then the writer) did, and refuses what it refused with the same error.
+fn check_fast_path(line: &[u8], parser: &mut RowParser, today: Date) {
+    let reference = parser.bet(line, today);
+    let (mut encoder, mut writer) = (RowEncoder::new(today), RowWriter::default());
+    let mut stored = Vec::new();
+    let fast = encoder.push_stored(7, line, &mut stored).map(|()| stored);
+    let expected = reference.as_ref().map(|bet| {
+        writer.push_stored(7, bet);
+        writer.take()
+    });
+    assert_eq!(fast.as_ref(), expected.as_ref().map_err(|e| *e), "stored row of {line:?}");
+    let mut wire = Vec::new();
+    let fast = encoder.push_wire(line, &mut wire).map(|()| wire);
+    let expected = reference.as_ref().map(|bet| {
+        writer.push_bet(bet);
+        writer.take()
+    });
+    assert_eq!(fast.as_ref(), expected.as_ref().map_err(|e| *e), "wire row of {line:?}");
 }
 
 /// The rules of a valid bet (the spec's "Data files"), checked on what the parser let through.

@@ -6,12 +6,13 @@
 
 pub mod credentials;
 
+mod source;
+
 use std::collections::VecDeque;
 use std::fmt;
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -22,9 +23,10 @@ use rustls::{ClientConnection, StreamOwned};
 use crate::config::AgencySettings;
 use crate::logging::field;
 use crate::wire::bet::{self, Bet, RowWriter};
-use crate::wire::protocol::{ErrorCode, MAX_LINE, ProtocolError, Reply};
+use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
 use crate::wire::transport::{Socket, Transport, tls_error};
 use credentials::Credentials;
+use source::{Batches, BetSource};
 
 /// The longest reply read: a server gone wrong cannot make us buffer more. The longest legal
 /// reply is `WINNERS` for an agency all of whose bets won, at the default quota
@@ -321,103 +323,7 @@ fn send_file(settings: &AgencySettings, link: &mut Link, skip: u64, mut stored: 
     }
 }
 
-/// The data file cut into batches of at most `CLI_BATCH_MAXAMOUNT` bets and 8 KiB.
-struct Batches {
-    source: BetSource,
-    writer: RowWriter,
-    /// A bet read but not yet sent: it did not fit in the previous batch.
-    next_bet: Option<Bet>,
-    batch_max: usize,
-    /// Room for the longest header, so that every batch fits whatever its offset.
-    header_room: usize,
-    /// The last batch made, header and rows.
-    bytes: Vec<u8>,
-}
-
-impl Batches {
-    fn open(settings: &AgencySettings, skip: u64) -> Result<Batches, AgencyError> {
-        let mut source = BetSource::open(&settings.data_path)?;
-        for _ in 0..skip {
-            source.next()?;
-        }
-        Ok(Batches {
-            next_bet: source.next()?,
-            source,
-            writer: RowWriter::default(),
-            batch_max: settings.batch_max,
-            header_room: format!("BATCH {} {}\n", u64::MAX, settings.batch_max).len(),
-            bytes: Vec::with_capacity(MAX_LINE),
-        })
-    }
-
-    /// Makes the next batch, starting at `offset`, into `self.bytes`; its row count, or
-    /// `None` at the end of the file.
-    fn next(&mut self, offset: u64) -> Result<Option<u32>, Attempt> {
-        if self.next_bet.is_none() {
-            return Ok(None);
-        }
-        let (mut count, mut rows_len) = (0, 0);
-        while let Some(bet) = self.next_bet.take_if(|_| count < self.batch_max) {
-            self.writer.push_bet(&bet);
-            let len = self.writer.len();
-            if self.header_room + len > MAX_LINE {
-                // This row opens the next batch; its bytes are cut off below.
-                self.next_bet = Some(bet);
-                break;
-            }
-            rows_len = len;
-            count += 1;
-            self.next_bet = self.source.next()?;
-        }
-        if count == 0 {
-            let why = "a row does not fit in a batch of 8 KiB".to_owned();
-            return Err(AgencyError::Data { path: self.source.path.clone(), line: Some(self.source.line), why }.into());
-        }
-        let rows = self.writer.take();
-        self.bytes.clear();
-        writeln!(self.bytes, "BATCH {offset} {count}").map_err(Attempt::from)?;
-        // A row that did not fit was written after the last one that did.
-        self.bytes.extend_from_slice(&rows[..rows_len]);
-        Ok(Some(count as u32))
-    }
-}
-
-/// The agency's bets file, read one row at a time.
-struct BetSource {
-    reader: csv::Reader<File>,
-    path: PathBuf,
-    record: csv::StringRecord,
-    line: u64,
-    today: time::Date,
-}
-
-impl BetSource {
-    fn open(path: &Path) -> Result<BetSource, AgencyError> {
-        let file = File::open(path).map_err(|e| AgencyError::Data {
-            path: path.to_owned(),
-            line: None,
-            why: e.to_string(),
-        })?;
-        let reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(file);
-        Ok(BetSource { reader, path: path.to_owned(), record: csv::StringRecord::new(), line: 0, today: bet::today() })
-    }
-
-    fn next(&mut self) -> Result<Option<Bet>, AgencyError> {
-        self.line += 1;
-        let bad = |why: String| AgencyError::Data { path: self.path.clone(), line: Some(self.line), why };
-        match self.reader.read_record(&mut self.record) {
-            Ok(false) => Ok(None),
-            Ok(true) => {
-                let fields: Vec<&str> = self.record.iter().collect();
-                Bet::from_fields(&fields, self.today).map(Some).map_err(|e| bad(e.to_string()))
-            }
-            Err(e) => Err(bad(e.to_string())),
-        }
-    }
-}
-
-/// Connects to one of the server's addresses, from the `first`-th on (and sets `first` to the
-/// one that answered), retrying with backoff until the retry window closes.
+/// Connects, retrying with backoff until the retry window that began at `since` closes.
 fn connect(
     settings: &AgencySettings,
     credentials: &Credentials,

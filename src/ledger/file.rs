@@ -129,12 +129,7 @@ impl FileLedger {
             }
             saved => saved.unwrap_or_else(|| RoundFile::new(config.agencies)),
         };
-        let phase = if saved.drawn {
-            let winners = store::winners(&config.storage_path, config.agencies, None)?.unwrap_or_default();
-            Phase::Drawn(replies(&winners))
-        } else {
-            Phase::Open
-        };
+        let phase = if saved.drawn { Phase::Drawn(replies(&recovered.winners)) } else { Phase::Open };
         let resumed = Resumed {
             bets: recovered.stored.iter().sum(),
             truncated: recovered.truncated,
@@ -491,7 +486,7 @@ mod tests {
             min_free_bytes: 0,
         };
         let store = Store::with_file(Arc::clone(file) as Arc<dyn store::BetFile>, 0);
-        let recovered = Recovered { stored: vec![0], truncated: 0 };
+        let recovered = Recovered { stored: vec![0], truncated: 0, winners: vec![String::new()] };
         FileLedger::resume(config, store, recovered, false).unwrap().0
     }
 

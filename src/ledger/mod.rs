@@ -13,6 +13,7 @@ pub mod free_space;
 pub mod lock;
 pub mod postgres;
 pub mod round_file;
+mod scan;
 pub mod store;
 
 use std::io;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::ledger::scan::{Fast, fast_scan};
 use crate::wire::bet::WINNING_NUMBER;
 
 /// What the store needs of a file. A trait so that tests can inject write and sync errors.
@@ -93,6 +94,9 @@ pub struct Recovered {
     pub stored: Vec<u64>,
     /// Bytes of a torn last line that were cut away.
     pub truncated: u64,
+    /// Each agency's winners in the file, as [`winners`] reads them: read in the same pass, so
+    /// that a server restarted after its draw reads the file once, not twice.
+    pub winners: Vec<String>,
 }
 
 /// The open bets file: the append end of it. Reading back goes through [`scan`].
@@ -116,9 +120,12 @@ impl Store {
         if len < full {
             file.set_len(len).and_then(|()| file.sync_data()).map_err(|e| StoreError::io(path, e))?;
         }
-        let mut stored = vec![0; agencies as usize];
-        scan(path, agencies, None, |agency, _, _| stored[agency as usize - 1] += 1)?;
-        let recovered = Recovered { stored, truncated: full - len };
+        let (mut stored, mut winners) = (vec![0; agencies as usize], vec![String::new(); agencies as usize]);
+        scan(path, agencies, None, |agency, document, number| {
+            stored[agency as usize - 1] += 1;
+            add_winner(&mut winners, agency, document, number);
+        })?;
+        let recovered = Recovered { stored, truncated: full - len, winners };
         Ok((Store::with_file(Arc::new(file), len), recovered))
     }
 
@@ -175,7 +182,11 @@ fn whole_lines_len(file: &mut File, len: u64) -> io::Result<u64> {
 }
 
 /// Reads `bets.csv` from the start, streaming, and calls `visit(agency, document, number)` for
-/// every row. With `stop`, it gives up (returning `Ok(false)`) once `stop` is set.
+/// every row (the document as bytes: UTF-8, but most visitors never look at it). With `stop`, it gives up (returning `Ok(false)`) once `stop` is set.
+///
+/// Plain lines (all of ours but those with quotes) are read in place by
+/// [`scan::fast_scan`](crate::ledger::scan); from the first other line on, the csv crate reads
+/// the file, so what is accepted and every error are as they always were.
 ///
 /// # Errors
 /// The file cannot be read, or a line is not a stored bet of one of `agencies` agencies.
@@ -183,7 +194,23 @@ pub fn scan(
     path: &Path,
     agencies: u32,
     stop: Option<&AtomicBool>,
-    mut visit: impl FnMut(u32, &str, u16),
+    mut visit: impl FnMut(u32, &[u8], u16),
+) -> Result<bool, StoreError> {
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    match fast_scan(file, agencies, stop, &mut visit).map_err(|e| StoreError::io(path, e))? {
+        Fast::Finished(finished) => Ok(finished),
+        Fast::Unsure { visited } => csv_scan(path, agencies, stop, visited, visit),
+    }
+}
+
+/// [`scan`] by the csv crate, visiting the rows after the first `skip` (which it still reads:
+/// records and lines are told apart only by reading).
+fn csv_scan(
+    path: &Path,
+    agencies: u32,
+    stop: Option<&AtomicBool>,
+    skip: u64,
+    mut visit: impl FnMut(u32, &[u8], u16),
 ) -> Result<bool, StoreError> {
     let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
     let mut reader =
@@ -210,7 +237,9 @@ pub fn scan(
             .filter(|a| (1..=agencies).contains(a))
             .ok_or_else(|| bad(format!("agency {:?} is not in 1..={agencies}", &record[0])))?;
         let number = record[5].parse::<u16>().map_err(|_| bad(format!("number {:?} is not an integer", &record[5])))?;
-        visit(agency, &record[3], number);
+        if line > skip {
+            visit(agency, record[3].as_bytes(), number);
+        }
     }
 }
 
@@ -223,15 +252,21 @@ pub fn scan(
 pub fn winners(path: &Path, agencies: u32, stop: Option<&AtomicBool>) -> Result<Option<Vec<String>>, StoreError> {
     let mut winners = vec![String::new(); agencies as usize];
     let finished = scan(path, agencies, stop, |agency, document, number| {
-        if number == WINNING_NUMBER {
-            let joined = &mut winners[agency as usize - 1];
-            if !joined.is_empty() {
-                joined.push(',');
-            }
-            joined.push_str(document);
-        }
+        add_winner(&mut winners, agency, document, number);
     })?;
     Ok(finished.then_some(winners))
+}
+
+/// Adds `document` to its agency's winners if `number` wins.
+fn add_winner(winners: &mut [String], agency: u32, document: &[u8], number: u16) {
+    if number == WINNING_NUMBER {
+        let joined = &mut winners[agency as usize - 1];
+        if !joined.is_empty() {
+            joined.push(',');
+        }
+        // A scanned row is UTF-8, so this is the document as written.
+        joined.push_str(&String::from_utf8_lossy(document));
+    }
 }
 
 /// A [`BetFile`] in memory that fails when told to, for the tests of the store and the round.
@@ -296,7 +331,10 @@ mod tests {
         let path = dir.path().join("bets.csv");
         std::fs::write(&path, format!("{ROWS}2,Torn,Li")).unwrap();
         let (store, recovered) = Store::open(&path, 2).unwrap();
-        assert_eq!(recovered, Recovered { stored: vec![2, 1], truncated: 9 });
+        assert_eq!(
+            recovered,
+            Recovered { stored: vec![2, 1], truncated: 9, winners: vec!["11,33".into(), String::new()] }
+        );
         assert_eq!(store.len(), ROWS.len() as u64);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), ROWS);
         let winners = winners(&path, 2, None).unwrap().unwrap();
@@ -333,5 +371,34 @@ mod tests {
         assert_eq!(*file.data.lock().unwrap(), first.as_bytes());
         assert_eq!(store.append(second.as_bytes()).unwrap(), ROWS.len() as u64);
         assert_eq!(*file.data.lock().unwrap(), ROWS.as_bytes());
+    }
+
+    /// Every visit of a scan: agency, document, number.
+    type Visits = Vec<(u32, String, u16)>;
+
+    /// What a scan saw: every visit, then how it ended.
+    fn seen(path: &Path, csv_only: bool) -> (Visits, Result<bool, String>) {
+        let mut visits = Vec::new();
+        let visit = |a: u32, d: &[u8], n: u16| visits.push((a, String::from_utf8(d.to_vec()).unwrap(), n));
+        let result = if csv_only { csv_scan(path, 3, None, 0, visit) } else { scan(path, 3, None, visit) };
+        (visits, result.map_err(|e| e.to_string()))
+    }
+
+    proptest::proptest! {
+        /// The fast reader and the csv crate see the same rows and the same errors, whatever
+        /// the file holds: plain rows, quoted ones (some over two lines), blank lines, `\r\n`,
+        /// a BOM, bytes that are not UTF-8, rows of other rounds.
+        #[test]
+        fn the_fast_scan_sees_what_the_csv_crate_sees(lines in proptest::collection::vec(proptest::sample::select(vec![
+            &b"1,Ana,Paz,11,1990-01-01,7574\n"[..], b"2,Lu\xc3\xads,G,0022,1980-02-02,1\n", b"3,\"A, B\",C,33,1970-03-03,+7574\n",
+            b"1,\"A\nB\",C,44,1970-03-03,7574\n", b"\n", b"1,Ana,Paz,55,1990-01-01,7574\r\n", b"\xef\xbb\xbf", b"4,A,B,1,2000-01-01,1\n",
+            b"1,A\xff,B,1,2000-01-01,1\n", b"1,A,B,1,2000-01-01\n", b"1,A,B,1,2000-01-01,99999\n", b"+2,A,B,66,2000-01-01,7574\n",
+            b"1,A\"B,C,77,2000-01-01,7574\n", b"2,A,B,88,2000-01-01,7574",
+        ]), 0..12)) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("bets.csv");
+            std::fs::write(&path, lines.concat()).unwrap();
+            proptest::prop_assert_eq!(seen(&path, false), seen(&path, true));
+        }
     }
 }

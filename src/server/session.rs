@@ -18,6 +18,7 @@ use crate::server::registry::{Ended, Peer, Registry, Stage};
 use crate::wire::bet::{self, RowParser, RowWriter};
 use crate::wire::connection::{Connection, ReadError};
 use crate::wire::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Reply, Request};
+use crate::wire::row::RowEncoder;
 use crate::wire::token::Token;
 
 /// How long a connection that is being ended (evicted, timed out) may take to read why.
@@ -76,6 +77,10 @@ pub struct Session<'a> {
     guest_requests: u32,
     parser: RowParser,
     writer: RowWriter,
+    /// A batch's rows: checked in place and copied (or re-encoded) into `rows`, both reused
+    /// from batch to batch.
+    encoder: RowEncoder,
+    rows: Rows,
     /// Batches appended but not yet durable, with their row counts, oldest first.
     pending: Vec<(Appended, u32)>,
 }
@@ -104,6 +109,8 @@ impl<'a> Session<'a> {
             guest_requests: 0,
             parser: RowParser::default(),
             writer: RowWriter::default(),
+            encoder: RowEncoder::new(bet::today()),
+            rows: Rows::default(),
             pending: Vec::new(),
         }
     }
@@ -340,10 +347,12 @@ impl<'a> Session<'a> {
         header_len: usize,
         deadline: Instant,
     ) -> Result<Result<Appended, ProtocolError>, Cut> {
-        let today = bet::today();
+        self.encoder.set_today(bet::today());
+        let agency = self.agency.unwrap_or(0);
         let mut size = header_len;
         let mut first_error: Option<String> = None;
-        let mut ends = Vec::with_capacity(count as usize);
+        self.rows.bytes.clear();
+        self.rows.ends.clear();
         for i in 1..=count {
             let line = conn.read_line(deadline).map_err(Cut::Read)?;
             size += line.len() + 1;
@@ -353,18 +362,14 @@ impl<'a> Session<'a> {
             if first_error.is_some() {
                 continue;
             }
-            match self.parser.bet(line, today) {
-                Ok(bet) => {
-                    self.writer.push_stored(self.agency.unwrap_or(0), &bet);
-                    ends.push(self.writer.len());
-                }
+            match self.encoder.push_stored(agency, line, &mut self.rows.bytes) {
+                Ok(()) => self.rows.ends.push(self.rows.bytes.len()),
                 Err(e) => first_error = Some(format!("row {i}: {e}")),
             }
         }
-        let rows = Rows { bytes: self.writer.take(), ends };
         let result = self.agency().and_then(|agency| match first_error {
             Some(why) => Err(ProtocolError::new(ErrorCode::BadBet, why)),
-            None => self.round.append(agency, Some(offset), &rows),
+            None => self.round.append(agency, Some(offset), &self.rows),
         });
         if let Err(e) = &result {
             info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: {}", e.code.as_str());

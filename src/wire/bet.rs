@@ -164,14 +164,16 @@ const MAX_FIELDS: usize = 16;
 /// It holds a `csv_core` reader rather than a `csv::Reader` because the server parses one line at
 /// a time, millions of times, and `csv_core` needs no allocation per line.
 pub struct RowParser {
-    reader: csv_core::Reader,
+    /// Made on first use: building its state machine costs more than a thousand rows' checks
+    /// on the fast path, and most connections never need it.
+    reader: Option<csv_core::Reader>,
     out: Vec<u8>,
     ends: [usize; MAX_FIELDS],
 }
 
 impl Default for RowParser {
     fn default() -> Self {
-        RowParser { reader: csv_core::Reader::new(), out: Vec::new(), ends: [0; MAX_FIELDS] }
+        RowParser { reader: None, out: Vec::new(), ends: [0; MAX_FIELDS] }
     }
 }
 
@@ -190,7 +192,8 @@ impl RowParser {
         if line.iter().any(|&b| b == b'\n' || b == b'\r') {
             return Err(BetError::Csv("a line break inside the row"));
         }
-        self.reader.reset();
+        let reader = self.reader.get_or_insert_with(csv_core::Reader::new);
+        reader.reset();
         if self.out.len() < line.len() {
             self.out.resize(line.len(), 0);
         }
@@ -201,7 +204,7 @@ impl RowParser {
         loop {
             let input = if first { &rest[..rest.len().min(1)] } else { rest };
             first = false;
-            let (result, nin, o, e) = self.reader.read_record(input, &mut self.out[nout..], &mut self.ends[nends..]);
+            let (result, nin, o, e) = reader.read_record(input, &mut self.out[nout..], &mut self.ends[nends..]);
             rest = &rest[nin..];
             nout += o;
             nends += e;

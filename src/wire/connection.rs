@@ -76,7 +76,7 @@ impl Connection {
 
     /// Whether a whole line is already buffered, so reading it will not block.
     pub fn has_buffered_line(&self) -> bool {
-        self.buf[self.start..self.end].contains(&b'\n')
+        memchr::memchr(b'\n', &self.buf[self.start..self.end]).is_some()
     }
 
     /// Reads whatever bytes have already arrived, without waiting; true if any were read.
@@ -120,7 +120,7 @@ impl Connection {
         let mut scanned = 0;
         loop {
             let pending = &self.buf[self.start..self.end];
-            if let Some(i) = pending[scanned..].iter().position(|&b| b == b'\n') {
+            if let Some(i) = memchr::memchr(b'\n', &pending[scanned..]) {
                 let line_end = self.start + scanned + i;
                 let mut line = &self.buf[self.start..line_end];
                 self.start = line_end + 1;

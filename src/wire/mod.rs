@@ -3,6 +3,8 @@
 
 pub mod bet;
 pub mod connection;
+pub mod plain;
 pub mod protocol;
+pub mod row;
 pub mod token;
 pub mod transport;

@@ -27,7 +27,12 @@ cleanup() {
     echo "$name: the last lines of $work/compose.log:" >&2
     tail -n 20 "$work/compose.log" >&2
   fi
+  if ((rc != 0)) && declare -F on_failure >/dev/null; then on_failure; fi
   compose down -v --remove-orphans >>"$work/compose.log" 2>&1 || echo "$name: down -v failed" >&2
+  # --no-prune keeps the layers under it: they are the build cache of the next run.
+  if [[ -n ${remove_image:-} ]] && docker image inspect "$remove_image" >/dev/null 2>&1; then
+    docker rmi --no-prune "$remove_image" >>"$work/compose.log" 2>&1 || echo "$name: docker rmi $remove_image failed" >&2
+  fi
   rm -rf "$work"
   exit "$rc"
 }

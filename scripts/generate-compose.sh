@@ -7,8 +7,10 @@
 #   scripts/generate-compose.sh docker-compose.yaml 5
 #
 # What the file sets up, and why:
-# - one image (lottery:latest, built from ./Dockerfile by the server service) runs the server
-#   and every agency; only the server has `build`, the agencies reuse its image;
+# - one image (${LOTTERY_IMAGE:-lottery:latest}, built from ./Dockerfile) runs the keys service,
+#   the server and every agency; only the keys service has `build`: it is the first service
+#   docker-compose v1 brings up, and v1 pulls (and fails, the image being ours) the image of a
+#   service without `build` that is not there yet. LOTTERY_IMAGE lets a test use a tag of its own;
 # - one bridge network; nothing is published on the host (scripts/probe.sh reaches the server
 #   from a throw-away container on that network);
 # - ./config.ini is bind-mounted read-only at /app/config.ini, the binaries' ./config.ini: a
@@ -22,13 +24,17 @@
 #   `docker-compose down` never has to SIGKILL it;
 # - the agencies start once the server answers PING (healthcheck: the image's own
 #   `lottery-agency --ping`, no shell or netcat needed);
-# - TLS and agency tokens with no command of yours: a one-shot `keys` service runs
-#   `lottery-server --make-keys` into the volume `keys` on the first `up` (later ones find the
-#   keys there and make none; `down` keeps them), then copies to each container only what it
-#   needs, on a volume of its own mounted at /app/.secrets, where the defaults look: the server
-#   gets server.pem, server.key and agencies.keys; agency N gets ca.pem and agency-N.token,
-#   never another agency's token. The keys service runs as root to own fresh volumes, and
-#   hands the files to the image's user (uid 10001), secrets at mode 0600.
+# - TLS and agency tokens with no command of yours: a one-shot `keys` service (no network) runs
+#   `lottery-server --make-keys` on the first `up`, into a scratch directory on the volume `keys`,
+#   and moves agencies.keys in last, so that its presence means the set is whole; later `up`s
+#   find it and make none, and `down` keeps them. It then copies to each container only what it
+#   needs, on a volume of its own mounted read-only at /app/.secrets, where the defaults look: the
+#   server gets server.pem, server.key and agencies.keys; agency N gets ca.pem and
+#   agency-N.token, never another agency's token. It copies at every `up`, so removing the
+#   volume `keys` is enough to rotate them. It runs as root to own fresh volumes, and hands
+#   the files to the image's user (uid 10001): directories 0700, secrets 0600. The server
+#   waits for it to exit 0 (depends_on: service_completed_successfully, docker-compose 1.29 or
+#   compose v2), the agencies for the server; config.ini is mounted into it too, for SERVER_TLS_NAMES.
 set -euo pipefail
 
 usage() {
@@ -57,22 +63,48 @@ compose() {
 
 services:
   keys:
-    image: lottery:latest
+    build:
+      context: .
+    image: \${LOTTERY_IMAGE:-lottery:latest}
     user: "0:0"
+    network_mode: none
     environment:
       SERVER_AGENCIES: "$n"
     entrypoint: ["/bin/sh", "-c"]
     command:
       - |
         set -eu
-        if [ ! -e /keys/agencies.keys ]; then lottery-server --make-keys /keys; fi
+        chmod 0700 /keys
+        if [ -e /keys/agencies.keys ]; then
+          made=false
+        else
+          rm -rf /keys/.new
+          lottery-server --make-keys /keys/.new
+          for f in ca.pem server.pem server.key \$\$(seq -f 'agency-%g.token' 1 $n); do mv "/keys/.new/\$\$f" /keys/; done
+          mv /keys/.new/agencies.keys /keys/
+          rmdir /keys/.new
+          made=true
+        fi
+        if [ ! -e /keys/agency-$n.token ]; then
+          echo "action: keys | result: fail | error: the keys on the volume were made for fewer than $n agencies: run docker-compose down, then docker volume rm PROJECT_keys (docs/docker.md)" >&2
+          exit 1
+        fi
         give() { install -o 10001 -g 10001 -m "\$\$1" "/keys/\$\$2" "/out/\$\$3/\$\$2"; }
+        install -d -o 10001 -g 10001 -m 0700 /out/server
         give 0644 server.pem server
         give 0600 server.key server
         give 0600 agencies.keys server
-        for i in \$\$(seq 1 $n); do give 0644 ca.pem agency-\$\$i; give 0600 agency-\$\$i.token agency-\$\$i; done
-        echo "action: keys | result: success | dir: /keys"
+        for i in \$\$(seq 1 $n); do
+          install -d -o 10001 -g 10001 -m 0700 "/out/agency-\$\$i"
+          give 0644 ca.pem "agency-\$\$i"
+          give 0600 "agency-\$\$i.token" "agency-\$\$i"
+        done
+        echo "action: keys | result: success | made: \$\$made | agencies: $n"
     volumes:
+      - type: bind
+        source: ./config.ini
+        target: /app/config.ini
+        read_only: true
       - type: volume
         source: keys
         target: /keys
@@ -88,13 +120,9 @@ EOF
 EOF
   done
   cat <<EOF
-    networks:
-      - lottery
 
   server:
-    build:
-      context: .
-    image: lottery:latest
+    image: \${LOTTERY_IMAGE:-lottery:latest}
     command: ["/usr/local/bin/lottery-server"]
     environment:
       SERVER_AGENCIES: "$n"
@@ -129,7 +157,7 @@ EOF
     cat <<EOF
 
   agency$id:
-    image: lottery:latest
+    image: \${LOTTERY_IMAGE:-lottery:latest}
     command: ["/usr/local/bin/lottery-agency"]
     environment:
       CLI_ID: "$id"

@@ -48,8 +48,10 @@ mapfile -t networks < <(docker network ls -q \
 errors=$(mktemp)
 trap 'rm -f "$errors"' EXIT
 # -w: gives up on a connection or a silence that long; QUIT makes the server close, so nc ends.
+# -v: nc says why it could not connect (without it, a refused connection is silent); its line
+# on success goes to $errors too, which is shown only on failure.
 if ! replies=$(printf 'PING\nSTATUS\nQUIT\n' | timeout $((wait_s + 15)) docker run --rm -i \
-    --network "${networks[0]}" --entrypoint /usr/bin/nc "$image" -w "$wait_s" "${server%:*}" "${server#*:}" \
+    --network "${networks[0]}" --entrypoint /usr/bin/nc "$image" -v -w "$wait_s" "${server%:*}" "${server#*:}" \
     2>"$errors"); then
   why=$(tr -s '\n' ' ' <"$errors")
   why=${why% }

@@ -272,7 +272,8 @@ fn spawn_connection(
             Ok(Some(Transport::Tls(mut tls))) => {
                 // A handshake has begun: under way, the last a guest to be evicted.
                 peer.set_stage(Stage::Underway);
-                let gone = || peer.ended() != Ended::No;
+                // Ended by the server, or hung up by the client while waiting for its turn.
+                let gone = || peer.ended() != Ended::No || tls::hung_up(&stream);
                 let by =
                     guest_deadline.map_or(accepted + limits.idle_timeout, |d| d.min(accepted + limits.idle_timeout));
                 if let Err(e) = tls::handshake(&mut tls, &shared.gate, by, &gone) {

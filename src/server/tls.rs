@@ -33,6 +33,16 @@ pub fn opens_handshake_now(stream: &TcpStream) -> bool {
     opens
 }
 
+/// Whether the peer has closed its side, looked at without waiting or consuming anything.
+pub fn hung_up(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let closed = matches!(stream.peek(&mut [0u8; 1]), Ok(0));
+    let _ = stream.set_nonblocking(false);
+    closed
+}
+
 /// A rustls server configuration from a PEM certificate chain and its PEM private key.
 ///
 /// # Errors

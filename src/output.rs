@@ -1,8 +1,9 @@
 //! Stdout and stderr that a closed pipe cannot crash. `println!` panics when the reader has
 //! gone (`lottery-round | head -2`); every line the binaries print or log goes through here
-//! instead. The first failed write to stdout marks it closed and runs the hook the binary
-//! registered (stop the round, shut the server down), so a closed pipe ends a binary as quietly
-//! as it ends `cat`; later writes are dropped.
+//! instead. A write that finds the reader gone (`BrokenPipe`) marks stdout closed and runs the
+//! hook the binary registered (stop the round, shut the server down), so a closed pipe ends a
+//! binary as quietly as it ends `cat`; later writes are dropped. Any other failure (a full disk
+//! under a redirected log) loses that line only: no binary stops for a log it cannot write.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -38,12 +39,19 @@ pub fn write(bytes: &[u8]) {
         return;
     }
     let mut out = io::stdout().lock();
-    if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
-        drop(out);
-        if CLOSED.set(e.kind()).is_ok() {
-            let hook = ON_CLOSE.lock().unwrap_or_else(PoisonError::into_inner);
-            hook.iter().for_each(|hook| hook());
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => {}
+        // The reader went away: nobody will read another line.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+            drop(out);
+            if CLOSED.set(e.kind()).is_ok() {
+                let hook = ON_CLOSE.lock().unwrap_or_else(PoisonError::into_inner);
+                hook.iter().for_each(|hook| hook());
+            }
         }
+        // A full disk under a redirected log, an I/O error: this line is lost, but the server
+        // goes on serving (its bets may well be on another disk), and the next line may pass.
+        Err(_) => {}
     }
 }
 

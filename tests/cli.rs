@@ -324,3 +324,56 @@ fn an_interrupted_round_shows_progress_once_a_second_and_prints_no_rate() {
     assert!(lines.iter().any(|l| l.contains("bets (100%), 2/3 agencies done, ")), "{lines:?}");
     assert!(!stdout.until_eof().iter().any(|l| l.contains("bets/s")), "a rate for an interrupted round");
 }
+
+#[test]
+fn a_server_whose_log_cannot_be_written_goes_on_serving() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("bets.csv");
+    // A free port: the server's `listen` line, which would name one, goes to a full disk.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let mut env = server_env(storage.to_str().unwrap());
+    env.retain(|(k, _)| *k != "SERVER_PORT");
+    env.push(("SERVER_PORT", &port));
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full (Linux)");
+    let mut cmd = command(SERVER, dir.path(), &env);
+    cmd.stdin(Stdio::null()).stdout(full).stderr(Stdio::piped());
+    let mut server = Reaped(cmd.spawn().unwrap());
+    let deadline = Instant::now() + STEP;
+    let reply = loop {
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())) {
+            stream.set_read_timeout(Some(STEP)).unwrap();
+            stream.write_all(b"PING\n").unwrap();
+            let mut line = String::new();
+            let _ = BufReader::new(stream).read_line(&mut line);
+            break line;
+        }
+        assert!(Instant::now() < deadline, "the server never listened");
+        // Waiting for the server to listen: its log, which would say so, goes nowhere.
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(reply, "PONG\n", "every log line failed (ENOSPC), and the server must still serve");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not stop on SIGTERM");
+        thread::sleep(Duration::from_millis(5));
+    };
+    assert!(status.success(), "{status}");
+}
+
+/// A child killed and reaped on drop, if the test fails before it exits.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

@@ -34,8 +34,7 @@ else
   data=$work/data
   "$bin/lottery-round" --generate "$data" --agencies 5 --bets-per-agency 15740 >/dev/null
 fi
-agencies=$(find "$data" -maxdepth 1 -name 'agency-*.csv' | wc -l)
-[[ $agencies -gt 0 ]] || { echo "no agency-N.csv in $data" >&2; exit 1; }
+agencies=$(count_agencies "$data")
 security_setup "$bin" "$work/keys" "$agencies"
 callgrind=(valgrind --tool=callgrind --dump-instr=no --compress-strings=no --compress-pos=no)
 

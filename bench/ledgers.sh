@@ -16,8 +16,7 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 cargo build --release --quiet
 bin=$PWD/target/release
-agencies=$(find "$data" -maxdepth 1 -name 'agency-*.csv' | wc -l)
-[[ $agencies -gt 0 ]] || { echo "no agency-N.csv in $data" >&2; exit 1; }
+agencies=$(count_agencies "$data")
 work=$(mktemp -d)
 pg=$(mktemp -d -t lottery-bench-pg-XXXXXX)
 servers=()

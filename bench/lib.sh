@@ -33,3 +33,11 @@ security_setup() {
     *) echo "SECURITY is tls or plain, not '$SECURITY'" >&2; return 2 ;;
   esac
 }
+
+# Prints how many agency-N.csv files DATA_DIR holds; fails if none.
+count_agencies() {
+  local n
+  n=$(find "$1" -maxdepth 1 -name 'agency-*.csv' | wc -l)
+  [[ $n -gt 0 ]] || { echo "no agency-N.csv in $1" >&2; return 1; }
+  echo "$n"
+}

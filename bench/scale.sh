@@ -20,14 +20,7 @@ cleanup() {
 trap cleanup EXIT
 "$bin/lottery-round" --generate "$work/data" --agencies "$agencies" --bets-per-agency "$bets" >/dev/null
 # TLS and agency tokens, as deployed (SECURITY=plain: neither, the server in protected mode).
-keys=$work/keys
-if [[ ${SECURITY:-tls} == tls ]]; then
-  SERVER_AGENCIES=$agencies "$bin/lottery-server" --make-keys "$keys" >/dev/null
-  export SERVER_AGENCY_KEYS=$keys/agencies.keys SERVER_TLS_CERT=$keys/server.pem SERVER_TLS_KEY=$keys/server.key
-  export CLI_TLS_CA=$keys/ca.pem CLI_TOKEN_FILE=$keys/agency-{CLI_ID}.token
-else
-  export SERVER_AGENCY_KEYS='' SERVER_TLS_CERT='' SERVER_TLS_KEY='' CLI_TLS_CA='' CLI_TOKEN_FILE=''
-fi
+security_setup "$bin" "$work/keys" "$agencies"
 
 SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies SERVER_STORAGE_PATH=$work/bets.csv \
   SERVER_MAX_CONNECTIONS=$((agencies + ${SERVER_MAX_GUESTS:-256})) \

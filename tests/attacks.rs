@@ -7,12 +7,12 @@
 mod common;
 
 use std::fs;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::{
-    Keys, Proc, STEP, TestServer, TlsClient, agency, assert_store, env_refs, expected_store, log_field, read_csv,
-    winners_of,
+    Keys, Proc, STEP, TestServer, TlsClient, agency, assert_store, client_config, env_refs, expected_store, log_field,
+    read_csv, winners_of,
 };
 use lottery::tools::attacks::{self, Attack, Sources, Target};
 
@@ -53,21 +53,6 @@ fn settles(pid: i32, idle: usize, within: Duration) -> usize {
         // Polling a count the kernel keeps; nothing to wait on instead.
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn client_config(ca: &str) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
-        roots.add(cert.expect("a certificate")).expect("a usable CA");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Arc::new(config)
 }
 
 /// A round of five agency processes beside `ATTACKERS` attackers of `kind` from `sources`.

@@ -25,7 +25,7 @@ use crate::config::ServerSettings;
 use crate::ledger::Ledger;
 use crate::wire::connection::Connection;
 use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
-use crate::wire::transport::Transport;
+use crate::wire::transport::{Arrived, Transport, peek_now};
 use auth::AgencyKeys;
 use guest_log::{GuestEvent, GuestLog};
 use registry::{Ended, GuestLimits, Peer, Registry, Stage};
@@ -213,14 +213,9 @@ pub fn run(
 /// without a word: a plain-text line would reach its TLS layer as a broken record, where the
 /// agency treats it as final; a bare close it retries.
 fn refuse_busy(stream: &TcpStream, max: usize, tls: bool) {
-    if tls {
-        let _ = stream.set_nonblocking(true);
-        let plain = matches!(stream.peek(&mut [0u8; 1]), Ok(1)) && !tls::opens_handshake(stream);
-        let _ = stream.set_nonblocking(false);
-        if !plain {
-            let _ = stream.shutdown(SocketShutdown::Both);
-            return;
-        }
+    if tls && !tls::speaks_plain_now(stream) {
+        let _ = stream.shutdown(SocketShutdown::Both);
+        return;
     }
     let mut out = Vec::new();
     let why = format!("the server serves {max} connections at once; try again later");
@@ -273,7 +268,7 @@ fn spawn_connection(
                 // A handshake has begun: under way, the last a guest to be evicted.
                 peer.set_stage(Stage::Underway);
                 // Ended by the server, or hung up by the client while waiting for its turn.
-                let gone = || peer.ended() != Ended::No || tls::hung_up(&stream);
+                let gone = || peer.ended() != Ended::No || peek_now(&stream) == Arrived::Closed;
                 let by =
                     guest_deadline.map_or(accepted + limits.idle_timeout, |d| d.min(accepted + limits.idle_timeout));
                 if let Err(e) = tls::handshake(&mut tls, &shared.gate, by, &gone) {

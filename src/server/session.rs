@@ -147,14 +147,8 @@ impl<'a> Session<'a> {
             {
                 return self.refuse(conn, refused);
             }
-            if self.agency.is_none() {
-                let probe = matches!(request, Ok(Request::Ping | Request::Status));
-                self.cx.peer.set_stage(if probe { Stage::Probed } else { Stage::Underway });
-                self.guest_requests += 1;
-                if self.guest_requests > MAX_GUEST_REQUESTS {
-                    let why = format!("at most {MAX_GUEST_REQUESTS} requests before HELLO; closing");
-                    return self.refuse(conn, ProtocolError::new(ErrorCode::Busy, why));
-                }
+            if let Err(refused) = self.count_guest_request(&request) {
+                return self.refuse(conn, refused);
             }
             let (reply, next) = match request {
                 Ok(Request::Batch { offset, count }) => {
@@ -314,6 +308,25 @@ impl<'a> Session<'a> {
         let _ = self.acknowledge(conn);
         let _ = conn.write_reply(&Reply::Err(refused));
         conn.close();
+    }
+
+    /// While a guest, notes how far it has got (which decides who is evicted first) and counts
+    /// its requests.
+    ///
+    /// # Errors
+    /// `BUSY` past [`MAX_GUEST_REQUESTS`]: the connection is to be closed.
+    fn count_guest_request(&mut self, request: &Result<Request, ProtocolError>) -> Result<(), ProtocolError> {
+        if self.agency.is_some() {
+            return Ok(());
+        }
+        let probe = matches!(request, Ok(Request::Ping | Request::Status));
+        self.cx.peer.set_stage(if probe { Stage::Probed } else { Stage::Underway });
+        self.guest_requests += 1;
+        if self.guest_requests > MAX_GUEST_REQUESTS {
+            let why = format!("at most {MAX_GUEST_REQUESTS} requests before HELLO; closing");
+            return Err(ProtocolError::new(ErrorCode::Busy, why));
+        }
+        Ok(())
     }
 
     /// While a guest (no agency yet), when its time is up.

@@ -11,36 +11,19 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
-use crate::wire::transport::{Socket, Transport};
+use crate::wire::transport::{Arrived, Socket, Transport, peek_now};
 
 /// The first byte of every TLS connection: a record of type "handshake".
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// Whether the first byte waiting on `stream` opens a TLS handshake (the socket may be
-/// non-blocking; nothing is consumed).
-pub fn opens_handshake(stream: &TcpStream) -> bool {
-    let mut first = [0u8; 1];
-    matches!(stream.peek(&mut first), Ok(1)) && first[0] == TLS_HANDSHAKE
-}
-
-/// [`opens_handshake`] without waiting: whether a handshake's first byte has already arrived.
+/// Whether a TLS handshake's first byte has already arrived on `stream` (without waiting).
 pub fn opens_handshake_now(stream: &TcpStream) -> bool {
-    if stream.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let opens = opens_handshake(stream);
-    let _ = stream.set_nonblocking(false);
-    opens
+    peek_now(stream) == Arrived::Byte(TLS_HANDSHAKE)
 }
 
-/// Whether the peer has closed its side, looked at without waiting or consuming anything.
-pub fn hung_up(stream: &TcpStream) -> bool {
-    if stream.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let closed = matches!(stream.peek(&mut [0u8; 1]), Ok(0));
-    let _ = stream.set_nonblocking(false);
-    closed
+/// Whether a plain-text client's first byte has already arrived on `stream` (without waiting).
+pub fn speaks_plain_now(stream: &TcpStream) -> bool {
+    matches!(peek_now(stream), Arrived::Byte(b) if b != TLS_HANDSHAKE)
 }
 
 /// A rustls server configuration from a PEM certificate chain and its PEM private key.

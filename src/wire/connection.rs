@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rustls::ServerConnection;
 
 use crate::wire::protocol::{MAX_LINE, Reply};
-use crate::wire::transport::{Socket, Transport};
+use crate::wire::transport::{Arrived, Socket, Transport, peek_now};
 
 /// Room for one longest line, its `\r\n`, and what a pipelining client sent after it.
 const BUFFER: usize = 2 * MAX_LINE + 2;
@@ -209,16 +209,7 @@ impl Connection {
     /// Whether the client has hung up, without waiting or consuming anything: for a thread
     /// that is waiting on the round rather than reading.
     pub fn peer_gone(&self) -> bool {
-        if self.stream.set_nonblocking(true).is_err() {
-            return true;
-        }
-        let peeked = self.stream.peek(&mut [0u8; 1]);
-        let _ = self.stream.set_nonblocking(false);
-        match peeked {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted),
-        }
+        peek_now(&self.stream) == Arrived::Closed
     }
 
     /// Closes both directions, so that a peer blocked on us sees the end at once; a TLS peer is

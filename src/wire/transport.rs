@@ -117,6 +117,33 @@ where
     }
 }
 
+/// What has arrived on a socket, looked at without waiting or consuming anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrived {
+    /// Nothing yet; the peer is still there.
+    Nothing,
+    /// At least one byte, this one first.
+    Byte(u8),
+    /// The peer closed its side, or the socket is broken.
+    Closed,
+}
+
+/// Peeks at `stream` without blocking (it is switched to non-blocking for that one call).
+pub fn peek_now(stream: &TcpStream) -> Arrived {
+    if stream.set_nonblocking(true).is_err() {
+        return Arrived::Closed;
+    }
+    let mut first = [0u8; 1];
+    let peeked = stream.peek(&mut first);
+    let _ = stream.set_nonblocking(false);
+    match peeked {
+        Ok(0) => Arrived::Closed,
+        Ok(_) => Arrived::Byte(first[0]),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => Arrived::Nothing,
+        Err(_) => Arrived::Closed,
+    }
+}
+
 /// The rustls error behind an I/O error, if any: a certificate that is not trusted, a record
 /// that fails its integrity check. Such an error is never cured by trying again.
 pub fn tls_error(error: &io::Error) -> Option<&rustls::Error> {

@@ -558,6 +558,22 @@ pub fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
+/// A TLS client configuration that trusts the CA in the PEM file `ca`.
+pub fn client_config(ca: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(cert.expect("a CA certificate")).expect("a usable CA");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    std::sync::Arc::new(config)
+}
+
 /// A line-oriented TLS client that trusts the CA in `ca`, with timeouts on its socket.
 pub struct TlsClient {
     stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
@@ -566,23 +582,12 @@ pub struct TlsClient {
 
 impl TlsClient {
     pub fn connect(port: u16, ca: &str) -> TlsClient {
-        use rustls::pki_types::pem::PemObject;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let tcp = TcpStream::connect_timeout(&addr, STEP).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         tcp.set_read_timeout(Some(STEP)).expect("read timeout");
         tcp.set_write_timeout(Some(STEP)).expect("write timeout");
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
-            roots.add(cert.expect("a CA certificate")).expect("a usable CA");
-        }
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
-        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("a TLS client");
+        let conn = rustls::ClientConnection::new(client_config(ca), name).expect("a TLS client");
         TlsClient { stream: rustls::StreamOwned::new(conn, tcp), buf: Vec::new() }
     }
 

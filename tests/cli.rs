@@ -112,7 +112,13 @@ struct Piped {
 
 impl Piped {
     fn spawn(mut cmd: Command) -> Piped {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdout(Stdio::piped());
+        Piped::spawn_with_stdout(cmd)
+    }
+
+    /// Starts `cmd` with whatever stdout it was given.
+    fn spawn_with_stdout(mut cmd: Command) -> Piped {
+        cmd.stdin(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start the binary");
         let mut err = child.stderr.take().expect("piped stderr");
         let stderr = thread::spawn(move || {
@@ -148,9 +154,13 @@ impl Drop for Piped {
 }
 
 /// Runs `cmd` with its stdout closed before it writes anything (`| head -0`); exit and stderr.
-fn with_stdout_closed(cmd: Command) -> (ExitStatus, String) {
-    let mut piped = Piped::spawn(cmd);
-    drop(piped.child.stdout.take());
+/// The pipe's reading end is closed before the binary starts: closed after the spawn, a binary
+/// quick enough could write all its start-up lines into the pipe first and never meet the close.
+fn with_stdout_closed(mut cmd: Command) -> (ExitStatus, String) {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    cmd.stdout(writer);
+    let mut piped = Piped::spawn_with_stdout(cmd);
     piped.finish()
 }
 

@@ -198,7 +198,7 @@ fn start_server(settings: &ServerSettings) -> Result<Started, String> {
     let (round, lock) = open_ledger(settings)?;
     let addr = SocketAddr::new(settings.ip, settings.port);
     let listener = server::bind(addr, settings.backlog).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let shutdown = ShutdownHandle::new(&listener).map_err(|e| e.to_string())?;
+    let shutdown = ShutdownHandle::new().map_err(|e| e.to_string())?;
     let on_signal = shutdown.clone();
     ctrlc::set_handler(move || on_signal.trigger()).map_err(|e| format!("cannot handle signals: {e}"))?;
     // A log that nobody reads any more (`lottery-server | head`) stops the server as SIGTERM does.

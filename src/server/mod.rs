@@ -1,34 +1,36 @@
-//! The server: the accept loop, one thread per connection, and an orderly shutdown.
+//! The server: the door (which accepts every connection and holds it until it speaks), one
+//! thread per connection that has spoken, and an orderly shutdown.
 //!
-//! Shutdown order: set the flag → wake the blocked `accept` by connecting to ourselves → wake
+//! Shutdown order: set the flag → wake the door through its eventfd → close what the door holds → wake
 //! every waiter in the round (they answer `ERR SHUTDOWN`) → shut down the reading half of every
 //! live socket (from the registry), so blocked reads end → after a grace period, both halves of
 //! whatever is still open (a client that does not read our reply) → join every thread → sync
 //! `bets.csv` → log.
 
 pub mod auth;
+pub mod door;
 pub mod guest_log;
 pub mod registry;
 pub mod session;
 pub mod tls;
 
-use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use log::{debug, error, info, warn};
+use log::{debug, error, info};
 
 use crate::config::ServerSettings;
 use crate::ledger::Ledger;
 use crate::wire::connection::Connection;
-use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
 use crate::wire::transport::{Arrived, Transport, peek_now};
 use auth::AgencyKeys;
-use guest_log::{GuestEvent, GuestLog};
-use registry::{Ended, GuestLimits, Peer, Registry, Stage};
+use guest_log::GuestLog;
+use registry::{Ended, GuestLimits, Registry, Stage};
 use session::{Context, Session};
 
 /// Stack of a connection's thread: a session needs a few KiB; the default 2 MiB would only
@@ -85,41 +87,34 @@ pub fn bind(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
     flag: Arc<AtomicBool>,
-    wake: SocketAddr,
+    /// An eventfd the door waits on beside the listener: a trigger wakes it whatever the
+    /// network is doing (a connection of our own could wait behind a full listen queue).
+    wake: Arc<OwnedFd>,
 }
 
 impl ShutdownHandle {
-    /// A handle for the server that will `run` on `listener`.
+    /// A handle for a server yet to `run`.
     ///
     /// # Errors
-    /// The listener has no local address.
-    pub fn new(listener: &TcpListener) -> io::Result<Self> {
-        let mut wake = listener.local_addr()?;
-        // A server bound to every address is reached, to wake it, through loopback.
-        match wake.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => wake.set_ip(Ipv4Addr::LOCALHOST.into()),
-            IpAddr::V6(ip) if ip.is_unspecified() => wake.set_ip(Ipv6Addr::LOCALHOST.into()),
-            _ => {}
-        }
-        Ok(ShutdownHandle { flag: Arc::new(AtomicBool::new(false)), wake })
+    /// The eventfd cannot be made (out of file descriptors).
+    pub fn new() -> io::Result<Self> {
+        Ok(ShutdownHandle { flag: Arc::new(AtomicBool::new(false)), wake: Arc::new(door::wake_fd()?) })
     }
 
-    /// Asks the server to stop: sets the flag, then wakes `accept` with a connection of our own.
+    /// Asks the server to stop: sets the flag, then wakes the door.
     pub fn trigger(&self) {
         self.flag.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.wake, Duration::from_secs(1));
+        door::wake(&*self.wake);
     }
 
     pub fn is_triggered(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }
+
+    fn wake_fd(&self) -> &OwnedFd {
+        &self.wake
+    }
 }
-
-/// How long the accept loop pauses after a failed `accept`.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
-
-/// How long a guest (but a trusted one) may take to send its first byte.
-const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long shutdown lets connections finish their last reply before cutting them off.
 const GRACE: Duration = Duration::from_millis(500);
@@ -127,7 +122,8 @@ const GRACE: Duration = Duration::from_millis(500);
 /// Serves `listener` until `shutdown` is triggered, then shuts down in order and returns.
 ///
 /// # Errors
-/// Only an error that stops the whole server: a final sync of `bets.csv` that failed.
+/// Only an error that stops the whole server: `epoll` could not be set up at the start, or a
+/// final sync of `bets.csv` failed.
 pub fn run(
     listener: TcpListener,
     round: Arc<dyn Ledger>,
@@ -139,44 +135,10 @@ pub fn run(
     let guest_log = Arc::new(GuestLog::default());
     let gate = Arc::new(tls::HandshakeGate::per_core());
     let mut handles: Vec<JoinHandle<()>> = Vec::new();
-    let mut next_id = 0u64;
-    for incoming in listener.incoming() {
-        if shutdown.is_triggered() {
-            break;
-        }
-        let stream = match incoming {
-            Ok(stream) => stream,
-            Err(e) => {
-                // Out of file descriptors, a connection reset before accept: not fatal. A short
-                // pause keeps a lasting one (no descriptor frees up) from spinning this loop.
-                warn!("action: accept_connections | result: fail | error: {e}");
-                thread::sleep(ACCEPT_ERROR_PAUSE);
-                continue;
-            }
-        };
+    let rules = door::Rules { registry: &registry, guest_log: &guest_log, security: &security, limits };
+    let mut door = door::Door::new(&listener, shutdown, rules)?;
+    for spoke in door.by_ref() {
         handles.retain(|h| !h.is_finished());
-        let ip = stream.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        next_id += 1;
-        let stream = Arc::new(stream);
-        // A TLS client has usually sent its hello by the time it is accepted: under way from
-        // the start, not mistaken for a silent guest while its thread is being started.
-        let stage =
-            if security.tls.is_some() && tls::opens_handshake_now(&stream) { Stage::Underway } else { Stage::Silent };
-        let (peer, evicted) =
-            registry.admit(next_id, ip, Arc::clone(&stream), stage, limits.guests, limits.max_connections);
-        for _ in 0..evicted {
-            guest_log.event(GuestEvent::Evicted, || {
-                info!("action: evict_guest | result: success | detail: the oldest guest made room for a newer one");
-            });
-        }
-        let Some(peer) = peer else {
-            guest_log.event(GuestEvent::Refused, || {
-                warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
-            });
-            refuse_busy(&stream, limits.max_connections, security.tls.is_some());
-            continue;
-        };
-        guest_log.event(GuestEvent::Accepted, || info!("action: accept_connections | result: success | ip: {ip}"));
         let shared = Shared {
             round: Arc::clone(&round),
             security: Arc::clone(&security),
@@ -184,11 +146,12 @@ pub fn run(
             guest_log: Arc::clone(&guest_log),
             gate: Arc::clone(&gate),
         };
-        match spawn_connection(next_id, stream, ip, peer, shared, limits) {
+        match spawn_connection(spoke, shared, limits) {
             Ok(handle) => handles.push(handle),
             Err(e) => error!("action: spawn_thread | result: fail | error: {e}"),
         }
     }
+    drop(door);
     drop(listener);
     info!("action: close_listener | result: success");
     round.begin_shutdown();
@@ -208,25 +171,6 @@ pub fn run(
     synced
 }
 
-/// Answers `ERR BUSY` and closes, without a thread: the client is told at once, never queued.
-/// On a TLS server a client that has already begun (or may yet begin) a handshake is closed
-/// without a word: a plain-text line would reach its TLS layer as a broken record, where the
-/// agency treats it as final; a bare close it retries.
-fn refuse_busy(stream: &TcpStream, max: usize, tls: bool) {
-    if tls && !tls::speaks_plain_now(stream) {
-        let _ = stream.shutdown(SocketShutdown::Both);
-        return;
-    }
-    let mut out = Vec::new();
-    let why = format!("the server serves {max} connections at once; try again later");
-    Reply::Err(ProtocolError::new(ErrorCode::Busy, why)).encode(&mut out);
-    // A fresh socket's send buffer takes a short line without blocking; the timeout guards
-    // the accept loop anyway.
-    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-    let _ = (&*stream).write_all(&out);
-    let _ = stream.shutdown(SocketShutdown::Both);
-}
-
 /// What every connection's thread shares.
 struct Shared {
     round: Arc<dyn Ledger>,
@@ -236,35 +180,20 @@ struct Shared {
     gate: Arc<tls::HandshakeGate>,
 }
 
-fn spawn_connection(
-    id: u64,
-    stream: Arc<TcpStream>,
-    ip: IpAddr,
-    peer: Arc<Peer>,
-    shared: Shared,
-    limits: Limits,
-) -> io::Result<JoinHandle<()>> {
+fn spawn_connection(spoke: door::Spoke, shared: Shared, limits: Limits) -> io::Result<JoinHandle<()>> {
+    let door::Spoke { id, stream, ip, peer, accepted, first } = spoke;
     let registry = Arc::clone(&shared.registry);
     let spawned = thread::Builder::new().name(format!("conn-{id}")).stack_size(STACK_SIZE).spawn(move || {
         // Deregisters even if the session panics.
         let _registered = Registered { id, registry: Arc::clone(&shared.registry) };
         // Replies are single short lines: send each at once.
         let _ = stream.set_nodelay(true);
-        let accepted = Instant::now();
         // A guest must authenticate within the hello timeout, but a person at `nc` on the
         // server's own machine, in protected mode, gets the idle timeout.
         let trusted = shared.security.keys.is_none() && auth::is_loopback(ip);
         let guest_deadline = (!trusted).then(|| accepted + limits.hello_timeout);
-        // Its first byte comes at once from any client but a person: a TLS hello, a probe. A
-        // connection that sends nothing for a second is a parked stranger, or a dead one the
-        // kernel handed over late (its peer gone before its handshake was accepted), and is
-        // not kept for the whole hello timeout.
-        let first_byte = match guest_deadline {
-            Some(deadline) => deadline.min(accepted + FIRST_BYTE_TIMEOUT),
-            None => accepted + limits.idle_timeout,
-        };
-        let transport = match tls::accept(Arc::clone(&stream), shared.security.tls.as_ref(), first_byte) {
-            Ok(Some(Transport::Tls(mut tls))) => {
+        let transport = match tls::transport(Arc::clone(&stream), shared.security.tls.as_ref(), first) {
+            Ok(Transport::Tls(mut tls)) => {
                 // A handshake has begun: under way, the last a guest to be evicted.
                 peer.set_stage(Stage::Underway);
                 // Ended by the server, or hung up by the client while waiting for its turn.
@@ -277,15 +206,9 @@ fn spawn_connection(
                 }
                 Transport::Tls(tls)
             }
-            Ok(Some(transport)) => transport,
-            Ok(None) => return,
+            Ok(transport) => transport,
             Err(e) => {
-                // Silent from the start (or evicted before a word): not TLS, so it may read a
-                // line of plain text.
                 debug!("action: accept_tls | result: fail | id: {id} | error: {e}");
-                let mut conn = Connection::new(stream, Duration::from_millis(100));
-                let waited = first_byte.saturating_duration_since(accepted);
-                session::farewell_before_first_byte(&mut conn, &peer, waited, &shared.guest_log, ip);
                 return;
             }
         };

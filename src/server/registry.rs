@@ -30,14 +30,31 @@ pub enum Ended {
 /// arriving) for longer than [`UNDERWAY_GRACE`], oldest first within each. An agency
 /// connecting is mid-way for milliseconds; most attackers are never mid-way, and one that
 /// stalls mid-way is evicted once its grace is over. When every guest is young and mid-way,
-/// the newcomer is turned away instead: it waits behind guests that are busy, not idle, and
-/// closing one of them would only make a crowd of agencies (a thousand behind one address)
-/// close each other in turn.
+/// the newcomer waits at the door for a place, in turn: closing a busy guest would only make a
+/// crowd of agencies (a thousand behind one address) close each other in turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
     Probed = 0,
     Silent = 1,
     Underway = 2,
+}
+
+/// What became of a connection at the door.
+pub enum Admission {
+    /// A guest now.
+    Admitted(Arc<Peer>),
+    /// Every guest place (of all, or of its address) is taken by a guest that is young and
+    /// under way: it may wait for one.
+    Crowded(Crowd),
+    /// The server serves as many connections as it may.
+    Full,
+}
+
+/// Which guest places are all taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crowd {
+    All,
+    Address,
 }
 
 /// One live connection, as others may need to reach it.
@@ -155,9 +172,9 @@ impl Registry {
     }
 
     /// Admits connection `id` from `ip` as a guest, first evicting the oldest guest of that
-    /// address, then the oldest of all, as the guest limits require; refuses it (`None`) if the
-    /// guests are still too many (all young and under way) or the connections being served
-    /// reach `ceiling`. Returns the peer and how many
+    /// address, then the oldest of all, as the guest limits require. It is not admitted if the
+    /// guests are still too many (all young and under way: [`Admission::Crowded`]) or if the
+    /// connections being served reach `ceiling` ([`Admission::Full`]). Also returns how many
     /// guests were evicted.
     pub fn admit(
         &self,
@@ -167,7 +184,7 @@ impl Registry {
         stage: Stage,
         limits: GuestLimits,
         ceiling: usize,
-    ) -> (Option<Arc<Peer>>, usize) {
+    ) -> (Admission, usize) {
         let mut live = self.lock();
         let mut evicted = 0;
         while live.guests_per_ip.get(&ip).copied().unwrap_or(0) >= limits.per_ip && live.evict_oldest(Some(ip)) {
@@ -176,18 +193,22 @@ impl Registry {
         while live.guests.len() >= limits.total && live.evict_oldest(None) {
             evicted += 1;
         }
-        let crowded =
-            live.guests_per_ip.get(&ip).copied().unwrap_or(0) >= limits.per_ip || live.guests.len() >= limits.total;
         // Those told to end are leaving within a fraction of a second, but a pile of them
         // counts too: threads are what the ceiling bounds.
-        if crowded || live.peers.len() - live.ending >= ceiling || live.peers.len() >= 2 * ceiling {
-            return (None, evicted);
+        if live.peers.len() - live.ending >= ceiling || live.peers.len() >= 2 * ceiling {
+            return (Admission::Full, evicted);
+        }
+        if live.guests.len() >= limits.total {
+            return (Admission::Crowded(Crowd::All), evicted);
+        }
+        if live.guests_per_ip.get(&ip).copied().unwrap_or(0) >= limits.per_ip {
+            return (Admission::Crowded(Crowd::Address), evicted);
         }
         let peer = Arc::new(Peer { stream, ended: AtomicU8::new(0), stage: AtomicU8::new(stage as u8) });
         live.peers.insert(id, Arc::clone(&peer));
         live.guests.insert(id, (ip, Instant::now()));
         *live.guests_per_ip.entry(ip).or_default() += 1;
-        (Some(peer), evicted)
+        (Admission::Admitted(peer), evicted)
     }
 
     /// Forgets connection `id`, any agency it spoke for, and its guest place.
@@ -243,8 +264,10 @@ mod tests {
 
     fn admit(registry: &Registry, id: u64, ip: IpAddr, listener: &TcpListener) -> (Arc<Peer>, usize) {
         let stream = Arc::new(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
-        let (peer, evicted) = registry.admit(id, ip, stream, Stage::Silent, GuestLimits { total: 3, per_ip: 2 }, 100);
-        (peer.expect("room under the ceiling"), evicted)
+        match registry.admit(id, ip, stream, Stage::Silent, GuestLimits { total: 3, per_ip: 2 }, 100) {
+            (Admission::Admitted(peer), evicted) => (peer, evicted),
+            _ => panic!("no room for {id}"),
+        }
     }
 
     #[test]

@@ -24,21 +24,6 @@ use crate::wire::token::Token;
 /// How long a connection that is being ended (evicted, timed out) may take to read why.
 const FAREWELL: Duration = Duration::from_millis(100);
 
-/// Says why to a connection that never sent its first byte (or was evicted first), then closes.
-pub fn farewell_before_first_byte(conn: &mut Connection, peer: &Peer, waited: Duration, log: &GuestLog, ip: IpAddr) {
-    let why = if peer.ended() == Ended::Evicted {
-        ProtocolError::new(
-            ErrorCode::Busy,
-            "the server is full of connections that have not said HELLO; this, the oldest, makes room",
-        )
-    } else {
-        log.event(GuestEvent::TimedOut, || info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT"));
-        ProtocolError::new(ErrorCode::Timeout, format!("nothing sent within {} ms; closing", waited.as_millis()))
-    };
-    let _ = conn.write_reply(&Reply::Err(why));
-    conn.close();
-}
-
 /// Requests a guest may make before `HELLO`: a probe is a few (`PING`, `STATUS`, `QUIT`); a
 /// stranger asking without end would only cost the server for nothing.
 const MAX_GUEST_REQUESTS: u32 = 16;

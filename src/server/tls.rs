@@ -11,20 +11,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
-use crate::wire::transport::{Arrived, Socket, Transport, peek_now};
+use crate::wire::transport::{Socket, Transport};
 
 /// The first byte of every TLS connection: a record of type "handshake".
-const TLS_HANDSHAKE: u8 = 0x16;
-
-/// Whether a TLS handshake's first byte has already arrived on `stream` (without waiting).
-pub fn opens_handshake_now(stream: &TcpStream) -> bool {
-    peek_now(stream) == Arrived::Byte(TLS_HANDSHAKE)
-}
-
-/// Whether a plain-text client's first byte has already arrived on `stream` (without waiting).
-pub fn speaks_plain_now(stream: &TcpStream) -> bool {
-    matches!(peek_now(stream), Arrived::Byte(b) if b != TLS_HANDSHAKE)
-}
+pub const TLS_HANDSHAKE: u8 = 0x16;
 
 /// A rustls server configuration from a PEM certificate chain and its PEM private key.
 ///
@@ -50,37 +40,24 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
     Ok(Arc::new(config))
 }
 
-/// The connection's transport: TLS if `tls` is set and the client's first byte opens a
-/// handshake, else plain text. Waits for that first byte until `deadline`; `Ok(None)` if the
-/// client hung up first. The handshake itself runs on the first read, under its deadline.
+/// The connection's transport, from the client's `first` byte (still unread): TLS if `tls` is
+/// set and that byte opens a handshake, else plain text. The handshake itself runs later,
+/// under its deadline.
 ///
 /// # Errors
-/// The wait timed out (`TimedOut`/`WouldBlock`), or the socket failed.
-pub fn accept(
+/// rustls cannot start a connection with this configuration.
+pub fn transport(
     stream: Arc<TcpStream>,
     tls: Option<&Arc<ServerConfig>>,
-    deadline: Instant,
-) -> io::Result<Option<Transport<ServerConnection>>> {
-    let Some(tls) = tls else { return Ok(Some(Transport::Plain(Socket::new(stream)))) };
-    let mut first = [0u8; 1];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "no first byte in time"));
+    first: u8,
+) -> io::Result<Transport<ServerConnection>> {
+    match tls {
+        Some(tls) if first == TLS_HANDSHAKE => {
+            let conn = ServerConnection::new(Arc::clone(tls)).map_err(io::Error::other)?;
+            Ok(Transport::Tls(Box::new(StreamOwned::new(conn, Socket::new(stream)))))
         }
-        stream.set_read_timeout(Some(left))?;
-        match stream.peek(&mut first) {
-            Ok(0) => return Ok(None),
-            Ok(_) => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+        _ => Ok(Transport::Plain(Socket::new(stream))),
     }
-    if first[0] != TLS_HANDSHAKE {
-        return Ok(Some(Transport::Plain(Socket::new(stream))));
-    }
-    let conn = ServerConnection::new(Arc::clone(tls)).map_err(io::Error::other)?;
-    Ok(Some(Transport::Tls(Box::new(StreamOwned::new(conn, Socket::new(stream))))))
 }
 
 /// Rations the CPU that TLS handshakes take: at most as many run their cryptography at once as

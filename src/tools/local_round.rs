@@ -438,7 +438,7 @@ impl LocalServer {
         let (round, _) = FileLedger::open(config).map_err(|e| e.to_string())?;
         let listener = server::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 1024).map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let shutdown = ShutdownHandle::new(&listener).map_err(|e| e.to_string())?;
+        let shutdown = ShutdownHandle::new().map_err(|e| e.to_string())?;
         let mut limits = Limits::from_settings(settings);
         // Room for every agency besides the guests (the progress probe, hostile clients).
         limits.max_connections = limits.max_connections.max(opts.agencies as usize + 1 + limits.guests.total);

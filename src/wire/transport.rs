@@ -12,6 +12,8 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Instant;
 
+use rustix::io::Errno;
+use rustix::net::{RecvFlags, SendFlags};
 use rustls::{ConnectionCommon, SideData, StreamOwned};
 
 /// A socket shared with whoever must be able to shut it down (the server's registry, the
@@ -128,20 +130,22 @@ pub enum Arrived {
     Closed,
 }
 
-/// Peeks at `stream` without blocking (it is switched to non-blocking for that one call).
+/// Peeks at `stream` without blocking and without touching its mode: one `recv` with
+/// `MSG_PEEK | MSG_DONTWAIT`.
 pub fn peek_now(stream: &TcpStream) -> Arrived {
-    if stream.set_nonblocking(true).is_err() {
-        return Arrived::Closed;
-    }
     let mut first = [0u8; 1];
-    let peeked = stream.peek(&mut first);
-    let _ = stream.set_nonblocking(false);
-    match peeked {
-        Ok(0) => Arrived::Closed,
+    match rustix::net::recv(stream, &mut first, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((_, 0)) => Arrived::Closed,
         Ok(_) => Arrived::Byte(first[0]),
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => Arrived::Nothing,
+        Err(e) if e == Errno::AGAIN || e == Errno::INTR => Arrived::Nothing,
         Err(_) => Arrived::Closed,
     }
+}
+
+/// Writes what a fresh socket's send buffer takes of `bytes` at once, never waiting: for a
+/// last word to a connection that is being closed by a thread that must not block.
+pub fn send_now(stream: &TcpStream, bytes: &[u8]) {
+    let _ = rustix::net::send(stream, bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
 }
 
 /// The rustls error behind an I/O error, if any: a certificate that is not trusted, a record

@@ -1,0 +1,428 @@
+//! The door: the one thread that accepts connections. It takes each connection as soon as it
+//! arrives, so that the listen queue never fills and an agency never waits behind strangers in
+//! the kernel, and holds it, with no thread of its own, until the client's first byte arrives;
+//! only then does the connection get its thread. A stranger that connects and says nothing, or
+//! connects and hangs up thousands of times a second, costs the server a socket and an entry in
+//! `epoll`, never a thread's start and end.
+//!
+//! When every guest place is taken by a guest that is young and under way (a crowd of TLS
+//! handshakes), a newcomer waits in the door's *waiting room*, and places are given in the order
+//! of arrival: an agency is never turned away to retry later while strangers who reconnect at
+//! once take every place that frees up. (The kernel's listen queue would keep that order too,
+//! but it is short, and a connection that finds it full waits a second for its SYN to be sent
+//! again.)
+//!
+//! The door also ends what it holds, without waiting on anyone: a connection silent past its
+//! first-byte deadline (`ERR TIMEOUT`), one evicted to make room for a newer guest (`ERR BUSY`),
+//! one that hung up, one that waited for a place for the whole hello timeout. It waits in
+//! `epoll` on the listener, the held connections and the shutdown handle's eventfd, so that a
+//! shutdown wakes it whatever the network is doing.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use rustix::buffer::spare_capacity;
+use rustix::event::{Timespec, epoll};
+use rustix::io::Errno;
+
+use crate::server::auth;
+use crate::server::guest_log::{GuestEvent, GuestLog};
+use crate::server::registry::{Admission, Crowd, Ended, Peer, Registry, Stage};
+use crate::server::{Limits, Security, ShutdownHandle, tls};
+use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
+use crate::wire::transport::{Arrived, peek_now, send_now};
+
+/// How long a guest (but a trusted one) may take to send its first byte: it comes at once from
+/// any client but a person (a TLS hello, a probe). A connection silent for a second is a parked
+/// stranger, or a dead one the kernel handed over late, and is not kept for the hello timeout.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the door pauses after a failed `accept` or `epoll_wait`: a lasting failure (no file
+/// descriptor frees up) must not spin it.
+const ERROR_PAUSE: Duration = Duration::from_millis(20);
+
+/// Most connections accepted in one go, before the door looks at what it holds again.
+const ACCEPT_BURST: usize = 256;
+
+/// Most connections in the waiting room: each costs a file descriptor and a few bytes.
+const WAITING_ROOM: usize = 4096;
+
+/// How often the door looks whether a place has freed up while someone waits for one.
+const ROOM_TICK: Duration = Duration::from_millis(2);
+
+/// Most events taken from `epoll` in one wait.
+const EVENTS: usize = 512;
+
+/// The `epoll` keys of the listener and of the shutdown's eventfd; a held connection's key is
+/// its id, which never reaches these.
+const LISTENER: u64 = u64::MAX;
+const WAKE: u64 = u64::MAX - 1;
+
+/// A connection whose first byte has arrived: its thread is to start.
+pub struct Spoke {
+    pub id: u64,
+    pub stream: Arc<TcpStream>,
+    pub ip: IpAddr,
+    pub peer: Arc<Peer>,
+    pub accepted: Instant,
+    /// Its first byte, still unread.
+    pub first: u8,
+}
+
+/// What came of a waiting connection's turn.
+enum Seated {
+    /// It has left the waiting room: admitted, or turned away.
+    Yes,
+    /// Its address has no guest place free: it waits on, and so does the rest of that address.
+    NotThisAddress,
+    /// No guest place is free: everyone waits on.
+    NoPlace,
+}
+
+/// A connection that has not yet said anything.
+struct Held {
+    stream: Arc<TcpStream>,
+    ip: IpAddr,
+    peer: Arc<Peer>,
+    accepted: Instant,
+    deadline: Instant,
+}
+
+/// A connection waiting for a guest place.
+struct Waiting {
+    stream: Arc<TcpStream>,
+    ip: IpAddr,
+    arrived: Instant,
+}
+
+/// What a connection's admission needs to know of the server.
+pub struct Rules<'a> {
+    pub registry: &'a Registry,
+    pub guest_log: &'a GuestLog,
+    pub security: &'a Security,
+    pub limits: Limits,
+}
+
+pub struct Door<'a> {
+    listener: &'a TcpListener,
+    shutdown: &'a ShutdownHandle,
+    rules: Rules<'a>,
+    epoll: OwnedFd,
+    held: HashMap<u64, Held>,
+    /// Connections waiting for a place, in their order of arrival.
+    room: VecDeque<Waiting>,
+    /// When each held connection's time is up, soonest first.
+    deadlines: BTreeSet<(Instant, u64)>,
+    events: Vec<epoll::Event>,
+    spoke: VecDeque<Spoke>,
+    next_id: u64,
+}
+
+impl<'a> Door<'a> {
+    /// A door on `listener`, which it switches to non-blocking, woken by `shutdown`.
+    ///
+    /// # Errors
+    /// `epoll` cannot be set up.
+    pub fn new(listener: &'a TcpListener, shutdown: &'a ShutdownHandle, rules: Rules<'a>) -> io::Result<Door<'a>> {
+        listener.set_nonblocking(true)?;
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        epoll::add(&epoll, listener, epoll::EventData::new_u64(LISTENER), epoll::EventFlags::IN)?;
+        epoll::add(&epoll, shutdown.wake_fd(), epoll::EventData::new_u64(WAKE), epoll::EventFlags::IN)?;
+        Ok(Door {
+            listener,
+            shutdown,
+            rules,
+            epoll,
+            held: HashMap::new(),
+            room: VecDeque::new(),
+            deadlines: BTreeSet::new(),
+            events: Vec::with_capacity(EVENTS),
+            spoke: VecDeque::new(),
+            next_id: 0,
+        })
+    }
+
+    /// Waits for something to happen (or the next deadline), and deals with it.
+    fn wait(&mut self) {
+        let now = Instant::now();
+        let mut timeout = self.deadlines.first().map_or(FIRST_BYTE_TIMEOUT, |(d, _)| d.saturating_duration_since(now));
+        if !self.room.is_empty() {
+            timeout = timeout.min(ROOM_TICK);
+        }
+        // Rounded up to a whole millisecond, so that a deadline is never woken for just before it.
+        let timeout = Timespec::try_from(timeout + Duration::from_micros(999)).ok();
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
+        match epoll::wait(&self.epoll, spare_capacity(&mut events), timeout.as_ref()) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => {
+                warn!("action: accept_connections | result: fail | error: {e}");
+                thread::sleep(ERROR_PAUSE);
+            }
+        }
+        for event in &events {
+            match event.data.u64() {
+                LISTENER => self.accept_burst(),
+                WAKE => {}
+                id => self.look(id),
+            }
+        }
+        self.events = events;
+        self.seat(Instant::now());
+        self.expire(Instant::now());
+    }
+
+    fn accept_burst(&mut self) {
+        for _ in 0..ACCEPT_BURST {
+            match self.listener.accept() {
+                Ok((stream, addr)) => self.arrive(stream, addr.ip()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of file descriptors, a connection reset before accept: not fatal.
+                    warn!("action: accept_connections | result: fail | error: {e}");
+                    thread::sleep(ERROR_PAUSE);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A new connection: into the waiting room, to be seated with the others in their turn.
+    fn arrive(&mut self, stream: TcpStream, ip: IpAddr) {
+        if self.room.len() >= WAITING_ROOM {
+            let Rules { guest_log, limits, security, .. } = self.rules;
+            guest_log.event(GuestEvent::Refused, || {
+                warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
+            });
+            refuse_busy(&stream, limits.max_connections, security.tls.is_some());
+            return;
+        }
+        self.room.push_back(Waiting { stream: Arc::new(stream), ip, arrived: Instant::now() });
+    }
+
+    /// Gives guest places to those waiting, in their order of arrival, as far as there are
+    /// places; one whose own address has no place left waits on without holding up the others.
+    /// Those that hung up while waiting leave, and those that waited the whole hello timeout
+    /// are turned away.
+    fn seat(&mut self, now: Instant) {
+        let Rules { guest_log, limits, security, .. } = self.rules;
+        while let Some(first) = self.room.front()
+            && now.duration_since(first.arrived) >= limits.hello_timeout
+        {
+            if let Some(Waiting { stream, ip, .. }) = self.room.pop_front() {
+                guest_log.event(GuestEvent::Refused, || {
+                    warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
+                });
+                refuse_busy(&stream, limits.max_connections, security.tls.is_some());
+            }
+        }
+        let mut crowded: Vec<IpAddr> = Vec::new();
+        let mut i = 0;
+        while i < self.room.len() {
+            if crowded.contains(&self.room[i].ip) {
+                i += 1;
+                continue;
+            }
+            let first = match peek_now(&self.room[i].stream) {
+                // Hung up while waiting: there is no one to serve.
+                Arrived::Closed => {
+                    self.room.remove(i);
+                    continue;
+                }
+                Arrived::Byte(b) => Some(b),
+                Arrived::Nothing => None,
+            };
+            match self.admit(i, first) {
+                Seated::Yes => {}
+                Seated::NotThisAddress => {
+                    crowded.push(self.room[i].ip);
+                    i += 1;
+                }
+                Seated::NoPlace => return,
+            }
+        }
+    }
+
+    /// Admits the `i`th waiting connection as a guest (or turns it away if the server is
+    /// full), then hands it on at once if it has already spoken (a TLS client's hello usually
+    /// has), else holds it.
+    fn admit(&mut self, i: usize, first: Option<u8>) -> Seated {
+        let Rules { registry, guest_log, limits, security } = self.rules;
+        let Some(waiting) = self.room.get(i) else { return Seated::NoPlace };
+        let (ip, stream) = (waiting.ip, Arc::clone(&waiting.stream));
+        let tls = security.tls.is_some();
+        let stage = if tls && first == Some(tls::TLS_HANDSHAKE) { Stage::Underway } else { Stage::Silent };
+        let id = self.next_id + 1;
+        let (admission, evicted) =
+            registry.admit(id, ip, Arc::clone(&stream), stage, limits.guests, limits.max_connections);
+        for _ in 0..evicted {
+            guest_log.event(GuestEvent::Evicted, || {
+                info!("action: evict_guest | result: success | detail: the oldest guest made room for a newer one");
+            });
+        }
+        let peer = match admission {
+            Admission::Admitted(peer) => peer,
+            Admission::Crowded(Crowd::Address) => return Seated::NotThisAddress,
+            Admission::Crowded(Crowd::All) => return Seated::NoPlace,
+            Admission::Full => {
+                self.room.remove(i);
+                guest_log.event(GuestEvent::Refused, || {
+                    warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
+                });
+                refuse_busy(&stream, limits.max_connections, tls);
+                return Seated::Yes;
+            }
+        };
+        self.room.remove(i);
+        self.next_id = id;
+        guest_log.event(GuestEvent::Accepted, || info!("action: accept_connections | result: success | ip: {ip}"));
+        let accepted = Instant::now();
+        if let Some(first) = first {
+            self.spoke.push_back(Spoke { id, stream, ip, peer, accepted, first });
+            return Seated::Yes;
+        }
+        // A person at `nc` on the server's own machine, in protected mode, gets the idle timeout.
+        let trusted = security.keys.is_none() && auth::is_loopback(ip);
+        let deadline = if trusted {
+            accepted + limits.idle_timeout
+        } else {
+            accepted + FIRST_BYTE_TIMEOUT.min(limits.hello_timeout)
+        };
+        let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP;
+        if let Err(e) = epoll::add(&self.epoll, &*stream, epoll::EventData::new_u64(id), flags) {
+            warn!("action: accept_connections | result: fail | ip: {ip} | error: {e}");
+            registry.remove(id);
+            return Seated::Yes;
+        }
+        self.deadlines.insert((deadline, id));
+        self.held.insert(id, Held { stream, ip, peer, accepted, deadline });
+        Seated::Yes
+    }
+
+    /// A held connection has something to say: its first byte, a hang-up, or an eviction (which
+    /// shuts its reading half).
+    fn look(&mut self, id: u64) {
+        let Some(held) = self.held.get(&id) else { return };
+        let arrived = peek_now(&held.stream);
+        let ended = held.peer.ended();
+        if arrived == Arrived::Nothing && ended == Ended::No {
+            return;
+        }
+        let Some(held) = self.release(id) else { return };
+        match (arrived, ended) {
+            (Arrived::Byte(first), Ended::No) => {
+                let Held { stream, ip, peer, accepted, .. } = held;
+                self.spoke.push_back(Spoke { id, stream, ip, peer, accepted, first });
+            }
+            (_, Ended::Evicted) => {
+                let why = "the server is full of connections that have not said HELLO; this, the oldest, makes room";
+                self.farewell(id, &held, ErrorCode::Busy, why.to_owned());
+            }
+            // It hung up.
+            _ => self.rules.registry.remove(id),
+        }
+    }
+
+    /// Ends every held connection whose time is up.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(deadline, id)) = self.deadlines.first()
+            && deadline <= now
+        {
+            let Some(held) = self.release(id) else { continue };
+            let ip = held.ip;
+            self.rules.guest_log.event(GuestEvent::TimedOut, || {
+                info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT");
+            });
+            let waited = held.deadline.saturating_duration_since(held.accepted).as_millis();
+            self.farewell(id, &held, ErrorCode::Timeout, format!("nothing sent within {waited} ms"));
+        }
+    }
+
+    /// Stops watching a held connection.
+    fn release(&mut self, id: u64) -> Option<Held> {
+        let held = self.held.remove(&id)?;
+        self.deadlines.remove(&(held.deadline, id));
+        let _ = epoll::delete(&self.epoll, &*held.stream);
+        Some(held)
+    }
+
+    /// Says why (as far as the socket takes it without waiting) and closes.
+    fn farewell(&self, id: u64, held: &Held, code: ErrorCode, why: String) {
+        let mut line = Vec::new();
+        Reply::Err(ProtocolError::new(code, format!("{why}; closing"))).encode(&mut line);
+        send_now(&held.stream, &line);
+        let _ = held.stream.shutdown(Shutdown::Both);
+        self.rules.registry.remove(id);
+    }
+}
+
+/// The connections that have said their first byte, in turn; the end once the server shuts down.
+impl Iterator for Door<'_> {
+    type Item = Spoke;
+
+    fn next(&mut self) -> Option<Spoke> {
+        loop {
+            if self.shutdown.is_triggered() {
+                return None;
+            }
+            if let Some(spoke) = self.spoke.pop_front() {
+                return Some(spoke);
+            }
+            self.wait();
+        }
+    }
+}
+
+impl Drop for Door<'_> {
+    /// At shutdown: what was held or not yet handed on had said nothing worth an answer.
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.held.keys().copied().collect();
+        for id in ids {
+            if let Some(held) = self.release(id) {
+                let _ = held.stream.shutdown(Shutdown::Both);
+                self.rules.registry.remove(id);
+            }
+        }
+        for waiting in self.room.drain(..) {
+            let _ = waiting.stream.shutdown(Shutdown::Both);
+        }
+        for spoke in self.spoke.drain(..) {
+            let _ = spoke.stream.shutdown(Shutdown::Both);
+            self.rules.registry.remove(spoke.id);
+        }
+        let _ = self.listener.set_nonblocking(false);
+    }
+}
+
+/// Answers `ERR BUSY` and closes: the client is told at once, never queued. On a TLS server a
+/// client that has already begun (or may yet begin) a handshake is closed without a word: a
+/// plain-text line would reach its TLS layer as a broken record, where the agency treats it as
+/// final; a bare close it retries.
+fn refuse_busy(stream: &TcpStream, max: usize, tls: bool) {
+    let plain = matches!(peek_now(stream), Arrived::Byte(b) if b != tls::TLS_HANDSHAKE);
+    if !tls || plain {
+        let mut out = Vec::new();
+        let why = format!("the server serves {max} connections at once; try again later");
+        Reply::Err(ProtocolError::new(ErrorCode::Busy, why)).encode(&mut out);
+        send_now(stream, &out);
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// The shutdown handle's side of the door: an eventfd that a trigger makes readable.
+pub fn wake_fd() -> io::Result<OwnedFd> {
+    let flags = rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK;
+    Ok(rustix::event::eventfd(0, flags)?)
+}
+
+/// Makes the door's `epoll_wait` return.
+pub fn wake(fd: &impl AsFd) {
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+}

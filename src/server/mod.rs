@@ -27,10 +27,10 @@ use log::{debug, error, info};
 use crate::config::ServerSettings;
 use crate::ledger::Ledger;
 use crate::wire::connection::Connection;
-use crate::wire::transport::{Arrived, Transport, peek_now};
+use crate::wire::transport::Transport;
 use auth::AgencyKeys;
 use guest_log::GuestLog;
-use registry::{Ended, GuestLimits, Registry, Stage};
+use registry::{GuestLimits, Registry, Stage};
 use session::{Context, Session};
 
 /// Stack of a connection's thread: a session needs a few KiB; the default 2 MiB would only
@@ -194,13 +194,11 @@ fn spawn_connection(spoke: door::Spoke, shared: Shared, limits: Limits) -> io::R
         let guest_deadline = (!trusted).then(|| accepted + limits.hello_timeout);
         let transport = match tls::transport(Arc::clone(&stream), shared.security.tls.as_ref(), first) {
             Ok(Transport::Tls(mut tls)) => {
-                // A handshake has begun: under way, the last a guest to be evicted.
+                // A handshake has begun: under way, among the last guests to be evicted.
                 peer.set_stage(Stage::Underway);
-                // Ended by the server, or hung up by the client while waiting for its turn.
-                let gone = || peer.ended() != Ended::No || peek_now(&stream) == Arrived::Closed;
                 let by =
                     guest_deadline.map_or(accepted + limits.idle_timeout, |d| d.min(accepted + limits.idle_timeout));
-                if let Err(e) = tls::handshake(&mut tls, &shared.gate, by, &gone) {
+                if let Err(e) = tls::handshake(&mut tls, &shared.gate, by, &peer) {
                     debug!("action: tls_handshake | result: fail | id: {id} | error: {e}");
                     return;
                 }

@@ -31,12 +31,16 @@ pub enum Ended {
 /// connecting is mid-way for milliseconds; most attackers are never mid-way, and one that
 /// stalls mid-way is evicted once its grace is over. When every guest is young and mid-way,
 /// the newcomer waits at the door for a place, in turn: closing a busy guest would only make a
-/// crowd of agencies (a thousand behind one address) close each other in turn.
+/// crowd of agencies (a thousand behind one address) close each other in turn. A guest waiting
+/// for its turn to compute its TLS handshake ([`Stage::Queued`]) is never evicted: the wait is
+/// the server's, not the client's, and evicting it would throw away the place in the queue of
+/// the agency that waits longest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
     Probed = 0,
     Silent = 1,
     Underway = 2,
+    Queued = 3,
 }
 
 /// What became of a connection at the door.
@@ -73,7 +77,8 @@ impl Peer {
         match self.stage.load(Ordering::Relaxed) {
             0 => Stage::Probed,
             1 => Stage::Silent,
-            _ => Stage::Underway,
+            2 => Stage::Underway,
+            _ => Stage::Queued,
         }
     }
 
@@ -133,11 +138,13 @@ impl Live {
     fn evict_oldest(&mut self, ip: Option<IpAddr>) -> bool {
         let now = Instant::now();
         let stage = |id: &u64| self.peers.get(id).map_or(Stage::Probed, |p| p.stage());
-        let candidates = self
-            .guests
-            .iter()
-            .filter(|(_, (g, _))| ip.is_none_or(|ip| *g == ip))
-            .filter(|(id, (_, came))| stage(id) != Stage::Underway || now.duration_since(*came) >= UNDERWAY_GRACE);
+        let candidates = self.guests.iter().filter(|(_, (g, _))| ip.is_none_or(|ip| *g == ip)).filter(
+            |(id, (_, came))| match stage(id) {
+                Stage::Probed | Stage::Silent => true,
+                Stage::Underway => now.duration_since(*came) >= UNDERWAY_GRACE,
+                Stage::Queued => false,
+            },
+        );
         // `min_by_key` keeps the first of equals: the oldest, as `guests` is ordered by id.
         let Some(id) = candidates.map(|(&id, _)| id).min_by_key(stage) else { return false };
         self.forget_guest(id);

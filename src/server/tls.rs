@@ -11,7 +11,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
-use crate::wire::transport::{Socket, Transport};
+use crate::server::registry::{Ended, Peer, Stage};
+use crate::wire::transport::{Arrived, Socket, Transport, peek_now};
 
 /// The first byte of every TLS connection: a record of type "handshake".
 pub const TLS_HANDSHAKE: u8 = 0x16;
@@ -108,17 +109,19 @@ impl HandshakeGate {
 }
 
 /// Runs the server's side of a TLS handshake to its end before `deadline`: reading and writing
-/// freely, computing only with a permit of `gate`.
+/// freely, computing only with a permit of `gate`, while `peer` is [`Stage::Queued`].
 ///
 /// # Errors
-/// The deadline passed, the peer hung up or was ended (`gone`), or the handshake failed (an
-/// alert is sent first when there is one to send).
+/// The deadline passed, the peer hung up or was ended, or the handshake failed (an alert is
+/// sent first when there is one to send).
 pub fn handshake(
     tls: &mut StreamOwned<ServerConnection, Socket>,
     gate: &HandshakeGate,
     deadline: Instant,
-    gone: &dyn Fn() -> bool,
+    peer: &Peer,
 ) -> io::Result<()> {
+    // Ended by the server, or hung up by the client while waiting for its turn.
+    let gone = || peer.ended() != Ended::No || peek_now(&peer.stream) == Arrived::Closed;
     tls.sock.read_deadline = Some(deadline);
     tls.sock.write_deadline = Some(deadline);
     while tls.conn.is_handshaking() {
@@ -131,7 +134,11 @@ pub fn handshake(
         if tls.conn.read_tls(&mut tls.sock)? == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer hung up during the handshake"));
         }
-        let Some(_permit) = gate.acquire(deadline, gone) else {
+        peer.set_stage(Stage::Queued);
+        let permit = gate.acquire(deadline, &gone);
+        peer.set_stage(Stage::Underway);
+        // A client that left while we waited is not worth the computation.
+        let Some(_permit) = permit.filter(|_| !gone()) else {
             let why =
                 if gone() { "ended while waiting for its turn" } else { "no turn to compute before the deadline" };
             return Err(io::Error::new(io::ErrorKind::TimedOut, why));

@@ -4,10 +4,11 @@
 //! loop checks the stop flag at least every 200 ms, and every socket has timeouts, so that
 //! stopping them is prompt and nothing of theirs outlives [`Attackers::stop`].
 //!
-//! Attacker threads run at the lowest CPU priority (nice 19): they stand in for a botnet's own
-//! machines, and on a shared machine a thousand busy attacker threads would otherwise take the
-//! CPU from the server and agencies by their number alone, whatever the server does. The
-//! server's work for them (accepts, handshakes, replies) runs at normal priority and counts.
+//! Attacker threads run at the lowest CPU priority (`SCHED_IDLE`, see [`lowest_priority`]):
+//! they stand in for a botnet's own machines, and on a shared machine a thousand busy attacker
+//! threads would otherwise take the CPU from the server and agencies by their number alone,
+//! whatever the server does. The server's work for them (accepts, handshakes, replies) runs at
+//! normal priority and counts.
 //!
 //! The attackers hold no token: on a server with agency keys, what they may do is what a
 //! stranger may. (In protected mode every loopback peer is trusted, so attacks make no sense
@@ -215,6 +216,23 @@ impl Attackers {
     }
 }
 
+/// Puts this thread (only) in Linux's `SCHED_IDLE` class, or at nice 19 where that is refused;
+/// if neither can be done the attack runs at full priority, which is harsher.
+///
+/// Nice 19 alone is not enough: the scheduler weighs each thread, a nice-19 thread 15 and a
+/// normal one 1024, so 2,000 busy attacker threads outweighed the round's dozen threads 2.5 to
+/// 1, and a round measured the attackers' own appetite (in an `impersonate` round, two thirds
+/// of the CPU went to the attackers' key generation). A `SCHED_IDLE` thread weighs 3.
+fn lowest_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler(2) on the calling thread (pid 0) with a valid parameter; it
+    // reads `param` and touches no memory of ours.
+    let idle = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0;
+    if !idle {
+        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+    }
+}
+
 /// Attacker `i`'s own loopback address: 127.1.0.1, 127.1.0.2, … (never .0 or .255).
 fn spread_address(i: usize) -> IpAddr {
     let (hi, lo) = ((i / 254) as u8, (i % 254 + 1) as u8);
@@ -230,9 +248,7 @@ fn attacker(
     stop: &AtomicBool,
     connected: &AtomicU64,
 ) -> Report {
-    // This thread only (a thread id as the process id of PRIO_PROCESS is Linux's per-thread
-    // niceness); if it cannot be lowered the attack runs at full priority, which is harsher.
-    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+    lowest_priority();
     let mut report = Report { attackers: 1, ..Report::default() };
     let mut seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     while !stop.load(Ordering::SeqCst) {

@@ -197,6 +197,11 @@ impl<'a> Door<'a> {
     /// A new connection: into the waiting room, to be seated with the others in their turn.
     fn arrive(&mut self, stream: TcpStream, ip: IpAddr) {
         if self.room.len() >= WAITING_ROOM {
+            // Strangers that gave up waiting are only found when their turn comes: a full room
+            // is mostly theirs, and an agency must not be turned away for them.
+            self.room.retain(|w| peek_now(&w.stream) != Arrived::Closed);
+        }
+        if self.room.len() >= WAITING_ROOM {
             let Rules { guest_log, limits, security, .. } = self.rules;
             guest_log.event(GuestEvent::Refused, || {
                 warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");

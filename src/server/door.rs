@@ -31,9 +31,8 @@ use rustix::buffer::spare_capacity;
 use rustix::event::{Timespec, epoll};
 use rustix::io::Errno;
 
-use crate::server::auth;
 use crate::server::guest_log::{GuestEvent, GuestLog};
-use crate::server::registry::{Admission, Crowd, Ended, Peer, Registry, Stage};
+use crate::server::registry::{self, Admission, Crowd, Ended, Peer, Registry, Stage};
 use crate::server::{Limits, Security, ShutdownHandle, tls};
 use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
 use crate::wire::transport::{Arrived, peek_now, send_now};
@@ -151,12 +150,13 @@ impl<'a> Door<'a> {
     /// Waits for something to happen (or the next deadline), and deals with it.
     fn wait(&mut self) {
         let now = Instant::now();
-        let mut timeout = self.deadlines.first().map_or(FIRST_BYTE_TIMEOUT, |(d, _)| d.saturating_duration_since(now));
+        // Nothing due: wait for an event (a shutdown is one).
+        let mut timeout = self.deadlines.first().map(|(d, _)| d.saturating_duration_since(now));
         if !self.room.is_empty() {
-            timeout = timeout.min(ROOM_TICK);
+            timeout = Some(timeout.map_or(ROOM_TICK, |t| t.min(ROOM_TICK)));
         }
         // Rounded up to a whole millisecond, so that a deadline is never woken for just before it.
-        let timeout = Timespec::try_from(timeout + Duration::from_micros(999)).ok();
+        let timeout = timeout.and_then(|t| Timespec::try_from(t + Duration::from_micros(999)).ok());
         let mut events = std::mem::take(&mut self.events);
         events.clear();
         match epoll::wait(&self.epoll, spare_capacity(&mut events), timeout.as_ref()) {
@@ -174,8 +174,9 @@ impl<'a> Door<'a> {
             }
         }
         self.events = events;
-        self.seat(Instant::now());
-        self.expire(Instant::now());
+        let now = Instant::now();
+        self.seat(now);
+        self.expire(now);
     }
 
     fn accept_burst(&mut self) {
@@ -202,11 +203,7 @@ impl<'a> Door<'a> {
             self.room.retain(|w| peek_now(&w.stream) != Arrived::Closed);
         }
         if self.room.len() >= WAITING_ROOM {
-            let Rules { guest_log, limits, security, .. } = self.rules;
-            guest_log.event(GuestEvent::Refused, || {
-                warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
-            });
-            refuse_busy(&stream, limits.max_connections, security.tls.is_some());
+            self.turn_away(&stream, ip);
             return;
         }
         self.room.push_back(Waiting { stream: Arc::new(stream), ip, arrived: Instant::now() });
@@ -217,15 +214,11 @@ impl<'a> Door<'a> {
     /// Those that hung up while waiting leave, and those that waited the whole hello timeout
     /// are turned away.
     fn seat(&mut self, now: Instant) {
-        let Rules { guest_log, limits, security, .. } = self.rules;
         while let Some(first) = self.room.front()
-            && now.duration_since(first.arrived) >= limits.hello_timeout
+            && now.duration_since(first.arrived) >= self.rules.limits.hello_timeout
         {
             if let Some(Waiting { stream, ip, .. }) = self.room.pop_front() {
-                guest_log.event(GuestEvent::Refused, || {
-                    warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
-                });
-                refuse_busy(&stream, limits.max_connections, security.tls.is_some());
+                self.turn_away(&stream, ip);
             }
         }
         let mut crowded: Vec<IpAddr> = Vec::new();
@@ -278,10 +271,7 @@ impl<'a> Door<'a> {
             Admission::Crowded(Crowd::All) => return Seated::NoPlace,
             Admission::Full => {
                 self.room.remove(i);
-                guest_log.event(GuestEvent::Refused, || {
-                    warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
-                });
-                refuse_busy(&stream, limits.max_connections, tls);
+                self.turn_away(&stream, ip);
                 return Seated::Yes;
             }
         };
@@ -293,9 +283,7 @@ impl<'a> Door<'a> {
             self.spoke.push_back(Spoke { id, stream, ip, peer, accepted, first });
             return Seated::Yes;
         }
-        // A person at `nc` on the server's own machine, in protected mode, gets the idle timeout.
-        let trusted = security.keys.is_none() && auth::is_loopback(ip);
-        let deadline = if trusted {
+        let deadline = if security.trusts(ip) {
             accepted + limits.idle_timeout
         } else {
             accepted + FIRST_BYTE_TIMEOUT.min(limits.hello_timeout)
@@ -326,10 +314,7 @@ impl<'a> Door<'a> {
                 let Held { stream, ip, peer, accepted, .. } = held;
                 self.spoke.push_back(Spoke { id, stream, ip, peer, accepted, first });
             }
-            (_, Ended::Evicted) => {
-                let why = "the server is full of connections that have not said HELLO; this, the oldest, makes room";
-                self.farewell(id, &held, ErrorCode::Busy, why.to_owned());
-            }
+            (_, Ended::Evicted) => self.farewell(id, &held, ErrorCode::Busy, registry::EVICTED.to_owned()),
             // It hung up.
             _ => self.rules.registry.remove(id),
         }
@@ -348,6 +333,15 @@ impl<'a> Door<'a> {
             let waited = held.deadline.saturating_duration_since(held.accepted).as_millis();
             self.farewell(id, &held, ErrorCode::Timeout, format!("nothing sent within {waited} ms"));
         }
+    }
+
+    /// Logs a refusal (counted past the guest log's rate) and answers `ERR BUSY`.
+    fn turn_away(&self, stream: &TcpStream, ip: IpAddr) {
+        let Rules { guest_log, limits, security, .. } = self.rules;
+        guest_log.event(GuestEvent::Refused, || {
+            warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
+        });
+        refuse_busy(stream, limits.max_connections, security.tls.is_some());
     }
 
     /// Stops watching a held connection.

@@ -15,7 +15,7 @@ pub mod session;
 pub mod tls;
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +69,14 @@ pub struct Security {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Set: `HELLO <agency> <token>`. Unset: protected mode, `HELLO` only from loopback.
     pub keys: Option<AgencyKeys>,
+}
+
+impl Security {
+    /// A peer held to the idle timeout rather than a guest's deadlines: in protected mode, one
+    /// on loopback (a person typing the `nc` session on the server's own machine).
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.keys.is_none() && auth::is_loopback(ip)
+    }
 }
 
 /// Binds `ip:port` with the given listen backlog (std's `bind` fixes the backlog itself).
@@ -188,10 +196,8 @@ fn spawn_connection(spoke: door::Spoke, shared: Shared, limits: Limits) -> io::R
         let _registered = Registered { id, registry: Arc::clone(&shared.registry) };
         // Replies are single short lines: send each at once.
         let _ = stream.set_nodelay(true);
-        // A guest must authenticate within the hello timeout, but a person at `nc` on the
-        // server's own machine, in protected mode, gets the idle timeout.
-        let trusted = shared.security.keys.is_none() && auth::is_loopback(ip);
-        let guest_deadline = (!trusted).then(|| accepted + limits.hello_timeout);
+        // A guest must authenticate within the hello timeout, unless trusted.
+        let guest_deadline = (!shared.security.trusts(ip)).then(|| accepted + limits.hello_timeout);
         let transport = match tls::transport(Arc::clone(&stream), shared.security.tls.as_ref(), first) {
             Ok(Transport::Tls(mut tls)) => {
                 // A handshake has begun: under way, among the last guests to be evicted.

@@ -99,6 +99,9 @@ impl Peer {
     }
 }
 
+/// What an evicted guest is told, by whichever thread holds it.
+pub const EVICTED: &str = "the server is full of connections that have not said HELLO; this, the oldest, makes room";
+
 /// How many guests may be at once.
 #[derive(Debug, Clone, Copy)]
 pub struct GuestLimits {

@@ -14,7 +14,7 @@ use crate::ledger::{Appended, Ledger, Rows};
 use crate::server::Security;
 use crate::server::auth;
 use crate::server::guest_log::{GuestEvent, GuestLog};
-use crate::server::registry::{Ended, Peer, Registry, Stage};
+use crate::server::registry::{self, Ended, Peer, Registry, Stage};
 use crate::wire::bet::{self, RowParser, RowWriter};
 use crate::wire::connection::{Connection, ReadError};
 use crate::wire::protocol::{self, ErrorCode, MAX_LINE, ProtocolError, Reply, Request};
@@ -388,8 +388,7 @@ impl<'a> Session<'a> {
             }
             Cut::Ended => {
                 conn.set_write_timeout(FAREWELL);
-                let why = "the server is full of connections that have not said HELLO; this, the oldest, makes room";
-                Some((ErrorCode::Busy, why.to_owned()))
+                Some((ErrorCode::Busy, registry::EVICTED.to_owned()))
             }
             Cut::Read(ReadError::TimedOut) if self.guest_deadline().is_some_and(|d| Instant::now() >= d) => {
                 let ip = self.cx.ip;

@@ -75,6 +75,24 @@ fn plain_text_may_only_probe_a_tls_server() {
     server.logs().wait_for("tls: true | agency_keys: true");
 }
 
+/// A client of a TLS server that has not spoken may be about to send its TLS hello: the door
+/// that ends it (to make room, or for its silence) closes it without a plain-text word, which
+/// its TLS layer would take for a broken record, final for an agency.
+#[test]
+fn a_tls_server_ends_a_client_that_has_not_spoken_without_a_plain_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_keys, mut server) = secure_server(dir.path(), &[("SERVER_MAX_GUESTS_PER_IP", "1")]);
+    let mut evicted = server.client();
+    server.logs().wait_for("action: accept_connections | result: success");
+    // The newer guest takes the only place of their address.
+    assert_eq!(server.client().send("PING"), "PONG");
+    evicted.expect_eof();
+    // One that stays silent is closed at its first-byte deadline, as silently.
+    let mut silent = server.client();
+    silent.expect_eof();
+    server.logs().wait_for("action: hello | result: fail | ip: 127.0.0.1 | error: TIMEOUT");
+}
+
 #[test]
 fn a_token_speaks_only_for_its_own_agency_and_never_reaches_the_log() {
     let dir = tempfile::tempdir().unwrap();

@@ -352,12 +352,10 @@ impl<'a> Door<'a> {
         Some(held)
     }
 
-    /// Says why (as far as the socket takes it without waiting) and closes.
+    /// Says why (if the client can read it) and closes.
     fn farewell(&self, id: u64, held: &Held, code: ErrorCode, why: String) {
-        let mut line = Vec::new();
-        Reply::Err(ProtocolError::new(code, format!("{why}; closing"))).encode(&mut line);
-        send_now(&held.stream, &line);
-        let _ = held.stream.shutdown(Shutdown::Both);
+        let error = ProtocolError::new(code, format!("{why}; closing"));
+        last_words(&held.stream, error, self.rules.security.tls.is_some());
         self.rules.registry.remove(id);
     }
 }
@@ -400,16 +398,21 @@ impl Drop for Door<'_> {
     }
 }
 
-/// Answers `ERR BUSY` and closes: the client is told at once, never queued. On a TLS server a
-/// client that has already begun (or may yet begin) a handshake is closed without a word: a
-/// plain-text line would reach its TLS layer as a broken record, where the agency treats it as
-/// final; a bare close it retries.
+/// Answers `ERR BUSY` and closes: the client is told at once, never queued.
 fn refuse_busy(stream: &TcpStream, max: usize, tls: bool) {
+    let why = format!("the server serves {max} connections at once; try again later");
+    last_words(stream, ProtocolError::new(ErrorCode::Busy, why), tls);
+}
+
+/// Says `error` as far as the socket takes it without waiting, and closes. On a TLS server a
+/// client that has begun (or may yet begin) a handshake is closed without a word: a plain-text
+/// line would reach its TLS layer as a broken record, which the agency must treat as final
+/// (it may be an attacker's on the way); a bare close it retries.
+fn last_words(stream: &TcpStream, error: ProtocolError, tls: bool) {
     let plain = matches!(peek_now(stream), Arrived::Byte(b) if b != tls::TLS_HANDSHAKE);
     if !tls || plain {
         let mut out = Vec::new();
-        let why = format!("the server serves {max} connections at once; try again later");
-        Reply::Err(ProtocolError::new(ErrorCode::Busy, why)).encode(&mut out);
+        Reply::Err(error).encode(&mut out);
         send_now(stream, &out);
     }
     let _ = stream.shutdown(Shutdown::Both);

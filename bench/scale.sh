@@ -4,6 +4,7 @@
 #
 #   bench/scale.sh AGENCIES BETS_PER_AGENCY     # e.g. 1000 100, 5 200000, 5 2000000
 #   SECURITY=plain bench/scale.sh …             # without TLS and tokens
+#   ROUND_LOG=FILE bench/scale.sh …             # keep the round's stderr (its progress, a failure)
 set -euo pipefail
 agencies=${1:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
 bets=${2:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
@@ -29,7 +30,7 @@ time_pid=$!
 port=$(server_port "$work/server.log")
 server_pid=$(pgrep -P "$time_pid" lottery-server)
 
-"$bin/lottery-round" --server "127.0.0.1:$port" --agencies "$agencies" --data "$work/data" 2>/dev/null |
+"$bin/lottery-round" --server "127.0.0.1:$port" --agencies "$agencies" --data "$work/data" 2>"${ROUND_LOG:-/dev/null}" |
   grep -Ev '^ +[0-9]+ +[0-9]+ +[0-9]+ +[0-9]+$' || true
 kill -TERM "$server_pid"
 wait "$time_pid"

@@ -2,7 +2,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -386,4 +387,19 @@ impl Drop for Reaped {
             let _ = self.0.wait();
         }
     }
+}
+
+#[test]
+fn an_agency_that_fails_for_good_stops_the_round_instead_of_leaving_the_others_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join(".data");
+    lottery::tools::dataset::generate(&data, 3, 50, 1).unwrap();
+    // Agency 2's last row is not a bet: it stops there, and the server can never draw.
+    let mut file = fs::OpenOptions::new().append(true).open(data.join("agency-2.csv")).unwrap();
+    file.write_all(b"Ana,Perez,notanumber,1990-01-01,1\n").unwrap();
+    let (status, stdout, stderr) = round(dir.path(), &[], &["--agencies", "3"]);
+    assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("2 failed: .data/agency-2.csv line 51:"), "{stdout}");
+    assert!(stdout.contains("1 failed: stopped, as agency 2 failed"), "{stdout}");
+    assert!(stderr.contains("failed for 3 of 3 agencies; agency 2: .data/agency-2.csv line 51"), "{stderr}");
 }

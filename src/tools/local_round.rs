@@ -8,14 +8,14 @@ use std::net::TcpStream;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::LevelFilter;
 
-use crate::agency::{self, Outcome, Stop};
+use crate::agency::{self, AgencyError, Outcome, Stop};
 use crate::config::{self, AgencySettings, BATCH_MAX_WHAT, ServerSettings, Settings};
 use crate::ledger::file::{FileConfig, FileLedger, SyncMode};
 use crate::logging;
@@ -28,7 +28,7 @@ use crate::tools::dataset;
 use crate::tools::hostile;
 use crate::tools::keys;
 use crate::tools::progress::{Progress, Sample};
-use crate::tools::report::{count_lines, count_winners, report, report_hostile};
+use crate::tools::report::{STOPPED_BY, count_lines, count_winners, report, report_hostile};
 use crate::wire::protocol::{Reply, Status};
 
 const HELP: &str = "\
@@ -272,7 +272,7 @@ pub fn run(opts: &Options) -> Result<(), String> {
         (None, None) => unreachable!("a local server is started when no --server is given"),
     };
     let sync = if server_settings.sync == SyncMode::Always { "always" } else { "never" };
-    let stops = stop_on_interrupt(files.len(), local.as_ref());
+    let (stops, interrupted) = stop_on_interrupt(files.len(), local.as_ref());
     output::line(format_args!(
         "round: {} agencies, {total} bets from {}, server {addr}",
         opts.agencies,
@@ -292,7 +292,7 @@ pub fn run(opts: &Options) -> Result<(), String> {
     if let Some(server) = local {
         server.stop()?;
     }
-    if stops.iter().any(Stop::is_triggered) {
+    if interrupted.load(Ordering::SeqCst) {
         let finished = outcomes.iter().filter(|o| o.is_ok()).count();
         return Err(format!("interrupted: {finished} of {} agencies had their winners", outcomes.len()));
     }
@@ -303,17 +303,20 @@ pub fn run(opts: &Options) -> Result<(), String> {
 }
 
 /// A `Stop` per agency (one closes only the socket it last watched), triggered with the local
-/// server's shutdown by Ctrl-C, SIGTERM, or a stdout nobody reads any more (`| head`).
-fn stop_on_interrupt(agencies: usize, local: Option<&LocalServer>) -> Vec<Stop> {
+/// server's shutdown by Ctrl-C, SIGTERM, or a stdout nobody reads any more (`| head`); and
+/// whether that happened.
+fn stop_on_interrupt(agencies: usize, local: Option<&LocalServer>) -> (Vec<Stop>, Arc<AtomicBool>) {
     let stops: Vec<Stop> = (0..agencies).map(|_| Stop::default()).collect();
-    let (on_signal, shutdown) = (stops.clone(), local.map(|s| s.shutdown.clone()));
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let (on_signal, shutdown, flag) = (stops.clone(), local.map(|s| s.shutdown.clone()), Arc::clone(&interrupted));
     let interrupt = move || {
+        flag.store(true, Ordering::SeqCst);
         on_signal.iter().for_each(Stop::trigger);
         shutdown.iter().for_each(ShutdownHandle::trigger);
     };
     output::on_close(interrupt.clone());
     let _ = ctrlc::set_handler(interrupt);
-    stops
+    (stops, interrupted)
 }
 
 /// The agency the hostile clients speak for: in protected mode (`--plaintext`) loopback is
@@ -467,6 +470,9 @@ impl LocalServer {
 /// Runs one agency thread per file and waits for them all.
 /// `configured` holds each agency's settings (`CLI_RETRY_TIMEOUT_MS` among them) and
 /// credentials; `stops` a `Stop` for each.
+///
+/// An agency that fails for good stops the others: without it the server never draws, and
+/// they would wait for their winners forever. They are reported as stopped, naming it.
 pub(crate) fn run_agencies(
     files: &[PathBuf],
     addr: SocketAddr,
@@ -474,6 +480,7 @@ pub(crate) fn run_agencies(
     configured: &[AgencySettings],
     stops: &[Stop],
 ) -> Vec<Result<Outcome, String>> {
+    let first_failed: Arc<OnceLock<u32>> = Arc::default();
     let agencies: Vec<_> = files
         .iter()
         .zip(configured)
@@ -488,17 +495,25 @@ pub(crate) fn run_agencies(
                 extra_bet: None,
                 ..configured.clone()
             };
-            let stop = stop.clone();
-            thread::Builder::new()
-                .name(format!("agency-{id}"))
-                .stack_size(256 * 1024)
-                .spawn(move || agency::run(&settings, &stop))
+            let (stop, all, first_failed) = (stop.clone(), stops.to_vec(), Arc::clone(&first_failed));
+            thread::Builder::new().name(format!("agency-{id}")).stack_size(256 * 1024).spawn(move || {
+                let outcome = agency::run(&settings, &stop);
+                match &outcome {
+                    Err(AgencyError::Stopped) => {}
+                    Err(_) if first_failed.set(id).is_ok() => all.iter().for_each(Stop::trigger),
+                    _ => {}
+                }
+                outcome
+            })
         })
         .collect();
     agencies
         .into_iter()
         .map(|spawned| match spawned {
             Ok(handle) => match handle.join() {
+                Ok(Err(AgencyError::Stopped)) if first_failed.get().is_some() => {
+                    Err(format!("{STOPPED_BY} {} failed", first_failed.get().copied().unwrap_or_default()))
+                }
                 Ok(outcome) => outcome.map_err(|e| e.to_string()),
                 Err(_) => Err("the agency thread panicked".into()),
             },

@@ -12,6 +12,9 @@ use crate::agency::Outcome;
 use crate::output;
 use crate::tools::hostile;
 
+/// How an agency stopped because another failed begins its report.
+pub const STOPPED_BY: &str = "stopped, as agency";
+
 /// Prints the table, and the throughput if the round completed with exactly the expected
 /// winners.
 ///
@@ -42,7 +45,8 @@ pub fn report(
     }
     let winners: usize = outcomes.iter().flatten().map(|o| o.winners.len()).sum();
     output::line(format_args!("{:>7} {total:>10} {winners:>8} {:>9}", "total", expected.iter().sum::<u64>()));
-    if let Some(first) = wrong.first() {
+    // The agency whose failure stopped the others says why the round failed.
+    if let Some(first) = wrong.iter().find(|w| !w.contains(STOPPED_BY)).or(wrong.first()) {
         return Err(format!("the round failed for {} of {} agencies; {first}", wrong.len(), outcomes.len()));
     }
     let secs = elapsed.as_secs_f64();

@@ -167,10 +167,9 @@ fn a_guest_has_the_hello_timeout_but_a_loopback_guest_in_protected_mode_does_not
     let server = TestServer::start(1, &env_refs(&env));
     let mut silent = server.client();
     let started = Instant::now();
-    let reply = silent.read_line();
-    assert!(reply.starts_with("ERR TIMEOUT "), "{reply}");
-    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
+    // Closed without a word: it may be a TLS client whose hello is late (tests/security.rs).
     silent.expect_eof();
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
 
     let protected = TestServer::start(1, &[("SERVER_HELLO_TIMEOUT_MS", "300")]);
     let mut person = protected.client();

@@ -170,15 +170,24 @@ pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyErro
 /// Both start again at every `HELLO` the server answers: a server that restarts many times
 /// in one round is waited for each time, but one that keeps refusing (`ERR BUSY`) is not
 /// hammered, and not waited for forever.
+///
+/// It also sets how long one attempt waits for the server to answer the connection (its
+/// *patience*): 100 ms at first, doubling after each attempt that timed out, up to 5 s. A
+/// connection request lost on the way (a server's listen queue overflowing under a flood of
+/// connections drops it) is otherwise sent again by the kernel only after a second, then
+/// three; a far server only costs the first attempts' 300 ms.
 struct Backoff {
     address: String,
     limit: Duration,
     since: Option<Instant>,
     pause: Duration,
+    patience: Duration,
 }
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(50);
+    const FIRST_PATIENCE: Duration = Duration::from_millis(100);
+    const LAST_PATIENCE: Duration = Duration::from_secs(5);
     /// The longest pause: a server that sheds strangers by closing its oldest guests may close
     /// an agency that is still connecting, and it should try again soon, not in seconds; four
     /// tries a second are still nothing to a server that is down.
@@ -190,12 +199,19 @@ impl Backoff {
             limit: settings.retry_timeout,
             since: None,
             pause: Self::FIRST,
+            patience: Self::FIRST_PATIENCE,
         }
     }
 
     fn reset(&mut self) {
         self.since = None;
         self.pause = Self::FIRST;
+        self.patience = Self::FIRST_PATIENCE;
+    }
+
+    /// Waits longer for the next connection, after one that was not answered in time.
+    fn lose_patience(&mut self) {
+        self.patience = (self.patience * 2).min(Self::LAST_PATIENCE);
     }
 
     /// Calls `retrying` (to log it) and waits before the next attempt.
@@ -333,7 +349,7 @@ fn connect(
 ) -> Result<Link, AgencyError> {
     let address = &settings.server_address;
     loop {
-        let why = match open(address, *first) {
+        let why = match open(address, *first, backoff.patience) {
             Ok((stream, used)) => {
                 let stream = Arc::new(stream);
                 stop.watch(&stream)?;
@@ -348,7 +364,12 @@ fn connect(
                     Err(LinkError::Fatal(e)) => return Err(e),
                 }
             }
-            Err(e) => e.to_string(),
+            Err(e) => {
+                if e.kind() == io::ErrorKind::TimedOut {
+                    backoff.lose_patience();
+                }
+                e.to_string()
+            }
         };
         let retry = || info!("action: connect | result: in_progress | address: {address} | error: {}", field(&why));
         if let Err(e) = backoff.wait(stop, &why, retry) {
@@ -365,7 +386,7 @@ fn connect(
 /// # Errors
 /// What went wrong, for a person: no connection, no reply within `timeout`, another reply.
 pub fn ping(address: &str, timeout: Duration) -> Result<(), String> {
-    let (mut stream, _) = open(address, 0).map_err(|e| format!("cannot reach {address}: {e}"))?;
+    let (mut stream, _) = open(address, 0, timeout).map_err(|e| format!("cannot reach {address}: {e}"))?;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
@@ -381,8 +402,8 @@ pub fn ping(address: &str, timeout: Duration) -> Result<(), String> {
 
 /// Connects to the first of `addresses` (`host:port,host:port,…`) that answers, trying them in
 /// turn from the `first`-th (modulo their number), and every address each name resolves to;
-/// returns the stream and which of `addresses` it reached.
-fn open(addresses: &str, first: usize) -> io::Result<(TcpStream, usize)> {
+/// returns the stream and which of `addresses` it reached. Each address gets `patience` to answer.
+fn open(addresses: &str, first: usize, patience: Duration) -> io::Result<(TcpStream, usize)> {
     let list: Vec<&str> = addresses.split(',').map(str::trim).collect();
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
     for i in (0..list.len()).map(|k| (first + k) % list.len()) {
@@ -394,7 +415,7 @@ fn open(addresses: &str, first: usize) -> io::Result<(TcpStream, usize)> {
             }
         };
         for addr in resolved {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            match TcpStream::connect_timeout(&addr, patience) {
                 Ok(stream) => return Ok((stream, i)),
                 Err(e) => last = io::Error::new(e.kind(), format!("{}: {e}", list[i])),
             }

@@ -55,6 +55,10 @@ const WAITING_ROOM: usize = 4096;
 /// How often the door looks whether a place has freed up while someone waits for one.
 const ROOM_TICK: Duration = Duration::from_millis(2);
 
+/// The waiting rooms: of connections from addresses with no recent failure, and the others'.
+const CLEAR: usize = 0;
+const SUSPECT: usize = 1;
+
 /// Most events taken from `epoll` in one wait.
 const EVENTS: usize = 512;
 
@@ -114,8 +118,9 @@ pub struct Door<'a> {
     rules: Rules<'a>,
     epoll: OwnedFd,
     held: HashMap<u64, Held>,
-    /// Connections waiting for a place, in their order of arrival.
-    room: VecDeque<Waiting>,
+    /// Connections waiting for a place, in their order of arrival: in [`CLEAR`] those from
+    /// addresses with no recent failure, seated first; in [`SUSPECT`] the others.
+    rooms: [VecDeque<Waiting>; 2],
     /// When each held connection's time is up, soonest first.
     deadlines: BTreeSet<(Instant, u64)>,
     events: Vec<epoll::Event>,
@@ -139,7 +144,7 @@ impl<'a> Door<'a> {
             rules,
             epoll,
             held: HashMap::new(),
-            room: VecDeque::new(),
+            rooms: [VecDeque::new(), VecDeque::new()],
             deadlines: BTreeSet::new(),
             events: Vec::with_capacity(EVENTS),
             spoke: VecDeque::new(),
@@ -152,7 +157,7 @@ impl<'a> Door<'a> {
         let now = Instant::now();
         // Nothing due: wait for an event (a shutdown is one).
         let mut timeout = self.deadlines.first().map(|(d, _)| d.saturating_duration_since(now));
-        if !self.room.is_empty() {
+        if self.waiting() > 0 {
             timeout = Some(timeout.map_or(ROOM_TICK, |t| t.min(ROOM_TICK)));
         }
         // Rounded up to a whole millisecond, so that a deadline is never woken for just before it.
@@ -197,53 +202,74 @@ impl<'a> Door<'a> {
 
     /// A new connection: into the waiting room, to be seated with the others in their turn.
     fn arrive(&mut self, stream: TcpStream, ip: IpAddr) {
-        if self.room.len() >= WAITING_ROOM {
+        let suspect = self.rules.registry.suspects().is_suspect(ip);
+        if self.waiting() >= WAITING_ROOM {
             // Strangers that gave up waiting are only found when their turn comes: a full room
             // is mostly theirs, and an agency must not be turned away for them.
-            self.room.retain(|w| peek_now(&w.stream) != Arrived::Closed);
+            for room in &mut self.rooms {
+                room.retain(|w| peek_now(&w.stream) != Arrived::Closed);
+            }
         }
-        if self.room.len() >= WAITING_ROOM {
+        if self.waiting() >= WAITING_ROOM
+            && !suspect
+            && let Some(Waiting { stream, ip, .. }) = self.rooms[SUSPECT].pop_back()
+        {
+            // A suspect's place goes to a newcomer that is not one.
+            self.turn_away(&stream, ip);
+        }
+        if self.waiting() >= WAITING_ROOM {
             self.turn_away(&stream, ip);
             return;
         }
-        self.room.push_back(Waiting { stream: Arc::new(stream), ip, arrived: Instant::now() });
+        let room = if suspect { SUSPECT } else { CLEAR };
+        self.rooms[room].push_back(Waiting { stream: Arc::new(stream), ip, arrived: Instant::now() });
     }
 
-    /// Gives guest places to those waiting, in their order of arrival, as far as there are
-    /// places; one whose own address has no place left waits on without holding up the others.
-    /// Those that hung up while waiting leave, and those that waited the whole hello timeout
-    /// are turned away.
+    fn waiting(&self) -> usize {
+        self.rooms.iter().map(VecDeque::len).sum()
+    }
+
+    /// Gives guest places to those waiting, in their order of arrival (those from addresses
+    /// with no recent failure first), as far as there are places; one whose own address has no
+    /// place left waits on without holding up the others. Those that hung up while waiting
+    /// leave, and those that waited the whole hello timeout are turned away.
     fn seat(&mut self, now: Instant) {
-        while let Some(first) = self.room.front()
-            && now.duration_since(first.arrived) >= self.rules.limits.hello_timeout
-        {
-            if let Some(Waiting { stream, ip, .. }) = self.room.pop_front() {
-                self.turn_away(&stream, ip);
+        let hello_timeout = self.rules.limits.hello_timeout;
+        for room in [CLEAR, SUSPECT] {
+            while let Some(first) = self.rooms[room].front()
+                && now.duration_since(first.arrived) >= hello_timeout
+            {
+                if let Some(Waiting { stream, ip, .. }) = self.rooms[room].pop_front() {
+                    self.turn_away(&stream, ip);
+                }
             }
         }
         let mut crowded: Vec<IpAddr> = Vec::new();
-        let mut i = 0;
-        while i < self.room.len() {
-            if crowded.contains(&self.room[i].ip) {
-                i += 1;
-                continue;
-            }
-            let first = match peek_now(&self.room[i].stream) {
-                // Hung up while waiting: there is no one to serve.
-                Arrived::Closed => {
-                    self.room.remove(i);
+        for room in [CLEAR, SUSPECT] {
+            let mut i = 0;
+            while let Some(waiting) = self.rooms[room].get(i) {
+                let ip = waiting.ip;
+                if crowded.contains(&ip) {
+                    i += 1;
                     continue;
                 }
-                Arrived::Byte(b) => Some(b),
-                Arrived::Nothing => None,
-            };
-            match self.admit(i, first) {
-                Seated::Yes => {}
-                Seated::NotThisAddress => {
-                    crowded.push(self.room[i].ip);
-                    i += 1;
+                let first = match peek_now(&waiting.stream) {
+                    // Hung up while waiting: there is no one to serve.
+                    Arrived::Closed => {
+                        self.rooms[room].remove(i);
+                        continue;
+                    }
+                    Arrived::Byte(b) => Some(b),
+                    Arrived::Nothing => None,
+                };
+                match self.admit(room, i, first) {
+                    Seated::Yes => {}
+                    Seated::NotThisAddress => {
+                        crowded.push(ip);
+                        i += 1;
+                    }
+                    Seated::NoPlace => return,
                 }
-                Seated::NoPlace => return,
             }
         }
     }
@@ -251,9 +277,9 @@ impl<'a> Door<'a> {
     /// Admits the `i`th waiting connection as a guest (or turns it away if the server is
     /// full), then hands it on at once if it has already spoken (a TLS client's hello usually
     /// has), else holds it.
-    fn admit(&mut self, i: usize, first: Option<u8>) -> Seated {
+    fn admit(&mut self, room: usize, i: usize, first: Option<u8>) -> Seated {
         let Rules { registry, guest_log, limits, security } = self.rules;
-        let Some(waiting) = self.room.get(i) else { return Seated::NoPlace };
+        let Some(waiting) = self.rooms[room].get(i) else { return Seated::NoPlace };
         let (ip, stream) = (waiting.ip, Arc::clone(&waiting.stream));
         let tls = security.tls.is_some();
         let stage = if tls && first == Some(tls::TLS_HANDSHAKE) { Stage::Underway } else { Stage::Silent };
@@ -270,12 +296,12 @@ impl<'a> Door<'a> {
             Admission::Crowded(Crowd::Address) => return Seated::NotThisAddress,
             Admission::Crowded(Crowd::All) => return Seated::NoPlace,
             Admission::Full => {
-                self.room.remove(i);
+                self.rooms[room].remove(i);
                 self.turn_away(&stream, ip);
                 return Seated::Yes;
             }
         };
-        self.room.remove(i);
+        self.rooms[room].remove(i);
         self.next_id = id;
         guest_log.event(GuestEvent::Accepted, || info!("action: accept_connections | result: success | ip: {ip}"));
         let accepted = Instant::now();
@@ -327,6 +353,7 @@ impl<'a> Door<'a> {
         {
             let Some(held) = self.release(id) else { continue };
             let ip = held.ip;
+            self.rules.registry.suspects().failed(ip);
             self.rules.guest_log.event(GuestEvent::TimedOut, || {
                 info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT");
             });
@@ -387,7 +414,7 @@ impl Drop for Door<'_> {
                 self.rules.registry.remove(id);
             }
         }
-        for waiting in self.room.drain(..) {
+        for waiting in self.rooms.iter_mut().flat_map(|room| room.drain(..)) {
             let _ = waiting.stream.shutdown(Shutdown::Both);
         }
         for spoke in self.spoke.drain(..) {

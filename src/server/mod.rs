@@ -12,6 +12,7 @@ pub mod door;
 pub mod guest_log;
 pub mod registry;
 pub mod session;
+pub mod suspects;
 pub mod tls;
 
 use std::io;
@@ -204,7 +205,8 @@ fn spawn_connection(spoke: door::Spoke, shared: Shared, limits: Limits) -> io::R
                 peer.set_stage(Stage::Underway);
                 let by =
                     guest_deadline.map_or(accepted + limits.idle_timeout, |d| d.min(accepted + limits.idle_timeout));
-                if let Err(e) = tls::handshake(&mut tls, &shared.gate, by, &peer) {
+                let suspect = shared.registry.suspects().is_suspect(ip);
+                if let Err(e) = tls::handshake(&mut tls, &shared.gate, by, &peer, suspect) {
                     debug!("action: tls_handshake | result: fail | id: {id} | error: {e}");
                     return;
                 }

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use log::info;
 
+use crate::server::suspects::Suspects;
+
 /// Why a connection was told to end by someone else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -164,9 +166,15 @@ impl Live {
 pub struct Registry {
     live: Mutex<Live>,
     ended: Condvar,
+    suspects: Suspects,
 }
 
 impl Registry {
+    /// The addresses whose guests failed lately.
+    pub fn suspects(&self) -> &Suspects {
+        &self.suspects
+    }
+
     fn lock(&self) -> MutexGuard<'_, Live> {
         // The maps stay consistent whatever a panicking thread did: inserts and removes are whole.
         self.live.lock().unwrap_or_else(PoisonError::into_inner)

@@ -249,6 +249,7 @@ impl<'a> Session<'a> {
         self.round.check_agency(agency)?;
         if let Err(why) = auth::check_hello(self.cx.security.keys.as_ref(), agency, token.as_ref(), self.cx.ip) {
             let ip = self.cx.ip;
+            self.cx.registry.suspects().failed(ip);
             self.cx.guest_log.event(GuestEvent::AuthFailed, || {
                 warn!("action: hello | result: fail | agency: {agency} | ip: {ip} | error: AUTH");
             });
@@ -392,6 +393,7 @@ impl<'a> Session<'a> {
             }
             Cut::Read(ReadError::TimedOut) if self.guest_deadline().is_some_and(|d| Instant::now() >= d) => {
                 let ip = self.cx.ip;
+                self.cx.registry.suspects().failed(ip);
                 self.cx.guest_log.event(GuestEvent::TimedOut, || {
                     info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT");
                 });

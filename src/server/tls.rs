@@ -66,9 +66,30 @@ pub fn transport(
 /// a millisecond; strangers opening handshakes as fast as they can would otherwise put a
 /// runnable thread each beside the agencies' few, and take the CPU by their number. Waiting
 /// for a permit costs nothing but the wait, and a guest evicted meanwhile gives up its turn.
+/// A guest from a suspect address (see [`crate::server::suspects`]) gets a permit only when
+/// no other guest waits for one.
 pub struct HandshakeGate {
-    free: Mutex<usize>,
-    freed: Condvar,
+    state: Mutex<GateState>,
+    /// Where guests from addresses with no recent failure wait, and where suspects do.
+    clear: Condvar,
+    suspects: Condvar,
+}
+
+struct GateState {
+    free: usize,
+    /// Guests from addresses with no recent failure that wait for a permit.
+    clear_waiting: usize,
+}
+
+impl GateState {
+    /// Wakes whoever is next for a free permit.
+    fn hand_on(&self, gate: &HandshakeGate) {
+        if self.free == 0 {
+            return;
+        }
+        let next = if self.clear_waiting > 0 { &gate.clear } else { &gate.suspects };
+        next.notify_one();
+    }
 }
 
 /// A permit to compute; given back on drop.
@@ -76,8 +97,9 @@ struct Permit<'a>(&'a HandshakeGate);
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
-        self.0.freed.notify_one();
+        let mut st = self.0.lock();
+        st.free += 1;
+        st.hand_on(self.0);
     }
 }
 
@@ -88,28 +110,48 @@ impl HandshakeGate {
     /// A gate of one permit per core.
     pub fn per_core() -> HandshakeGate {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
-        HandshakeGate { free: Mutex::new(cores), freed: Condvar::new() }
+        HandshakeGate {
+            state: Mutex::new(GateState { free: cores, clear_waiting: 0 }),
+            clear: Condvar::new(),
+            suspects: Condvar::new(),
+        }
     }
 
-    /// Waits for a permit until `deadline`, or until `gone()` says the connection was ended.
-    fn acquire(&self, deadline: Instant, gone: &dyn Fn() -> bool) -> Option<Permit<'_>> {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if *free > 0 {
-                *free -= 1;
-                return Some(Permit(self));
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for a permit until `deadline`, or until `gone()` says the connection was ended;
+    /// a `suspect` only while no other guest waits.
+    fn acquire(&self, deadline: Instant, gone: &dyn Fn() -> bool, suspect: bool) -> Option<Permit<'_>> {
+        let mut st = self.lock();
+        if !suspect {
+            st.clear_waiting += 1;
+        }
+        let permit = loop {
+            if st.free > 0 && (!suspect || st.clear_waiting == 0) {
+                st.free -= 1;
+                break Some(Permit(self));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || gone() {
-                return None;
+                break None;
             }
-            free = self.freed.wait_timeout(free, left.min(GATE_CHECK)).unwrap_or_else(PoisonError::into_inner).0;
+            let queue = if suspect { &self.suspects } else { &self.clear };
+            st = queue.wait_timeout(st, left.min(GATE_CHECK)).unwrap_or_else(PoisonError::into_inner).0;
+        };
+        if !suspect {
+            st.clear_waiting -= 1;
+            // The last of them gone without a permit: a suspect may have it.
+            st.hand_on(self);
         }
+        permit
     }
 }
 
 /// Runs the server's side of a TLS handshake to its end before `deadline`: reading and writing
-/// freely, computing only with a permit of `gate`, while `peer` is [`Stage::Queued`].
+/// freely, computing only with a permit of `gate` (behind the other guests if `suspect`), while `peer`
+/// is [`Stage::Queued`].
 ///
 /// # Errors
 /// The deadline passed, the peer hung up or was ended, or the handshake failed (an alert is
@@ -119,6 +161,7 @@ pub fn handshake(
     gate: &HandshakeGate,
     deadline: Instant,
     peer: &Peer,
+    suspect: bool,
 ) -> io::Result<()> {
     // Ended by the server, or hung up by the client while waiting for its turn.
     let gone = || peer.ended() != Ended::No || peek_now(&peer.stream) == Arrived::Closed;
@@ -135,7 +178,7 @@ pub fn handshake(
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer hung up during the handshake"));
         }
         peer.set_stage(Stage::Queued);
-        let permit = gate.acquire(deadline, &gone);
+        let permit = gate.acquire(deadline, &gone, suspect);
         peer.set_stage(Stage::Underway);
         // A client that left while we waited is not worth the computation.
         let Some(_permit) = permit.filter(|_| !gone()) else {
@@ -152,4 +195,38 @@ pub fn handshake(
         tls.conn.write_tls(&mut tls.sock)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::thread;
+
+    #[test]
+    fn a_freed_permit_goes_to_a_clear_guest_before_a_suspect() {
+        let gate =
+            HandshakeGate { state: Mutex::new(GateState { free: 1, clear_waiting: 0 }), ..HandshakeGate::per_core() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let held = gate.acquire(deadline, &|| false, false).unwrap();
+        let (got, order) = mpsc::channel();
+        thread::scope(|s| {
+            let suspect = s.spawn(|| {
+                let _permit = gate.acquire(deadline, &|| false, true);
+                got.send("suspect").unwrap();
+            });
+            // Whenever the suspect begins to wait, the one permit is held; then a clear guest comes.
+            let clear = s.spawn(|| {
+                let _permit = gate.acquire(deadline, &|| false, false);
+                got.send("clear").unwrap();
+            });
+            while gate.lock().clear_waiting == 0 {
+                thread::yield_now();
+            }
+            drop(held);
+            clear.join().unwrap();
+            suspect.join().unwrap();
+        });
+        assert_eq!(order.try_iter().collect::<Vec<_>>(), ["clear", "suspect"]);
+    }
 }

@@ -7,8 +7,9 @@
 //!
 //! When every guest place is taken by a guest that is young and under way (a crowd of TLS
 //! handshakes), a newcomer waits in the door's *waiting room*, and places are given in the order
-//! of arrival: an agency is never turned away to retry later while strangers who reconnect at
-//! once take every place that frees up. (The kernel's listen queue would keep that order too,
+//! of arrival, those from suspect addresses (see [`crate::server::suspects`]) last: an agency is
+//! never turned away to retry later while strangers who reconnect at once take every place that
+//! frees up. (The kernel's listen queue would keep that order too,
 //! but it is short, and a connection that finds it full waits a second for its SYN to be sent
 //! again.)
 //!

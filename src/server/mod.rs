@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod door;
 pub mod guest_log;
+pub mod pool;
 pub mod registry;
 pub mod session;
 pub mod suspects;
@@ -20,7 +21,6 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use log::{debug, error, info};
@@ -31,6 +31,7 @@ use crate::wire::connection::Connection;
 use crate::wire::transport::Transport;
 use auth::AgencyKeys;
 use guest_log::GuestLog;
+use pool::Pool;
 use registry::{GuestLimits, Registry, Stage};
 use session::{Context, Session};
 
@@ -143,11 +144,10 @@ pub fn run(
     let registry = Arc::new(Registry::default());
     let guest_log = Arc::new(GuestLog::default());
     let gate = Arc::new(tls::HandshakeGate::per_core());
-    let mut handles: Vec<JoinHandle<()>> = Vec::new();
+    let mut pool = Pool::new(STACK_SIZE);
     let rules = door::Rules { registry: &registry, guest_log: &guest_log, security: &security, limits };
     let mut door = door::Door::new(&listener, shutdown, rules)?;
     for spoke in door.by_ref() {
-        handles.retain(|h| !h.is_finished());
         let shared = Shared {
             round: Arc::clone(&round),
             security: Arc::clone(&security),
@@ -155,9 +155,8 @@ pub fn run(
             guest_log: Arc::clone(&guest_log),
             gate: Arc::clone(&gate),
         };
-        match spawn_connection(spoke, shared, limits) {
-            Ok(handle) => handles.push(handle),
-            Err(e) => error!("action: spawn_thread | result: fail | error: {e}"),
+        if let Err(e) = serve_connection(&mut pool, spoke, shared, limits) {
+            error!("action: spawn_thread | result: fail | error: {e}");
         }
     }
     drop(door);
@@ -165,11 +164,7 @@ pub fn run(
     info!("action: close_listener | result: success");
     round.begin_shutdown();
     registry.close_all(GRACE);
-    let count = handles.len();
-    for handle in handles {
-        // A thread that panicked has already logged it; its connection is gone either way.
-        let _ = handle.join();
-    }
+    let count = pool.join();
     info!("action: join_threads | result: success | threads: {count}");
     guest_log.flush();
     let synced = round.close();
@@ -189,10 +184,11 @@ struct Shared {
     gate: Arc<tls::HandshakeGate>,
 }
 
-fn spawn_connection(spoke: door::Spoke, shared: Shared, limits: Limits) -> io::Result<JoinHandle<()>> {
+/// Serves a connection that has spoken on a thread of `pool`.
+fn serve_connection(pool: &mut Pool, spoke: door::Spoke, shared: Shared, limits: Limits) -> io::Result<()> {
     let door::Spoke { id, stream, ip, peer, accepted, first } = spoke;
     let registry = Arc::clone(&shared.registry);
-    let spawned = thread::Builder::new().name(format!("conn-{id}")).stack_size(STACK_SIZE).spawn(move || {
+    let spawned = pool.run(move || {
         // Deregisters even if the session panics.
         let _registered = Registered { id, registry: Arc::clone(&shared.registry) };
         // Replies are single short lines: send each at once.

@@ -77,6 +77,10 @@ pub struct HandshakeGate {
 
 struct GateState {
     free: usize,
+    /// Permits held by suspects, and the most they may hold: never all, so that a core is left
+    /// for the agencies' work however many suspects wait.
+    suspects_computing: usize,
+    suspects_most: usize,
     /// Guests from addresses with no recent failure that wait for a permit.
     clear_waiting: usize,
 }
@@ -87,18 +91,28 @@ impl GateState {
         if self.free == 0 {
             return;
         }
-        let next = if self.clear_waiting > 0 { &gate.clear } else { &gate.suspects };
+        let next = if self.clear_waiting > 0 || !self.suspect_may() { &gate.clear } else { &gate.suspects };
         next.notify_one();
     }
 }
 
-/// A permit to compute; given back on drop.
-struct Permit<'a>(&'a HandshakeGate);
+impl GateState {
+    /// Whether a suspect may take a free permit now.
+    fn suspect_may(&self) -> bool {
+        self.clear_waiting == 0 && self.suspects_computing < self.suspects_most
+    }
+}
+
+/// A permit to compute, a suspect's or not; given back on drop.
+struct Permit<'a>(&'a HandshakeGate, bool);
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         let mut st = self.0.lock();
         st.free += 1;
+        if self.1 {
+            st.suspects_computing -= 1;
+        }
         st.hand_on(self.0);
     }
 }
@@ -111,7 +125,12 @@ impl HandshakeGate {
     pub fn per_core() -> HandshakeGate {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
         HandshakeGate {
-            state: Mutex::new(GateState { free: cores, clear_waiting: 0 }),
+            state: Mutex::new(GateState {
+                free: cores,
+                suspects_computing: 0,
+                suspects_most: (cores / 2).max(1),
+                clear_waiting: 0,
+            }),
             clear: Condvar::new(),
             suspects: Condvar::new(),
         }
@@ -129,9 +148,10 @@ impl HandshakeGate {
             st.clear_waiting += 1;
         }
         let permit = loop {
-            if st.free > 0 && (!suspect || st.clear_waiting == 0) {
+            if st.free > 0 && (!suspect || st.suspect_may()) {
                 st.free -= 1;
-                break Some(Permit(self));
+                st.suspects_computing += usize::from(suspect);
+                break Some(Permit(self, suspect));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || gone() {
@@ -205,8 +225,10 @@ mod tests {
 
     #[test]
     fn a_freed_permit_goes_to_a_clear_guest_before_a_suspect() {
-        let gate =
-            HandshakeGate { state: Mutex::new(GateState { free: 1, clear_waiting: 0 }), ..HandshakeGate::per_core() };
+        let gate = HandshakeGate {
+            state: Mutex::new(GateState { free: 1, clear_waiting: 0, suspects_computing: 0, suspects_most: 1 }),
+            ..HandshakeGate::per_core()
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         let held = gate.acquire(deadline, &|| false, false).unwrap();
         let (got, order) = mpsc::channel();
@@ -228,5 +250,19 @@ mod tests {
             suspect.join().unwrap();
         });
         assert_eq!(order.try_iter().collect::<Vec<_>>(), ["clear", "suspect"]);
+    }
+
+    #[test]
+    fn suspects_never_hold_every_permit() {
+        let state = GateState { free: 2, clear_waiting: 0, suspects_computing: 0, suspects_most: 1 };
+        let gate = HandshakeGate { state: Mutex::new(state), ..HandshakeGate::per_core() };
+        let soon = Instant::now() + Duration::from_millis(50);
+        let first = gate.acquire(soon, &|| false, true);
+        assert!(first.is_some());
+        // A permit is free, but it is kept for a guest that is not a suspect.
+        assert!(gate.acquire(soon, &|| false, true).is_none());
+        assert!(gate.acquire(soon, &|| false, false).is_some());
+        drop(first);
+        assert!(gate.acquire(soon, &|| false, true).is_some());
     }
 }

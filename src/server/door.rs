@@ -32,11 +32,13 @@ use rustix::buffer::spare_capacity;
 use rustix::event::{Timespec, epoll};
 use rustix::io::Errno;
 
+use crate::ledger::Ledger;
 use crate::server::guest_log::{GuestEvent, GuestLog};
+use crate::server::probes::{self, Answered, Then};
 use crate::server::registry::{self, Admission, Crowd, Ended, Peer, Registry, Stage};
 use crate::server::{Limits, Security, ShutdownHandle, tls};
 use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
-use crate::wire::transport::{Arrived, peek_now, send_now};
+use crate::wire::transport::{Arrived, consume_now, peek_all_now, peek_now, send_now};
 
 /// How long a guest (but a trusted one) may take to send its first byte: it comes at once from
 /// any client but a person (a TLS hello, a probe). A connection silent for a second is a parked
@@ -60,6 +62,9 @@ const ROOM_TICK: Duration = Duration::from_millis(2);
 const CLEAR: usize = 0;
 const SUSPECT: usize = 1;
 
+/// Most bytes of a held connection looked at: more probes than a guest may make.
+const PEEK: usize = 2048;
+
 /// Most events taken from `epoll` in one wait.
 const EVENTS: usize = 512;
 
@@ -77,6 +82,8 @@ pub struct Spoke {
     pub accepted: Instant,
     /// Its first byte, still unread.
     pub first: u8,
+    /// The probes the door answered for it.
+    pub requests: u32,
 }
 
 /// What came of a waiting connection's turn.
@@ -89,13 +96,17 @@ enum Seated {
     NoPlace,
 }
 
-/// A connection that has not yet said anything.
+/// A connection that has said nothing yet but probes, answered by the door.
 struct Held {
     stream: Arc<TcpStream>,
     ip: IpAddr,
     peer: Arc<Peer>,
     accepted: Instant,
     deadline: Instant,
+    /// The probes answered.
+    requests: u32,
+    /// Whether it has sent plain text (probes, or part of a line): it can read a plain `ERR`.
+    spoke: bool,
 }
 
 /// A connection waiting for a guest place.
@@ -107,6 +118,7 @@ struct Waiting {
 
 /// What a connection's admission needs to know of the server.
 pub struct Rules<'a> {
+    pub round: &'a dyn Ledger,
     pub registry: &'a Registry,
     pub guest_log: &'a GuestLog,
     pub security: &'a Security,
@@ -127,6 +139,8 @@ pub struct Door<'a> {
     events: Vec<epoll::Event>,
     spoke: VecDeque<Spoke>,
     next_id: u64,
+    /// What a held connection has sent, peeked at.
+    peeked: Vec<u8>,
 }
 
 impl<'a> Door<'a> {
@@ -150,6 +164,7 @@ impl<'a> Door<'a> {
             events: Vec::with_capacity(EVENTS),
             spoke: VecDeque::new(),
             next_id: 0,
+            peeked: vec![0; PEEK],
         })
     }
 
@@ -279,7 +294,7 @@ impl<'a> Door<'a> {
     /// full), then hands it on at once if it has already spoken (a TLS client's hello usually
     /// has), else holds it.
     fn admit(&mut self, room: usize, i: usize, first: Option<u8>) -> Seated {
-        let Rules { registry, guest_log, limits, security } = self.rules;
+        let Rules { registry, guest_log, limits, security, .. } = self.rules;
         let Some(waiting) = self.rooms[room].get(i) else { return Seated::NoPlace };
         let (ip, stream) = (waiting.ip, Arc::clone(&waiting.stream));
         let tls = security.tls.is_some();
@@ -306,8 +321,8 @@ impl<'a> Door<'a> {
         self.next_id = id;
         guest_log.event(GuestEvent::Accepted, || info!("action: accept_connections | result: success | ip: {ip}"));
         let accepted = Instant::now();
-        if let Some(first) = first {
-            self.spoke.push_back(Spoke { id, stream, ip, peer, accepted, first });
+        if tls && first == Some(tls::TLS_HANDSHAKE) {
+            self.spoke.push_back(Spoke { id, stream, ip, peer, accepted, first: tls::TLS_HANDSHAKE, requests: 0 });
             return Seated::Yes;
         }
         let deadline = if security.trusts(ip) {
@@ -315,35 +330,91 @@ impl<'a> Door<'a> {
         } else {
             accepted + FIRST_BYTE_TIMEOUT.min(limits.hello_timeout)
         };
-        let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP;
+        // Edge-triggered: a line that has only partly arrived is looked at again when more does.
+        let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP | epoll::EventFlags::ET;
         if let Err(e) = epoll::add(&self.epoll, &*stream, epoll::EventData::new_u64(id), flags) {
             warn!("action: accept_connections | result: fail | ip: {ip} | error: {e}");
             registry.remove(id);
             return Seated::Yes;
         }
         self.deadlines.insert((deadline, id));
-        self.held.insert(id, Held { stream, ip, peer, accepted, deadline });
+        self.held.insert(id, Held { stream, ip, peer, accepted, deadline, requests: 0, spoke: false });
+        if first.is_some() {
+            self.look(id);
+        }
         Seated::Yes
     }
 
-    /// A held connection has something to say: its first byte, a hang-up, or an eviction (which
-    /// shuts its reading half).
+    /// A held connection has something to say: probes (answered here), the request or TLS hello
+    /// that its thread is to take, a hang-up, or an eviction (which shuts its reading half).
     fn look(&mut self, id: u64) {
         let Some(held) = self.held.get(&id) else { return };
-        let arrived = peek_now(&held.stream);
-        let ended = held.peer.ended();
-        if arrived == Arrived::Nothing && ended == Ended::No {
+        if held.peer.ended() != Ended::No {
+            if let Some(held) = self.release(id) {
+                self.farewell(id, &held, ErrorCode::Busy, registry::EVICTED.to_owned());
+            }
             return;
         }
-        let Some(held) = self.release(id) else { return };
-        match (arrived, ended) {
-            (Arrived::Byte(first), Ended::No) => {
-                let Held { stream, ip, peer, accepted, .. } = held;
-                self.spoke.push_back(Spoke { id, stream, ip, peer, accepted, first });
-            }
-            (_, Ended::Evicted) => self.farewell(id, &held, ErrorCode::Busy, registry::EVICTED.to_owned()),
+        let Some(n) = peek_all_now(&held.stream, &mut self.peeked) else { return };
+        if n == 0 {
             // It hung up.
-            _ => self.rules.registry.remove(id),
+            self.close(id);
+            return;
+        }
+        let tls = self.rules.security.tls.is_some();
+        let data = &self.peeked[..n];
+        let answered = if tls && held.requests == 0 && data[0] == tls::TLS_HANDSHAKE {
+            Answered { consumed: 0, replies: Vec::new(), probes: 0, then: Then::HandOff }
+        } else {
+            let round = self.rules.round;
+            probes::answer(data, held.requests, || round.status())
+        };
+        let next = data.get(answered.consumed).copied();
+        let taken = consume_now(&held.stream, answered.consumed);
+        let sent = answered.replies.is_empty() || send_now(&held.stream, &answered.replies);
+        let requests = held.requests + answered.probes;
+        match (answered.then, next) {
+            // It does not take its replies (or vanished): a guest is not waited for.
+            _ if !taken || !sent => self.close(id),
+            (Then::Close, _) => self.close(id),
+            (Then::HandOff, Some(first)) => {
+                if let Some(Held { stream, ip, peer, accepted, .. }) = self.release(id) {
+                    self.spoke.push_back(Spoke { id, stream, ip, peer, accepted, first, requests });
+                }
+            }
+            (Then::HandOff | Then::Wait, _) => self.probed(id, requests, answered.probes > 0),
+        }
+    }
+
+    /// A held connection has made `requests` probes so far, one or more of them now if `now`,
+    /// and may have part of its next line sent: it has had its service, and has the time a guest
+    /// has (or, trusted, the idle timeout for its next request, from its first byte on).
+    fn probed(&mut self, id: u64, requests: u32, now: bool) {
+        let Rules { limits, security, .. } = self.rules;
+        let Some(held) = self.held.get_mut(&id) else { return };
+        let began = now || !held.spoke;
+        held.requests = requests;
+        held.spoke = true;
+        if now {
+            held.peer.set_stage(Stage::Probed);
+        }
+        let deadline = match (security.trusts(held.ip), began) {
+            (true, true) => Instant::now() + limits.idle_timeout,
+            (true, false) => held.deadline,
+            (false, _) => held.accepted + limits.hello_timeout,
+        };
+        if deadline != held.deadline {
+            self.deadlines.remove(&(held.deadline, id));
+            held.deadline = deadline;
+            self.deadlines.insert((deadline, id));
+        }
+    }
+
+    /// Closes a held connection, its last words (if any) already sent.
+    fn close(&mut self, id: u64) {
+        if let Some(held) = self.release(id) {
+            let _ = held.stream.shutdown(Shutdown::Both);
+            self.rules.registry.remove(id);
         }
     }
 
@@ -359,7 +430,12 @@ impl<'a> Door<'a> {
                 info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT");
             });
             let waited = held.deadline.saturating_duration_since(held.accepted).as_millis();
-            self.farewell(id, &held, ErrorCode::Timeout, format!("nothing sent within {waited} ms"));
+            let why = if held.spoke {
+                format!("no HELLO (or end to a probe) within {waited} ms")
+            } else {
+                format!("nothing sent within {waited} ms")
+            };
+            self.farewell(id, &held, ErrorCode::Timeout, why);
         }
     }
 
@@ -383,7 +459,10 @@ impl<'a> Door<'a> {
     /// Says why (if the client can read it) and closes.
     fn farewell(&self, id: u64, held: &Held, code: ErrorCode, why: String) {
         let error = ProtocolError::new(code, format!("{why}; closing"));
-        last_words(&held.stream, error, self.rules.security.tls.is_some());
+        // One that has spoken plain text reads a plain line; on a TLS server, one that has not
+        // may be a TLS client.
+        let quiet = self.rules.security.tls.is_some() && !held.spoke;
+        last_words(&held.stream, error, quiet);
         self.rules.registry.remove(id);
     }
 }
@@ -426,19 +505,21 @@ impl Drop for Door<'_> {
     }
 }
 
-/// Answers `ERR BUSY` and closes: the client is told at once, never queued.
+/// Answers `ERR BUSY` and closes: the client is told at once, never queued. On a TLS server a
+/// client that has begun (or may yet begin) a handshake is closed without a word (see
+/// [`last_words`]).
 fn refuse_busy(stream: &TcpStream, max: usize, tls: bool) {
+    let plain = matches!(peek_now(stream), Arrived::Byte(b) if b != tls::TLS_HANDSHAKE);
     let why = format!("the server serves {max} connections at once; try again later");
-    last_words(stream, ProtocolError::new(ErrorCode::Busy, why), tls);
+    last_words(stream, ProtocolError::new(ErrorCode::Busy, why), tls && !plain);
 }
 
-/// Says `error` as far as the socket takes it without waiting, and closes. On a TLS server a
-/// client that has begun (or may yet begin) a handshake is closed without a word: a plain-text
-/// line would reach its TLS layer as a broken record, which the agency must treat as final
-/// (it may be an attacker's on the way); a bare close it retries.
-fn last_words(stream: &TcpStream, error: ProtocolError, tls: bool) {
-    let plain = matches!(peek_now(stream), Arrived::Byte(b) if b != tls::TLS_HANDSHAKE);
-    if !tls || plain {
+/// Says `error` as far as the socket takes it without waiting, unless `quiet`, and closes. A
+/// client that may speak TLS is closed quietly: a plain-text line would reach its TLS layer as a
+/// broken record, which the agency must treat as final (it may be an attacker's on the way); a
+/// bare close it retries.
+fn last_words(stream: &TcpStream, error: ProtocolError, quiet: bool) {
+    if !quiet {
         let mut out = Vec::new();
         Reply::Err(error).encode(&mut out);
         send_now(stream, &out);

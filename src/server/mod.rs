@@ -11,6 +11,7 @@ pub mod auth;
 pub mod door;
 pub mod guest_log;
 pub mod pool;
+pub mod probes;
 pub mod registry;
 pub mod session;
 pub mod suspects;
@@ -145,7 +146,7 @@ pub fn run(
     let guest_log = Arc::new(GuestLog::default());
     let gate = Arc::new(tls::HandshakeGate::per_core());
     let mut pool = Pool::new(STACK_SIZE);
-    let rules = door::Rules { registry: &registry, guest_log: &guest_log, security: &security, limits };
+    let rules = door::Rules { round: &*round, registry: &registry, guest_log: &guest_log, security: &security, limits };
     let mut door = door::Door::new(&listener, shutdown, rules)?;
     for spoke in door.by_ref() {
         let shared = Shared {
@@ -186,7 +187,7 @@ struct Shared {
 
 /// Serves a connection that has spoken on a thread of `pool`.
 fn serve_connection(pool: &mut Pool, spoke: door::Spoke, shared: Shared, limits: Limits) -> io::Result<()> {
-    let door::Spoke { id, stream, ip, peer, accepted, first } = spoke;
+    let door::Spoke { id, stream, ip, peer, accepted, first, requests } = spoke;
     let registry = Arc::clone(&shared.registry);
     let spawned = pool.run(move || {
         // Deregisters even if the session panics.
@@ -226,6 +227,7 @@ fn serve_connection(pool: &mut Pool, spoke: door::Spoke, shared: Shared, limits:
             idle_timeout: limits.idle_timeout,
             hello_timeout: limits.hello_timeout,
             guest_deadline,
+            guest_requests: requests,
         };
         Session::new(context).run(&mut conn);
         debug!("action: close_connection | result: success | id: {id}");

@@ -14,6 +14,7 @@ use crate::ledger::{Appended, Ledger, Rows};
 use crate::server::Security;
 use crate::server::auth;
 use crate::server::guest_log::{GuestEvent, GuestLog};
+use crate::server::probes::{self, MAX_GUEST_REQUESTS};
 use crate::server::registry::{self, Ended, Peer, Registry, Stage};
 use crate::wire::bet::{self, RowParser, RowWriter};
 use crate::wire::connection::{Connection, ReadError};
@@ -23,10 +24,6 @@ use crate::wire::token::Token;
 
 /// How long a connection that is being ended (evicted, timed out) may take to read why.
 const FAREWELL: Duration = Duration::from_millis(100);
-
-/// Requests a guest may make before `HELLO`: a probe is a few (`PING`, `STATUS`, `QUIT`); a
-/// stranger asking without end would only cost the server for nothing.
-const MAX_GUEST_REQUESTS: u32 = 16;
 
 /// Most batches appended and not yet acknowledged on one connection.
 const MAX_PENDING: usize = 64;
@@ -50,6 +47,8 @@ pub struct Context<'a> {
     /// While a guest: when it must have authenticated, or be gone. `None`: a trusted loopback
     /// peer in protected mode, held to the idle timeout only.
     pub guest_deadline: Option<Instant>,
+    /// The probes the door answered before this connection got its thread.
+    pub guest_requests: u32,
 }
 
 /// One connection's state besides its socket.
@@ -89,9 +88,9 @@ impl<'a> Session<'a> {
         Session {
             round: cx.round,
             idle_timeout: cx.idle_timeout,
+            guest_requests: cx.guest_requests,
             cx,
             agency: None,
-            guest_requests: 0,
             parser: RowParser::default(),
             writer: RowWriter::default(),
             encoder: RowEncoder::new(bet::today()),
@@ -309,8 +308,7 @@ impl<'a> Session<'a> {
         self.cx.peer.set_stage(if probe { Stage::Probed } else { Stage::Underway });
         self.guest_requests += 1;
         if self.guest_requests > MAX_GUEST_REQUESTS {
-            let why = format!("at most {MAX_GUEST_REQUESTS} requests before HELLO; closing");
-            return Err(ProtocolError::new(ErrorCode::Busy, why));
+            return Err(probes::too_many());
         }
         Ok(())
     }

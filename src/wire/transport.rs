@@ -142,10 +142,36 @@ pub fn peek_now(stream: &TcpStream) -> Arrived {
     }
 }
 
-/// Writes what a fresh socket's send buffer takes of `bytes` at once, never waiting: for a
-/// last word to a connection that is being closed by a thread that must not block.
-pub fn send_now(stream: &TcpStream, bytes: &[u8]) {
-    let _ = rustix::net::send(stream, bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+/// What has arrived and is unread, as much of it as `buf` holds, never waiting: how many bytes,
+/// or `None` if nothing has; `Some(0)` once the client has closed (or the connection broke).
+pub fn peek_all_now(stream: &TcpStream, buf: &mut [u8]) -> Option<usize> {
+    match rustix::net::recv(stream, buf, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((_, n)) => Some(n),
+        Err(e) if e == Errno::AGAIN || e == Errno::INTR => None,
+        Err(_) => Some(0),
+    }
+}
+
+/// Reads and drops the next `n` bytes, which have arrived (a peek saw them); false if they
+/// could not all be read at once.
+pub fn consume_now(stream: &TcpStream, mut n: usize) -> bool {
+    let mut sink = [0u8; 512];
+    while n > 0 {
+        let len = n.min(sink.len());
+        match rustix::net::recv(stream, &mut sink[..len], RecvFlags::DONTWAIT) {
+            Ok((_, 0)) | Err(_) => return false,
+            Ok((_, read)) => n -= read,
+        }
+    }
+    true
+}
+
+/// Writes what a socket's send buffer takes of `bytes` at once, never waiting: for a thread that
+/// must not block (a last word to a connection being closed, a probe's reply from the door);
+/// true if it took them all.
+pub fn send_now(stream: &TcpStream, bytes: &[u8]) -> bool {
+    let sent = rustix::net::send(stream, bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+    sent.is_ok_and(|n| n == bytes.len())
 }
 
 /// The rustls error behind an I/O error, if any: a certificate that is not trusted, a record

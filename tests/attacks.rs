@@ -208,3 +208,37 @@ fn connection_churn_is_summarised_in_the_log_not_logged_line_by_line() {
     let lines = server.logs().seen.len() as u64;
     assert!(lines * 10 < made, "{lines} log lines for {made} connections");
 }
+
+/// Probes are answered by the door: a hundred guests that probed and stay cost no thread, the
+/// request limit holds, and a request after probes still reaches its thread.
+#[test]
+fn probes_are_answered_without_a_thread_and_a_request_after_them_gets_one() {
+    let server = TestServer::start(1, &[("SERVER_MAX_GUESTS_PER_IP", "200"), ("SERVER_MAX_GUESTS", "200")]);
+    let pid = server.proc.pid();
+    let mut first = server.client();
+    assert_eq!(first.send("PING"), "PONG");
+    let idle = threads_of(pid);
+    let mut probing: Vec<_> = (0..100).map(|_| server.client()).collect();
+    for client in &mut probing {
+        assert_eq!(client.send("STATUS"), "STATUS agencies_done=0/1 bets=0 drawn=false");
+    }
+    assert_eq!(threads_of(pid), idle, "{}", thread_names(pid));
+    // Pipelined: sixteen answers, then the limit.
+    let mut pipelined = server.client();
+    pipelined.write(&b"PING\n".repeat(20)).unwrap();
+    for _ in 0..16 {
+        assert_eq!(pipelined.read_line(), "PONG");
+    }
+    assert!(pipelined.read_line().starts_with("ERR BUSY at most 16 requests before HELLO"));
+    pipelined.expect_eof();
+    // A request after probes, in the same write, is its thread's (protected mode: HELLO from loopback).
+    let mut agency = server.client();
+    agency.write(b"PING\r\nHELLO 1\nQUIT\n").unwrap();
+    assert_eq!(agency.read_line(), "PONG");
+    assert_eq!(agency.read_line(), "OK 0");
+    assert_eq!(agency.read_line(), "BYE");
+    agency.expect_eof();
+    let mut quitting = server.client();
+    assert_eq!(quitting.send("QUIT"), "BYE");
+    quitting.expect_eof();
+}

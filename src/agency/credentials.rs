@@ -70,7 +70,7 @@ fn read_token(path: &Path) -> Result<Token, String> {
     })
 }
 
-fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, String> {
+pub(crate) fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, String> {
     let bad = |why: String| format!("CLI_TLS_CA {}: {why}; {HOW}", ca.display());
     let certs = CertificateDer::pem_file_iter(ca)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())

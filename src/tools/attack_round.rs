@@ -10,10 +10,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::agency::Stop;
-use crate::agency::credentials::Credentials;
 use crate::config::ServerSettings;
 use crate::output;
-use crate::tools::attacks::{self, Attack, Report, Sources, Target};
+use crate::tools::attacks::{Attack, Report, Sources};
+use crate::tools::botnet::{Botnet, Orders};
 use crate::tools::local_round::{LocalServer, Options, RoundCredentials, run_agencies};
 use crate::tools::report::count_winners;
 
@@ -49,7 +49,6 @@ impl Suite<'_> {
         let expected: Vec<u64> =
             self.files.iter().map(|f| count_winners(f)).collect::<io::Result<_>>().map_err(|e| e.to_string())?;
         let first = credentials.agencies.first().ok_or("no agencies")?;
-        let tls = Credentials::load(first)?.tls;
         let sources = match self.opts.attack_from {
             Sources::Spread => "each from an address of its own (127.1.0.0/16)",
             Sources::Same => "all from 127.0.0.1, the agencies' own address",
@@ -63,14 +62,18 @@ impl Suite<'_> {
             let dir = scratch.join(format!("round-{}", attack.map_or("none", Attack::name)));
             fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let server = LocalServer::start(self.opts, self.settings, &dir, credentials.security.clone())?;
-            let target = Target {
-                addr: server.addr,
-                tls: tls.clone(),
-                agencies: self.opts.agencies,
-                refresh_every: self.settings.hello_timeout.min(self.settings.idle_timeout).mul_f64(0.9),
+            let attackers = match attack {
+                Some(kind) => Some(Botnet::launch(&Orders {
+                    kind,
+                    count: self.opts.attackers,
+                    addr: server.addr,
+                    ca: first.tls_ca.as_deref(),
+                    agencies: self.opts.agencies,
+                    refresh_every: self.settings.hello_timeout.min(self.settings.idle_timeout).mul_f64(0.9),
+                    sources: self.opts.attack_from,
+                })?),
+                None => None,
             };
-            let attackers =
-                attack.map(|kind| attacks::launch(kind, self.opts.attackers, &target, self.opts.attack_from));
             if attackers.is_some() {
                 thread::sleep(HEAD_START);
             }
@@ -78,7 +81,7 @@ impl Suite<'_> {
             let started = Instant::now();
             let outcomes = run_agencies(self.files, server.addr, self.batch_max, &credentials.agencies, &stops);
             let elapsed = started.elapsed();
-            let report = attackers.map(attacks::Attackers::stop);
+            let report = attackers.map(Botnet::stop);
             server.stop()?;
             let failed = outcomes
                 .iter()
@@ -124,7 +127,7 @@ fn print_rows(rows: &[Row]) {
     }
     if let Some(hwm) = peak_rss_kib() {
         output::line(format_args!(
-            "peak RSS of this process (server, agencies and attackers together): {:.1} MB",
+            "peak RSS of this process (the server and the agencies; the attackers have a process of their own): {:.1} MB",
             hwm as f64 / 1024.0
         ));
     }

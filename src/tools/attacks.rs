@@ -278,8 +278,16 @@ fn attacker(
     report
 }
 
+/// What an attacker's socket holds of what it sent and the server has not taken. The kernel
+/// would let it grow to megabytes: 2,000 `noread` attackers then held gigabytes, and on this one
+/// machine that memory counts against the same kernel limit for TCP as the server's, which
+/// then dropped the agencies' packets (a round took up to 16 s). A botnet's send buffers are on
+/// its own machines; 64 KiB still keeps the server's receive buffer full.
+const ATTACKER_SEND_BUFFER: usize = 64 * 1024;
+
 fn connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_send_buffer_size(ATTACKER_SEND_BUFFER)?;
     if let Some(source) = source {
         socket.bind(&SocketAddr::new(source, 0).into())?;
     }

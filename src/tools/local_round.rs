@@ -24,6 +24,7 @@ use crate::server::auth::AgencyKeys;
 use crate::server::{self, Limits, Security, ShutdownHandle, tls};
 use crate::tools::attack_round;
 use crate::tools::attacks::{Attack, Sources};
+use crate::tools::botnet;
 use crate::tools::dataset;
 use crate::tools::hostile;
 use crate::tools::keys;
@@ -200,7 +201,11 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Optio
 
 /// `lottery-round`'s main.
 pub fn main() -> ExitCode {
-    let opts = match parse_args(std::env::args().skip(1)) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == botnet::WORKER) {
+        return botnet::worker(&args[1..]);
+    }
+    let opts = match parse_args(args) {
         Ok(Some(opts)) => opts,
         Ok(None) => {
             output::line(format_args!("{HELP}"));

@@ -3,6 +3,7 @@
 
 pub mod attack_round;
 pub mod attacks;
+pub mod botnet;
 pub mod dataset;
 pub mod hostile;
 pub mod keys;

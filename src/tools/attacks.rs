@@ -8,7 +8,8 @@
 //! they stand in for a botnet's own machines, and on a shared machine a thousand busy attacker
 //! threads would otherwise take the CPU from the server and agencies by their number alone,
 //! whatever the server does. The server's work for them (accepts, handshakes, replies) runs at
-//! normal priority and counts.
+//! normal priority and counts. `lottery-round` also runs them in a process and a scheduling
+//! group of their own (see [`crate::tools::botnet`]).
 //!
 //! The attackers hold no token: on a server with agency keys, what they may do is what a
 //! stranger may. (In protected mode every loopback peer is trusted, so attacks make no sense

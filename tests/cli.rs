@@ -403,3 +403,30 @@ fn an_agency_that_fails_for_good_stops_the_round_instead_of_leaving_the_others_w
     assert!(stdout.contains("1 failed: stopped, as agency 2 failed"), "{stdout}");
     assert!(stderr.contains("failed for 3 of 3 agencies; agency 2: .data/agency-2.csv line 51"), "{stderr}");
 }
+
+/// Process ids of running `lottery-round --attack-worker` processes.
+fn attack_workers() -> Vec<String> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter(|e| {
+            let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+            cmdline.split(|&b| b == 0).any(|arg| arg == b"--attack-worker")
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn an_attack_round_runs_its_attackers_in_a_process_that_ends_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--agencies", "2", "--bets-per-agency", "50", "--attack", "park,flood", "--attackers", "20"];
+    let (status, stdout, stderr) = round(dir.path(), &[], &args);
+    assert!(status.success(), "{stdout}\n{stderr}");
+    for kind in ["none", "park", "flood"] {
+        let row = stdout.lines().find(|l| l.split_whitespace().next() == Some(kind)).unwrap_or_default();
+        assert!(row.contains("exact"), "{kind}: {row:?} in\n{stdout}");
+    }
+    // flood's attackers were answered: their report crossed from their process.
+    assert!(stdout.contains("PONG x") || stdout.contains("STATUS x"), "{stdout}");
+    assert_eq!(attack_workers(), Vec::<String>::new(), "attackers' processes left behind");
+}

@@ -430,10 +430,12 @@ impl<'a> Door<'a> {
                 info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT");
             });
             let waited = held.deadline.saturating_duration_since(held.accepted).as_millis();
-            let why = if held.spoke {
-                format!("no HELLO (or end to a probe) within {waited} ms")
-            } else {
+            let why = if !held.spoke {
                 format!("nothing sent within {waited} ms")
+            } else if self.rules.security.trusts(ip) {
+                format!("no complete request within {} ms", self.rules.limits.idle_timeout.as_millis())
+            } else {
+                format!("no HELLO (or end to a probe) within {waited} ms")
             };
             self.farewell(id, &held, ErrorCode::Timeout, why);
         }

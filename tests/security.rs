@@ -81,13 +81,14 @@ fn plain_text_may_only_probe_a_tls_server() {
 #[test]
 fn a_tls_server_ends_a_client_that_has_not_spoken_without_a_plain_word() {
     let dir = tempfile::tempdir().unwrap();
-    let (_keys, mut server) = secure_server(dir.path(), &[("SERVER_MAX_GUESTS_PER_IP", "1")]);
+    let env = [("SERVER_MAX_GUESTS_PER_IP", "1"), ("SERVER_HELLO_TIMEOUT_MS", "500")];
+    let (_keys, mut server) = secure_server(dir.path(), &env);
     let mut evicted = server.client();
     server.logs().wait_for("action: accept_connections | result: success");
     // The newer guest takes the only place of their address.
     assert_eq!(server.client().send("PING"), "PONG");
     evicted.expect_eof();
-    // One that stays silent is closed at its first-byte deadline, as silently.
+    // One that stays silent is closed at its hello deadline, as silently.
     let mut silent = server.client();
     silent.expect_eof();
     server.logs().wait_for("action: hello | result: fail | ip: 127.0.0.1 | error: TIMEOUT");

@@ -1,20 +1,20 @@
 //! The door: the one thread that accepts connections. It takes each connection as soon as it
-//! arrives, so that the listen queue never fills and an agency never waits behind strangers in
-//! the kernel, and holds it, with no thread of its own, until the client's first byte arrives;
-//! only then does the connection get its thread. A stranger that connects and says nothing, or
-//! connects and hangs up thousands of times a second, costs the server a socket and an entry in
-//! `epoll`, never a thread's start and end.
+//! arrives, so that an agency waits as little as it can behind strangers in the kernel's listen
+//! queue, and holds it, with no thread of its own, until the client says something that is no
+//! probe (a TLS hello, a `HELLO`); it answers the probes itself ([`crate::server::probes`]).
+//! Only then does the connection get its thread. A stranger that connects and says nothing,
+//! connects and hangs up thousands of times a second, or probes without end, costs the server a
+//! socket, an entry in `epoll` and a few system calls, never a thread.
 //!
 //! When every guest place is taken by a guest that is young and under way (a crowd of TLS
 //! handshakes), a newcomer waits in the door's *waiting room*, and places are given in the order
 //! of arrival, those from suspect addresses (see [`crate::server::suspects`]) last: an agency is
 //! never turned away to retry later while strangers who reconnect at once take every place that
-//! frees up. (The kernel's listen queue would keep that order too,
-//! but it is short, and a connection that finds it full waits a second for its SYN to be sent
-//! again.)
+//! frees up. (The kernel's listen queue would keep that order too, but it is short, and a
+//! connection that finds it full waits for its SYN to be sent again.)
 //!
-//! The door also ends what it holds, without waiting on anyone: a connection silent past its
-//! first-byte deadline (`ERR TIMEOUT`), one evicted to make room for a newer guest (`ERR BUSY`),
+//! The door also ends what it holds, without waiting on anyone: a guest that has not said
+//! `HELLO` (or ended its probes) within the hello timeout (`ERR TIMEOUT`), one evicted to make room for a newer guest (`ERR BUSY`),
 //! one that hung up, one that waited for a place for the whole hello timeout. It waits in
 //! `epoll` on the listener, the held connections and the shutdown handle's eventfd, so that a
 //! shutdown wakes it whatever the network is doing.
@@ -39,11 +39,6 @@ use crate::server::registry::{self, Admission, Crowd, Ended, Peer, Registry, Sta
 use crate::server::{Limits, Security, ShutdownHandle, tls};
 use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
 use crate::wire::transport::{Arrived, consume_now, peek_all_now, peek_now, send_now};
-
-/// How long a guest (but a trusted one) may take to send its first byte: it comes at once from
-/// any client but a person (a TLS hello, a probe). A connection silent for a second is a parked
-/// stranger, or a dead one the kernel handed over late, and is not kept for the hello timeout.
-const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long the door pauses after a failed `accept` or `epoll_wait`: a lasting failure (no file
 /// descriptor frees up) must not spin it.
@@ -73,7 +68,7 @@ const EVENTS: usize = 512;
 const LISTENER: u64 = u64::MAX;
 const WAKE: u64 = u64::MAX - 1;
 
-/// A connection whose first byte has arrived: its thread is to start.
+/// A connection that has said more than probes: its thread is to start.
 pub struct Spoke {
     pub id: u64,
     pub stream: Arc<TcpStream>,
@@ -325,11 +320,8 @@ impl<'a> Door<'a> {
             self.spoke.push_back(Spoke { id, stream, ip, peer, accepted, first: tls::TLS_HANDSHAKE, requests: 0 });
             return Seated::Yes;
         }
-        let deadline = if security.trusts(ip) {
-            accepted + limits.idle_timeout
-        } else {
-            accepted + FIRST_BYTE_TIMEOUT.min(limits.hello_timeout)
-        };
+        let deadline =
+            if security.trusts(ip) { accepted + limits.idle_timeout } else { accepted + limits.hello_timeout };
         // Edge-triggered: a line that has only partly arrived is looked at again when more does.
         let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP | epoll::EventFlags::ET;
         if let Err(e) = epoll::add(&self.epoll, &*stream, epoll::EventData::new_u64(id), flags) {
@@ -469,7 +461,7 @@ impl<'a> Door<'a> {
     }
 }
 
-/// The connections that have said their first byte, in turn; the end once the server shuts down.
+/// The connections that have said more than probes, in turn; the end once the server shuts down.
 impl Iterator for Door<'_> {
     type Item = Spoke;
 

@@ -20,18 +20,20 @@
 //!   restarts), [`ledger::lock`] (one server per storage), [`ledger::free_space`]
 //!   (`SERVER_MIN_FREE_BYTES`),
 //!   [`ledger::postgres`] (the round in PostgreSQL, shared by replicas).
-//! - [`server`]: bind, the accept loop, one thread per connection, orderly shutdown;
+//! - [`server`]: bind, the door (accepts, answers probes, holds connections until they say
+//!   more), a pooled thread per connection that does ([`server::pool`]), orderly shutdown;
 //!   [`server::session`] is one connection's conversation, request by request;
 //!   [`server::auth`] who may speak for an agency; [`server::tls`] the certificate, TLS or
 //!   plain by the first byte, handshakes taking turns; [`server::registry`] the live
-//!   connections, agencies' sessions and guests; [`server::guest_log`] guest lines kept few.
+//!   connections, agencies' sessions and guests; [`server::guest_log`] guest lines kept few;
+//!   [`server::probes`] the probes the door answers; [`server::suspects`] addresses that failed.
 //! - [`agency`]: the agency client (used by `lottery-agency`, `lottery-round` and the tests);
 //!   [`agency::credentials`] its token and the CA it trusts; its bets file is read and batched
 //!   in `agency/source.rs`.
 //! - [`tools`]: [`tools::local_round`] (`lottery-round`, a whole round in one process),
 //!   [`tools::dataset`] (synthetic agency files), [`tools::hostile`] (misbehaving clients),
-//!   [`tools::keys`] (`--make-keys`), [`tools::attacks`] and [`tools::attack_round`]
-//!   (`lottery-round --attack`).
+//!   [`tools::keys`] (`--make-keys`), [`tools::attacks`], [`tools::attack_round`] and
+//!   [`tools::botnet`] (`lottery-round --attack`, its attackers in a process of their own).
 //! - [`config`]: `config.ini` plus environment into typed settings.
 //! - [`logging`]: the log line format of the spec.
 //! - [`output`]: stdout and stderr that a closed pipe stops instead of crashing.

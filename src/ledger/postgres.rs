@@ -397,7 +397,7 @@ impl Ledger for PgLedger {
         }
     }
 
-    /// The database's figures, read at most every [`STATUS_AGE`].
+    /// The database's figures, read at most every `STATUS_AGE`.
     fn status(&self) -> Result<Status, ProtocolError> {
         let mut cached = self.status.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((_, status)) = cached.filter(|(at, _)| at.elapsed() < STATUS_AGE) {

@@ -185,7 +185,7 @@ fn whole_lines_len(file: &mut File, len: u64) -> io::Result<u64> {
 /// every row (the document as bytes: UTF-8, but most visitors never look at it). With `stop`, it gives up (returning `Ok(false)`) once `stop` is set.
 ///
 /// Plain lines (all of ours but those with quotes) are read in place by
-/// [`scan::fast_scan`](crate::ledger::scan); from the first other line on, the csv crate reads
+/// `scan::fast_scan`; from the first other line on, the csv crate reads
 /// the file, so what is accepted and every error are as they always were.
 ///
 /// # Errors

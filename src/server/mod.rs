@@ -1,5 +1,5 @@
-//! The server: the door (which accepts every connection and holds it until it speaks), one
-//! thread per connection that has spoken, and an orderly shutdown.
+//! The server: the door (which accepts every connection, answers its probes, and holds it until
+//! it says more), a thread (from a pool) per connection that has, and an orderly shutdown.
 //!
 //! Shutdown order: set the flag → wake the door through its eventfd → close what the door holds → wake
 //! every waiter in the round (they answer `ERR SHUTDOWN`) → shut down the reading half of every

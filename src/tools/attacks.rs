@@ -4,7 +4,7 @@
 //! loop checks the stop flag at least every 200 ms, and every socket has timeouts, so that
 //! stopping them is prompt and nothing of theirs outlives [`Attackers::stop`].
 //!
-//! Attacker threads run at the lowest CPU priority (`SCHED_IDLE`, see [`lowest_priority`]):
+//! Attacker threads run at the lowest CPU priority (`SCHED_IDLE`, see `lowest_priority`):
 //! they stand in for a botnet's own machines, and on a shared machine a thousand busy attacker
 //! threads would otherwise take the CPU from the server and agencies by their number alone,
 //! whatever the server does. The server's work for them (accepts, handshakes, replies) runs at

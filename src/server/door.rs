@@ -34,7 +34,7 @@ use rustix::io::Errno;
 
 use crate::ledger::Ledger;
 use crate::server::guest_log::{GuestEvent, GuestLog};
-use crate::server::probes::{self, Answered, Then};
+use crate::server::probes::{self, Then};
 use crate::server::registry::{self, Admission, Crowd, Ended, Peer, Registry, Stage};
 use crate::server::{Limits, Security, ShutdownHandle, tls};
 use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
@@ -353,14 +353,14 @@ impl<'a> Door<'a> {
             self.close(id);
             return;
         }
-        let tls = self.rules.security.tls.is_some();
         let data = &self.peeked[..n];
-        let answered = if tls && held.requests == 0 && data[0] == tls::TLS_HANDSHAKE {
-            Answered { consumed: 0, replies: Vec::new(), probes: 0, then: Then::HandOff }
-        } else {
-            let round = self.rules.round;
-            probes::answer(data, held.requests, || round.status())
-        };
+        if self.rules.security.tls.is_some() && held.requests == 0 && data[0] == tls::TLS_HANDSHAKE {
+            // A TLS hello, however little of it has arrived: its thread takes it.
+            self.hand_off(id, tls::TLS_HANDSHAKE, 0);
+            return;
+        }
+        let round = self.rules.round;
+        let answered = probes::answer(data, held.requests, || round.status());
         let next = data.get(answered.consumed).copied();
         let taken = consume_now(&held.stream, answered.consumed);
         let sent = answered.replies.is_empty() || send_now(&held.stream, &answered.replies);
@@ -369,12 +369,15 @@ impl<'a> Door<'a> {
             // It does not take its replies (or vanished): a guest is not waited for.
             _ if !taken || !sent => self.close(id),
             (Then::Close, _) => self.close(id),
-            (Then::HandOff, Some(first)) => {
-                if let Some(Held { stream, ip, peer, accepted, .. }) = self.release(id) {
-                    self.spoke.push_back(Spoke { id, stream, ip, peer, accepted, first, requests });
-                }
-            }
+            (Then::HandOff, Some(first)) => self.hand_off(id, first, requests),
             (Then::HandOff | Then::Wait, _) => self.probed(id, requests, answered.probes > 0),
+        }
+    }
+
+    /// Passes a held connection to a thread of its own, `first` being its next byte.
+    fn hand_off(&mut self, id: u64, first: u8, requests: u32) {
+        if let Some(Held { stream, ip, peer, accepted, .. }) = self.release(id) {
+            self.spoke.push_back(Spoke { id, stream, ip, peer, accepted, first, requests });
         }
     }
 

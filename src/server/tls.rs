@@ -67,7 +67,7 @@ pub fn transport(
 /// runnable thread each beside the agencies' few, and take the CPU by their number. Waiting
 /// for a permit costs nothing but the wait, and a guest evicted meanwhile gives up its turn.
 /// A guest from a suspect address (see [`crate::server::suspects`]) gets a permit only when
-/// no other guest waits for one.
+/// no other guest waits for one, and suspects never hold more than half the permits.
 pub struct HandshakeGate {
     state: Mutex<GateState>,
     /// Where guests from addresses with no recent failure wait, and where suspects do.
@@ -91,12 +91,10 @@ impl GateState {
         if self.free == 0 {
             return;
         }
-        let next = if self.clear_waiting > 0 || !self.suspect_may() { &gate.clear } else { &gate.suspects };
+        let next = if self.suspect_may() { &gate.suspects } else { &gate.clear };
         next.notify_one();
     }
-}
 
-impl GateState {
     /// Whether a suspect may take a free permit now.
     fn suspect_may(&self) -> bool {
         self.clear_waiting == 0 && self.suspects_computing < self.suspects_most

@@ -486,6 +486,7 @@ pub(crate) fn run_agencies(
     stops: &[Stop],
 ) -> Vec<Result<Outcome, String>> {
     let first_failed: Arc<OnceLock<u32>> = Arc::default();
+    let all: Arc<[Stop]> = stops.into();
     let agencies: Vec<_> = files
         .iter()
         .zip(configured)
@@ -500,7 +501,7 @@ pub(crate) fn run_agencies(
                 extra_bet: None,
                 ..configured.clone()
             };
-            let (stop, all, first_failed) = (stop.clone(), stops.to_vec(), Arc::clone(&first_failed));
+            let (stop, all, first_failed) = (stop.clone(), Arc::clone(&all), Arc::clone(&first_failed));
             thread::Builder::new().name(format!("agency-{id}")).stack_size(256 * 1024).spawn(move || {
                 let outcome = agency::run(&settings, &stop);
                 match &outcome {

@@ -134,11 +134,10 @@ pub enum Arrived {
 /// `MSG_PEEK | MSG_DONTWAIT`.
 pub fn peek_now(stream: &TcpStream) -> Arrived {
     let mut first = [0u8; 1];
-    match rustix::net::recv(stream, &mut first, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
-        Ok((_, 0)) => Arrived::Closed,
-        Ok(_) => Arrived::Byte(first[0]),
-        Err(e) if e == Errno::AGAIN || e == Errno::INTR => Arrived::Nothing,
-        Err(_) => Arrived::Closed,
+    match peek_all_now(stream, &mut first) {
+        None => Arrived::Nothing,
+        Some(0) => Arrived::Closed,
+        Some(_) => Arrived::Byte(first[0]),
     }
 }
 

@@ -7,7 +7,9 @@
 #                                          then stop and remove it when standard input closes (the
 #                                          tests do this when SERVER_DATABASE_URL is unset)
 #
-# The URL is postgres://postgres@127.0.0.1:PORT/postgres (trust authentication, loopback only).
+# The URL is postgres://postgres:PASSWORD@127.0.0.1:PORT/postgres: the cluster listens on loopback
+# only, asks a password over TCP (scram-sha-256, a random one made here, as a real server would, so
+# that a wrong password can be tested), and trusts its own Unix socket in DIR.
 # As root the cluster runs as the `postgres` user: initdb refuses root. PostgreSQL's binaries are
 # found through PG_BIN, pg_config, or /usr/lib/postgresql/*/bin (Debian's postgresql package).
 # PG_TEST_FSYNC=off makes a faster cluster that loses commits on a power loss (fine for tests,
@@ -33,7 +35,7 @@ as_owner() {
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 start() {
-  local dir=$1 bin port try
+  local dir=$1 bin port try password
   bin=$(bindir)
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
@@ -41,15 +43,20 @@ start() {
     chown postgres: "$dir"
     runuser -u postgres -- test -w "$dir" || die "the postgres user cannot reach $dir (its parents must let it through)"
   fi
-  as_owner "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C >"$dir/initdb.log" 2>&1 \
+  password=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+  (umask 077 && echo "$password" >"$dir/password")
+  [[ $(id -u) -eq 0 ]] && chown postgres: "$dir/password"
+  as_owner "$bin/initdb" -D "$dir/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+    --pwfile="$dir/password" -E UTF8 --locale=C >"$dir/initdb.log" 2>&1 \
     || die "initdb failed: see $dir/initdb.log"
+  rm -f "$dir/password"
   for try in $(seq 1 20); do
     port=$((20000 + RANDOM % 40000))
     port_in_use "$port" && continue
     if as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 30 -o \
       "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=${PG_TEST_FSYNC:-on} -c max_connections=300" \
       start >/dev/null; then
-      echo "postgres://postgres@127.0.0.1:$port/postgres"
+      echo "postgres://postgres:$password@127.0.0.1:$port/postgres"
       return
     fi
   done

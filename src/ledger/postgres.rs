@@ -9,43 +9,61 @@
 //! - **Group commit**: batches commit without waiting for the disk, and a connection makes them
 //!   durable together before it answers them ([`Ledger::make_durable`]: one transaction that
 //!   waits for the WAL flush, which covers every commit before it); `OK` only after that.
-//! - **The draw is exactly once** by a row lock, not by `SERIALIZABLE`: every `DONE` marks its
-//!   agency done, then locks the one row of `lottery_round` (`FOR UPDATE`), and only then counts
-//!   the agencies that are done. Under `READ COMMITTED` each statement sees what was committed
-//!   before it began, so of two last `DONE`s arriving together on two replicas, the second to
-//!   get the lock sees the first one's `DONE` and `drawn = false`, or the first one's draw: one of
-//!   them draws, inside its own transaction. `SERIALIZABLE` would also be correct, but one of the
-//!   two would fail with a serialization error and have to be retried; the lock makes it wait.
-//! - **`WINNERS`** waits on a local `Condvar`. A thread per replica `LISTEN`s on
-//!   `lottery_drawn`, which the draw `NOTIFY`s at its commit, and also looks at the round every
+//! - **`DONE`** marks its agency done in a transaction of its own, durable at its commit, that
+//!   holds only its agency's row lock (so it waits for that agency's batches in flight, and for
+//!   nothing else); the commits of `DONE`s arriving together share the database's WAL flushes.
+//!   It then asks whether any agency is not done (a partial index makes that one probe, not a
+//!   scan). Only if none is does it make the draw.
+//! - **The draw is exactly once** by a row lock, not by `SERIALIZABLE`: it locks the one row of
+//!   `lottery_round` (`FOR UPDATE`), and only then looks at `drawn` and at the agencies not done.
+//!   Under `READ COMMITTED` each statement sees what was committed before it began, so of two
+//!   last `DONE`s committed together on two replicas, the later one's question sees the other's
+//!   `DONE`; whichever gets the lock first draws, the other finds `drawn`. A replica that dies
+//!   between a `DONE` and the draw has not answered it: its agency asks again, and every
+//!   replica's watcher also draws a round whose agencies are all done.
+//! - **`WINNERS`** waits on a local `Condvar`. A thread per replica (the watcher) `LISTEN`s on
+//!   `lottery_drawn`, which the draw `NOTIFY`s at its commit, and also reads the round every
 //!   second, so that a notification lost with a broken connection cannot strand a waiter.
-//! - **`STATUS`** and `HELLO` read the database: it is the truth, whichever replica wrote it.
+//! - **`STATUS`** answers the figures the watcher read last (at most about a second old), never
+//!   the database itself: the door answers a stranger's `STATUS` on its own thread, and must not
+//!   wait on a database that may be down.
+//! - **No reply names the database**: a failure is `ERR STORAGE the database is unavailable; try
+//!   again later`, and the log line says which database and why.
+//! - **At start-up** the server checks that its role holds every privilege it needs and can run
+//!   every statement it will (in a transaction rolled back), and says which is missing.
 
 mod columns;
+mod error;
 mod export;
 mod pool;
+mod privileges;
 mod watch;
 
+pub use error::OpenError;
 pub use export::export;
 
 use std::io;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{error, info};
 use postgres::types::Type;
-use postgres::{Client, Config, NoTls};
+use postgres::{Client, Config, NoTls, SimpleQueryMessage};
 use r2d2::{Pool, PooledConnection};
 
 use crate::ledger::{Appended, Ledger, Rows};
 use crate::wire::bet::WINNING_NUMBER;
 use crate::wire::protocol::{self, ErrorCode, ProtocolError, Status};
 
-/// The schema, created or migrated at every start-up.
+/// The schema, created or migrated at start-up if any of its relations is missing.
 const SCHEMA: &str = include_str!("schema.sql");
+
+/// Every relation [`SCHEMA`] creates: when all are there, a role without `CREATE` (tables made
+/// by an administrator) may serve the round.
+const RELATIONS: [&str; 4] = ["lottery_round", "lottery_agency", "lottery_bet", "lottery_agency_not_done"];
 
 /// The channel the draw notifies, at its commit.
 const CHANNEL: &str = "lottery_drawn";
@@ -76,14 +94,25 @@ WITH a AS (SELECT stored, done FROM lottery_agency WHERE agency = $1 FOR UPDATE)
      upd AS (UPDATE lottery_agency SET stored = greatest(ok.stored, ok.first + $3) FROM ok WHERE agency = $1)
 SELECT a.stored, a.done, r.drawn FROM a, r";
 
+/// Whether every agency is done: one probe of the partial index on the agencies not done.
+const ALL_DONE: &str = "SELECT NOT EXISTS (SELECT 1 FROM lottery_agency WHERE NOT done)";
+
+/// The figures of `STATUS`.
+const FIGURES: &str = "SELECT count(*) FILTER (WHERE done), coalesce(sum(stored), 0)::bigint, \
+                       (SELECT drawn FROM lottery_round WHERE id = 1) FROM lottery_agency";
+
 /// Connections one replica keeps at most; a request finding none free waits for one.
 const POOL_SIZE: u32 = 32;
 
-/// How old a `STATUS` may be: at most one reading of the database per replica this often.
-const STATUS_AGE: Duration = Duration::from_millis(100);
-
 /// How long a request waits for a connection before it is answered `ERR STORAGE`.
 const POOL_WAIT: Duration = Duration::from_secs(10);
+
+/// How long opening a connection may take, unless `SERVER_DATABASE_URL` says
+/// (`connect_timeout`): an unreachable host is said at start-up, not after the system's minutes.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What every reply says of a database failure: the client learns nothing of where it is.
+const UNAVAILABLE: &str = "the database is unavailable; try again later";
 
 use pool::Manager;
 
@@ -106,23 +135,25 @@ pub struct PgLedger {
     pool: Pool<Manager>,
     shared: Arc<Shared>,
     watcher: Mutex<Option<JoinHandle<()>>>,
-    /// The last `STATUS` read and when: anyone may ask for it, at any rate, and each reading
-    /// takes a connection the agencies' batches need.
-    status: Mutex<Option<(Instant, Status)>>,
-    /// `host:port/database`, for the log: never the password.
+    /// `host:port/database`, for the log: never the password, never in a reply.
     place: String,
 }
 
-/// What this replica's waiters share with the thread that watches for the draw.
+/// What this replica's connections share with its watcher.
 struct Shared {
+    agencies: u32,
     state: Mutex<Watch>,
     drawn: Condvar,
     stopping: AtomicBool,
+    /// The figures of `STATUS` as the watcher last read them.
+    agencies_done: AtomicU32,
+    bets: AtomicU64,
+    /// Set with the winners, so that `STATUS` says `drawn=true` as soon as a waiter could know.
+    is_drawn: AtomicBool,
 }
 
 #[derive(Default)]
 struct Watch {
-    /// Every agency's winners (index 0 is agency 1), once the draw is made.
     /// Every agency's `WINNERS` line (index 0 is agency 1), once the draw is made.
     winners: Option<Replies>,
     shutting_down: bool,
@@ -137,11 +168,34 @@ impl Shared {
     /// Makes the winners known to this replica's waiters, and wakes them.
     fn publish(&self, winners: Replies) {
         self.lock().winners.get_or_insert(winners);
+        self.is_drawn.store(true, Ordering::Relaxed);
         self.drawn.notify_all();
     }
 
+    /// This replica made the draw: it says so, and makes it known.
+    fn drew(&self, (winners, figures): (Replies, Status)) {
+        info!("action: sorteo | result: success");
+        self.set_figures(&figures);
+        self.publish(winners);
+    }
+
     fn is_drawn(&self) -> bool {
-        self.lock().winners.is_some()
+        self.is_drawn.load(Ordering::Relaxed)
+    }
+
+    /// Keeps the figures the database holds, for `STATUS`.
+    fn set_figures(&self, status: &Status) {
+        self.agencies_done.store(status.agencies_done, Ordering::Relaxed);
+        self.bets.store(status.bets, Ordering::Relaxed);
+    }
+
+    fn figures(&self) -> Status {
+        Status {
+            agencies_done: self.agencies_done.load(Ordering::Relaxed),
+            agencies: self.agencies,
+            bets: self.bets.load(Ordering::Relaxed),
+            drawn: self.is_drawn(),
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -161,22 +215,34 @@ fn place(config: &Config) -> String {
 }
 
 /// Parses `url` without ever quoting it back: it may hold a password.
-fn parse_url(url: &str) -> Result<Config, String> {
-    Config::from_str(url).map_err(|e| format!("SERVER_DATABASE_URL is not a connection string: {e}"))
+fn parse_url(url: &str) -> Result<Config, OpenError> {
+    let mut config = Config::from_str(url).map_err(|e| OpenError::BadUrl(error::detail(&e)))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    Ok(config)
+}
+
+/// Connects for start-up, saying which failure it met if it could not.
+fn connect(config: &Config, place: &str) -> Result<Client, OpenError> {
+    config.connect(NoTls).map_err(|e| error::classify(&e, place, config.get_user().unwrap_or("(none)")))
 }
 
 impl PgLedger {
-    /// Connects to the database at `url`, creates or migrates the schema, and opens (or goes
-    /// on with) the round of `agencies` agencies it holds.
+    /// Connects to the database at `url`, creates or migrates the schema, checks that the role
+    /// may do all the server will do, and opens (or goes on with) the round of `agencies`
+    /// agencies it holds.
     ///
     /// # Errors
-    /// The database cannot be reached, or holds a round of another number of agencies.
-    pub fn open(url: &str, agencies: u32, max_bets: u64) -> Result<(PgLedger, Opened), String> {
+    /// The database cannot be reached, the role lacks a privilege, or the database holds a
+    /// round of another number of agencies: each said in one line with what to do.
+    pub fn open(url: &str, agencies: u32, max_bets: u64) -> Result<(PgLedger, Opened), OpenError> {
         let config = parse_url(url)?;
         let place = place(&config);
-        let fail = |e: postgres::Error| format!("database {place}: {e}");
-        let mut client = config.connect(NoTls).map_err(fail)?;
-        migrate(&mut client, agencies).map_err(fail)?.map_err(|why| format!("database {place}: {why}"))?;
+        let mut client = connect(&config, &place)?;
+        let other = |e: postgres::Error| error::classify(&e, &place, "");
+        privileges::migrate(&mut client, agencies, &place)?;
+        privileges::dry_run(&mut client, &place)?;
         let pool = Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(0))
@@ -184,24 +250,22 @@ impl PgLedger {
             .connection_timeout(POOL_WAIT)
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(Manager { config: config.clone() });
-        let shared =
-            Arc::new(Shared { state: Mutex::default(), drawn: Condvar::new(), stopping: AtomicBool::new(false) });
-        let ledger = PgLedger {
+        let shared = Arc::new(Shared {
             agencies,
-            max_bets,
-            pool,
-            shared,
-            watcher: Mutex::new(None),
-            status: Mutex::new(None),
-            place: place.clone(),
-        };
-        let status = ledger.read_status(&mut client).map_err(fail)?;
+            state: Mutex::default(),
+            drawn: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            agencies_done: AtomicU32::new(0),
+            bets: AtomicU64::new(0),
+            is_drawn: AtomicBool::new(false),
+        });
+        let status = read_figures(&mut client, agencies).map_err(other)?;
+        shared.set_figures(&status);
         if status.drawn {
-            ledger.shared.publish(load_winners(&mut client).map_err(fail)?);
+            shared.publish(load_winners(&mut client).map_err(other)?);
         }
-        let watcher =
-            watch::spawn(config, Arc::clone(&ledger.shared)).map_err(|e| format!("cannot start a thread: {e}"))?;
-        *ledger.watcher.lock().unwrap_or_else(PoisonError::into_inner) = Some(watcher);
+        let watcher = watch::spawn(config, Arc::clone(&shared)).map_err(OpenError::Thread)?;
+        let ledger = PgLedger { agencies, max_bets, pool, shared, watcher: Mutex::new(Some(watcher)), place };
         let opened = Opened { bets: status.bets, agencies_done: status.agencies_done, drawn: status.drawn };
         Ok((ledger, opened))
     }
@@ -219,28 +283,19 @@ impl PgLedger {
     /// # Errors
     /// `STORAGE` if none is free, and none can be opened, within [`POOL_WAIT`].
     fn client(&self) -> Result<PooledConnection<Manager>, ProtocolError> {
-        self.pool.get().map_err(|e| self.storage(&e))
+        self.pool.get().map_err(|e| self.unavailable(&e.to_string()))
     }
 
-    /// `ERR STORAGE` for a database error, logged.
-    fn storage(&self, e: &dyn std::fmt::Display) -> ProtocolError {
-        let why = format!("database {}: {e}", self.place);
+    /// `ERR STORAGE` for a database error: the log says which database and why, the reply
+    /// neither.
+    fn storage(&self, e: &postgres::Error) -> ProtocolError {
+        self.unavailable(&error::detail(e))
+    }
+
+    fn unavailable(&self, why: &str) -> ProtocolError {
+        let why = format!("database {}: {why}", self.place);
         error!("action: database | result: fail | error: {}", crate::logging::field(&why));
-        ProtocolError::new(ErrorCode::Storage, why)
-    }
-
-    fn read_status(&self, client: &mut Client) -> Result<Status, postgres::Error> {
-        let row = client.query_typed_one(
-            "SELECT count(*) FILTER (WHERE done), sum(stored)::bigint, (SELECT drawn FROM lottery_round WHERE id = 1) \
-             FROM lottery_agency",
-            &[],
-        )?;
-        Ok(Status {
-            agencies_done: row.get::<_, i64>(0) as u32,
-            agencies: self.agencies,
-            bets: row.get::<_, i64>(1) as u64,
-            drawn: row.get(2),
-        })
+        ProtocolError::new(ErrorCode::Storage, UNAVAILABLE)
     }
 
     /// The batch, as one statement (one round trip, its own transaction); the inner error is a
@@ -274,57 +329,101 @@ impl PgLedger {
             ],
         )?;
         let (held, done, drawn): (i64, bool, bool) = (row.get(0), row.get(1), row.get(2));
-        // The statement stored the rows exactly when none of these refusals applies.
-        let (held, count) = (held as u64, count as u64);
-        let offset = offset.map_or(held, |o| o as u64);
+        Ok(self.refusal(agency, offset.map(|o| o as u64), count as u64, (held as u64, done, drawn)))
+    }
+
+    /// Which refusal, if any, the batch statement applied, from what it found: the statement
+    /// stored the rows exactly when none applies, and then the agency holds what this returns.
+    fn refusal(
+        &self,
+        agency: i32,
+        offset: Option<u64>,
+        count: u64,
+        (held, done, drawn): (u64, bool, bool),
+    ) -> Result<u64, ProtocolError> {
+        let offset = offset.unwrap_or(held);
         if drawn {
-            return Ok(Err(ProtocolError::new(ErrorCode::Closed, "the draw has been made")));
+            return Err(ProtocolError::new(ErrorCode::Closed, "the draw has been made"));
         }
         if offset > held {
             let why = format!("offset {offset} is past the {held} bets held for agency {agency}");
-            return Ok(Err(ProtocolError::new(ErrorCode::BadRequest, why)));
+            return Err(ProtocolError::new(ErrorCode::BadRequest, why));
         }
         let stored = held.max(offset + count);
         if done && stored > held {
-            return Ok(Err(ProtocolError::new(ErrorCode::Closed, format!("agency {agency} already said DONE"))));
+            return Err(ProtocolError::new(ErrorCode::Closed, format!("agency {agency} already said DONE")));
         }
         if stored > self.max_bets {
             let why = format!(
                 "agency {agency} may store at most {} bets and holds {held}; nothing of this batch was stored",
                 self.max_bets
             );
-            return Ok(Err(ProtocolError::new(ErrorCode::Quota, why)));
+            return Err(ProtocolError::new(ErrorCode::Quota, why));
         }
-        Ok(Ok(stored))
+        Ok(stored)
     }
+}
 
-    /// The `DONE` transaction; the winners if this one made the draw.
-    fn done_tx(client: &mut Client, agency: i32) -> Result<Option<Replies>, postgres::Error> {
-        let mut tx = client.transaction()?;
-        // Durable at its commit, by itself: the draw is in it.
-        tx.batch_execute("SET LOCAL synchronous_commit = on")?;
-        // Waits for the agency's batches in flight on any replica.
-        tx.execute_typed("UPDATE lottery_agency SET done = true WHERE agency = $1", &[(&agency, Type::INT4)])?;
-        // The round's row lock: one DONE at a time from here to its commit, on every replica.
-        let drawn: bool = tx.query_typed_one("SELECT drawn FROM lottery_round WHERE id = 1 FOR UPDATE", &[])?.get(0);
-        // A new statement, so a new snapshot: it sees every DONE committed before the lock.
-        let all_done: bool = tx.query_typed_one("SELECT bool_and(done) FROM lottery_agency", &[])?.get(0);
-        if drawn || !all_done {
-            tx.commit()?;
-            return Ok(None);
-        }
-        tx.batch_execute(&format!(
-            "UPDATE lottery_agency a SET winners = w.joined \
-               FROM (SELECT agency, string_agg(document, ',' ORDER BY seq) AS joined \
-                     FROM lottery_bet WHERE number = {WINNING_NUMBER} GROUP BY agency) w \
-              WHERE a.agency = w.agency; \
-             UPDATE lottery_round SET drawn = true, drawn_at = now() WHERE id = 1; \
-             NOTIFY {CHANNEL};"
-        ))?;
-        let winners = load_winners(&mut tx)?;
+/// Marks `agency` done, durable at its commit (which holds only that agency's row lock), and
+/// says whether every agency is now done. One round trip.
+fn mark_done(client: &mut Client, agency: i32) -> Result<bool, postgres::Error> {
+    let messages = in_transaction(client, |client| {
+        client.simple_query(&format!(
+            "BEGIN; SET LOCAL synchronous_commit = on; \
+             UPDATE lottery_agency SET done = true WHERE agency = {agency}; COMMIT; {ALL_DONE}"
+        ))
+    })?;
+    Ok(messages.iter().any(|m| matches!(m, SimpleQueryMessage::Row(row) if row.get(0) == Some("t"))))
+}
+
+/// Makes the draw if every agency is done and no replica has made it: the winners and the
+/// round's final figures if this call made it.
+fn draw(client: &mut Client, agencies: u32) -> Result<Option<(Replies, Status)>, postgres::Error> {
+    let mut tx = client.transaction()?;
+    // Durable at its commit, by itself: the draw is in it.
+    tx.batch_execute("SET LOCAL synchronous_commit = on")?;
+    // The round's row lock: one draw at a time from here to its commit, on every replica.
+    let drawn: bool = tx.query_typed_one("SELECT drawn FROM lottery_round WHERE id = 1 FOR UPDATE", &[])?.get(0);
+    // A new statement, so a new snapshot: it sees every DONE committed before the lock.
+    let all_done: bool = tx.query_typed_one(ALL_DONE, &[])?.get(0);
+    if drawn || !all_done {
         tx.commit()?;
-        Ok(Some(winners))
+        return Ok(None);
     }
+    tx.batch_execute(&format!(
+        "UPDATE lottery_agency a SET winners = w.joined \
+           FROM (SELECT agency, string_agg(document, ',' ORDER BY seq) AS joined \
+                 FROM lottery_bet WHERE number = {WINNING_NUMBER} GROUP BY agency) w \
+          WHERE a.agency = w.agency; \
+         UPDATE lottery_round SET drawn = true, drawn_at = now() WHERE id = 1; \
+         NOTIFY {CHANNEL};"
+    ))?;
+    let winners = load_winners(&mut tx)?;
+    let figures = read_figures(&mut tx, agencies)?;
+    tx.commit()?;
+    Ok(Some((winners, figures)))
+}
+
+/// Runs `run`, which opens a transaction block with `BEGIN` in a multi-statement query: if it
+/// fails midway the block would stay open and aborted, and the pooled connection useless.
+fn in_transaction<T>(
+    client: &mut Client,
+    run: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+) -> Result<T, postgres::Error> {
+    run(client).inspect_err(|_| {
+        let _ = client.batch_execute("ROLLBACK");
+    })
+}
+
+/// The figures of `STATUS`, as the database holds them now.
+fn read_figures(client: &mut impl postgres::GenericClient, agencies: u32) -> Result<Status, postgres::Error> {
+    let row = client.query_typed_one(FIGURES, &[])?;
+    Ok(Status {
+        agencies_done: row.get::<_, i64>(0) as u32,
+        agencies,
+        bets: row.get::<_, i64>(1) as u64,
+        drawn: row.get(2),
+    })
 }
 
 impl Ledger for PgLedger {
@@ -374,10 +473,16 @@ impl Ledger for PgLedger {
         if self.is_shutting_down() {
             return Err(shutting_down());
         }
+        if self.shared.is_drawn() {
+            // Every agency said DONE before the draw.
+            return Ok(());
+        }
         let mut conn = self.client()?;
-        if let Some(winners) = PgLedger::done_tx(&mut conn.client, agency).map_err(|e| self.storage(&e))? {
-            info!("action: sorteo | result: success");
-            self.shared.publish(winners);
+        if !mark_done(&mut conn.client, agency).map_err(|e| self.storage(&e))? {
+            return Ok(());
+        }
+        if let Some(drawn) = draw(&mut conn.client, self.agencies).map_err(|e| self.storage(&e))? {
+            self.shared.drew(drawn);
         }
         Ok(())
     }
@@ -397,16 +502,9 @@ impl Ledger for PgLedger {
         }
     }
 
-    /// The database's figures, read at most every `STATUS_AGE`.
+    /// The figures the watcher read last: at most about a second old, and never a wait.
     fn status(&self) -> Result<Status, ProtocolError> {
-        let mut cached = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, status)) = cached.filter(|(at, _)| at.elapsed() < STATUS_AGE) {
-            return Ok(status);
-        }
-        let mut conn = self.client()?;
-        let status = self.read_status(&mut conn.client).map_err(|e| self.storage(&e))?;
-        *cached = Some((Instant::now(), status));
-        Ok(status)
+        Ok(self.shared.figures())
     }
 
     fn begin_shutdown(&self) {
@@ -419,11 +517,11 @@ impl Ledger for PgLedger {
         self.shared.stopping()
     }
 
-    /// Every acknowledged batch was committed already; this stops the watching thread.
+    /// Every acknowledged batch was committed already; this stops the watcher.
     fn close(&self) -> io::Result<()> {
         self.begin_shutdown();
         if let Some(watcher) = self.watcher.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            watcher.join().map_err(|_| io::Error::other("the thread watching for the draw panicked"))?;
+            watcher.join().map_err(|_| io::Error::other("the thread watching the round panicked"))?;
         }
         Ok(())
     }
@@ -433,38 +531,15 @@ impl Ledger for PgLedger {
     }
 }
 
-/// Applies the schema and makes sure the round row and the agencies' rows exist. The inner
-/// error: the database holds a round of another size.
-fn migrate(client: &mut Client, agencies: u32) -> Result<Result<(), String>, postgres::Error> {
-    let mut tx = client.transaction()?;
-    // Without it, every `IF NOT EXISTS` that skips says so in a NOTICE, which the client logs.
-    tx.batch_execute("SET LOCAL client_min_messages = warning")?;
-    tx.execute_typed("SELECT pg_advisory_xact_lock($1)", &[(&SCHEMA_LOCK, Type::INT8)])?;
-    tx.batch_execute(SCHEMA)?;
-    let n = agencies as i32;
-    tx.execute_typed(
-        "INSERT INTO lottery_round (id, agencies) VALUES (1, $1) ON CONFLICT DO NOTHING",
-        &[(&n, Type::INT4)],
-    )?;
-    let held: i32 = tx.query_typed_one("SELECT agencies FROM lottery_round WHERE id = 1", &[])?.get(0);
-    if held != n {
-        return Ok(Err(format!("this round has {held} agencies, SERVER_AGENCIES is {agencies}")));
-    }
-    tx.execute_typed(
-        "INSERT INTO lottery_agency (agency) SELECT generate_series(1, $1) ON CONFLICT DO NOTHING",
-        &[(&n, Type::INT4)],
-    )?;
-    tx.commit()?;
-    Ok(Ok(()))
-}
-
 /// Returns once every transaction committed before it is on disk. A commit waits for the WAL
 /// to be flushed up to its own record only if it wrote to the WAL: a transactional logical
 /// message is the smallest such write, and touches no row another session could be holding.
 fn flush(client: &mut Client) -> Result<(), postgres::Error> {
-    client.batch_execute(
-        "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'lottery', 'durable'); COMMIT",
-    )
+    in_transaction(client, |client| {
+        client.batch_execute(
+            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'lottery', 'durable'); COMMIT",
+        )
+    })
 }
 
 /// Every agency's winners, as the draw stored them.

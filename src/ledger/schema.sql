@@ -1,10 +1,12 @@
--- The round on PostgreSQL (SERVER_DATABASE_URL). lottery-server runs this whole file at every
--- start-up, inside one transaction holding an advisory lock (so that replicas starting at the
--- same instant do not race each other's CREATE): every statement must stay idempotent. A later
--- version migrates by adding statements such as ALTER TABLE ... ADD COLUMN IF NOT EXISTS.
+-- The round on PostgreSQL (SERVER_DATABASE_URL). lottery-server runs this whole file at start-up
+-- when any relation it creates is missing (an administrator may run it instead, and give the
+-- server's role only SELECT, INSERT and UPDATE), inside one transaction holding an advisory lock
+-- (so that replicas starting at the same instant do not race each other's CREATE): every
+-- statement must stay idempotent. A later version migrates by adding statements such as
+-- ALTER TABLE ... ADD COLUMN IF NOT EXISTS, and a relation to RELATIONS in postgres.rs.
 
 -- The round itself: one row. Its row lock is what makes the draw happen exactly once: every
--- DONE takes it (SELECT ... FOR UPDATE) before it counts the agencies that are done.
+-- draw takes it (SELECT ... FOR UPDATE) before it looks for an agency not done.
 CREATE TABLE IF NOT EXISTS lottery_round (
     id       smallint    PRIMARY KEY CHECK (id = 1),
     agencies integer     NOT NULL CHECK (agencies > 0),
@@ -34,3 +36,7 @@ CREATE TABLE IF NOT EXISTS lottery_bet (
     number     smallint NOT NULL CHECK (number BETWEEN 0 AND 9999),
     PRIMARY KEY (agency, seq)
 );
+
+-- The agencies not done yet: every DONE asks whether any is left, and with this index that is
+-- one probe whatever the number of agencies.
+CREATE INDEX IF NOT EXISTS lottery_agency_not_done ON lottery_agency (agency) WHERE NOT done;

@@ -2,9 +2,8 @@
 
 use std::io::{self, Write};
 
-use postgres::NoTls;
-
-use super::{parse_url, place};
+use super::error::detail;
+use super::{connect, parse_url, place};
 
 /// Writes every bet of the round at `url` to `out` in the `bets.csv` format, in file order per
 /// agency; returns how many.
@@ -14,14 +13,14 @@ use super::{parse_url, place};
 pub fn export(url: &str, out: &mut dyn Write) -> Result<u64, String> {
     let config = parse_url(url)?;
     let place = place(&config);
+    let mut client = connect(&config, &place)?;
     let fail = |e: &dyn std::fmt::Display| format!("database {place}: {e}");
-    let mut client = config.connect(NoTls).map_err(|e| fail(&e))?;
     let mut reader = client
         .copy_out(
             "COPY (SELECT agency, first_name, last_name, document, to_char(birthdate, 'YYYY-MM-DD'), number \
                    FROM lottery_bet ORDER BY agency, seq) TO STDOUT (FORMAT csv)",
         )
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| fail(&detail(&e)))?;
     let mut counted = CountLines { out, lines: 0 };
     io::copy(&mut reader, &mut counted).map_err(|e| fail(&e))?;
     Ok(counted.lines)

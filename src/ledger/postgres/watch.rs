@@ -1,9 +1,13 @@
-//! The thread that tells this replica's waiters when any replica has made the draw.
+//! The watcher: the thread that keeps this replica's view of the round.
 //!
-//! It holds a connection of its own that `LISTEN`s on the draw's channel, and it also reads the
-//! round every [`RECHECK`], so that a notification lost (the connection broke, the replica
-//! started listening after the draw) cannot leave a `WINNERS` waiting forever. It ends once the
-//! draw is known, or at shutdown.
+//! It holds a connection of its own that `LISTEN`s on the draw's channel, and reads the round's
+//! figures at every notification and every [`RECHECK`]: they are what `STATUS` answers (so
+//! `STATUS` never waits on the database, and is at most about a second old), and a notification
+//! lost (the connection broke, the replica started listening after the draw) cannot leave a
+//! `WINNERS` waiting forever. A round whose agencies are all done and that nobody drew (the
+//! replica of the last `DONE` died before drawing) it draws. It ends once the draw is known and
+//! its figures read, or at shutdown. While the database is down, `STATUS` says the last
+//! figures read.
 
 use std::io;
 use std::sync::Arc;
@@ -14,7 +18,8 @@ use log::warn;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Config, NoTls};
 
-use super::{CHANNEL, Shared, load_winners};
+use super::error::detail;
+use super::{CHANNEL, Shared, draw, load_winners, read_figures};
 use crate::logging::field;
 
 /// How often the round is read even without a notification.
@@ -23,37 +28,45 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// How long one wait for a notification lasts, so that shutdown is seen quickly.
 const SLICE: Duration = Duration::from_millis(100);
 
-pub(super) fn spawn(config: Config, shared: Arc<Shared>) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new().name("draw-watch".into()).spawn(move || run(&config, &shared))
+/// The longest a connection attempt may keep shutdown waiting.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(super) fn spawn(mut config: Config, shared: Arc<Shared>) -> io::Result<JoinHandle<()>> {
+    if config.get_connect_timeout().is_none_or(|&t| t > CONNECT_TIMEOUT) {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    thread::Builder::new().name("round-watch".into()).spawn(move || run(&config, &shared))
 }
 
 fn run(config: &Config, shared: &Shared) {
     let mut failing = false;
-    while !shared.stopping() && !shared.is_drawn() {
+    while !shared.stopping() {
         let result = config.connect(NoTls).and_then(|mut client| {
             client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
             failing = false;
             listen(&mut client, shared)
         });
-        if let Err(e) = result {
-            // Said once per outage, not once per attempt.
-            if !failing {
-                warn!("action: watch_draw | result: in_progress | error: {}", field(&e.to_string()));
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                // Said once per outage, not once per attempt.
+                if !failing {
+                    warn!("action: watch_round | result: in_progress | error: {}", field(&detail(&e)));
+                }
+                failing = true;
+                pause(shared, RECHECK);
             }
-            failing = true;
-            pause(shared, RECHECK);
         }
     }
 }
 
-/// Reads the round now and every [`RECHECK`] or notification after, until the draw is known.
+/// Reads the round now and every [`RECHECK`] or notification after, until the draw is known and
+/// the figures final, or shutdown.
 fn listen(client: &mut Client, shared: &Shared) -> Result<(), postgres::Error> {
     let mut next_check = Instant::now();
     while !shared.stopping() {
         if Instant::now() >= next_check {
-            let drawn: bool = client.query_one("SELECT drawn FROM lottery_round WHERE id = 1", &[])?.get(0);
-            if drawn {
-                shared.publish(load_winners(client)?);
+            if check(client, shared)? {
                 return Ok(());
             }
             next_check = Instant::now() + RECHECK;
@@ -63,6 +76,24 @@ fn listen(client: &mut Client, shared: &Shared) -> Result<(), postgres::Error> {
         }
     }
     Ok(())
+}
+
+/// Reads the figures, and the winners once drawn (drawing a round left undrawn): whether the
+/// round is over and its figures final.
+fn check(client: &mut Client, shared: &Shared) -> Result<bool, postgres::Error> {
+    let status = read_figures(client, shared.agencies)?;
+    shared.set_figures(&status);
+    if !status.drawn && status.agencies_done == shared.agencies {
+        if let Some(drawn) = draw(client, shared.agencies)? {
+            shared.drew(drawn);
+        }
+        // Its figures are read again, drawn, at once.
+        return Ok(false);
+    }
+    if status.drawn && !shared.is_drawn() {
+        shared.publish(load_winners(client)?);
+    }
+    Ok(status.drawn)
 }
 
 /// Sleeps for `time` in short steps, returning early at shutdown.

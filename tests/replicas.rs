@@ -7,13 +7,14 @@ mod pg;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use common::{
     Proc, SERVER, STEP, TestServer, agency, assert_store, command, expected_store, read_csv, run_to_exit, winners_of,
     winners_reply,
 };
-use pg::Database;
+use pg::{Database, Outage};
 
 /// A replica of the round in `db`, for `agencies` agencies.
 fn replica(db: &Database, agencies: u32) -> TestServer {
@@ -32,6 +33,20 @@ fn export(db: &Database, dir: &Path) -> PathBuf {
     assert!(status.success(), "export failed: {stderr}");
     assert!(stdout.contains("bets to"), "{stdout}");
     out
+}
+
+/// `server`'s `STATUS` once it says `expected` (its figures are up to about a second old), or
+/// what it last said after a generous deadline.
+fn wait_status(server: &TestServer, expected: &str) -> String {
+    let deadline = Instant::now() + STEP;
+    let mut client = server.client();
+    loop {
+        let status = client.send("STATUS");
+        if status == expected || Instant::now() > deadline {
+            return status;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Every `sorteo` both replicas logged, read to the end after a SIGTERM each.
@@ -58,8 +73,9 @@ fn check_winners(agencies: &mut [Proc], files: &[PathBuf], server: &TestServer) 
 }
 
 #[test]
+#[ignore = "needs PostgreSQL: set SERVER_DATABASE_URL"]
 fn a_round_through_two_replicas() {
-    let Some(db) = Database::create("two_replicas") else { return };
+    let db = Database::create("two_replicas");
     let data = tempfile::tempdir().unwrap();
     let files = lottery::tools::dataset::generate(data.path(), 5, 2_000, 2).unwrap();
     let (mut a, mut b) = (replica(&db, 5), replica(&db, 5));
@@ -73,14 +89,15 @@ fn a_round_through_two_replicas() {
         .collect();
     check_winners(&mut agencies, &files, &b);
     let status = "STATUS agencies_done=5/5 bets=10000 drawn=true";
-    assert_eq!((a.client().send("STATUS"), b.client().send("STATUS")), (status.into(), status.into()));
+    assert_eq!((wait_status(&a, status), wait_status(&b, status)), (status.into(), status.into()));
     assert_eq!(draws(&mut [&mut a, &mut b]), 1, "one draw for the round");
     assert_store(&export(&db, data.path()), &expected_store(&files));
 }
 
 #[test]
+#[ignore = "needs PostgreSQL: set SERVER_DATABASE_URL"]
 fn a_replica_killed_mid_round_hands_its_agencies_to_the_other() {
-    let Some(db) = Database::create("killed") else { return };
+    let db = Database::create("killed");
     let data = tempfile::tempdir().unwrap();
     let files = lottery::tools::dataset::generate(data.path(), 5, 6_000, 3).unwrap();
     let (mut a, mut b) = (replica(&db, 5), replica(&db, 5));
@@ -102,9 +119,10 @@ fn a_replica_killed_mid_round_hands_its_agencies_to_the_other() {
 }
 
 #[test]
+#[ignore = "needs PostgreSQL: set SERVER_DATABASE_URL"]
 fn the_last_two_dones_at_once_on_two_replicas_make_one_draw() {
     for _ in 0..4 {
-        let Some(db) = Database::create("two_dones") else { return };
+        let db = Database::create("two_dones");
         let (mut a, mut b) = (replica(&db, 2), replica(&db, 2));
         let (mut one, mut two) = (a.client(), b.client());
         assert_eq!(one.send("HELLO 1"), "OK 0");
@@ -121,8 +139,9 @@ fn the_last_two_dones_at_once_on_two_replicas_make_one_draw() {
 }
 
 #[test]
+#[ignore = "needs PostgreSQL: set SERVER_DATABASE_URL"]
 fn a_winners_waiter_on_one_replica_wakes_when_another_draws() {
-    let Some(db) = Database::create("waiter") else { return };
+    let db = Database::create("waiter");
     let (a, b) = (replica(&db, 2), replica(&db, 2));
     let mut waiter = a.client();
     assert_eq!(waiter.send("HELLO 1"), "OK 0");
@@ -134,12 +153,14 @@ fn a_winners_waiter_on_one_replica_wakes_when_another_draws() {
     assert_eq!(last.send("HELLO 2"), "OK 0");
     assert_eq!(last.send("DONE"), "OK");
     assert_eq!(waiter.read_line(), "WINNERS 1 00000042");
-    assert_eq!(a.client().send("STATUS"), "STATUS agencies_done=2/2 bets=1 drawn=true");
+    let status = "STATUS agencies_done=2/2 bets=1 drawn=true";
+    assert_eq!(wait_status(&a, status), status);
 }
 
 #[test]
+#[ignore = "needs PostgreSQL: set SERVER_DATABASE_URL"]
 fn a_retried_batch_on_another_replica_is_not_stored_twice() {
-    let Some(db) = Database::create("retried") else { return };
+    let db = Database::create("retried");
     let (a, b) = (replica(&db, 1), replica(&db, 1));
     let batch = "BATCH 0 2\nAna,Paz,1,1990-01-01,1\nEva,Sol,2,1980-02-02,2\n";
     let mut first = a.client();
@@ -160,8 +181,9 @@ fn a_retried_batch_on_another_replica_is_not_stored_twice() {
 }
 
 #[test]
+#[ignore = "needs PostgreSQL: set SERVER_DATABASE_URL"]
 fn past_the_quota_a_batch_is_refused_whole() {
-    let Some(db) = Database::create("quota") else { return };
+    let db = Database::create("quota");
     let server = TestServer::start(1, &[("SERVER_DATABASE_URL", &db.url), ("SERVER_MAX_BETS_PER_AGENCY", "2")]);
     let mut client = server.client();
     assert_eq!(client.send("HELLO 1"), "OK 0");
@@ -174,8 +196,9 @@ fn past_the_quota_a_batch_is_refused_whole() {
 }
 
 #[test]
+#[ignore = "needs PostgreSQL: set SERVER_DATABASE_URL"]
 fn shutdown_wakes_a_waiter_and_a_round_of_another_size_is_refused() {
-    let Some(db) = Database::create("shutdown") else { return };
+    let db = Database::create("shutdown");
     let mut server = replica(&db, 2);
     let mut waiter = server.client();
     assert_eq!(waiter.send("HELLO 1"), "OK 0");
@@ -209,4 +232,116 @@ fn an_agency_moves_on_to_the_next_address_when_one_refuses() {
     let expected = winners_of(&read_csv(&files[0]));
     assert!(one.logs.seen.iter().any(|l| l.ends_with(&format!("cant_ganadores: {}", expected.len()))));
     assert_store(&server.bets_path(), &expected_store(&files));
+}
+
+#[test]
+#[ignore = "needs PostgreSQL: set SERVER_DATABASE_URL"]
+fn a_database_outage_never_stops_the_door_and_no_reply_names_the_database() {
+    let db = Database::create("outage");
+    let outage = Outage::proxy(&db);
+    let mut server = TestServer::start(2, &[("SERVER_DATABASE_URL", &db.url_through(&outage.address))]);
+    let mut agency = server.client();
+    assert_eq!(agency.send("HELLO 1"), "OK 0");
+    assert_eq!(agency.send("BET Ana,Paz,11,1990-01-01,7574"), "OK 1");
+    let before = "STATUS agencies_done=0/2 bets=1 drawn=false";
+    assert_eq!(wait_status(&server, before), before);
+
+    outage.begin();
+    // A stranger's STATUS is answered from the figures the server keeps, and the door is free
+    // for the PING behind it: both while the database is still down.
+    let mut stranger = server.client();
+    assert_eq!(stranger.send("STATUS"), before);
+    assert_eq!(stranger.send("PING"), "PONG");
+    // An agency's request that needs the database is refused without saying where it is.
+    let refused = server.client().send("HELLO 2");
+    assert_eq!(refused, "ERR STORAGE the database is unavailable; try again later");
+    let bet = agency.send("BET Eva,Sol,22,1980-02-02,1");
+    assert_eq!(bet, "ERR STORAGE the database is unavailable; try again later");
+    for reply in [&refused, &bet] {
+        assert!(!reply.contains(&db.port()) && !reply.contains("lottery_outage"), "{reply}");
+    }
+    // The log keeps the detail, never the password.
+    let logged = server.logs().wait_for("action: database | result: fail");
+    assert!(logged.contains(&outage.address), "{logged}");
+    let password = db.url.split_once("://").and_then(|(_, r)| r.split_once('@')).map(|(u, _)| u.to_owned());
+    let password = password.and_then(|u| u.split_once(':').map(|(_, p)| p.to_owned())).unwrap_or_default();
+    assert!(password.is_empty() || !logged.contains(&password), "the log holds the password");
+
+    outage.end();
+    // The round goes on where it was.
+    let mut again = server.client();
+    let deadline = Instant::now() + STEP * 3;
+    let mut hello = again.send("HELLO 2");
+    while hello != "OK 0" && Instant::now() < deadline {
+        hello = again.send("HELLO 2");
+    }
+    assert_eq!(hello, "OK 0");
+    assert_eq!(agency.send("BET Eva,Sol,22,1980-02-02,1"), "OK 2");
+}
+
+#[test]
+#[ignore = "needs PostgreSQL: set SERVER_DATABASE_URL"]
+fn a_role_without_update_is_refused_at_start_up_naming_the_privilege() {
+    let db = Database::create("no_update");
+    let role = db.role("lottery_no_update", "no-update-pw", "SELECT, INSERT");
+    let (status, stderr) = start_and_fail(&role.url);
+    assert!(!status.success());
+    assert!(stderr.contains("lacks UPDATE on table lottery_round, UPDATE on table lottery_agency"), "{stderr}");
+    assert!(!stderr.contains("no-update-pw"), "{stderr}");
+    // With the privilege, the same role serves.
+    db.connect().batch_execute(&format!("GRANT UPDATE ON ALL TABLES IN SCHEMA public TO {}", role.name())).unwrap();
+    let mut server = TestServer::start(1, &[("SERVER_DATABASE_URL", &role.url)]);
+    assert_eq!(server.client().send("HELLO 1"), "OK 0");
+    server.proc.sigterm();
+    assert!(server.proc.wait_exit(STEP).success());
+}
+
+#[test]
+#[ignore = "needs PostgreSQL: set SERVER_DATABASE_URL"]
+fn start_up_says_which_database_failure_it_met_and_never_the_password() {
+    let db = Database::create("failures");
+    let wrong = db.url_as("postgres", "wrong-password-7574");
+    let (status, stderr) = start_and_fail(&wrong);
+    assert!(!status.success());
+    assert!(stderr.contains("authentication failed for user postgres"), "{stderr}");
+    assert!(!stderr.contains("wrong-password-7574"), "{stderr}");
+
+    let missing = with_database(&db.url, "no_such_round");
+    let (status, stderr) = start_and_fail(&missing);
+    assert!(!status.success());
+    assert!(stderr.contains("no_such_round does not exist; create it"), "{stderr}");
+
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (status, stderr) = start_and_fail(&db.url_through(&dead.to_string()));
+    assert!(!status.success());
+    assert!(stderr.contains("connection refused"), "{stderr}");
+
+    let (status, stderr) = start_and_fail("postgres://user:secret-7574@127.0.0.1:notaport/db");
+    assert!(!status.success());
+    assert!(stderr.contains("SERVER_DATABASE_URL is not a connection string"), "{stderr}");
+    assert!(!stderr.contains("secret-7574"), "{stderr}");
+}
+
+/// Runs a plain-text server on `url` expecting it to refuse to start: its status and stderr,
+/// one line with no library Debug text or docs URL.
+fn start_and_fail(url: &str) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("SERVER_AGENCY_KEYS", ""),
+        ("SERVER_TLS_CERT", ""),
+        ("SERVER_TLS_KEY", ""),
+        ("SERVER_PORT", "0"),
+        ("SERVER_AGENCIES", "1"),
+        ("SERVER_DATABASE_URL", url),
+    ];
+    let (status, _, stderr) = run_to_exit("lottery-server", command(SERVER, dir.path(), &env));
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(!stderr.contains("Error {") && !stderr.contains("Kind") && !stderr.contains("https://"), "{stderr}");
+    (status, stderr)
+}
+
+/// `url` with another database name.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("a database in the URL");
+    format!("{base}/{name}")
 }

@@ -25,7 +25,7 @@ pub enum OpenError {
     MissingPrivileges { user: String, missing: Vec<String> },
     /// The role cannot run one of the server's statements (for a reason other than a table
     /// privilege: a function, a policy, the schema).
-    CannotRun { user: String, what: &'static str, said: String },
+    CannotRun { user: String, what: &'static str, said: String, advice: &'static str },
     /// The database holds a round of another number of agencies.
     OtherRound { held: i32, agencies: u32 },
     /// Any other failure of the database, as it said it.
@@ -62,8 +62,8 @@ impl fmt::Display for OpenError {
                 "database role {user} lacks {}; grant it (GRANT … TO {user}) or use another role",
                 missing.join(", ")
             ),
-            OpenError::CannotRun { user, what, said } => {
-                write!(f, "database role {user} cannot {what} ({said}); grant it or use another role")
+            OpenError::CannotRun { user, what, said, advice } => {
+                write!(f, "database role {user} cannot {what} ({said}); {advice}")
             }
             OpenError::OtherRound { held, agencies } => write!(
                 f,

@@ -22,6 +22,10 @@ const NEEDED: [(&str, &str); 8] = [
     ("INSERT", "lottery_bet"),
 ];
 
+/// What to do for a role that cannot create the tables.
+const CREATE_ADVICE: &str = "grant it CREATE on the schema, or create them as an administrator from \
+                             src/ledger/schema.sql and grant it SELECT, INSERT and UPDATE on them";
+
 /// Creates or migrates the schema if any of it is missing, checks the role's table privileges,
 /// and makes sure the round row and the agencies' rows exist.
 pub(super) fn migrate(client: &mut Client, agencies: u32, place: &str) -> Result<(), OpenError> {
@@ -32,7 +36,8 @@ pub(super) fn migrate(client: &mut Client, agencies: u32, place: &str) -> Result
     tx.batch_execute("SET LOCAL client_min_messages = warning").map_err(fail)?;
     tx.execute_typed("SELECT pg_advisory_xact_lock($1)", &[(&SCHEMA_LOCK, Type::INT8)]).map_err(fail)?;
     if !schema_present(&mut tx).map_err(fail)? {
-        tx.batch_execute(SCHEMA).map_err(|e| refused(&e, &user, "create the round's tables", place))?;
+        tx.batch_execute(SCHEMA)
+            .map_err(|e| refused(&e, &user, ("create the round's tables", CREATE_ADVICE), place))?;
     }
     let missing = missing_privileges(&mut tx).map_err(fail)?;
     if !missing.is_empty() {
@@ -90,7 +95,7 @@ pub(super) fn dry_run(client: &mut Client, place: &str) -> Result<(), OpenError>
     let (agency, offset, count, max) = (0_i32, None::<i64>, 0_i64, 0_i64);
     let params: [&(dyn postgres::types::ToSql + Sync); 9] =
         [&agency, &offset, &count, &none, &none, &none, &none, &numbers, &max];
-    tx.query(BATCH, &params).map_err(|e| refused(&e, &user, "store a batch", place))?;
+    tx.query(BATCH, &params).map_err(|e| refused(&e, &user, ("store a batch", GRANT), place))?;
     let steps = [
         ("mark an agency done", "UPDATE lottery_agency SET done = true WHERE agency = 0".to_owned()),
         ("read the round", format!("{ALL_DONE}; {FIGURES}")),
@@ -106,15 +111,18 @@ pub(super) fn dry_run(client: &mut Client, place: &str) -> Result<(), OpenError>
         ("wait for the disk", "SELECT pg_logical_emit_message(true, 'lottery', 'check')".to_owned()),
     ];
     for (what, sql) in steps {
-        tx.batch_execute(&sql).map_err(|e| refused(&e, &user, what, place))?;
+        tx.batch_execute(&sql).map_err(|e| refused(&e, &user, (what, GRANT), place))?;
     }
     tx.rollback().map_err(fail)
 }
 
-/// A statement the role may not run, or another failure.
-fn refused(e: &postgres::Error, user: &str, what: &'static str, place: &str) -> OpenError {
+/// What to do for a role that may not run a statement.
+const GRANT: &str = "grant it what it lacks, or use another role";
+
+/// A statement the role may not run (what it is, and what to do), or another failure.
+fn refused(e: &postgres::Error, user: &str, (what, advice): (&'static str, &'static str), place: &str) -> OpenError {
     if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
-        OpenError::CannotRun { user: user.to_owned(), what, said: detail(e) }
+        OpenError::CannotRun { user: user.to_owned(), what, said: detail(e), advice }
     } else {
         classify(e, place, "")
     }

@@ -75,7 +75,12 @@ Options:
   -h, --help            this text
 
 Settings (SERVER_SYNC, SERVER_GROUP_COMMIT, CLI_BATCH_MAXAMOUNT, CLI_RETRY_TIMEOUT_MS, ...) come
-from config.ini and the environment.";
+from config.ini and the environment.
+
+A generated data set is made in memory as each agency reads it, and the agencies' tokens are
+kept in memory: no file per agency. Each agency holds a socket, and so does the server for it:
+when one process cannot hold both (the open-files limit, raised to the hard one), the agencies
+run in a process of their own; when even that does not fit, it says so before it starts.";
 
 /// Bets per agency in a generated data set, unless `--bets-per-agency` says otherwise.
 const DEFAULT_BETS: u64 = 20_000;
@@ -264,71 +269,101 @@ pub fn run(opts: &Options) -> Result<(), String> {
     if !opts.attacks.is_empty() {
         return run_attacks(opts, &settings, &server_settings, batch_max);
     }
-    let data = round_data(opts)?;
-    let big_files = count_big_files(&data, opts.agencies);
-    let guests = u64::from(opts.hostile) + 1;
-    let placement = crowd::place(opts.agencies, guests, opts.server.is_none(), big_files, MachineLimits::here())?;
-    let scratch = tempfile_dir()?;
-    let counts: Vec<(u64, u64)> =
-        (1..=opts.agencies).map(|id| data.counts(id)).collect::<io::Result<_>>().map_err(|e| e.to_string())?;
-    let total = counts.iter().map(|c| c.0).sum::<u64>();
-    let keys = round_keys(opts, &settings, scratch.path())?;
-    let local = match &opts.server {
-        Some(_) => None,
-        None => {
-            let dir = work_dir(opts, scratch.path())?;
-            Some(LocalServer::start(opts, &server_settings, &dir, keys.security.clone())?)
-        }
-    };
-    let addr = match (&local, &opts.server) {
-        (Some(server), _) => server.addr,
-        (None, Some(addr)) => *addr,
-        (None, None) => unreachable!("a local server is started when no --server is given"),
-    };
-    let crowd = Crowd {
-        agencies: opts.agencies,
-        addr,
-        batch_max,
-        data,
-        ca: keys.ca,
-        tokens: keys.tokens,
-        tls_name: keys.tls_name,
-        verbose: opts.verbose,
-    };
-    let sync = if server_settings.sync == SyncMode::Always { "always" } else { "never" };
-    let interrupt = stop_on_interrupt(opts.agencies as usize, local.as_ref());
-    output::line(format_args!("round: {} agencies, {total} bets from {}, server {addr}", opts.agencies, crowd.data));
-    if let Some(server) = &local {
-        output::line(format_args!("bets.csv in {}, SERVER_SYNC={sync}", server.dir.display()));
+    let round = Round::set_up(opts, &settings, &server_settings, batch_max)?;
+    round.play(opts, &settings, &server_settings)
+}
+
+/// A round set up: its data counted, its keys made, its server listening.
+struct Round {
+    crowd: Crowd,
+    placement: Placement,
+    local: Option<LocalServer>,
+    /// Each agency's bets and winning bets, from its data.
+    counts: Vec<(u64, u64)>,
+    said: String,
+    /// Holds the keys, the data and `bets.csv` (unless `--keep`) until the round is over.
+    _scratch: tempfile::TempDir,
+}
+
+impl Round {
+    /// Everything before the agencies start; a round that does not fit the machine's limits is
+    /// refused first, before anything is written.
+    fn set_up(opts: &Options, settings: &Settings, server: &ServerSettings, batch_max: usize) -> Result<Round, String> {
+        let data = round_data(opts)?;
+        let big_files = count_big_files(&data, opts.agencies);
+        let guests = u64::from(opts.hostile) + 1;
+        let placement = crowd::place(opts.agencies, guests, opts.server.is_none(), big_files, MachineLimits::here())?;
+        let scratch = tempfile_dir()?;
+        let counts: Vec<(u64, u64)> =
+            (1..=opts.agencies).map(|id| data.counts(id)).collect::<io::Result<_>>().map_err(|e| e.to_string())?;
+        let keys = round_keys(opts, settings, scratch.path())?;
+        let local = match &opts.server {
+            Some(_) => None,
+            None => {
+                let dir = work_dir(opts, scratch.path())?;
+                Some(LocalServer::start(opts, server, &dir, keys.security.clone())?)
+            }
+        };
+        let addr = match (&local, &opts.server) {
+            (Some(server), _) => server.addr,
+            (None, Some(addr)) => *addr,
+            (None, None) => unreachable!("a local server is started when no --server is given"),
+        };
+        let crowd = Crowd {
+            agencies: opts.agencies,
+            addr,
+            batch_max,
+            data,
+            ca: keys.ca,
+            tokens: keys.tokens,
+            tls_name: keys.tls_name,
+            verbose: opts.verbose,
+        };
+        Ok(Round { crowd, placement, local, counts, said: keys.said, _scratch: scratch })
     }
-    output::line(format_args!("security: {}", keys.said));
-    if placement == Placement::Child {
+
+    /// Says what the round is, runs it, stops the server, prints the report.
+    fn play(self, opts: &Options, settings: &Settings, server: &ServerSettings) -> Result<(), String> {
+        let Round { crowd, placement, local, counts, said, _scratch } = self;
+        let (addr, total) = (crowd.addr, counts.iter().map(|c| c.0).sum::<u64>());
+        let interrupt = stop_on_interrupt(opts.agencies as usize, local.as_ref());
         output::line(format_args!(
-            "agencies: in a process of their own (one process cannot hold {} connections' both ends)",
-            opts.agencies
+            "round: {} agencies, {total} bets from {}, server {addr}",
+            opts.agencies, crowd.data
         ));
+        if let Some(local) = &local {
+            let sync = if server.sync == SyncMode::Always { "always" } else { "never" };
+            output::line(format_args!("bets.csv in {}, SERVER_SYNC={sync}", local.dir.display()));
+        }
+        output::line(format_args!("security: {said}"));
+        if placement == Placement::Child {
+            output::line(format_args!(
+                "agencies: in a process of their own (one process cannot hold both ends of {} connections)",
+                opts.agencies
+            ));
+        }
+        let started = Instant::now();
+        let progress = round_progress(addr, total, !opts.verbose);
+        let hostile = run_hostile(opts, addr);
+        let outcomes = match placement {
+            Placement::Here => crowd.run_here(settings, &interrupt.stops),
+            Placement::Child => crowd.run_in_child(&interrupt.child)?,
+        };
+        let elapsed = started.elapsed();
+        progress.finish();
+        let hostile: Vec<hostile::Report> = hostile.and_then(|h| h.join().ok()).unwrap_or_default();
+        if let Some(local) = local {
+            local.stop()?;
+        }
+        if interrupt.flag.load(Ordering::SeqCst) {
+            let finished = outcomes.iter().filter(|o| o.is_ok()).count();
+            return Err(format!("interrupted: {finished} of {} agencies had their winners", outcomes.len()));
+        }
+        let expected: Vec<u64> = counts.iter().map(|c| c.1).collect();
+        let verdict = report(&outcomes, &expected, total, elapsed);
+        report_hostile(&hostile);
+        verdict
     }
-    let started = Instant::now();
-    let progress = round_progress(addr, total, !opts.verbose);
-    let hostile = run_hostile(opts, addr);
-    let outcomes = match placement {
-        Placement::Here => crowd.run_here(&settings, &interrupt.stops),
-        Placement::Child => crowd.run_in_child(&interrupt.child)?,
-    };
-    let elapsed = started.elapsed();
-    progress.finish();
-    let hostile: Vec<hostile::Report> = hostile.and_then(|h| h.join().ok()).unwrap_or_default();
-    if let Some(server) = local {
-        server.stop()?;
-    }
-    if interrupt.flag.load(Ordering::SeqCst) {
-        let finished = outcomes.iter().filter(|o| o.is_ok()).count();
-        return Err(format!("interrupted: {finished} of {} agencies had their winners", outcomes.len()));
-    }
-    let expected: Vec<u64> = counts.iter().map(|c| c.1).collect();
-    let verdict = report(&outcomes, &expected, total, elapsed);
-    report_hostile(&hostile);
-    verdict
 }
 
 /// `--attack`: rounds of their own, on files and key files (the attackers' process reads the CA).

@@ -172,14 +172,21 @@ impl Link {
     }
 
     /// Waits for the `WINNERS` reply asked for by [`Link::status_then_winners`], as long as
-    /// the draw takes; `waiting` is called each time `every` passes without it.
-    pub(crate) fn winners(&mut self, every: Duration, mut waiting: impl FnMut()) -> Result<Vec<String>, Attempt> {
-        self.stream.set_read_timeout(Some(every))?;
+    /// the draw takes; `waiting` is called each time `first` (then what `waiting` returns)
+    /// passes without it.
+    pub(crate) fn winners(
+        &mut self,
+        first: Duration,
+        mut waiting: impl FnMut() -> Duration,
+    ) -> Result<Vec<String>, Attempt> {
+        self.stream.set_read_timeout(Some(first))?;
         loop {
             // Nothing consumed until a byte is there: a timeout never cuts a line in two.
             match self.io.fill_buf() {
                 Ok(_) => break,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => waiting(),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    self.stream.set_read_timeout(Some(waiting()))?;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }

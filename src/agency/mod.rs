@@ -328,16 +328,13 @@ fn wait_for_draw(link: &mut Link) -> Result<Vec<String>, Attempt> {
         ),
         _ => {}
     }
-    let mut next_line = started + every;
-    link.winners(Duration::from_secs(1), || {
-        if Instant::now() >= next_line {
-            info!(
-                "action: wait_draw | result: in_progress | waiting_s: {} | waiting_for: the draw",
-                started.elapsed().as_secs()
-            );
-            every = (every * 2).min(Duration::from_secs(60));
-            next_line = Instant::now() + every;
-        }
+    link.winners(every, || {
+        info!(
+            "action: wait_draw | result: in_progress | waiting_s: {} | waiting_for: the draw",
+            started.elapsed().as_secs()
+        );
+        every = (every * 2).min(Duration::from_secs(60));
+        every
     })
 }
 

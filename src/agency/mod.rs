@@ -287,8 +287,11 @@ impl Job<'_> {
         }
         link.ok(b"DONE\n")?;
         patience.progress();
-        let winners = wait_for_draw(link)?;
+        // A wait for the draw, however long, ends the window there: a server lost after an
+        // hour in WINNERS is waited for as long as one lost while sending.
+        let winners = wait_for_draw(link);
         patience.progress();
+        let winners = winners?;
         info!("action: consulta_ganadores | result: success | cant_ganadores: {} | agency: {id}", winners.len());
         let _ = link.send(b"QUIT\n");
         Ok((winners, stored))
@@ -361,6 +364,7 @@ fn connect(
                 let used = address.split(',').nth(used).map_or(address.as_str(), str::trim);
                 match Link::new(stream, credentials, used) {
                     Ok(link) => {
+                        patience.connected();
                         info!("action: connect | result: success | address: {used}");
                         return Ok(link);
                     }

@@ -1,10 +1,12 @@
 //! How long an agency keeps trying, and how long it pauses between tries.
 //!
 //! The rule: an agency gives up only when `CLI_RETRY_TIMEOUT_MS` has passed since its *last
-//! progress*: a `HELLO` answered `OK`, a bet, batch or `DONE` acknowledged, its winners. A server
-//! that restarts, sheds a crowd or is flooded by strangers is waited for as long as it keeps
-//! letting the agency on; one that answers `HELLO` and then cannot store (`ERR STORAGE`) does
-//! not earn that `HELLO` as progress, or the agency would loop for ever.
+//! progress* (a `HELLO` answered `OK`, a bet, batch or `DONE` acknowledged, its winners) with
+//! the server down or refusing to store. A server that is up but turns the agency away before
+//! its `HELLO` is answered (`ERR BUSY`, a guest evicted for a newcomer, a handshake cut short:
+//! a crowd, a flood of strangers) is not a reason to give up: the agency keeps trying as long as
+//! the server keeps accepting its connections. One that answers `HELLO` and then cannot store
+//! (`ERR STORAGE`) does not earn that `HELLO` as progress, or the agency would loop for ever.
 //!
 //! Pauses are jittered (half the step, plus a random part of the other half), so that agencies
 //! turned away together do not come back together, and grow: from 50 ms to 500 ms for a
@@ -58,6 +60,8 @@ pub(crate) struct Patience {
     step: Duration,
     pub(crate) connect_timeout: Duration,
     last_setback: Option<Setback>,
+    /// Whether the server answered `HELLO` on the connection now open.
+    answered: bool,
     /// Connection failures since the last line about them, and when that line was.
     unlogged: u32,
     logged_at: Option<Instant>,
@@ -83,6 +87,7 @@ impl Patience {
             step: Self::FIRST_STEP,
             connect_timeout: Self::FIRST_CONNECT_TIMEOUT,
             last_setback: None,
+            answered: false,
             unlogged: 0,
             logged_at: None,
             random,
@@ -97,8 +102,14 @@ impl Patience {
         self.last_setback = None;
     }
 
+    /// A connection is open: the server is up.
+    pub(crate) fn connected(&mut self) {
+        self.answered = false;
+    }
+
     /// The server answered `HELLO` with `OK`.
     pub(crate) fn hello_answered(&mut self) {
+        self.answered = true;
         self.connect_timeout = Self::FIRST_CONNECT_TIMEOUT;
         if self.unlogged > 0 || self.logged_at.is_some() {
             self.unlogged = 0;
@@ -129,7 +140,9 @@ impl Patience {
         {
             self.last_progress = before;
         }
-        if self.last_progress.elapsed() >= self.limit {
+        // Turned away by a server that is up: it is waited for, not given up on.
+        let turned_away = setback == Setback::Broken && !self.answered;
+        if self.last_progress.elapsed() >= self.limit && !turned_away {
             return Err(self.give_up(setback, why));
         }
         if self.last_setback.is_some_and(|last| last != setback) {

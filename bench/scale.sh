@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Scale: a separate lottery-server under /usr/bin/time -v, its agencies run by
-# `lottery-round --server`; prints the round's table, its wall time and the server's peak RSS.
+# `lottery-round --server`; prints the round's table, its wall time, the server's CPU per agency
+# (user + sys over its whole life), its peak RSS, the agencies' reconnects (`action: reconnect`
+# lines), and, from a second run of its own under `strace -c -f`, the server's fsync and
+# fdatasync calls. Ends with one Markdown table row (after its header) for the README.
 #
 #   bench/scale.sh AGENCIES BETS_PER_AGENCY     # e.g. 1000 100, 5 200000, 5 2000000
 #   SECURITY=plain bench/scale.sh …             # without TLS and tokens
 #   ROUND_LOG=FILE bench/scale.sh …             # keep the round's stderr (its progress, a failure)
+#   SYSCALLS=0 bench/scale.sh …                 # skip the strace run (fsyncs: n/a)
 set -euo pipefail
 agencies=${1:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
 bets=${2:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
@@ -22,18 +26,45 @@ trap cleanup EXIT
 "$bin/lottery-round" --generate "$work/data" --agencies "$agencies" --bets-per-agency "$bets" >/dev/null
 # TLS and agency tokens, as deployed (SECURITY=plain: neither, the server in protected mode).
 security_setup "$bin" "$work/keys" "$agencies"
-
-SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies SERVER_STORAGE_PATH=$work/bets.csv \
+# Room for every agency at once, in the connections and in the listen queue.
+export SERVER_IP=127.0.0.1 SERVER_PORT=0 SERVER_AGENCIES=$agencies \
   SERVER_MAX_CONNECTIONS=$((agencies + ${SERVER_MAX_GUESTS:-256})) \
-  /usr/bin/time -v -o "$work/time" "$bin/lottery-server" >"$work/server.log" 2>&1 &
-time_pid=$!
-port=$(server_port "$work/server.log")
-server_pid=$(pgrep -P "$time_pid" lottery-server)
+  SERVER_LISTEN_BACKLOG=$(((agencies + 64) < 65535 ? agencies + 64 : 65535))
 
-"$bin/lottery-round" --server "127.0.0.1:$port" --agencies "$agencies" --data "$work/data" 2>"${ROUND_LOG:-/dev/null}" |
-  grep -Ev '^ +[0-9]+ +[0-9]+ +[0-9]+ +[0-9]+$' || true
-kill -TERM "$server_pid"
-wait "$time_pid"
-server_pid=
-echo "server peak RSS: $(awk -F': ' '/Maximum resident set size/ {print $2}' "$work/time") KiB" \
-  "(bets.csv: $(du -h "$work/bets.csv" | cut -f1))"
+# One round: the server under WRAPPER (a command prefix), its agencies by lottery-round;
+# the round's stdout (with the agencies' log lines) into $work/round.$1.
+round() {
+  local name=$1
+  shift
+  rm -f "$work"/bets.csv*
+  SERVER_STORAGE_PATH=$work/bets.csv "$@" "$bin/lottery-server" >"$work/server.log" 2>&1 &
+  wrapper_pid=$!
+  port=$(server_port "$work/server.log")
+  server_pid=$(pgrep -P "$wrapper_pid" lottery-server)
+  "$bin/lottery-round" --server "127.0.0.1:$port" --agencies "$agencies" --data "$work/data" --verbose \
+    >"$work/round.$name" 2>"${ROUND_LOG:-/dev/null}" || true
+  kill -TERM "$server_pid"
+  wait "$wrapper_pid" || true
+  server_pid=
+}
+
+round time /usr/bin/time -v -o "$work/time"
+# The round's own lines (not the agencies' log lines), without the per-agency rows.
+grep -Ev '^[0-9]{4}-[0-9]{2}-[0-9]{2} |^ +[0-9]+ +[0-9]+ +[0-9]+ +[0-9]+$' "$work/round.time" || true
+field() { awk -F': ' -v key="$1" '$1 ~ key {print $2}' "$work/time"; }
+user=$(field 'User time'); sys=$(field 'System time'); rss=$(field 'Maximum resident set size')
+cpu_ms=$(awk -v u="$user" -v s="$sys" -v n="$agencies" 'BEGIN {printf "%.3f", (u + s) * 1000 / n}')
+reconnects=$(grep -c 'action: reconnect' "$work/round.time" || true)
+wall=$(sed -n 's/^wall time \([0-9.]*\) s.*/\1/p' "$work/round.time")
+echo "server CPU: ${user} s user + ${sys} s sys = ${cpu_ms} ms per agency; peak RSS: ${rss} KiB" \
+  "(bets.csv: $(du -h "$work/bets.csv" | cut -f1)); reconnects: ${reconnects}"
+
+fsyncs=n/a
+if [[ ${SYSCALLS:-1} != 0 ]] && command -v strace >/dev/null; then
+  round strace strace -c -f --seccomp-bpf -e trace=fsync,fdatasync -o "$work/strace"
+  fsyncs=$(awk '$NF == "fsync" || $NF == "fdatasync" {n += $4} END {print n + 0}' "$work/strace")
+  echo "server fsync + fdatasync calls (a run of its own, under strace): ${fsyncs}"
+fi
+
+echo "| agencies | bets/agency | round wall s | server CPU ms/agency | server peak RSS MiB | reconnects | fsync+fdatasync |"
+echo "| ${agencies} | ${bets} | ${wall:-failed} | ${cpu_ms} | $((rss / 1024)) | ${reconnects} | ${fsyncs} |"

@@ -33,11 +33,37 @@ Usage: lottery-server [--help]
                                         bets.csv format, from SERVER_DATABASE_URL if set, else
                                         from SERVER_STORAGE_PATH
 
-Settings come from ./config.ini (or the file named by LOTTERY_CONFIG), then environment
-variables: SERVER_IP, SERVER_PORT, SERVER_LISTEN_BACKLOG, SERVER_AGENCIES, SERVER_STORAGE_PATH,
-SERVER_MAX_CONNECTIONS, SERVER_IDLE_TIMEOUT_MS, SERVER_SYNC, SERVER_GROUP_COMMIT, LOGGING_LEVEL,
-SERVER_AGENCY_KEYS, SERVER_TLS_CERT, SERVER_TLS_KEY, SERVER_TLS_NAMES, SERVER_DATABASE_URL
-(postgres://…: the round lives in that database, shared by every server on it).
+Settings come from ./config.ini (or the file named by LOTTERY_CONFIG), then the environment;
+a value that does not parse stops it at start, naming the key. Defaults in brackets.
+  SERVER_IP                   address to bind [0.0.0.0]
+  SERVER_PORT                 port; 0 = any free port, logged [12345]
+  SERVER_LISTEN_BACKLOG       listen backlog [128]
+  SERVER_AGENCIES             agencies that must say DONE before the draw [5]
+  SERVER_STORAGE_PATH         the bets file; its round state and lock sit beside it [./bets.csv]
+  SERVER_SYNC                 always: a batch is acknowledged once on disk; never: at once [always]
+  SERVER_GROUP_COMMIT         share one sync among the batches that arrive meanwhile [true]
+  SERVER_DATABASE_URL         postgres://…: the round lives in that database, shared by every
+                              server on it; empty = bets.csv [empty]
+  SERVER_MAX_CONNECTIONS      connections at once; one more gets ERR BUSY [1024]
+  SERVER_IDLE_TIMEOUT_MS      a connection silent this long (not waiting for the draw) is
+                              closed [30000]
+  SERVER_MAX_GUESTS           connections not yet authenticated, at once [256]
+  SERVER_MAX_GUESTS_PER_IP    the same, per source address [64]
+  SERVER_HELLO_TIMEOUT_MS     a guest must authenticate within this [5000]
+  SERVER_MAX_BETS_PER_AGENCY  past it, ERR QUOTA [10000000]
+  SERVER_MIN_FREE_BYTES       below this free on the storage's filesystem, ERR STORAGE
+                              [268435456]
+  SERVER_AGENCY_KEYS          the agencies' token hashes; empty = protected mode, HELLO only
+                              from loopback [.secrets/agencies.keys]
+  SERVER_TLS_CERT             PEM certificate chain; empty (with the key) = no TLS
+                              [.secrets/server.pem]
+  SERVER_TLS_KEY              PEM private key [.secrets/server.key]
+  SERVER_TLS_NAMES            extra names for the certificate --make-keys writes [empty]
+  SERVER_METRICS_ADDRESS      ip:port of the operators' HTTP listener (/metrics, /round.json, /);
+                              empty = off [127.0.0.1:9745]
+  LOGGING_LEVEL               ERROR, WARN, INFO, DEBUG or TRACE [INFO]
+  LOTTERY_CONFIG              the settings file instead of ./config.ini [config.ini]
+
 SIGTERM or SIGINT shuts it down cleanly.";
 
 const AGENCY_HELP: &str = "\
@@ -48,10 +74,26 @@ Usage: lottery-agency [--help]
        lottery-agency --ping [HOST:PORT]   check that a server answers PING (default:
                                            CLI_SERVER_ADDRESS); exit 0 on PONG, else 1
 
-Settings come from ./config.ini (or the file named by LOTTERY_CONFIG), then environment
-variables: CLI_ID (required), CLI_SERVER_ADDRESS, CLI_BATCH_MAXAMOUNT, CLI_DATA_PATH,
-CLI_RETRY_TIMEOUT_MS, CLI_LOG_LEVEL, CLI_TOKEN_FILE, CLI_TLS_CA, CLI_TLS_NAME; and NOMBRE, APELLIDO, DOCUMENTO, NACIMIENTO, NUMERO for
-one extra bet sent before the file's. Exits 0 once it has its winners, or on SIGTERM.";
+Settings come from ./config.ini (or the file named by LOTTERY_CONFIG), then the environment;
+a value that does not parse stops it at start, naming the key. Defaults in brackets.
+  CLI_ID                 the agency's number, 1..=SERVER_AGENCIES [required]
+  CLI_SERVER_ADDRESS     host:port of the server, or several, comma-separated, tried in turn
+                         [server:12345, the server's name inside docker compose]
+  CLI_BATCH_MAXAMOUNT    most bets in one batch, 1..=431; a batch is also at most 8 KiB [100]
+  CLI_DATA_PATH          the agency's bets file [.data/agency-{CLI_ID}.csv]
+  CLI_RETRY_TIMEOUT_MS   how long it keeps trying since its last progress (a HELLO answered,
+                         a batch acknowledged) before it gives up, exit 1 [30000]
+  CLI_LOG_LEVEL          ERROR, WARN, INFO, DEBUG or TRACE [INFO]
+  CLI_TOKEN_FILE         the agency's token [.secrets/agency-{CLI_ID}.token]
+  CLI_TLS_CA             PEM of the CA it trusts; empty = plain text, to a loopback address
+                         only [.secrets/ca.pem]
+  CLI_TLS_NAME           the name to check in the server's certificate; empty = the host of
+                         CLI_SERVER_ADDRESS [empty]
+  NOMBRE, APELLIDO, DOCUMENTO, NACIMIENTO, NUMERO
+                         one extra bet, sent before the file's; all five or none [unset]
+  LOTTERY_CONFIG         the settings file instead of ./config.ini [config.ini]
+
+Exits 0 once it has its winners, or on SIGTERM; 1 with one line on a final failure.";
 
 /// Handles the only flag the two daemons take. `Some` is the exit code when there is nothing
 /// more to do.

@@ -430,3 +430,198 @@ fn an_attack_round_runs_its_attackers_in_a_process_that_ends_with_it() {
     assert!(stdout.contains("PONG x") || stdout.contains("STATUS x"), "{stdout}");
     assert_eq!(attack_workers(), Vec::<String>::new(), "attackers' processes left behind");
 }
+
+/// `cmd` with its open-files limit, soft and hard, set to `limit`, as `prlimit --nofile` would.
+fn with_open_files(mut cmd: Command, limit: u64) -> Command {
+    use std::os::unix::process::CommandExt;
+    let set = move || {
+        let limit = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
+        // SAFETY: setrlimit is async-signal-safe and only reads `limit`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: the closure calls nothing but setrlimit between fork and exec.
+    unsafe { cmd.pre_exec(set) };
+    cmd
+}
+
+#[test]
+fn a_round_larger_than_the_open_files_limit_allows_says_so_in_one_line_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(ROUND, dir.path(), &[]);
+    cmd.args(["--agencies", "400", "--bets-per-agency", "2"]);
+    let (status, stdout, stderr) = run_to_exit("lottery-round", with_open_files(cmd, 256));
+    assert!(!status.success() && stdout.is_empty(), "{status}: {stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    for part in ["400 agencies need about", "open files", "the hard limit is 256", "ulimit -Hn", "fewer agencies"] {
+        assert!(stderr.contains(part), "{stderr:?} lacks {part:?}");
+    }
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "a refused round wrote files");
+}
+
+#[test]
+fn a_round_of_300_agencies_fits_500_open_files_with_its_agencies_in_a_process_of_their_own() {
+    // One process would hold 600 sockets (both ends of 300 connections), and before this it
+    // also held a data file and a key file per agency.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(ROUND, dir.path(), &[]);
+    cmd.args(["--agencies", "300", "--bets-per-agency", "3"]);
+    let mut round = common::Proc::spawn("lottery-round", with_open_files(cmd, 500));
+    let status = round.wait_exit(Duration::from_secs(120));
+    let (stdout, stderr) = (round.logs.until_eof().join("\n"), round.stderr());
+    assert!(status.success(), "{status}: {stdout}\n{stderr}");
+    assert!(stdout.contains("agencies: in a process of their own"), "{stdout}");
+    assert!(stdout.contains("bets/s") && !stdout.contains("MISMATCH") && !stdout.contains("failed"), "{stdout}");
+    let total = stdout.lines().find(|l| l.trim_start().starts_with("total")).unwrap_or_default();
+    assert_eq!(total.split_whitespace().nth(1), Some("900"), "{total}");
+}
+
+/// The settings SPEC.md names for each binary: its `--help` lists every one, with its default.
+const SERVER_SETTINGS: [&str; 23] = [
+    "SERVER_IP",
+    "SERVER_PORT",
+    "SERVER_LISTEN_BACKLOG",
+    "SERVER_AGENCIES",
+    "SERVER_STORAGE_PATH",
+    "SERVER_MAX_CONNECTIONS",
+    "SERVER_IDLE_TIMEOUT_MS",
+    "LOGGING_LEVEL",
+    "SERVER_AGENCY_KEYS",
+    "SERVER_TLS_CERT",
+    "SERVER_TLS_KEY",
+    "SERVER_TLS_NAMES",
+    "SERVER_MAX_GUESTS",
+    "SERVER_MAX_GUESTS_PER_IP",
+    "SERVER_HELLO_TIMEOUT_MS",
+    "SERVER_MAX_BETS_PER_AGENCY",
+    "SERVER_MIN_FREE_BYTES",
+    "SERVER_DATABASE_URL",
+    "SERVER_METRICS_ADDRESS",
+    "SERVER_SYNC",
+    "SERVER_GROUP_COMMIT",
+    "LOTTERY_CONFIG",
+    "127.0.0.1:9745",
+];
+const AGENCY_SETTINGS: [&str; 15] = [
+    "CLI_ID",
+    "CLI_SERVER_ADDRESS",
+    "CLI_BATCH_MAXAMOUNT",
+    "CLI_DATA_PATH",
+    "CLI_RETRY_TIMEOUT_MS",
+    "CLI_LOG_LEVEL",
+    "NOMBRE",
+    "APELLIDO",
+    "DOCUMENTO",
+    "NACIMIENTO",
+    "NUMERO",
+    "CLI_TOKEN_FILE",
+    "CLI_TLS_CA",
+    "CLI_TLS_NAME",
+    "LOTTERY_CONFIG",
+];
+
+#[test]
+fn the_help_of_the_server_and_the_agency_lists_every_setting_with_its_default() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, binary, settings) in
+        [("lottery-server", SERVER, &SERVER_SETTINGS[..]), ("lottery-agency", AGENCY, &AGENCY_SETTINGS[..])]
+    {
+        let mut cmd = command(binary, dir.path(), &[]);
+        cmd.arg("--help");
+        let (status, stdout, _) = run_to_exit(name, cmd);
+        assert!(status.success(), "{name}: {status}");
+        for setting in settings {
+            assert!(stdout.contains(setting), "{name} --help lacks {setting}:\n{stdout}");
+        }
+        // Every entry (a line `  NAME …`, with the lines indented further under it) ends its
+        // text with its default in brackets.
+        let mut entries: Vec<String> = Vec::new();
+        for line in stdout.lines() {
+            if line.starts_with("  ") && line[2..].starts_with(|c: char| c.is_ascii_uppercase()) {
+                entries.push(line.to_owned());
+            } else if line.starts_with("   ") && !entries.is_empty() {
+                entries.last_mut().unwrap().push_str(line);
+            }
+        }
+        assert!(entries.len() >= settings.len() - 5, "{name}: {entries:#?}");
+        for entry in &entries {
+            assert!(entry.contains('[') && entry.trim_end().ends_with(']'), "{name}: no default in {entry:?}");
+        }
+    }
+}
+
+#[test]
+fn an_unreachable_server_is_said_once_then_summed_up_and_its_address_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = lottery::tools::dataset::generate(&dir.path().join("data"), 1, 5, 1).unwrap();
+    // Nothing listens on port 1: every attempt is refused at once, about four a second.
+    let env = [
+        ("CLI_ID", "1"),
+        ("CLI_SERVER_ADDRESS", "127.0.0.1:1"),
+        ("CLI_DATA_PATH", data[0].to_str().unwrap()),
+        ("CLI_RETRY_TIMEOUT_MS", "6000"),
+        ("CLI_TOKEN_FILE", ""),
+        ("CLI_TLS_CA", ""),
+    ];
+    let (status, stdout, stderr) = run_to_exit("lottery-agency", command(AGENCY, dir.path(), &env));
+    assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
+    let connects: Vec<&str> = stdout.lines().filter(|l| l.contains("action: connect")).collect();
+    // The first failure, then one summary every 5 s: not one line per attempt.
+    assert!((1..=3).contains(&connects.len()), "{connects:#?}");
+    assert!(connects[0].contains("result: in_progress | address: 127.0.0.1:1 | error: "), "{}", connects[0]);
+    if let Some(summary) = connects.get(1) {
+        let attempts: u32 = common::log_field(summary, "attempts").and_then(|n| n.parse().ok()).unwrap_or_default();
+        assert!(attempts > 1, "{summary}");
+    }
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(stderr.starts_with("lottery-agency: no server at 127.0.0.1:1: "), "{stderr}");
+    assert_eq!(stderr.matches("127.0.0.1:1").count(), 1, "the address said twice: {stderr}");
+}
+
+#[test]
+fn the_default_address_that_does_not_resolve_is_said_to_be_the_compose_name() {
+    use std::net::ToSocketAddrs;
+    if ("server", 12345).to_socket_addrs().is_ok_and(|mut a| a.next().is_some()) {
+        return; // Inside compose, `server` resolves: nothing to explain.
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keys = common::Keys::make(dir.path(), 1);
+    let data = lottery::tools::dataset::generate(&dir.path().join("data"), 1, 5, 1).unwrap();
+    let mut env: Vec<(String, String)> = keys.agency_env(1);
+    env.extend([
+        ("CLI_ID".into(), "1".into()),
+        ("CLI_DATA_PATH".into(), data[0].to_str().unwrap().into()),
+        ("CLI_RETRY_TIMEOUT_MS".into(), "300".into()),
+    ]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (status, stdout, stderr) = run_to_exit("lottery-agency", command(AGENCY, dir.path(), &env));
+    assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(stderr.contains("no server at server:12345: "), "{stderr}");
+    assert!(stderr.contains("docker compose") && stderr.contains("CLI_SERVER_ADDRESS"), "{stderr}");
+}
+
+#[test]
+fn an_agency_without_a_ca_refuses_a_server_that_is_not_on_this_machine_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = common::Keys::make(dir.path(), 1);
+    let data = lottery::tools::dataset::generate(&dir.path().join("data"), 1, 5, 1).unwrap();
+    let token = keys.path("agency-1.token");
+    // 192.0.2.1 is TEST-NET-1: nothing answers there, and nothing must be sent.
+    let env = [
+        ("CLI_ID", "1"),
+        ("CLI_SERVER_ADDRESS", "192.0.2.1:12345"),
+        ("CLI_DATA_PATH", data[0].to_str().unwrap()),
+        ("CLI_TOKEN_FILE", token.as_str()),
+        ("CLI_TLS_CA", ""),
+    ];
+    let (status, stdout, stderr) = run_to_exit("lottery-agency", command(AGENCY, dir.path(), &env));
+    assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(stderr.contains("192.0.2.1:12345") && stderr.contains("set CLI_TLS_CA"), "{stderr}");
+    assert!(!stdout.contains("action: connect"), "it tried to connect: {stdout}");
+    assert!(!stdout.contains(&keys.token(1)) && !stderr.contains(&keys.token(1)), "the token was printed");
+}

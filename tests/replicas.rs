@@ -64,7 +64,7 @@ fn check_winners(agencies: &mut [Proc], files: &[PathBuf], server: &TestServer) 
     for ((id, agency), file) in (1..).zip(agencies.iter_mut()).zip(files) {
         agency.wait_success(STEP * 3);
         let expected = winners_of(&read_csv(file));
-        let said = format!("cant_ganadores: {}", expected.len());
+        let said = format!("cant_ganadores: {} | agency: {id}", expected.len());
         assert!(agency.logs.seen.iter().any(|l| l.ends_with(&said)), "agency {id}: expected {said}");
         let mut client = server.client();
         assert!(client.send(&format!("HELLO {id}")).starts_with("OK "));
@@ -230,7 +230,7 @@ fn an_agency_moves_on_to_the_next_address_when_one_refuses() {
     let mut one = agency(data.path(), 1, &addresses, &files[0], 100, &[]);
     one.wait_success(STEP);
     let expected = winners_of(&read_csv(&files[0]));
-    assert!(one.logs.seen.iter().any(|l| l.ends_with(&format!("cant_ganadores: {}", expected.len()))));
+    assert!(one.logs.seen.iter().any(|l| l.ends_with(&format!("cant_ganadores: {} | agency: 1", expected.len()))));
     assert_store(&server.bets_path(), &expected_store(&files));
 }
 

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{
     Keys, Proc, STEP, TestServer, TlsClient, agency, assert_log_format, assert_store, env_refs, expected_store,
     log_field, read_csv, winners_of, winners_reply,
@@ -39,13 +41,14 @@ fn a_full_round_of_five_agency_processes() {
     let winners: Vec<Vec<String>> = rows.iter().map(|r| winners_of(r)).collect();
     assert!(winners.iter().any(|w| w.len() > 1) && winners.iter().any(Vec::is_empty), "the seed's data: {winners:?}");
     let mut batches_sent = 0;
-    for (agency, winners) in agencies.iter().zip(&winners) {
+    for (id, (agency, winners)) in (1..).zip(agencies.iter().zip(&winners)) {
         let lines = &agency.logs.seen;
         lines.iter().for_each(|l| assert_log_format(l));
         no_fail(&agency.name, lines);
         let queries: Vec<&String> = lines.iter().filter(|l| l.contains("action: consulta_ganadores")).collect();
         assert_eq!(queries.len(), 1, "{}: {queries:?}", agency.name);
-        let expected = format!("action: consulta_ganadores | result: success | cant_ganadores: {}", winners.len());
+        let expected =
+            format!("action: consulta_ganadores | result: success | cant_ganadores: {} | agency: {id}", winners.len());
         assert!(queries[0].ends_with(&expected), "{}: {:?}, expected {expected:?}", agency.name, queries[0]);
 
         let sizes: Vec<usize> = lines
@@ -122,7 +125,8 @@ fn an_agency_started_before_the_server_connects_once_it_is_up() {
     let lines = &agency.logs.seen;
     no_fail("lottery-agency", lines);
     let winners = winners_of(&read_csv(&files[0]));
-    let expected = format!("action: consulta_ganadores | result: success | cant_ganadores: {}", winners.len());
+    let expected =
+        format!("action: consulta_ganadores | result: success | cant_ganadores: {} | agency: 1", winners.len());
     assert!(lines.iter().any(|l| l.ends_with(&expected)), "no {expected:?}");
     assert_store(&server.bets_path(), &expected_store(&files));
 }
@@ -148,10 +152,11 @@ fn an_agency_resumes_after_the_server_is_killed_and_restarted() {
     for agency in [&mut one, &mut two] {
         agency.wait_success(STEP);
     }
-    for (agency, file) in [&one, &two].into_iter().zip(&files) {
+    for ((id, agency), file) in (1..).zip([&one, &two]).zip(&files) {
         no_fail(&agency.name, &agency.logs.seen);
         let winners = winners_of(&read_csv(file));
-        let expected = format!("action: consulta_ganadores | result: success | cant_ganadores: {}", winners.len());
+        let expected =
+            format!("action: consulta_ganadores | result: success | cant_ganadores: {} | agency: {id}", winners.len());
         assert!(agency.logs.seen.iter().any(|l| l.ends_with(&expected)), "{}: no {expected:?}", agency.name);
     }
     // Nothing lost, nothing stored twice.
@@ -167,10 +172,34 @@ fn an_agency_waiting_for_the_draw_exits_0_on_sigterm() {
     let mut agency = agency(dir.path(), 1, &server.address(), &files[0], 100, &[]);
     // Its third and last batch is acknowledged: it is saying DONE or waiting in WINNERS.
     agency.logs.wait_count("action: apuesta_enviada | result: success | cantidad: 100", 3);
+    // It says that it waits, and for what.
+    agency.logs.wait_for("action: wait_draw | result: in_progress | agencies_done: 1/2");
     agency.sigterm();
     let status = agency.wait_exit(std::time::Duration::from_secs(2));
     assert_eq!(status.code(), Some(0), "{status}");
     let lines = agency.logs.until_eof();
     assert!(lines.last().is_some_and(|l| l.ends_with("action: shutdown | result: success")), "{lines:?}");
     assert!(!lines.iter().any(|l| l.contains("consulta_ganadores")), "no winners before the draw");
+}
+
+#[test]
+fn an_agency_whose_batches_fail_with_storage_backs_off_and_gives_up_without_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = lottery::tools::dataset::generate(&dir.path().join("data"), 1, 50, 3).unwrap();
+    // Never enough free space: every batch is refused with ERR STORAGE, every HELLO answered.
+    let server = TestServer::start(1, &[("SERVER_MIN_FREE_BYTES", "18446744073709551615")]);
+    let mut agency = agency(dir.path(), 1, &server.address(), &files[0], 10, &[("CLI_RETRY_TIMEOUT_MS", "3000")]);
+    let status = agency.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{status}");
+    let lines = agency.logs.until_eof().to_vec();
+    let retries: Vec<&String> =
+        lines.iter().filter(|l| l.contains("action: reconnect | result: in_progress")).collect();
+    // Pauses from 50 ms doubling to 5 s, jittered: a handful in 3 s, not a tight loop.
+    assert!((2..=12).contains(&retries.len()), "{retries:#?}");
+    assert!(retries.iter().all(|l| l.contains("ERR STORAGE") && l.contains("retry_in_ms: ")), "{retries:#?}");
+    let pauses: Vec<u64> = retries.iter().filter_map(|l| log_field(l, "retry_in_ms")?.parse().ok()).collect();
+    assert!(pauses.last() > pauses.first(), "the pauses do not grow: {pauses:?}");
+    let stderr = agency.stderr();
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(stderr.contains("no progress") && stderr.contains("STORAGE"), "{stderr}");
 }

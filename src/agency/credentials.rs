@@ -3,6 +3,7 @@
 //! hold (`CLI_TLS_NAME`, else the host part of the address it connects to).
 
 use std::fs;
+use std::net::{IpAddr, ToSocketAddrs};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -52,7 +53,50 @@ impl Credentials {
     }
 }
 
-fn read_token(path: &Path) -> Result<Token, String> {
+/// Refuses plain text (no `CLI_TLS_CA`) to a server that is not on this machine: the token,
+/// the bets and the winners would cross the network in clear.
+///
+/// # Errors
+/// One of `addresses` (`host:port,…`) is not a loopback address, or a name that does not
+/// resolve to loopback only.
+pub fn check_plain_text(addresses: &str, credentials: &Credentials) -> Result<(), String> {
+    if credentials.tls.is_some() {
+        return Ok(());
+    }
+    match addresses.split(',').map(str::trim).find(|a| !is_loopback_address(a)) {
+        Some(address) => Err(plain_text_refusal(address)),
+        None => Ok(()),
+    }
+}
+
+/// The one line that refuses plain text to `address`.
+pub fn plain_text_refusal(address: &str) -> String {
+    format!(
+        "CLI_TLS_CA is empty and {address} is not a loopback address: this agency speaks plain text only to a server on this machine, never sending its token or bets across a network in clear; set CLI_TLS_CA to the server's CA (ca.pem, from `lottery-server --make-keys`)"
+    )
+}
+
+/// `host:port` names this machine: a loopback IP, `localhost`, or a name that resolves to
+/// loopback addresses only.
+fn is_loopback_address(address: &str) -> bool {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return ip.to_canonical().is_loopback();
+    }
+    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+        return true;
+    }
+    match address.to_socket_addrs() {
+        Ok(resolved) => {
+            let resolved: Vec<_> = resolved.collect();
+            !resolved.is_empty() && resolved.iter().all(|a| a.ip().to_canonical().is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+pub(crate) fn read_token(path: &Path) -> Result<Token, String> {
     let text = fs::read_to_string(path).map_err(|e| format!("CLI_TOKEN_FILE {}: {e}; {HOW}", path.display()))?;
     if let Ok(meta) = fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
@@ -92,6 +136,18 @@ pub(crate) fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_text_goes_to_loopback_only() {
+        let plain = Credentials::default();
+        for ok in ["127.0.0.1:1", "[::1]:1", "localhost:1", "127.0.0.2:5,[::1]:2"] {
+            assert_eq!(check_plain_text(ok, &plain), Ok(()), "{ok}");
+        }
+        for refused in ["10.0.0.1:1", "server:12345", "127.0.0.1:1,192.0.2.7:1"] {
+            let err = check_plain_text(refused, &plain).unwrap_err();
+            assert!(err.contains("set CLI_TLS_CA") && !err.contains("127.0.0.1:1,"), "{refused}: {err}");
+        }
+    }
 
     #[test]
     fn the_name_to_check_is_the_host_of_the_address_unless_set() {

@@ -6,36 +6,32 @@
 
 pub mod credentials;
 
+mod link;
+mod patience;
 mod source;
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
-
-use rustls::{ClientConnection, StreamOwned};
+use log::info;
 
 use crate::config::AgencySettings;
-use crate::logging::field;
 use crate::wire::bet::{self, Bet, RowWriter};
-use crate::wire::protocol::{ErrorCode, ProtocolError, Reply};
-use crate::wire::transport::{Socket, Transport, tls_error};
+use crate::wire::protocol::ProtocolError;
+use crate::wire::transport::tls_error;
 use credentials::Credentials;
+use link::{Link, LinkError, OpenError};
+use patience::{Patience, Setback};
 use source::{Batches, BetSource};
+pub use source::{BetData, MakeRows};
 
-/// The longest reply read: a server gone wrong cannot make us buffer more. The longest legal
-/// reply is `WINNERS` for an agency all of whose bets won, at the default quota
-/// (`SERVER_MAX_BETS_PER_AGENCY`, 10,000,000) of 10-digit documents: 110,000,000 bytes and a
-/// few. A server with a higher quota may send more, and this agency would refuse it.
-const MAX_REPLY: u64 = 128 << 20;
-
-/// Longest wait for a reply other than `WINNERS` (which waits for the other agencies).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+/// The address an agency uses when none is configured: the server's name in docker compose.
+const COMPOSE_ADDRESS: &str = "server:12345";
 
 /// Why an agency could not complete its round.
 #[derive(Debug)]
@@ -46,6 +42,8 @@ pub enum AgencyError {
     Refused(ProtocolError),
     /// No server answered within `CLI_RETRY_TIMEOUT_MS`.
     Unreachable { address: String, why: String },
+    /// Connections, but nothing stored or answered, for `CLI_RETRY_TIMEOUT_MS`.
+    NoProgress { address: String, waited: Duration, why: String },
     /// The server said something that is not a reply.
     Protocol(String),
     /// The token or CA file is missing or unusable (found before any connection).
@@ -64,6 +62,11 @@ impl fmt::Display for AgencyError {
             AgencyError::Data { path, line: None, why } => write!(f, "{}: {why}", path.display()),
             AgencyError::Refused(e) => write!(f, "the server refused: ERR {e}"),
             AgencyError::Unreachable { address, why } => write!(f, "no server at {address}: {why}"),
+            AgencyError::NoProgress { address, waited, why } => write!(
+                f,
+                "no progress with the server at {address} for {} ms (CLI_RETRY_TIMEOUT_MS): {why}",
+                waited.as_millis()
+            ),
             AgencyError::Protocol(why) => write!(f, "protocol: {why}"),
             AgencyError::Credentials(why) => f.write_str(why),
             AgencyError::Tls { address, why } => write!(f, "TLS with {address} failed: {why}"),
@@ -131,105 +134,68 @@ impl Stop {
     }
 }
 
-/// Runs one agency to the end of the round.
+/// Runs one agency to the end of the round, on its data file and the credentials its
+/// settings name.
 ///
 /// # Errors
 /// See [`AgencyError`]; a broken connection is not one while the retry window lasts.
 pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyError> {
-    let extra = extra_bet(settings)?;
-    let has_file = settings.data_path.exists() || extra.is_none();
-    if has_file {
-        BetSource::open(&settings.data_path)?;
-    }
+    let data = BetData::File(settings.data_path.clone());
+    // The data first: a missing file is said before anything about keys.
+    check_data(settings, &data)?;
     let credentials = Credentials::load(settings).map_err(AgencyError::Credentials)?;
+    run_with(settings, &credentials, &data, stop)
+}
+
+/// Runs one agency on `data` with `credentials` already loaded (`lottery-round` shares one TLS
+/// configuration among its agencies and makes their data in memory).
+///
+/// # Errors
+/// As [`run`].
+pub fn run_with(
+    settings: &AgencySettings,
+    credentials: &Credentials,
+    data: &BetData,
+    stop: &Stop,
+) -> Result<Outcome, AgencyError> {
+    let (extra, has_file) = check_data(settings, data)?;
+    credentials::check_plain_text(&settings.server_address, credentials).map_err(AgencyError::Credentials)?;
     let mut reconnects = 0;
-    let mut backoff = Backoff::new(settings);
+    let mut patience = Patience::new(&settings.server_address, settings.retry_timeout, u64::from(settings.id));
+    let job = Job { settings, credentials, data, extra: extra.as_ref(), has_file };
     // Which of the server's addresses to try first: after a broken connection, the next one.
     let mut first = 0;
     loop {
-        let mut link = connect(settings, &credentials, stop, &mut backoff, &mut first)?;
-        match round(settings, &credentials, &mut link, extra.as_ref(), has_file, &mut backoff) {
+        let mut link = connect(settings, credentials, stop, &mut patience, &mut first)?;
+        let (setback, why) = match job.round(&mut link, &mut patience) {
             Ok((winners, stored)) => return Ok(Outcome { winners, stored, reconnects }),
             // A TLS failure is said without the address where it is found; it is added here.
             Err(Attempt::Fatal(AgencyError::Tls { why, .. })) => {
                 return Err(AgencyError::Tls { address: settings.server_address.clone(), why });
             }
             Err(Attempt::Fatal(e)) => return Err(e),
-            Err(Attempt::Retry(_)) if stop.is_triggered() => return Err(AgencyError::Stopped),
-            Err(Attempt::Retry(why)) => {
-                first += 1;
-                backoff
-                    .wait(stop, &why, || warn!("action: reconnect | result: in_progress | error: {}", field(&why)))?;
-                reconnects += 1;
-            }
-        }
+            Err(Attempt::Retry(_) | Attempt::Storage(_)) if stop.is_triggered() => return Err(AgencyError::Stopped),
+            Err(Attempt::Retry(why)) => (Setback::Broken, why),
+            Err(Attempt::Storage(why)) => (Setback::Storage, why),
+        };
+        first += 1;
+        patience.wait(stop, setback, &why)?;
+        reconnects += 1;
     }
 }
 
-/// The agency's retry window (`CLI_RETRY_TIMEOUT_MS`) and its backoff, 50 ms doubling to 250 ms.
-/// Both start again at every `HELLO` the server answers: a server that restarts many times
-/// in one round is waited for each time, but one that keeps refusing (`ERR BUSY`) is not
-/// hammered, and not waited for forever.
-///
-/// It also sets how long one attempt waits for the server to answer the connection (its
-/// *patience*): 100 ms at first, doubling after each attempt that timed out, up to 5 s. A
-/// connection request lost on the way (a server's listen queue overflowing under a flood of
-/// connections drops it) is otherwise sent again by the kernel only after a second, then
-/// three; a far server only costs the first attempts' 300 ms.
-struct Backoff {
-    address: String,
-    limit: Duration,
-    since: Option<Instant>,
-    pause: Duration,
-    patience: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(50);
-    const FIRST_PATIENCE: Duration = Duration::from_millis(100);
-    const LAST_PATIENCE: Duration = Duration::from_secs(5);
-    /// The longest pause: a server that sheds strangers by closing its oldest guests may close
-    /// an agency that is still connecting, and it should try again soon, not in seconds; four
-    /// tries a second are still nothing to a server that is down.
-    const LAST: Duration = Duration::from_millis(250);
-
-    fn new(settings: &AgencySettings) -> Backoff {
-        Backoff {
-            address: settings.server_address.clone(),
-            limit: settings.retry_timeout,
-            since: None,
-            pause: Self::FIRST,
-            patience: Self::FIRST_PATIENCE,
-        }
+/// The extra bet of the environment, and whether there is a data file to send: checked before
+/// any connection.
+fn check_data(settings: &AgencySettings, data: &BetData) -> Result<(Option<Bet>, bool), AgencyError> {
+    let extra = extra_bet(settings)?;
+    let has_file = match data {
+        BetData::File(path) => path.exists() || extra.is_none(),
+        BetData::Made { .. } => true,
+    };
+    if has_file {
+        BetSource::open(data)?;
     }
-
-    fn reset(&mut self) {
-        self.since = None;
-        self.pause = Self::FIRST;
-        self.patience = Self::FIRST_PATIENCE;
-    }
-
-    /// Waits longer for the next connection, after one that was not answered in time.
-    fn lose_patience(&mut self) {
-        self.patience = (self.patience * 2).min(Self::LAST_PATIENCE);
-    }
-
-    /// Calls `retrying` (to log it) and waits before the next attempt.
-    ///
-    /// # Errors
-    /// `Unreachable` once the window has closed, `Stopped` if a stop is asked meanwhile.
-    fn wait(&mut self, stop: &Stop, why: &str, retrying: impl FnOnce()) -> Result<(), AgencyError> {
-        let since = *self.since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= self.limit {
-            return Err(AgencyError::Unreachable { address: self.address.clone(), why: why.to_owned() });
-        }
-        retrying();
-        if stop.sleep(self.pause) {
-            return Err(AgencyError::Stopped);
-        }
-        self.pause = (self.pause * 2).min(Self::LAST);
-        Ok(())
-    }
+    Ok((extra, has_file))
 }
 
 fn extra_bet(settings: &AgencySettings) -> Result<Option<Bet>, AgencyError> {
@@ -263,6 +229,8 @@ fn describe(error: &rustls::Error) -> String {
 /// One connection's failure: worth another connection, or final.
 enum Attempt {
     Retry(String),
+    /// The server could not store (`ERR STORAGE`): worth another try, after a longer pause.
+    Storage(String),
     Fatal(AgencyError),
 }
 
@@ -282,37 +250,95 @@ impl From<AgencyError> for Attempt {
     }
 }
 
-/// The conversation over one connection, from `HELLO` to the winners.
-fn round(
-    settings: &AgencySettings,
-    credentials: &Credentials,
-    link: &mut Link,
-    extra: Option<&Bet>,
+/// What one agency sends, the same over every connection it needs.
+struct Job<'a> {
+    settings: &'a AgencySettings,
+    credentials: &'a Credentials,
+    data: &'a BetData,
+    extra: Option<&'a Bet>,
     has_file: bool,
-    backoff: &mut Backoff,
-) -> Result<(Vec<String>, u64), Attempt> {
-    let hello = match &credentials.token {
-        Some(token) => format!("HELLO {} {}\n", settings.id, token.expose()),
-        None => format!("HELLO {}\n", settings.id),
-    };
-    let mut stored = link.ok_count(&hello)?;
-    backoff.reset();
-    let mut writer = RowWriter::default();
-    if let Some(bet) = extra.filter(|_| stored == 0) {
-        writer.push_bet(bet);
-        let row = String::from_utf8_lossy(&writer.take()).into_owned();
-        stored = link.ok_count(&format!("BET {row}"))?;
-        info!("action: apuesta_enviada | result: success | dni: {} | numero: {}", bet.document, bet.number);
+}
+
+/// How long an agency waits for the draw before it says again that it waits; doubled after
+/// each line, up to a minute.
+const FIRST_WAIT_LINE: Duration = Duration::from_secs(5);
+
+impl Job<'_> {
+    /// The conversation over one connection, from `HELLO` to the winners.
+    fn round(&self, link: &mut Link, patience: &mut Patience) -> Result<(Vec<String>, u64), Attempt> {
+        let id = self.settings.id;
+        let hello = match &self.credentials.token {
+            Some(token) => format!("HELLO {id} {}\n", token.expose()),
+            None => format!("HELLO {id}\n"),
+        };
+        let mut stored = link.ok_count(&hello)?;
+        patience.hello_answered();
+        let mut writer = RowWriter::default();
+        if let Some(bet) = self.extra.filter(|_| stored == 0) {
+            writer.push_bet(bet);
+            let row = String::from_utf8_lossy(&writer.take()).into_owned();
+            stored = link.ok_count(&format!("BET {row}"))?;
+            patience.progress();
+            info!("action: apuesta_enviada | result: success | dni: {} | numero: {}", bet.document, bet.number);
+        }
+        if self.has_file {
+            let skip = stored - u64::from(self.extra.is_some());
+            stored = self.send_file(link, patience, skip, stored)?;
+        }
+        link.ok(b"DONE\n")?;
+        patience.progress();
+        // A wait for the draw, however long, ends the window there: a server lost after an
+        // hour in WINNERS is waited for as long as one lost while sending.
+        let winners = wait_for_draw(link);
+        patience.progress();
+        let winners = winners?;
+        info!("action: consulta_ganadores | result: success | cant_ganadores: {} | agency: {id}", winners.len());
+        let _ = link.send(b"QUIT\n");
+        Ok((winners, stored))
     }
-    if has_file {
-        let skip = stored - u64::from(extra.is_some());
-        stored = send_file(settings, link, skip, stored)?;
+
+    /// Sends the data from row `skip` on, in batches, up to [`WINDOW`] of them awaiting their
+    /// reply; returns the count the server holds.
+    fn send_file(&self, link: &mut Link, patience: &mut Patience, skip: u64, mut stored: u64) -> Result<u64, Attempt> {
+        let mut batches = Batches::open(self.settings, self.data, skip)?;
+        let mut in_flight = VecDeque::with_capacity(WINDOW);
+        let mut offset = stored;
+        loop {
+            while in_flight.len() < WINDOW {
+                let Some(count) = batches.next(offset)? else { break };
+                link.send(&batches.bytes)?;
+                in_flight.push_back(count);
+                offset += count as u64;
+            }
+            let Some(count) = in_flight.pop_front() else { return Ok(stored) };
+            stored = link.ok_count_reply()?;
+            patience.progress();
+            info!("action: apuesta_enviada | result: success | cantidad: {count}");
+        }
     }
-    link.ok(b"DONE\n")?;
-    let winners = link.winners()?;
-    info!("action: consulta_ganadores | result: success | cant_ganadores: {}", winners.len());
-    let _ = link.send(b"QUIT\n");
-    Ok((winners, stored))
+}
+
+/// Asks for the winners, saying once where the round is (agencies done, from a `STATUS` sent
+/// with the request) and then, every few seconds, that it still waits.
+fn wait_for_draw(link: &mut Link) -> Result<Vec<String>, Attempt> {
+    let started = Instant::now();
+    let status = link.status_then_winners()?;
+    let mut every = FIRST_WAIT_LINE;
+    match status {
+        Some(s) if !s.drawn => info!(
+            "action: wait_draw | result: in_progress | agencies_done: {}/{} | waiting_for: the other agencies' DONE",
+            s.agencies_done, s.agencies
+        ),
+        _ => {}
+    }
+    link.winners(every, || {
+        info!(
+            "action: wait_draw | result: in_progress | waiting_s: {} | waiting_for: the draw",
+            started.elapsed().as_secs()
+        );
+        every = (every * 2).min(Duration::from_secs(60));
+        every
+    })
 }
 
 /// Batches sent before waiting for the first reply. The server appends a connection's
@@ -320,36 +346,17 @@ fn round(
 /// disk's syncs shared by many batches instead of one per agency.
 const WINDOW: usize = 8;
 
-/// Sends the data file from row `skip` on, in batches, up to [`WINDOW`] of them awaiting their
-/// reply; returns the count the server holds.
-fn send_file(settings: &AgencySettings, link: &mut Link, skip: u64, mut stored: u64) -> Result<u64, Attempt> {
-    let mut batches = Batches::open(settings, skip)?;
-    let mut in_flight = VecDeque::with_capacity(WINDOW);
-    let mut offset = stored;
-    loop {
-        while in_flight.len() < WINDOW {
-            let Some(count) = batches.next(offset)? else { break };
-            link.send(&batches.bytes)?;
-            in_flight.push_back(count);
-            offset += count as u64;
-        }
-        let Some(count) = in_flight.pop_front() else { return Ok(stored) };
-        stored = link.ok_count_reply()?;
-        info!("action: apuesta_enviada | result: success | cantidad: {count}");
-    }
-}
-
-/// Connects, retrying with backoff until the retry window that began at `since` closes.
+/// Connects, retrying with backoff while `patience` lasts.
 fn connect(
     settings: &AgencySettings,
     credentials: &Credentials,
     stop: &Stop,
-    backoff: &mut Backoff,
+    patience: &mut Patience,
     first: &mut usize,
 ) -> Result<Link, AgencyError> {
     let address = &settings.server_address;
     loop {
-        let why = match open(address, *first, backoff.patience) {
+        let why = match link::open(address, *first, patience.connect_timeout) {
             Ok((stream, used)) => {
                 let stream = Arc::new(stream);
                 stop.watch(&stream)?;
@@ -357,6 +364,7 @@ fn connect(
                 let used = address.split(',').nth(used).map_or(address.as_str(), str::trim);
                 match Link::new(stream, credentials, used) {
                     Ok(link) => {
+                        patience.connected();
                         info!("action: connect | result: success | address: {used}");
                         return Ok(link);
                     }
@@ -365,19 +373,25 @@ fn connect(
                 }
             }
             Err(e) => {
-                if e.kind() == io::ErrorKind::TimedOut {
-                    backoff.lose_patience();
+                if e.timed_out {
+                    patience.lose_patience();
                 }
-                e.to_string()
+                explain(address, e)
             }
         };
-        let retry = || info!("action: connect | result: in_progress | address: {address} | error: {}", field(&why));
-        if let Err(e) = backoff.wait(stop, &why, retry) {
-            if !stop.is_triggered() {
-                warn!("action: connect | result: fail | address: {address} | error: {}", field(&why));
-            }
-            return Err(e);
-        }
+        patience.wait(stop, Setback::Connect, &why)?;
+    }
+}
+
+/// Why a connection failed, with what to do when the default compose name does not resolve.
+fn explain(address: &str, e: OpenError) -> String {
+    if e.unresolved && address == COMPOSE_ADDRESS {
+        format!(
+            "{} ({COMPOSE_ADDRESS} is the server's name inside docker compose; elsewhere set CLI_SERVER_ADDRESS, e.g. CLI_SERVER_ADDRESS=127.0.0.1:12345)",
+            e.why
+        )
+    } else {
+        e.why
     }
 }
 
@@ -386,7 +400,8 @@ fn connect(
 /// # Errors
 /// What went wrong, for a person: no connection, no reply within `timeout`, another reply.
 pub fn ping(address: &str, timeout: Duration) -> Result<(), String> {
-    let (mut stream, _) = open(address, 0, timeout).map_err(|e| format!("cannot reach {address}: {e}"))?;
+    let (mut stream, _) =
+        link::open(address, 0, timeout).map_err(|e| format!("cannot reach {address}: {}", explain(address, e)))?;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
@@ -398,129 +413,4 @@ pub fn ping(address: &str, timeout: Duration) -> Result<(), String> {
         "PONG" => Ok(()),
         other => Err(format!("{address} answered {other:?}, not PONG")),
     }
-}
-
-/// Connects to the first of `addresses` (`host:port,host:port,…`) that answers, trying them in
-/// turn from the `first`-th (modulo their number), and every address each name resolves to;
-/// returns the stream and which of `addresses` it reached. Each address gets `patience` to answer.
-fn open(addresses: &str, first: usize, patience: Duration) -> io::Result<(TcpStream, usize)> {
-    let list: Vec<&str> = addresses.split(',').map(str::trim).collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
-    for i in (0..list.len()).map(|k| (first + k) % list.len()) {
-        let resolved = match list[i].to_socket_addrs() {
-            Ok(resolved) => resolved,
-            Err(e) => {
-                last = e;
-                continue;
-            }
-        };
-        for addr in resolved {
-            match TcpStream::connect_timeout(&addr, patience) {
-                Ok(stream) => return Ok((stream, i)),
-                Err(e) => last = io::Error::new(e.kind(), format!("{}: {e}", list[i])),
-            }
-        }
-    }
-    Err(last)
-}
-
-/// A connection to the server, plain or TLS: requests out, reply lines in.
-struct Link {
-    /// The socket itself, shared with the [`Stop`], for its timeouts.
-    stream: Arc<TcpStream>,
-    io: BufReader<Transport<ClientConnection>>,
-    line: String,
-}
-
-/// Why a link could not be set up.
-enum LinkError {
-    Io(io::Error),
-    Fatal(AgencyError),
-}
-
-impl Link {
-    fn new(stream: Arc<TcpStream>, credentials: &Credentials, address: &str) -> Result<Link, LinkError> {
-        stream.set_nodelay(true).map_err(LinkError::Io)?;
-        stream.set_write_timeout(Some(REPLY_TIMEOUT)).map_err(LinkError::Io)?;
-        let socket = Socket::new(Arc::clone(&stream));
-        let transport = match &credentials.tls {
-            None => Transport::Plain(socket),
-            Some(config) => {
-                let fatal = |why: String| LinkError::Fatal(AgencyError::Tls { address: address.to_owned(), why });
-                let name = credentials.server_name(address).map_err(fatal)?;
-                let conn = ClientConnection::new(Arc::clone(config), name).map_err(|e| fatal(e.to_string()))?;
-                Transport::Tls(Box::new(StreamOwned::new(conn, socket)))
-            }
-        };
-        Ok(Link { stream, io: BufReader::new(transport), line: String::new() })
-    }
-
-    /// Sends `request` and reads its reply.
-    fn call(&mut self, request: &[u8], timeout: Option<Duration>) -> Result<Reply, Attempt> {
-        self.send(request)?;
-        self.receive(timeout)
-    }
-
-    fn send(&mut self, request: &[u8]) -> Result<(), Attempt> {
-        let transport = self.io.get_mut();
-        Ok(transport.write_all(request).and_then(|()| transport.flush())?)
-    }
-
-    /// Reads one reply, waiting at most `timeout` (`None`: forever).
-    fn receive(&mut self, timeout: Option<Duration>) -> Result<Reply, Attempt> {
-        self.stream.set_read_timeout(timeout)?;
-        self.line.clear();
-        let n = (&mut self.io).take(MAX_REPLY).read_line(&mut self.line)?;
-        if n == 0 || !self.line.ends_with('\n') {
-            return Err(Attempt::Retry("the server closed the connection".into()));
-        }
-        let reply =
-            Reply::parse(self.line.trim_end_matches(['\n', '\r'])).map_err(|e| AgencyError::Protocol(e.message))?;
-        match reply {
-            Reply::Err(e)
-                if matches!(
-                    e.code,
-                    ErrorCode::Busy | ErrorCode::Shutdown | ErrorCode::Storage | ErrorCode::Timeout
-                ) =>
-            {
-                Err(Attempt::Retry(format!("ERR {e}")))
-            }
-            Reply::Err(e) => {
-                warn!("action: request | result: fail | error: {}", field(&e.to_string()));
-                Err(AgencyError::Refused(e).into())
-            }
-            reply => Ok(reply),
-        }
-    }
-
-    fn ok_count(&mut self, request: &str) -> Result<u64, Attempt> {
-        self.send(request.as_bytes())?;
-        self.ok_count_reply()
-    }
-
-    fn ok_count_reply(&mut self) -> Result<u64, Attempt> {
-        match self.receive(Some(REPLY_TIMEOUT))? {
-            Reply::Ok(Some(n)) => Ok(n),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    fn ok(&mut self, request: &[u8]) -> Result<(), Attempt> {
-        match self.call(request, Some(REPLY_TIMEOUT))? {
-            Reply::Ok(_) => Ok(()),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// Asks for the winners; waits as long as the draw takes.
-    fn winners(&mut self) -> Result<Vec<String>, Attempt> {
-        match self.call(b"WINNERS\n", None)? {
-            Reply::Winners(w) => Ok(w),
-            other => Err(unexpected(&other)),
-        }
-    }
-}
-
-fn unexpected(reply: &Reply) -> Attempt {
-    Attempt::Fatal(AgencyError::Protocol(format!("unexpected reply {reply:?}")))
 }

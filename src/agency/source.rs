@@ -7,14 +7,57 @@
 //! line) are as they always were.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Cursor, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::agency::AgencyError;
 use crate::config::AgencySettings;
 use crate::wire::bet;
 use crate::wire::protocol::MAX_LINE;
 use crate::wire::row::RowEncoder;
+
+/// A file this small is read whole when opened and closed at once: ten thousand agencies of a
+/// `lottery-round` then hold no descriptor for their data while they wait on the server.
+const READ_WHOLE: u64 = 1 << 20;
+
+/// Makes a reader over bets made in memory, from their start, as often as asked.
+pub type MakeRows = Arc<dyn Fn() -> Box<dyn Read + Send> + Send + Sync>;
+
+/// Where an agency's bets come from.
+#[derive(Clone)]
+pub enum BetData {
+    /// Its file (`CLI_DATA_PATH`).
+    File(PathBuf),
+    /// Rows made in memory (`lottery-round`'s generated data set), named for messages.
+    Made { name: PathBuf, rows: MakeRows },
+}
+
+impl BetData {
+    /// The name errors give it.
+    pub fn name(&self) -> &Path {
+        match self {
+            BetData::File(path) => path,
+            BetData::Made { name, .. } => name,
+        }
+    }
+
+    /// A reader from the first row; a small file is read whole and closed.
+    fn open(&self) -> io::Result<Box<dyn Read + Send>> {
+        match self {
+            BetData::Made { rows, .. } => Ok(rows()),
+            BetData::File(path) => {
+                let mut file = File::open(path)?;
+                if file.metadata()?.len() > READ_WHOLE {
+                    return Ok(Box::new(file));
+                }
+                let mut bytes = Vec::new();
+                file.read_to_end(&mut bytes)?;
+                Ok(Box::new(Cursor::new(bytes)))
+            }
+        }
+    }
+}
 
 /// The data file cut into batches of at most `CLI_BATCH_MAXAMOUNT` bets and 8 KiB.
 pub(crate) struct Batches {
@@ -36,8 +79,8 @@ impl Batches {
     /// # Errors
     /// The file cannot be opened or read, or a row before `skip` or the first after it is not
     /// a bet.
-    pub(crate) fn open(settings: &AgencySettings, skip: u64) -> Result<Batches, AgencyError> {
-        let mut source = BetSource::open(&settings.data_path)?;
+    pub(crate) fn open(settings: &AgencySettings, data: &BetData, skip: u64) -> Result<Batches, AgencyError> {
+        let mut source = BetSource::open(data)?;
         let mut next_row = Vec::new();
         for _ in 0..skip {
             next_row.clear();
@@ -88,33 +131,32 @@ impl Batches {
 
 /// The agency's bets file, read one row at a time.
 pub(crate) struct BetSource {
+    data: BetData,
     path: PathBuf,
     /// The row last read, counting from 1 (rows, not lines, once the csv crate reads).
     line: u64,
     encoder: RowEncoder,
     /// Read by lines while this is `Some`; `buf[start..end]` is read and not yet used.
-    file: Option<File>,
+    file: Option<Box<dyn Read + Send>>,
     buf: Vec<u8>,
     start: usize,
     end: usize,
     eof: bool,
     /// Read by the csv crate once `file` is `None`.
-    csv: Option<(csv::Reader<File>, csv::StringRecord)>,
+    csv: Option<(csv::Reader<Box<dyn Read + Send>>, csv::StringRecord)>,
 }
 
 impl BetSource {
-    /// Opens the file at `path`.
+    /// Opens `data`.
     ///
     /// # Errors
     /// The file cannot be opened.
-    pub(crate) fn open(path: &Path) -> Result<BetSource, AgencyError> {
-        let file = File::open(path).map_err(|e| AgencyError::Data {
-            path: path.to_owned(),
-            line: None,
-            why: e.to_string(),
-        })?;
+    pub(crate) fn open(data: &BetData) -> Result<BetSource, AgencyError> {
+        let path = data.name().to_owned();
+        let file = data.open().map_err(|e| AgencyError::Data { path: path.clone(), line: None, why: e.to_string() })?;
         Ok(BetSource {
-            path: path.to_owned(),
+            data: data.clone(),
+            path,
             line: 0,
             encoder: RowEncoder::new(bet::today()),
             file: Some(file),
@@ -184,17 +226,19 @@ impl BetSource {
         }
     }
 
-    /// Hands the file to the csv crate, from the current row on. It reads from the start and
-    /// skips the rows already read: a csv reader started mid-file would take a BOM there for
-    /// the file's.
+    /// Hands the file to the csv crate, from the current row on. It reads from the start (the
+    /// data opened again) and skips the rows already read: a csv reader started mid-file would
+    /// take a BOM there for the file's.
     fn switch_to_csv(&mut self) -> Result<(), AgencyError> {
-        let Some(mut file) = self.file.take() else { return Ok(()) };
+        if self.file.take().is_none() {
+            return Ok(());
+        }
         let bad = |e: &dyn std::fmt::Display| AgencyError::Data {
             path: self.path.clone(),
             line: Some(self.line),
             why: e.to_string(),
         };
-        file.seek(SeekFrom::Start(0)).map_err(|e| bad(&e))?;
+        let file = self.data.open().map_err(|e| bad(&e))?;
         let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(file);
         let mut record = csv::ByteRecord::new();
         for _ in 1..self.line {
@@ -248,7 +292,7 @@ mod tests {
     }
 
     fn fast(path: &Path) -> (Vec<u8>, Option<String>) {
-        let mut source = BetSource::open(path).unwrap();
+        let mut source = BetSource::open(&BetData::File(path.to_owned())).unwrap();
         let mut out = Vec::new();
         loop {
             match source.next(&mut out) {

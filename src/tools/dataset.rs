@@ -3,7 +3,7 @@
 //! The same seed always writes the same files.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -116,6 +116,56 @@ pub fn agency_file(dir: &Path, id: u32) -> PathBuf {
     dir.join(format!("agency-{id}.csv"))
 }
 
+/// Agency `id`'s rows of a data set, made as they are read: the bytes `agency-{id}.csv`
+/// holds, without the file (`lottery-round` gives each agency its rows this way).
+pub struct Rows {
+    rng: Rng,
+    left: u64,
+    writer: RowWriter,
+    made: Vec<u8>,
+    at: usize,
+}
+
+impl Rows {
+    /// The `bets` rows of agency `id` in the data set of `seed`.
+    pub fn new(id: u32, bets: u64, seed: u64) -> Rows {
+        let rng = Rng(seed ^ u64::from(id).wrapping_mul(0x2545_F491_4F6C_DD1D));
+        Rows { rng, left: bets, writer: RowWriter::default(), made: Vec::new(), at: 0 }
+    }
+
+    /// Makes up to 1,024 more rows; false when there are none left.
+    fn refill(&mut self) -> bool {
+        if self.left == 0 {
+            return false;
+        }
+        for _ in 0..self.left.min(1024) {
+            self.writer.push_bet(&bet(&mut self.rng));
+        }
+        self.left -= self.left.min(1024);
+        self.made = self.writer.take();
+        self.at = 0;
+        true
+    }
+}
+
+impl Read for Rows {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.made.len() && !self.refill() {
+            return Ok(0);
+        }
+        let n = buf.len().min(self.made.len() - self.at);
+        buf[..n].copy_from_slice(&self.made[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// The winning bets among agency `id`'s rows (see [`Rows`]).
+pub fn winners(id: u32, bets: u64, seed: u64) -> u64 {
+    let mut rng = Rng(seed ^ u64::from(id).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    (0..bets).map(|_| u64::from(bet(&mut rng).has_won())).sum()
+}
+
 /// Writes `agency-1.csv` … `agency-{agencies}.csv` into `dir` (created if needed), with
 /// `bets` bets each, and returns their paths.
 ///
@@ -141,17 +191,11 @@ pub fn generate_counted(
         .map(|id| {
             let path = agency_file(dir, id);
             let mut out = BufWriter::with_capacity(1 << 20, File::create(&path)?);
-            let mut rng = Rng(seed ^ u64::from(id).wrapping_mul(0x2545_F491_4F6C_DD1D));
-            let mut rows = RowWriter::default();
-            for i in 0..bets {
-                rows.push_bet(&bet(&mut rng));
-                if i % 1024 == 1023 {
-                    out.write_all(&rows.take())?;
-                    written.fetch_add(1024, Ordering::Relaxed);
-                }
+            let mut rows = Rows::new(id, bets, seed);
+            while rows.refill() {
+                out.write_all(&rows.made)?;
+                written.fetch_add(rows.made.iter().filter(|&&b| b == b'\n').count() as u64, Ordering::Relaxed);
             }
-            out.write_all(&rows.take())?;
-            written.fetch_add(bets % 1024, Ordering::Relaxed);
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             Ok(path)
         })
@@ -176,5 +220,10 @@ mod tests {
         assert_eq!(bets.len(), 5_000);
         assert!(bets.iter().any(Bet::has_won));
         assert!(bets.iter().any(|b| !b.first_name.is_ascii()));
+        // Made in memory: the same bytes, and the winners counted without them.
+        let mut made = String::new();
+        Rows::new(1, 5_000, 7).read_to_string(&mut made).unwrap();
+        assert_eq!(made, text);
+        assert_eq!(winners(1, 5_000, 7), bets.iter().filter(|b| b.has_won()).count() as u64);
     }
 }

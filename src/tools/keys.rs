@@ -48,6 +48,20 @@ pub fn make_keys(dir: &Path, agencies: u32, extra_names: &[String]) -> Result<Ma
         let list: Vec<&str> = existing.iter().map(|s| s.as_str()).collect();
         return Err(format!("{} already holds {}; refusing to overwrite keys", dir.display(), list.join(", ")));
     }
+    let tokens = write_server_keys(dir, agencies, extra_names)?;
+    for (k, token) in (1..).zip(&tokens) {
+        write_new(dir, &format!("agency-{k}.token"), format!("{}\n", token.expose()).as_bytes(), 0o600)?;
+    }
+    Ok(Made { dir: dir.to_owned(), files: names })
+}
+
+/// Writes `ca.pem`, `server.pem`, `server.key` and `agencies.keys` into `dir` (created, mode
+/// 0700, if missing) and returns the agencies' tokens without writing them: `lottery-round`
+/// keeps them in memory rather than create a file per agency.
+///
+/// # Errors
+/// As [`make_keys`].
+pub fn write_server_keys(dir: &Path, agencies: u32, extra_names: &[String]) -> Result<Vec<Token>, String> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -62,10 +76,7 @@ pub fn make_keys(dir: &Path, agencies: u32, extra_names: &[String]) -> Result<Ma
     write_new(dir, "server.pem", certs.server.as_bytes(), 0o644)?;
     write_new(dir, "server.key", certs.server_key.as_bytes(), 0o600)?;
     write_new(dir, "agencies.keys", AgencyKeys::file_text(&digests).as_bytes(), 0o600)?;
-    for (k, token) in (1..).zip(&tokens) {
-        write_new(dir, &format!("agency-{k}.token"), format!("{}\n", token.expose()).as_bytes(), 0o600)?;
-    }
-    Ok(Made { dir: dir.to_owned(), files: names })
+    Ok(tokens)
 }
 
 /// PEM texts of the CA certificate, the server's certificate and the server's key.

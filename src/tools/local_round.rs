@@ -7,15 +7,17 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::ChildStdin;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::LevelFilter;
 
-use crate::agency::{self, AgencyError, Outcome, Stop};
+use crate::agency::credentials;
+use crate::agency::{self, Outcome, Stop};
 use crate::config::{self, AgencySettings, BATCH_MAX_WHAT, ServerSettings, Settings};
 use crate::ledger::file::{FileConfig, FileLedger, SyncMode};
 use crate::logging;
@@ -25,12 +27,14 @@ use crate::server::{self, Limits, Security, ShutdownHandle, tls};
 use crate::tools::attack_round;
 use crate::tools::attacks::{Attack, Sources};
 use crate::tools::botnet;
+use crate::tools::crowd::{self, Crowd, MachineLimits, Placement, RoundData};
 use crate::tools::dataset;
 use crate::tools::hostile;
 use crate::tools::keys;
 use crate::tools::progress::{Progress, Sample};
-use crate::tools::report::{STOPPED_BY, count_lines, count_winners, report, report_hostile};
+use crate::tools::report::{count_lines, report, report_hostile};
 use crate::wire::protocol::{Reply, Status};
+use crate::wire::token::Token;
 
 const HELP: &str = "\
 lottery-round: a whole lottery round on this machine: the server and N agencies over loopback TCP.
@@ -71,7 +75,12 @@ Options:
   -h, --help            this text
 
 Settings (SERVER_SYNC, SERVER_GROUP_COMMIT, CLI_BATCH_MAXAMOUNT, CLI_RETRY_TIMEOUT_MS, ...) come
-from config.ini and the environment.";
+from config.ini and the environment.
+
+A generated data set is made in memory as each agency reads it, and the agencies' tokens are
+kept in memory: no file per agency. Each agency holds a socket, and so does the server for it:
+when one process cannot hold both (the open-files limit, raised to the hard one), the agencies
+run in a process of their own; when even that does not fit, it says so before it starts.";
 
 /// Bets per agency in a generated data set, unless `--bets-per-agency` says otherwise.
 const DEFAULT_BETS: u64 = 20_000;
@@ -205,6 +214,9 @@ pub fn main() -> ExitCode {
     if args.first().is_some_and(|a| a == botnet::WORKER) {
         return botnet::worker(&args[1..]);
     }
+    if args.first().is_some_and(|a| a == crowd::WORKER) {
+        return crowd::worker(&args[1..]);
+    }
     let opts = match parse_args(args) {
         Ok(Some(opts)) => opts,
         Ok(None) => {
@@ -254,74 +266,205 @@ pub fn run(opts: &Options) -> Result<(), String> {
     let quiet = if opts.attacks.is_empty() { LevelFilter::Warn } else { LevelFilter::Error };
     logging::init(if opts.verbose { LevelFilter::Info } else { quiet });
     crate::app::raise_open_files_limit();
+    if !opts.attacks.is_empty() {
+        return run_attacks(opts, &settings, &server_settings, batch_max);
+    }
+    let round = Round::set_up(opts, &settings, &server_settings, batch_max)?;
+    round.play(opts, &settings, &server_settings)
+}
 
+/// A round set up: its data counted, its keys made, its server listening.
+struct Round {
+    crowd: Crowd,
+    placement: Placement,
+    local: Option<LocalServer>,
+    /// Each agency's bets and winning bets, from its data.
+    counts: Vec<(u64, u64)>,
+    said: String,
+    /// Holds the keys, the data and `bets.csv` (unless `--keep`) until the round is over.
+    _scratch: tempfile::TempDir,
+}
+
+impl Round {
+    /// Everything before the agencies start; a round that does not fit the machine's limits is
+    /// refused first, before anything is written.
+    fn set_up(opts: &Options, settings: &Settings, server: &ServerSettings, batch_max: usize) -> Result<Round, String> {
+        let data = round_data(opts)?;
+        let big_files = count_big_files(&data, opts.agencies);
+        let guests = u64::from(opts.hostile) + 1;
+        let placement = crowd::place(opts.agencies, guests, opts.server.is_none(), big_files, MachineLimits::here())?;
+        let scratch = tempfile_dir()?;
+        let counts: Vec<(u64, u64)> =
+            (1..=opts.agencies).map(|id| data.counts(id)).collect::<io::Result<_>>().map_err(|e| e.to_string())?;
+        let keys = round_keys(opts, settings, scratch.path())?;
+        let local = match &opts.server {
+            Some(_) => None,
+            None => {
+                let dir = work_dir(opts, scratch.path())?;
+                Some(LocalServer::start(opts, server, &dir, keys.security.clone())?)
+            }
+        };
+        let addr = match (&local, &opts.server) {
+            (Some(server), _) => server.addr,
+            (None, Some(addr)) => *addr,
+            (None, None) => unreachable!("a local server is started when no --server is given"),
+        };
+        let crowd = Crowd {
+            agencies: opts.agencies,
+            addr,
+            batch_max,
+            data,
+            ca: keys.ca,
+            tokens: keys.tokens,
+            tls_name: keys.tls_name,
+            verbose: opts.verbose,
+        };
+        Ok(Round { crowd, placement, local, counts, said: keys.said, _scratch: scratch })
+    }
+
+    /// Says what the round is, runs it, stops the server, prints the report.
+    fn play(self, opts: &Options, settings: &Settings, server: &ServerSettings) -> Result<(), String> {
+        let Round { crowd, placement, local, counts, said, _scratch } = self;
+        let (addr, total) = (crowd.addr, counts.iter().map(|c| c.0).sum::<u64>());
+        let interrupt = stop_on_interrupt(opts.agencies as usize, local.as_ref());
+        output::line(format_args!(
+            "round: {} agencies, {total} bets from {}, server {addr}",
+            opts.agencies, crowd.data
+        ));
+        if let Some(local) = &local {
+            let sync = if server.sync == SyncMode::Always { "always" } else { "never" };
+            output::line(format_args!("bets.csv in {}, SERVER_SYNC={sync}", local.dir.display()));
+        }
+        output::line(format_args!("security: {said}"));
+        if placement == Placement::Child {
+            output::line(format_args!(
+                "agencies: in a process of their own (one process cannot hold both ends of {} connections)",
+                opts.agencies
+            ));
+        }
+        let started = Instant::now();
+        let progress = round_progress(addr, total, !opts.verbose);
+        let hostile = run_hostile(opts, addr);
+        let outcomes = match placement {
+            Placement::Here => crowd.run_here(settings, &interrupt.stops),
+            Placement::Child => crowd.run_in_child(&interrupt.child)?,
+        };
+        let elapsed = started.elapsed();
+        progress.finish();
+        let hostile: Vec<hostile::Report> = hostile.and_then(|h| h.join().ok()).unwrap_or_default();
+        if let Some(local) = local {
+            local.stop()?;
+        }
+        if interrupt.flag.load(Ordering::SeqCst) {
+            let finished = outcomes.iter().filter(|o| o.is_ok()).count();
+            return Err(format!("interrupted: {finished} of {} agencies had their winners", outcomes.len()));
+        }
+        let expected: Vec<u64> = counts.iter().map(|c| c.1).collect();
+        let verdict = report(&outcomes, &expected, total, elapsed);
+        report_hostile(&hostile);
+        verdict
+    }
+}
+
+/// `--attack`: rounds of their own, on files and key files (the attackers' process reads the CA).
+fn run_attacks(opts: &Options, settings: &Settings, server: &ServerSettings, batch_max: usize) -> Result<(), String> {
     let scratch = tempfile_dir()?;
     let data = data_dir(opts, scratch.path())?;
     let files: Vec<PathBuf> = (1..=opts.agencies).map(|id| dataset::agency_file(&data, id)).collect();
     let total = files.iter().map(|f| count_lines(f)).sum::<io::Result<u64>>().map_err(|e| e.to_string())?;
-    let credentials = credentials(opts, &settings, scratch.path())?;
-    if !opts.attacks.is_empty() {
-        let round = attack_round::Suite { opts, settings: &server_settings, batch_max, files: &files, total };
-        return round.run(&credentials, scratch.path());
-    }
-    let local = match &opts.server {
-        Some(_) => None,
-        None => {
-            let dir = work_dir(opts, scratch.path())?;
-            Some(LocalServer::start(opts, &server_settings, &dir, credentials.security.clone())?)
-        }
-    };
-    let addr = match (&local, &opts.server) {
-        (Some(server), _) => server.addr,
-        (None, Some(addr)) => *addr,
-        (None, None) => unreachable!("a local server is started when no --server is given"),
-    };
-    let sync = if server_settings.sync == SyncMode::Always { "always" } else { "never" };
-    let (stops, interrupted) = stop_on_interrupt(files.len(), local.as_ref());
-    output::line(format_args!(
-        "round: {} agencies, {total} bets from {}, server {addr}",
-        opts.agencies,
-        data.display()
-    ));
-    if let Some(server) = &local {
-        output::line(format_args!("bets.csv in {}, SERVER_SYNC={sync}", server.dir.display()));
-    }
-    output::line(format_args!("security: {}", credentials.said));
-    let started = Instant::now();
-    let progress = round_progress(addr, total, !opts.verbose);
-    let hostile = run_hostile(opts, addr);
-    let outcomes = run_agencies(&files, addr, batch_max, &credentials.agencies, &stops);
-    let elapsed = started.elapsed();
-    progress.finish();
-    let hostile: Vec<hostile::Report> = hostile.and_then(|h| h.join().ok()).unwrap_or_default();
-    if let Some(server) = local {
-        server.stop()?;
-    }
-    if interrupted.load(Ordering::SeqCst) {
-        let finished = outcomes.iter().filter(|o| o.is_ok()).count();
-        return Err(format!("interrupted: {finished} of {} agencies had their winners", outcomes.len()));
-    }
-    let expected = files.iter().map(|f| count_winners(f)).collect::<io::Result<Vec<_>>>().map_err(|e| e.to_string())?;
-    let verdict = report(&outcomes, &expected, total, elapsed);
-    report_hostile(&hostile);
-    verdict
+    let credentials = credentials(opts, settings, scratch.path())?;
+    let round = attack_round::Suite { opts, settings: server, batch_max, files: &files, total };
+    round.run(&credentials, scratch.path())
 }
 
-/// A `Stop` per agency (one closes only the socket it last watched), triggered with the local
-/// server's shutdown by Ctrl-C, SIGTERM, or a stdout nobody reads any more (`| head`); and
-/// whether that happened.
-fn stop_on_interrupt(agencies: usize, local: Option<&LocalServer>) -> (Vec<Stop>, Arc<AtomicBool>) {
+/// The agency files larger than an agency reads whole: each is held open while it is sent.
+fn count_big_files(data: &RoundData, agencies: u32) -> u64 {
+    let RoundData::Files(dir) = data else { return 0 };
+    let big = |id| fs::metadata(dataset::agency_file(dir, id)).is_ok_and(|m| m.len() > 1 << 20);
+    (1..=agencies).filter(|&id| big(id)).count() as u64
+}
+
+/// The data of a round: `--data DIR`; else `.data` if complete and no size or seed was asked
+/// for; else a data set made in memory.
+fn round_data(opts: &Options) -> Result<RoundData, String> {
+    let complete = |dir: &Path| (1..=opts.agencies).all(|id| dataset::agency_file(dir, id).is_file());
+    let asked = opts.bets_per_agency.is_some() || opts.seed.is_some();
+    match &opts.data {
+        Some(dir) if complete(dir) => Ok(RoundData::Files(dir.clone())),
+        Some(dir) => Err(format!("{} lacks some of agency-1.csv … agency-{}.csv", dir.display(), opts.agencies)),
+        None if !asked && complete(Path::new(".data")) => Ok(RoundData::Files(PathBuf::from(".data"))),
+        None => Ok(RoundData::Made { bets: opts.bets(), seed: opts.seed() }),
+    }
+}
+
+/// What the agencies of a round (not an attack round) prove and check.
+struct RoundKeys {
+    security: Arc<Security>,
+    ca: Option<PathBuf>,
+    tokens: Vec<Option<Token>>,
+    tls_name: Option<String>,
+    said: String,
+}
+
+/// Throw-away keys for a round of our own (the tokens in memory, no file per agency), the
+/// configured ones for `--server`, or none with `--plaintext`.
+fn round_keys(opts: &Options, settings: &Settings, scratch: &Path) -> Result<RoundKeys, String> {
+    let none = || (1..=opts.agencies).map(|_| None).collect();
+    if opts.plaintext {
+        let said = "plain text, no tokens (--plaintext; the server in protected mode)".to_owned();
+        return Ok(RoundKeys { security: Arc::default(), ca: None, tokens: none(), tls_name: None, said });
+    }
+    if opts.server.is_some() {
+        let first = settings.agency_with_id(1).map_err(|e| e.to_string())?;
+        let tokens = (1..=opts.agencies)
+            .map(|id| {
+                let agency = settings.agency_with_id(id).map_err(|e| e.to_string())?;
+                agency.token_file.as_deref().map(credentials::read_token).transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        let said = "TLS and tokens as CLI_TLS_CA and CLI_TOKEN_FILE say".to_owned();
+        return Ok(RoundKeys { security: Arc::default(), ca: first.tls_ca, tokens, tls_name: first.tls_name, said });
+    }
+    let dir = scratch.join("keys");
+    let tokens = keys::write_server_keys(&dir, opts.agencies, &[])?;
+    let config = tls::server_config(&dir.join("server.pem"), &dir.join("server.key"))?;
+    let agency_keys = AgencyKeys::load(&dir.join("agencies.keys"), opts.agencies)?;
+    let security = Arc::new(Security { tls: Some(config), keys: Some(agency_keys) });
+    let said = format!("TLS + agency tokens, throw-away keys in {} (the tokens in memory)", dir.display());
+    Ok(RoundKeys {
+        security,
+        ca: Some(dir.join("ca.pem")),
+        tokens: tokens.into_iter().map(Some).collect(),
+        tls_name: None,
+        said,
+    })
+}
+
+/// What an interruption stops: a `Stop` per agency (one closes only the socket it last
+/// watched) when they run here, their process's input when they run in one of their own.
+struct Interrupt {
+    stops: Vec<Stop>,
+    child: Arc<Mutex<Option<ChildStdin>>>,
+    /// Whether it happened.
+    flag: Arc<AtomicBool>,
+}
+
+/// Stops the agencies with the local server's shutdown on Ctrl-C, SIGTERM, or a stdout nobody
+/// reads any more (`| head`).
+fn stop_on_interrupt(agencies: usize, local: Option<&LocalServer>) -> Interrupt {
     let stops: Vec<Stop> = (0..agencies).map(|_| Stop::default()).collect();
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let (on_signal, shutdown, flag) = (stops.clone(), local.map(|s| s.shutdown.clone()), Arc::clone(&interrupted));
+    let (flag, child) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(None::<ChildStdin>)));
+    let (on_signal, shutdown) = (stops.clone(), local.map(|s| s.shutdown.clone()));
+    let (set, input) = (Arc::clone(&flag), Arc::clone(&child));
     let interrupt = move || {
-        flag.store(true, Ordering::SeqCst);
+        set.store(true, Ordering::SeqCst);
         on_signal.iter().for_each(Stop::trigger);
+        drop(input.lock().unwrap_or_else(PoisonError::into_inner).take());
         shutdown.iter().for_each(ShutdownHandle::trigger);
     };
     output::on_close(interrupt.clone());
     let _ = ctrlc::set_handler(interrupt);
-    (stops, interrupted)
+    Interrupt { stops, child, flag }
 }
 
 /// The agency the hostile clients speak for: in protected mode (`--plaintext`) loopback is
@@ -382,31 +525,19 @@ fn work_dir(opts: &Options, scratch: &Path) -> Result<PathBuf, String> {
     Ok(dir.clone())
 }
 
-/// How the round's agencies and server prove and check who they are.
+/// How an attack round's agencies and server prove and check who they are.
 pub(crate) struct RoundCredentials {
     /// For the round's own server.
     pub(crate) security: Arc<Security>,
     /// For each agency (index 0 is agency 1): its token file, CA and name to check.
     pub(crate) agencies: Vec<AgencySettings>,
-    /// For the report.
-    said: String,
 }
 
-/// Throw-away keys for a round of our own, the configured ones for `--server`, or none with
-/// `--plaintext`.
+/// Throw-away key files for an attack round (its attackers' process reads the CA).
 fn credentials(opts: &Options, settings: &Settings, scratch: &Path) -> Result<RoundCredentials, String> {
     let mut agencies: Vec<AgencySettings> = (1..=opts.agencies)
         .map(|id| settings.agency_with_id(id).map_err(|e| e.to_string()))
         .collect::<Result<_, _>>()?;
-    if opts.plaintext {
-        agencies.iter_mut().for_each(|a| (a.token_file, a.tls_ca, a.tls_name) = (None, None, None));
-        let said = "plain text, no tokens (--plaintext; the server in protected mode)".to_owned();
-        return Ok(RoundCredentials { security: Arc::new(Security::default()), agencies, said });
-    }
-    if opts.server.is_some() {
-        let said = "TLS and tokens as CLI_TLS_CA and CLI_TOKEN_FILE say".to_owned();
-        return Ok(RoundCredentials { security: Arc::new(Security::default()), agencies, said });
-    }
     let dir = scratch.join("keys");
     keys::make_keys(&dir, opts.agencies, &[])?;
     let config = tls::server_config(&dir.join("server.pem"), &dir.join("server.key"))?;
@@ -416,8 +547,7 @@ fn credentials(opts: &Options, settings: &Settings, scratch: &Path) -> Result<Ro
         agency.tls_ca = Some(dir.join("ca.pem"));
         agency.tls_name = None;
     }
-    let said = format!("TLS + agency tokens, throw-away keys in {}", dir.display());
-    Ok(RoundCredentials { security: Arc::new(Security { tls: Some(config), keys: Some(keys) }), agencies, said })
+    Ok(RoundCredentials { security: Arc::new(Security { tls: Some(config), keys: Some(keys) }), agencies })
 }
 
 /// The server, in this process, on a free loopback port.
@@ -444,12 +574,23 @@ impl LocalServer {
             min_free_bytes: settings.min_free_bytes,
         };
         let (round, _) = FileLedger::open(config).map_err(|e| e.to_string())?;
-        let listener = server::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 1024).map_err(|e| e.to_string())?;
+        // A crowd of agencies connects at once: room for all of them in the listen queue (the
+        // kernel caps it at net.core.somaxconn).
+        let backlog = i32::try_from(opts.agencies).unwrap_or(i32::MAX).saturating_add(64).max(1024);
+        let listener = server::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), backlog).map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let shutdown = ShutdownHandle::new().map_err(|e| e.to_string())?;
         let mut limits = Limits::from_settings(settings);
         // Room for every agency besides the guests (the progress probe, hostile clients).
-        limits.max_connections = limits.max_connections.max(opts.agencies as usize + 1 + limits.guests.total);
+        if opts.attacks.is_empty() && opts.hostile == 0 {
+            // The round's own agencies all arrive at once from 127.0.0.1: none of them is a
+            // stranger to shed while it connects (an attack round measures the configured door).
+            let crowd = opts.agencies as usize + 64;
+            limits.guests.total = limits.guests.total.max(crowd);
+            limits.guests.per_ip = limits.guests.per_ip.max(crowd);
+        }
+        let others = 1 + opts.hostile as usize + limits.guests.total;
+        limits.max_connections = limits.max_connections.max(opts.agencies as usize + others);
         if opts.hostile > 0 {
             // Hostile clients are cut off quickly, so that the round is not kept waiting.
             limits.idle_timeout = Duration::from_secs(1);
@@ -472,12 +613,9 @@ impl LocalServer {
     }
 }
 
-/// Runs one agency thread per file and waits for them all.
-/// `configured` holds each agency's settings (`CLI_RETRY_TIMEOUT_MS` among them) and
-/// credentials; `stops` a `Stop` for each.
-///
-/// An agency that fails for good stops the others: without it the server never draws, and
-/// they would wait for their winners forever. They are reported as stopped, naming it.
+/// Runs one agency thread per file, each loading the credentials its settings name, and
+/// waits for them all. `configured` holds each agency's settings (`CLI_RETRY_TIMEOUT_MS` among
+/// them) and credentials; `stops` a `Stop` for each. See [`crowd::run_all`].
 pub(crate) fn run_agencies(
     files: &[PathBuf],
     addr: SocketAddr,
@@ -485,14 +623,10 @@ pub(crate) fn run_agencies(
     configured: &[AgencySettings],
     stops: &[Stop],
 ) -> Vec<Result<Outcome, String>> {
-    let first_failed: Arc<OnceLock<u32>> = Arc::default();
-    let all: Arc<[Stop]> = stops.into();
-    let agencies: Vec<_> = files
+    let jobs = files
         .iter()
         .zip(configured)
-        .zip(stops)
-        .map(|((file, configured), stop)| {
-            let id = configured.id;
+        .map(|(file, configured)| {
             let settings = AgencySettings {
                 server_address: addr.to_string(),
                 batch_max,
@@ -501,31 +635,10 @@ pub(crate) fn run_agencies(
                 extra_bet: None,
                 ..configured.clone()
             };
-            let (stop, all, first_failed) = (stop.clone(), Arc::clone(&all), Arc::clone(&first_failed));
-            thread::Builder::new().name(format!("agency-{id}")).stack_size(256 * 1024).spawn(move || {
-                let outcome = agency::run(&settings, &stop);
-                match &outcome {
-                    Err(AgencyError::Stopped) => {}
-                    Err(_) if first_failed.set(id).is_ok() => all.iter().for_each(Stop::trigger),
-                    _ => {}
-                }
-                outcome
-            })
+            (settings.id, move |stop: &Stop| agency::run(&settings, stop))
         })
         .collect();
-    agencies
-        .into_iter()
-        .map(|spawned| match spawned {
-            Ok(handle) => match handle.join() {
-                Ok(Err(AgencyError::Stopped)) if first_failed.get().is_some() => {
-                    Err(format!("{STOPPED_BY} {} failed", first_failed.get().copied().unwrap_or_default()))
-                }
-                Ok(outcome) => outcome.map_err(|e| e.to_string()),
-                Err(_) => Err("the agency thread panicked".into()),
-            },
-            Err(e) => Err(format!("cannot start the agency thread: {e}")),
-        })
-        .collect()
+    crowd::run_all(jobs, stops)
 }
 
 /// The progress of sending (the bets the server holds) and of the draw (every agency done, no

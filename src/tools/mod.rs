@@ -4,6 +4,7 @@
 pub mod attack_round;
 pub mod attacks;
 pub mod botnet;
+pub mod crowd;
 pub mod dataset;
 pub mod hostile;
 pub mod keys;

@@ -181,6 +181,11 @@ pub const LINK_REFUSED: &str = "is a symbolic link, and the server writes only t
 /// # Errors
 /// The open fails, `path` is a symbolic link, or another user owns the file; said with the path.
 pub fn open_private(path: &Path, options: &mut OpenOptions) -> Result<File, StoreError> {
+    // Said plainly first; the flag below closes the race (where the kernel may answer a link
+    // planted in a sticky directory with a bare "permission denied").
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(StoreError::bad(path, None, LINK_REFUSED));
+    }
     let opened = options.mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path);
     let file = match opened {
         Ok(file) => file,

@@ -252,14 +252,18 @@ impl FileLedger {
         Ok(st)
     }
 
-    fn after_sync(&self, st: &mut State, upto: Mark, result: std::io::Result<()>) {
+    fn after_sync(&self, st: &mut State, upto: Mark, result: Result<(), (Which, io::Error)>) {
         match result {
             Ok(()) => {
                 st.synced.bets = st.synced.bets.max(upto.bets);
                 st.synced.round = st.synced.round.max(upto.round);
             }
-            Err(e) => {
-                let why = format!("cannot sync {}: {e}; restart the server", self.storage_path().display());
+            Err((which, e)) => {
+                let path = match which {
+                    Which::Bets => self.storage_path().to_owned(),
+                    Which::Round => round_file::path_for(self.storage_path()),
+                };
+                let why = format!("cannot sync {}: {e}; restart the server", path.display());
                 error!("action: sync | result: fail | error: {why}");
                 st.broken = Some(why);
             }
@@ -277,7 +281,6 @@ impl FileLedger {
         }
         if let Err(e) = st.journal.append(line) {
             let why = format!("cannot write {}: {e}", round_file::path_for(self.storage_path()).display());
-            error!("action: done | result: fail | error: {why}");
             return Err(ProtocolError::new(ErrorCode::Storage, why));
         }
         let want = Mark { bets: 0, round: st.journal.len() };
@@ -439,6 +442,7 @@ impl Ledger for FileLedger {
         let st = match self.record(st, round_file::done_line(agency).as_bytes()) {
             Ok(st) => st,
             Err(e) => {
+                error!("action: done | result: fail | error: {}", e.message);
                 // Not written at all: the agency is not done. Written but not synced: nothing more
                 // is acknowledged until a restart, which reads the file again.
                 let mut st = self.lock();
@@ -540,9 +544,17 @@ pub fn export(path: &Path, out: &mut dyn Write) -> Result<u64, String> {
     }
 }
 
+/// One of the ledger's two files.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Bets,
+    Round,
+}
+
 /// Syncs each file given, `bets.csv` first: a `DONE` is never durable before the bets it follows.
-fn sync(files: [Option<Arc<dyn BetFile>>; 2]) -> io::Result<()> {
-    files.iter().flatten().try_for_each(|file| file.sync())
+fn sync([bets, round]: [Option<Arc<dyn BetFile>>; 2]) -> Result<(), (Which, io::Error)> {
+    bets.map_or(Ok(()), |f| f.sync()).map_err(|e| (Which::Bets, e))?;
+    round.map_or(Ok(()), |f| f.sync()).map_err(|e| (Which::Round, e))
 }
 
 /// The refusal of a storage that holds another round than the one configured.
@@ -673,6 +685,7 @@ mod tests {
         assert_eq!(round.store(1, Some(0), &rows(1)), Ok(1));
         let err = round.done(1).unwrap_err();
         assert_eq!(err.code, ErrorCode::Storage);
+        assert!(err.message.contains("cannot sync") && err.message.contains("bets.csv.round"), "{}", err.message);
         assert_eq!(*journal.data.lock().unwrap(), b"done = 1\n");
         // Written, not known durable: saying it again is not acknowledged either, and no draw.
         assert_eq!(round.done(1).unwrap_err().code, ErrorCode::Storage);

@@ -290,36 +290,101 @@ fn open_ledger(settings: &ServerSettings) -> Result<(Arc<dyn Ledger>, Option<Sto
     Ok((Arc::new(round), Some(lock)))
 }
 
-/// `lottery-server --export-bets FILE`: the round's bets into a new file.
+/// `lottery-server --export-bets FILE`: the round's bets into a new file (mode 0600, never
+/// through a link), or to standard output (`-`), or to a character device such as /dev/stdout.
 fn export_bets(path: &Path) -> ExitCode {
     const NAME: &str = "lottery-server";
     let settings = match Settings::from_process().and_then(|s| s.server()) {
         Ok(s) => s,
         Err(e) => return fail(NAME, &e),
     };
-    let created = std::fs::OpenOptions::new().write(true).create_new(true).open(path);
-    let file = match created {
-        Ok(file) => file,
-        Err(e) => return fail(NAME, &format!("cannot create {}: {e}", path.display())),
+    let target = match ExportTarget::open(path) {
+        Ok(target) => target,
+        Err(e) => return fail(NAME, &e),
     };
-    let mut out = std::io::BufWriter::new(file);
+    let new_file = matches!(target, ExportTarget::NewFile(_));
+    let mut out = std::io::BufWriter::new(target);
     let written = match &settings.database_url {
         Some(url) => pg::export(url, &mut out),
         None => file::export(&settings.storage_path, &mut out),
     };
     let flushed = written.and_then(|n| {
-        let file = out.into_inner().map_err(|e| e.error().to_string())?;
-        file.sync_all().map(|()| n).map_err(|e| e.to_string())
+        let target = out.into_inner().map_err(|e| e.error().to_string())?;
+        target.finish().map(|()| n).map_err(|e| e.to_string())
     });
     match flushed {
-        Ok(n) => {
-            output::line(format_args!("{NAME}: wrote {n} bets to {}", path.display()));
-            ExitCode::SUCCESS
-        }
+        // The summary goes where the bets do not.
+        Ok(n) if new_file => output::line(format_args!("{NAME}: wrote {n} bets to {}", path.display())),
+        Ok(n) => output::err_line(format_args!("{NAME}: wrote {n} bets to {}", path.display())),
         Err(e) => {
             // Half an export is worse than none: it would read as a smaller round.
-            let _ = std::fs::remove_file(path);
-            fail(NAME, &format!("{}: {e}", path.display()))
+            if new_file {
+                let _ = std::fs::remove_file(path);
+            }
+            return fail(NAME, &format!("{}: {e}", path.display()));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Where an export goes.
+enum ExportTarget {
+    Stdout(std::io::Stdout),
+    Device(std::fs::File),
+    NewFile(std::fs::File),
+}
+
+impl ExportTarget {
+    /// `-`: standard output; an existing character device or pipe: that; else a new file,
+    /// created 0600 (bettors' names and DNIs), never an existing one and never through a link.
+    fn open(path: &Path) -> Result<ExportTarget, String> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        if path.as_os_str() == "-" {
+            return Ok(ExportTarget::Stdout(std::io::stdout()));
+        }
+        if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_fifo()) {
+            let device = std::fs::OpenOptions::new().write(true).open(path);
+            return device.map(ExportTarget::Device).map_err(|e| format!("cannot write {}: {e}", path.display()));
+        }
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path);
+        created.map(ExportTarget::NewFile).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                format!(
+                    "{} exists: the export never replaces a file; name a new one, or - for standard output",
+                    path.display()
+                )
+            }
+            _ => format!("cannot create {}: {e}", path.display()),
+        })
+    }
+
+    /// Makes a new file durable; a stream or a device only needs its writes.
+    fn finish(self) -> std::io::Result<()> {
+        match self {
+            ExportTarget::NewFile(file) => file.sync_all(),
+            ExportTarget::Stdout(mut out) => std::io::Write::flush(&mut out),
+            ExportTarget::Device(_) => Ok(()),
+        }
+    }
+}
+
+impl std::io::Write for ExportTarget {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            ExportTarget::Stdout(out) => out.write(buf),
+            ExportTarget::Device(file) | ExportTarget::NewFile(file) => file.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            ExportTarget::Stdout(out) => out.flush(),
+            ExportTarget::Device(file) | ExportTarget::NewFile(file) => file.flush(),
         }
     }
 }

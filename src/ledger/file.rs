@@ -3,14 +3,16 @@
 //!
 //! - `drawn` is the "winners ready" event: `WINNERS` waits on it until the draw is made (or the
 //!   server shuts down). The predicate lives in the state, so no wake-up is lost.
-//! - `synced` is group commit: a connection appends its rows under the lock, then either waits
-//!   for a sync already running or runs one itself with the lock released; one `fdatasync`
-//!   acknowledges every row appended before it started.
+//! - `synced` is group commit: a connection appends its rows (or its `DONE`, a line of the round
+//!   file) under the lock, then either waits for a sync already running or runs one itself with
+//!   the lock released; one `fdatasync` per file acknowledges everything appended to it before
+//!   the sync started, bets and `DONE`s alike (`bets.csv` is synced before the round file, so a
+//!   durable `DONE` never outruns its agency's bets).
 //!
 //! No socket is touched here, and no lock is held across one: connections call these methods
 //! between reading a request and writing its reply.
 
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -21,7 +23,7 @@ use log::{error, info, warn};
 
 use crate::ledger::free_space::FreeSpace;
 use crate::ledger::round_file::{self, RoundFile};
-use crate::ledger::store::{self, Recovered, Store, StoreError};
+use crate::ledger::store::{self, BetFile, Recovered, Store, StoreError, StoreErrorKind};
 use crate::ledger::{Appended, Ledger, Rows};
 use crate::wire::protocol::{self, ErrorCode, ProtocolError, Status};
 
@@ -53,7 +55,6 @@ pub struct FileConfig {
 /// The shared state of one round kept in `bets.csv`.
 pub struct FileLedger {
     config: FileConfig,
-    round_path: PathBuf,
     state: Mutex<State>,
     drawn: Condvar,
     synced: Condvar,
@@ -69,13 +70,15 @@ pub struct FileLedger {
 /// Everything the Mutex guards.
 struct State {
     store: Store,
+    /// The round file's append end: one line per `DONE`, one at the draw.
+    journal: Store,
     /// Bets held per agency (index 0 is agency 1): where each agency resumes.
     stored: Vec<u64>,
     done: Vec<bool>,
     phase: Phase,
     shutting_down: bool,
-    /// `store` is durable up to this length.
-    synced_len: u64,
+    /// How far `store` and `journal` are durable.
+    synced: Mark,
     /// A connection is syncing with the lock released.
     syncing: bool,
     /// A sync failed: what was written since may not be on disk, so nothing more is
@@ -91,6 +94,20 @@ enum Phase {
     /// Each agency's `WINNERS` reply line (index 0 is agency 1), encoded once at the draw and
     /// shared by every request for it: a reply of millions of winners costs its memory once.
     Drawn(Vec<Arc<[u8]>>),
+}
+
+/// A length of each of the two files: how far they are written, or synced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Mark {
+    bets: u64,
+    round: u64,
+}
+
+impl Mark {
+    /// Whether everything up to `want` is within this mark.
+    fn covers(self, want: Mark) -> bool {
+        self.bets >= want.bets && self.round >= want.round
+    }
 }
 
 /// What start-up found, for the log.
@@ -109,26 +126,40 @@ impl FileLedger {
     /// # Errors
     /// A file cannot be read or written, or does not belong to a round of `config.agencies`.
     pub fn open(config: FileConfig) -> Result<(FileLedger, Resumed), StoreError> {
-        let had_bets = config.storage_path.exists();
-        let (store, recovered) = Store::open(&config.storage_path, config.agencies)?;
-        FileLedger::resume(config, store, recovered, had_bets)
+        let round_path = round_file::path_for(&config.storage_path);
+        let had_bets = fs::symlink_metadata(&config.storage_path).is_ok();
+        let saved = match RoundFile::read(&round_path)? {
+            Some(_) if !had_bets => {
+                warn!("action: recover | result: success | detail: a round file without its bets file; new round");
+                None
+            }
+            saved => saved,
+        };
+        if let Some((round, _)) = &saved
+            && round.agencies != config.agencies
+        {
+            let why = format!("a round of {} agencies, as {} says", round.agencies, round_path.display());
+            return Err(another_round(&config, &why));
+        }
+        let (store, recovered) = Store::open(&config.storage_path, config.agencies).map_err(|e| match &e.kind {
+            StoreErrorKind::ForeignAgency { .. } if saved.is_none() => foreign_rows(&config, &e),
+            _ => e,
+        })?;
+        let (journal, saved) = match saved {
+            Some((round, whole)) => (RoundFile::append_end(&round_path, whole)?, round),
+            None => (RoundFile::create(&round_path, config.agencies)?, RoundFile::new(config.agencies)),
+        };
+        FileLedger::resume(config, store, journal, recovered, &saved)
     }
 
-    /// [`FileLedger::open`] over a store already open (tests give it a file that fails).
+    /// [`FileLedger::open`] over files already open (tests give it files that fail).
     fn resume(
         config: FileConfig,
         store: Store,
+        journal: Store,
         recovered: Recovered,
-        had_bets: bool,
+        saved: &RoundFile,
     ) -> Result<(FileLedger, Resumed), StoreError> {
-        let round_path = round_file::path_for(&config.storage_path);
-        let saved = match RoundFile::load(&round_path, config.agencies)? {
-            Some(_) if !had_bets => {
-                warn!("action: recover | result: success | detail: a round file without its bets file; new round");
-                RoundFile::new(config.agencies)
-            }
-            saved => saved.unwrap_or_else(|| RoundFile::new(config.agencies)),
-        };
         let phase = if saved.drawn { Phase::Drawn(replies(&recovered.winners)) } else { Phase::Open };
         let resumed = Resumed {
             bets: recovered.stored.iter().sum(),
@@ -137,8 +168,9 @@ impl FileLedger {
             drawn: saved.drawn,
         };
         let state = State {
-            synced_len: store.len(),
+            synced: Mark { bets: store.len(), round: journal.len() },
             store,
+            journal,
             stored: recovered.stored,
             done: saved.done_flags(),
             phase,
@@ -149,7 +181,6 @@ impl FileLedger {
         };
         let round = FileLedger {
             config,
-            round_path,
             state: Mutex::new(state),
             drawn: Condvar::new(),
             synced: Condvar::new(),
@@ -184,17 +215,23 @@ impl FileLedger {
         self.check_agency(agency).map(|()| agency as usize - 1)
     }
 
-    /// Returns once the file is durable up to `end` (as the sync mode promises).
-    fn wait_durable<'a>(&'a self, mut st: MutexGuard<'a, State>, end: u64) -> Result<(), ProtocolError> {
+    /// Returns once the files are durable up to `want` (as the sync mode promises), with the
+    /// lock again.
+    fn wait_durable<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        want: Mark,
+    ) -> Result<MutexGuard<'a, State>, ProtocolError> {
         match (self.config.sync, self.config.group_commit) {
-            (SyncMode::Never, _) => return Ok(()),
-            (SyncMode::Always, false) if st.synced_len < end => {
-                let result = st.store.file().sync();
-                self.after_sync(&mut st, end, result);
+            (SyncMode::Never, _) => return Ok(st),
+            (SyncMode::Always, false) if !st.synced.covers(want) => {
+                let (upto, files) = st.behind();
+                let result = sync(files);
+                self.after_sync(&mut st, upto, result);
             }
             _ => {}
         }
-        while st.synced_len < end {
+        while !st.synced.covers(want) {
             if let Some(why) = &st.broken {
                 return Err(ProtocolError::new(ErrorCode::Storage, why.clone()));
             }
@@ -204,27 +241,50 @@ impl FileLedger {
             }
             // Nobody is syncing: this thread syncs everything appended so far, for everyone.
             st.syncing = true;
-            let upto = st.store.len();
-            let file = st.store.file();
+            let (upto, files) = st.behind();
             drop(st);
-            let result = file.sync();
+            let result = sync(files);
             st = self.lock();
             st.syncing = false;
             self.after_sync(&mut st, upto, result);
             self.synced.notify_all();
         }
-        Ok(())
+        Ok(st)
     }
 
-    fn after_sync(&self, st: &mut State, upto: u64, result: std::io::Result<()>) {
+    fn after_sync(&self, st: &mut State, upto: Mark, result: Result<(), (Which, io::Error)>) {
         match result {
-            Ok(()) => st.synced_len = st.synced_len.max(upto),
-            Err(e) => {
-                let why = format!("cannot sync {}: {e}; restart the server", self.storage_path().display());
+            Ok(()) => {
+                st.synced.bets = st.synced.bets.max(upto.bets);
+                st.synced.round = st.synced.round.max(upto.round);
+            }
+            Err((which, e)) => {
+                let path = match which {
+                    Which::Bets => self.storage_path().to_owned(),
+                    Which::Round => round_file::path_for(self.storage_path()),
+                };
+                let why = format!("cannot sync {}: {e}; restart the server", path.display());
                 error!("action: sync | result: fail | error: {why}");
                 st.broken = Some(why);
             }
         }
+    }
+
+    /// Appends `line` to the round file and returns once it is durable, with the lock again.
+    fn record<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        line: &[u8],
+    ) -> Result<MutexGuard<'a, State>, ProtocolError> {
+        if let Some(why) = &st.broken {
+            return Err(ProtocolError::new(ErrorCode::Storage, why.clone()));
+        }
+        if let Err(e) = st.journal.append(line) {
+            let why = format!("cannot write {}: {e}", round_file::path_for(self.storage_path()).display());
+            return Err(ProtocolError::new(ErrorCode::Storage, why));
+        }
+        let want = Mark { bets: 0, round: st.journal.len() };
+        self.wait_durable(st, want)
     }
 
     /// Moves an open round whose agencies are all done to `Drawing`; true if the caller must
@@ -243,10 +303,11 @@ impl FileLedger {
         let mut st = self.lock();
         match result {
             Ok(Some(winners)) => {
-                // Saved before it is logged: a crash in between loses a log line, never a draw.
-                if let Err(e) = self.save(&st, true) {
-                    error!("action: sorteo | result: fail | error: {e}; the next start draws again");
-                }
+                // Durable before it is logged: a crash in between loses a log line, never a draw.
+                st = self.record(st, round_file::DRAWN_LINE).unwrap_or_else(|e| {
+                    error!("action: sorteo | result: fail | error: {}; the next start draws again", e.message);
+                    self.lock()
+                });
                 st.phase = Phase::Drawn(replies(&winners));
                 self.status_drawn.store(true, Ordering::Relaxed);
                 info!("action: sorteo | result: success");
@@ -259,10 +320,15 @@ impl FileLedger {
         }
         self.drawn.notify_all();
     }
+}
 
-    fn save(&self, st: &State, drawn: bool) -> Result<(), StoreError> {
-        let done = (1..=self.config.agencies).filter(|&a| st.done[a as usize - 1]).collect();
-        RoundFile { agencies: self.config.agencies, done, drawn }.save(&self.round_path)
+impl State {
+    /// How far the files are written, and those of them that are not synced that far.
+    fn behind(&self) -> (Mark, [Option<Arc<dyn BetFile>>; 2]) {
+        let upto = Mark { bets: self.store.len(), round: self.journal.len() };
+        let bets = (self.synced.bets < upto.bets).then(|| self.store.file());
+        let round = (self.synced.round < upto.round).then(|| self.journal.file());
+        (upto, [bets, round])
     }
 }
 
@@ -280,7 +346,7 @@ impl Ledger for FileLedger {
         let i = self.index(agency)?;
         let st = self.lock();
         let (stored, end) = (st.stored[i], st.store.len());
-        self.wait_durable(st, end).map(|()| stored)
+        self.wait_durable(st, Mark { bets: end, round: 0 }).map(|_| stored)
     }
 
     /// The first half of [`FileLedger::store`]: appends the rows not held yet, without waiting for
@@ -348,18 +414,19 @@ impl Ledger for FileLedger {
     /// # Errors
     /// `STORAGE` if a sync failed.
     fn make_durable(&self, end: u64) -> Result<(), ProtocolError> {
-        self.wait_durable(self.lock(), end)
+        self.wait_durable(self.lock(), Mark { bets: end, round: 0 }).map(|_| ())
     }
 
     fn pipelines(&self) -> bool {
         self.config.group_commit
     }
 
-    /// Records that `agency` has sent everything; the last distinct agency's `DONE` makes the
-    /// draw, in this thread, before it returns.
+    /// Records that `agency` has sent everything (a line appended to the round file, made
+    /// durable by the group commit); the last distinct agency's `DONE` makes the draw, in this
+    /// thread, before it returns.
     ///
     /// # Errors
-    /// `BAD_AGENCY`, `STORAGE` if the round file could not be written, `SHUTDOWN`.
+    /// `BAD_AGENCY`, `STORAGE` if the round file could not be written or synced, `SHUTDOWN`.
     fn done(&self, agency: u32) -> Result<(), ProtocolError> {
         let i = self.index(agency)?;
         let mut st = self.lock();
@@ -367,14 +434,24 @@ impl Ledger for FileLedger {
             return Err(shutting_down());
         }
         if st.done[i] {
-            return Ok(());
+            // Said before, maybe on a connection still syncing it: acknowledged once durable.
+            let want = Mark { bets: 0, round: st.journal.len() };
+            return self.wait_durable(st, want).map(|_| ());
         }
         st.done[i] = true;
-        if let Err(e) = self.save(&st, false) {
-            st.done[i] = false;
-            error!("action: done | result: fail | error: {e}");
-            return Err(ProtocolError::new(ErrorCode::Storage, e.to_string()));
-        }
+        let st = match self.record(st, round_file::done_line(agency).as_bytes()) {
+            Ok(st) => st,
+            Err(e) => {
+                error!("action: done | result: fail | error: {}", e.message);
+                // Not written at all: the agency is not done. Written but not synced: nothing more
+                // is acknowledged until a restart, which reads the file again.
+                let mut st = self.lock();
+                if st.broken.is_none() {
+                    st.done[i] = false;
+                }
+                return Err(e);
+            }
+        };
         self.status_done.fetch_add(1, Ordering::Relaxed);
         if self.start_draw_if_all_done(st) {
             self.draw();
@@ -429,7 +506,9 @@ impl Ledger for FileLedger {
     /// # Errors
     /// The sync error.
     fn close(&self) -> io::Result<()> {
-        self.lock().store.file().sync()
+        let st = self.lock();
+        st.store.file().sync()?;
+        st.journal.file().sync()
     }
 
     fn describe(&self) -> String {
@@ -465,6 +544,44 @@ pub fn export(path: &Path, out: &mut dyn Write) -> Result<u64, String> {
     }
 }
 
+/// One of the ledger's two files.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    Bets,
+    Round,
+}
+
+/// Syncs each file given, `bets.csv` first: a `DONE` is never durable before the bets it follows.
+fn sync([bets, round]: [Option<Arc<dyn BetFile>>; 2]) -> Result<(), (Which, io::Error)> {
+    bets.map_or(Ok(()), |f| f.sync()).map_err(|e| (Which::Bets, e))?;
+    round.map_or(Ok(()), |f| f.sync()).map_err(|e| (Which::Round, e))
+}
+
+/// The refusal of a storage that holds another round than the one configured.
+fn another_round(config: &FileConfig, what: &str) -> StoreError {
+    let path = &config.storage_path;
+    let round = round_file::path_for(path);
+    let why = format!(
+        "holds another round's bets ({what}), and SERVER_AGENCIES is {}; to start a new round, move {} and {} away or set SERVER_STORAGE_PATH to a new file",
+        config.agencies,
+        path.display(),
+        round.display()
+    );
+    StoreError::bad(path, None, why)
+}
+
+/// [`another_round`] for a bets file without a round file whose rows name agencies past this
+/// round's: how many the round had, at least, is its highest agency.
+fn foreign_rows(config: &FileConfig, error: &StoreError) -> StoreError {
+    let mut highest = 0;
+    let _ = store::scan(&config.storage_path, u32::MAX, None, |agency, _, _| highest = highest.max(agency));
+    let line = error.line.map(|l| format!(" from line {l}")).unwrap_or_default();
+    if highest == 0 {
+        return another_round(config, &format!("agencies past {}{line}", config.agencies));
+    }
+    another_round(config, &format!("a round of at least {highest} agencies{line}"))
+}
+
 fn shutting_down() -> ProtocolError {
     ProtocolError::new(ErrorCode::Shutdown, "the server is shutting down")
 }
@@ -475,8 +592,13 @@ mod tests {
     use crate::ledger::store::testing::FailingFile;
     use std::sync::Arc;
 
-    /// A round of one agency over an in-memory bets file.
+    /// A round of one agency over an in-memory bets file (and a round file that never fails).
     fn round(file: &Arc<FailingFile>, dir: &Path) -> FileLedger {
+        round_with(file, &Arc::new(FailingFile::new(None, None)), dir)
+    }
+
+    /// A round of one agency over an in-memory bets file and round file.
+    fn round_with(file: &Arc<FailingFile>, journal: &Arc<FailingFile>, dir: &Path) -> FileLedger {
         let config = FileConfig {
             agencies: 1,
             storage_path: dir.join("bets.csv"),
@@ -486,8 +608,9 @@ mod tests {
             min_free_bytes: 0,
         };
         let store = Store::with_file(Arc::clone(file) as Arc<dyn store::BetFile>, 0);
+        let journal = Store::with_file(Arc::clone(journal) as Arc<dyn store::BetFile>, 0);
         let recovered = Recovered { stored: vec![0], truncated: 0, winners: vec![String::new()] };
-        FileLedger::resume(config, store, recovered, false).unwrap().0
+        FileLedger::resume(config, store, journal, recovered, &RoundFile::new(1)).unwrap().0
     }
 
     fn rows(count: usize) -> Rows {
@@ -552,5 +675,93 @@ mod tests {
         // The round still answers what needs no write.
         assert_eq!(round.status().unwrap().bets, 1);
         assert_eq!(round.hello(1).unwrap_err().code, ErrorCode::Storage);
+    }
+
+    #[test]
+    fn a_done_is_a_line_of_the_round_file_and_is_acknowledged_once_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bets, journal) = (Arc::new(FailingFile::new(None, None)), Arc::new(FailingFile::new(None, Some(1))));
+        let round = round_with(&bets, &journal, dir.path());
+        assert_eq!(round.store(1, Some(0), &rows(1)), Ok(1));
+        let err = round.done(1).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Storage);
+        assert!(err.message.contains("cannot sync") && err.message.contains("bets.csv.round"), "{}", err.message);
+        assert_eq!(*journal.data.lock().unwrap(), b"done = 1\n");
+        // Written, not known durable: saying it again is not acknowledged either, and no draw.
+        assert_eq!(round.done(1).unwrap_err().code, ErrorCode::Storage);
+        assert!(!round.status().unwrap().drawn);
+    }
+
+    #[test]
+    fn the_last_done_draws_and_the_draw_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bets, journal) = (Arc::new(FailingFile::new(None, None)), Arc::new(FailingFile::new(None, None)));
+        let round = round_with(&bets, &journal, dir.path());
+        // The draw reads bets.csv back from its path.
+        std::fs::write(dir.path().join("bets.csv"), "1,Ana,Paz,7,1990-01-01,7574\n").unwrap();
+        assert_eq!(round.done(1), Ok(()));
+        assert_eq!(round.done(1), Ok(()));
+        assert_eq!(*journal.data.lock().unwrap(), b"done = 1\ndrawn = true\n");
+        let reply = round.winners(1, Duration::ZERO).unwrap().unwrap();
+        assert_eq!(&*reply, b"WINNERS 1 7\n");
+    }
+
+    fn config(dir: &Path, agencies: u32) -> FileConfig {
+        FileConfig {
+            agencies,
+            storage_path: dir.join("bets.csv"),
+            sync: SyncMode::Always,
+            group_commit: true,
+            max_bets_per_agency: 100,
+            min_free_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn the_files_of_the_earlier_format_load_and_the_round_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let bets = "1,Ana,Paz,1,1990-01-01,7574\n2,Eva,Sol,2,1980-02-02,7574\n3,Li,Wu,3,1970-03-03,1\n";
+        std::fs::write(dir.path().join("bets.csv"), bets).unwrap();
+        let old = "# lottery round state, written by lottery-server; delete it with bets.csv to start a new round\n\
+                   agencies = 3\ndone = 1,3\ndrawn = false\n";
+        std::fs::write(dir.path().join("bets.csv.round"), old).unwrap();
+        let (round, resumed) = FileLedger::open(config(dir.path(), 3)).unwrap();
+        assert_eq!((resumed.bets, resumed.agencies_done, resumed.drawn), (3, 2, false));
+        assert_eq!(round.hello(2), Ok(1));
+        assert_eq!(round.done(2), Ok(()));
+        assert_eq!(&*round.winners(2, Duration::ZERO).unwrap().unwrap(), b"WINNERS 1 2\n");
+        drop(round);
+        let (round, resumed) = FileLedger::open(config(dir.path(), 3)).unwrap();
+        assert_eq!((resumed.agencies_done, resumed.drawn), (3, true));
+        assert_eq!(&*round.winners(1, Duration::ZERO).unwrap().unwrap(), b"WINNERS 1 1\n");
+    }
+
+    #[test]
+    fn another_rounds_storage_is_named_so_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bets.csv"), "1,Ana,Paz,1,1990-01-01,1\n5,Eva,Sol,2,1980-02-02,1\n").unwrap();
+        // Without a round file (an earlier version's, before any DONE): from the rows.
+        let err = FileLedger::open(config(dir.path(), 1)).err().unwrap().to_string();
+        assert!(err.contains("holds another round's bets (a round of at least 5 agencies from line 2)"), "{err}");
+        assert!(err.contains("SERVER_AGENCIES is 1; to start a new round, move"), "{err}");
+        assert!(err.contains("SERVER_STORAGE_PATH"), "{err}");
+        // With one: from it, before a byte of the bets file is read.
+        let (round, _) = FileLedger::open(config(dir.path(), 5)).unwrap();
+        drop(round);
+        let err = FileLedger::open(config(dir.path(), 7)).err().unwrap().to_string();
+        assert!(err.contains("holds another round's bets (a round of 5 agencies, as "), "{err}");
+        assert!(err.contains("bets.csv.round says), and SERVER_AGENCIES is 7"), "{err}");
+    }
+
+    #[test]
+    fn the_ledgers_files_are_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (round, _) = FileLedger::open(config(dir.path(), 2)).unwrap();
+        drop(round);
+        for name in ["bets.csv", "bets.csv.round"] {
+            let mode = std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
+        }
     }
 }

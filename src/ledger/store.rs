@@ -7,6 +7,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +54,11 @@ pub enum StoreErrorKind {
     Io(io::Error),
     /// A whole line that is not a stored bet: the file was edited, or is not ours.
     BadRow(String),
+    /// A row of an agency past this round's: the file is another round's (`text` as written).
+    ForeignAgency {
+        text: String,
+        agencies: u32,
+    },
 }
 
 impl StoreError {
@@ -74,6 +80,7 @@ impl fmt::Display for StoreError {
         match &self.kind {
             StoreErrorKind::Io(e) => write!(f, ": {e}"),
             StoreErrorKind::BadRow(why) => write!(f, ": {why}"),
+            StoreErrorKind::ForeignAgency { text, agencies } => write!(f, ": agency {text:?} is not in 1..={agencies}"),
         }
     }
 }
@@ -82,7 +89,7 @@ impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.kind {
             StoreErrorKind::Io(e) => Some(e),
-            StoreErrorKind::BadRow(_) => None,
+            StoreErrorKind::BadRow(_) | StoreErrorKind::ForeignAgency { .. } => None,
         }
     }
 }
@@ -113,8 +120,7 @@ impl Store {
     /// # Errors
     /// The file cannot be opened, read or cut, or holds a line that is not a stored bet.
     pub fn open(path: &Path, agencies: u32) -> Result<(Store, Recovered), StoreError> {
-        let mut file =
-            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| StoreError::io(path, e))?;
+        let mut file = open_private(path, OpenOptions::new().read(true).append(true).create(true))?;
         let full = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
         let len = whole_lines_len(&mut file, full).map_err(|e| StoreError::io(path, e))?;
         if len < full {
@@ -164,6 +170,39 @@ impl Store {
     }
 }
 
+/// Why a symbolic link in place of one of the server's files is refused.
+pub const LINK_REFUSED: &str = "is a symbolic link, and the server writes only to a file of its own: remove the link";
+
+/// Opens `path` with `options` as a file of the server's own: created mode 0600 whatever the
+/// umask (a bettor's name and DNI are for the server's user only), never through a symbolic
+/// link (in a directory another user once could write, a link would make the server write
+/// wherever it points), and, if it exists, owned by the server's user (not planted by another).
+///
+/// # Errors
+/// The open fails, `path` is a symbolic link, or another user owns the file; said with the path.
+pub fn open_private(path: &Path, options: &mut OpenOptions) -> Result<File, StoreError> {
+    // Said plainly first; the flag below closes the race (where the kernel may answer a link
+    // planted in a sticky directory with a bare "permission denied").
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(StoreError::bad(path, None, LINK_REFUSED));
+    }
+    let opened = options.mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path);
+    let file = match opened {
+        Ok(file) => file,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(StoreError::bad(path, None, LINK_REFUSED)),
+        Err(e) => return Err(StoreError::io(path, e)),
+    };
+    let owner = file.metadata().map_err(|e| StoreError::io(path, e))?.uid();
+    let me = rustix::process::geteuid().as_raw();
+    if owner != me {
+        let why = format!(
+            "belongs to uid {owner}, and the server runs as uid {me}: it writes only to files of its own (run it as that user, or move the file away)"
+        );
+        return Err(StoreError::bad(path, None, why));
+    }
+    Ok(file)
+}
+
 /// The length of the longest prefix of `file` (of length `len`) that ends in `\n`.
 fn whole_lines_len(file: &mut File, len: u64) -> io::Result<u64> {
     let mut end = len;
@@ -196,7 +235,7 @@ pub fn scan(
     stop: Option<&AtomicBool>,
     mut visit: impl FnMut(u32, &[u8], u16),
 ) -> Result<bool, StoreError> {
-    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let file = open_read(path)?;
     match fast_scan(file, agencies, stop, &mut visit).map_err(|e| StoreError::io(path, e))? {
         Fast::Finished(finished) => Ok(finished),
         Fast::Unsure { visited } => csv_scan(path, agencies, stop, visited, visit),
@@ -212,7 +251,7 @@ fn csv_scan(
     skip: u64,
     mut visit: impl FnMut(u32, &[u8], u16),
 ) -> Result<bool, StoreError> {
-    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let file = open_read(path)?;
     let mut reader =
         csv::ReaderBuilder::new().has_headers(false).flexible(true).buffer_capacity(256 * 1024).from_reader(file);
     let mut record = csv::StringRecord::new();
@@ -231,16 +270,24 @@ fn csv_scan(
         if record.len() != 6 {
             return Err(bad(format!("expected 6 fields, found {}", record.len())));
         }
-        let agency = record[0]
-            .parse::<u32>()
-            .ok()
-            .filter(|a| (1..=agencies).contains(a))
-            .ok_or_else(|| bad(format!("agency {:?} is not in 1..={agencies}", &record[0])))?;
+        let agency = match record[0].parse::<u32>() {
+            Ok(a) if (1..=agencies).contains(&a) => a,
+            Ok(a) if a > agencies => {
+                let kind = StoreErrorKind::ForeignAgency { text: record[0].to_owned(), agencies };
+                return Err(StoreError { path: path.to_owned(), line: Some(line), kind });
+            }
+            _ => return Err(bad(format!("agency {:?} is not in 1..={agencies}", &record[0]))),
+        };
         let number = record[5].parse::<u16>().map_err(|_| bad(format!("number {:?} is not an integer", &record[5])))?;
         if line > skip {
             visit(agency, record[3].as_bytes(), number);
         }
     }
+}
+
+/// Opens `path` to read it, never through a symbolic link.
+fn open_read(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(|e| StoreError::io(path, e))
 }
 
 /// The draw: every agency's winning documents in file order, each agency's joined by commas

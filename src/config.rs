@@ -38,6 +38,7 @@ pub const KEYS: &[(&str, Option<&str>)] = &[
     ("SERVER_SYNC", Some("always")),
     ("SERVER_GROUP_COMMIT", Some("true")),
     ("SERVER_DATABASE_URL", Some("")),
+    ("SERVER_METRICS_ADDRESS", Some(DEFAULT_METRICS_ADDRESS)),
     ("LOGGING_LEVEL", Some("INFO")),
     ("SERVER_AGENCY_KEYS", Some(".secrets/agencies.keys")),
     ("SERVER_TLS_CERT", Some(".secrets/server.pem")),
@@ -53,6 +54,17 @@ pub const KEYS: &[(&str, Option<&str>)] = &[
     ("CLI_TLS_CA", Some(".secrets/ca.pem")),
     ("CLI_TLS_NAME", Some("")),
 ];
+
+/// Where the operator's HTTP listener binds unless told otherwise.
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9745";
+
+/// `SERVER_METRICS_ADDRESS`: where the operator's HTTP listener binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddress {
+    pub addr: std::net::SocketAddr,
+    /// Not the default: an address that cannot be bound is a start-up error, not a warning.
+    pub required: bool,
+}
 
 /// The five variables of the agency's extra bet, in field order.
 pub const BET_VARS: [&str; 5] = ["NOMBRE", "APELLIDO", "DOCUMENTO", "NACIMIENTO", "NUMERO"];
@@ -104,6 +116,8 @@ pub struct ServerSettings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Extra names for the certificate `--make-keys` writes.
     pub tls_names: Vec<String>,
+    /// `SERVER_METRICS_ADDRESS`; `None`: off.
+    pub metrics: Option<MetricsAddress>,
 }
 
 /// An agency's typed settings.
@@ -258,6 +272,18 @@ impl Settings {
                 .optional("SERVER_TLS_NAMES")?
                 .map(|names| names.split(',').map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect())
                 .unwrap_or_default(),
+            metrics: self.metrics_address()?,
+        })
+    }
+
+    /// `SERVER_METRICS_ADDRESS`: `ip:port`, or empty for none.
+    ///
+    /// # Errors
+    /// It is neither empty nor `ip:port`.
+    fn metrics_address(&self) -> Result<Option<MetricsAddress>, ConfigError> {
+        self.get("SERVER_METRICS_ADDRESS", "ip:port (e.g. 127.0.0.1:9745), or empty for none", |v| match v {
+            "" => Some(None),
+            v => v.parse().ok().map(|addr| Some(MetricsAddress { addr, required: v != DEFAULT_METRICS_ADDRESS })),
         })
     }
 

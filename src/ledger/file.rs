@@ -15,12 +15,13 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
 use crate::ledger::free_space::FreeSpace;
 use crate::ledger::round_file::{self, RoundFile};
+use crate::ledger::stats::LedgerStats;
 use crate::ledger::store::{self, Recovered, Store, StoreError};
 use crate::ledger::{Appended, Ledger, Rows};
 use crate::wire::protocol::{self, ErrorCode, ProtocolError, Status};
@@ -64,6 +65,7 @@ pub struct FileLedger {
     status_bets: AtomicU64,
     status_done: AtomicU32,
     status_drawn: AtomicBool,
+    stats: LedgerStats,
 }
 
 /// Everything the Mutex guards.
@@ -157,6 +159,7 @@ impl FileLedger {
             status_bets: AtomicU64::new(resumed.bets),
             status_done: AtomicU32::new(resumed.agencies_done as u32),
             status_drawn: AtomicBool::new(resumed.drawn),
+            stats: LedgerStats::default(),
         };
         // The last DONE was saved, but the server died before the draw was: make it now.
         if round.start_draw_if_all_done(round.lock()) {
@@ -189,7 +192,9 @@ impl FileLedger {
         match (self.config.sync, self.config.group_commit) {
             (SyncMode::Never, _) => return Ok(()),
             (SyncMode::Always, false) if st.synced_len < end => {
+                let syncing = self.stats.sync_begins();
                 let result = st.store.file().sync();
+                self.stats.sync_ended(&syncing);
                 self.after_sync(&mut st, end, result);
             }
             _ => {}
@@ -206,8 +211,10 @@ impl FileLedger {
             st.syncing = true;
             let upto = st.store.len();
             let file = st.store.file();
+            let syncing = self.stats.sync_begins();
             drop(st);
             let result = file.sync();
+            self.stats.sync_ended(&syncing);
             st = self.lock();
             st.syncing = false;
             self.after_sync(&mut st, upto, result);
@@ -239,6 +246,7 @@ impl FileLedger {
 
     /// Reads `bets.csv` back with the lock released, then publishes the winners.
     fn draw(&self) {
+        let began = Instant::now();
         let result = store::winners(self.storage_path(), self.config.agencies, Some(&self.stopping));
         let mut st = self.lock();
         match result {
@@ -249,6 +257,7 @@ impl FileLedger {
                 }
                 st.phase = Phase::Drawn(replies(&winners));
                 self.status_drawn.store(true, Ordering::Relaxed);
+                self.stats.drawn(began);
                 info!("action: sorteo | result: success");
             }
             Ok(None) => st.phase = Phase::Open,
@@ -336,6 +345,7 @@ impl Ledger for FileLedger {
                 return Err(ProtocolError::new(ErrorCode::Storage, why));
             }
             st.stored[i] += count - skip;
+            self.stats.appended(count - skip, adding);
             self.status_bets.fetch_add(count - skip, Ordering::Relaxed);
         }
         // Even rows that were all held already are acknowledged only once durable: another
@@ -434,6 +444,10 @@ impl Ledger for FileLedger {
 
     fn describe(&self) -> String {
         format!("path: {}", self.storage_path().display())
+    }
+
+    fn stats(&self) -> Option<&LedgerStats> {
+        Some(&self.stats)
     }
 }
 

@@ -459,7 +459,8 @@ mod tests {
             CLI_SERVER_ADDRESS = file:1\nCLI_BATCH_MAXAMOUNT = 1\nCLI_DATA_PATH = file-{CLI_ID}.csv\n\
             CLI_RETRY_TIMEOUT_MS = 1\nCLI_LOG_LEVEL = ERROR\nSERVER_AGENCY_KEYS = f.keys\n\
             SERVER_TLS_CERT = f.pem\nSERVER_TLS_KEY = f.key\nSERVER_TLS_NAMES = f.example\n\
-            CLI_TOKEN_FILE = f-{CLI_ID}.token\nCLI_TLS_CA = f-ca.pem\nCLI_TLS_NAME = f.example\n";
+            CLI_TOKEN_FILE = f-{CLI_ID}.token\nCLI_TLS_CA = f-ca.pem\nCLI_TLS_NAME = f.example\n\
+            SERVER_METRICS_ADDRESS = 127.0.0.1:9745\n";
         let overrides = [
             ("SERVER_IP", "127.0.0.2"),
             ("SERVER_PORT", "2"),
@@ -490,6 +491,7 @@ mod tests {
             ("CLI_TOKEN_FILE", "e-{CLI_ID}.token"),
             ("CLI_TLS_CA", ""),
             ("CLI_TLS_NAME", "e.example"),
+            ("SERVER_METRICS_ADDRESS", "0.0.0.0:0"),
         ];
         assert_eq!(overrides.len(), KEYS.len(), "a key is missing from this test");
         let (_dir, from_file) = with_file(file, &[]);
@@ -511,6 +513,19 @@ mod tests {
         assert_eq!(s.tls_names, ["a.example", "b.example"]);
         assert_eq!((a.token_file, a.tls_ca), (Some(PathBuf::from("e-2.token")), None));
         assert_eq!(a.tls_name.as_deref(), Some("e.example"));
+        assert_eq!(s.metrics, Some(MetricsAddress { addr: "0.0.0.0:0".parse().unwrap(), required: true }));
+    }
+
+    #[test]
+    fn the_metrics_address_is_the_default_or_required_or_off() {
+        let address = |v: &str| with_file("", &[("SERVER_METRICS_ADDRESS", v)]).1.unwrap().server().map(|s| s.metrics);
+        let default = MetricsAddress { addr: "127.0.0.1:9745".parse().unwrap(), required: false };
+        assert_eq!(with_file("", &[]).1.unwrap().server().unwrap().metrics, Some(default));
+        assert_eq!(address("127.0.0.1:9745"), Ok(Some(default)));
+        assert_eq!(address(""), Ok(None));
+        assert_eq!(address("[::1]:0").unwrap().map(|m| m.required), Some(true));
+        let err = address("localhost:9745").unwrap_err().0;
+        assert!(err.contains("SERVER_METRICS_ADDRESS") && err.contains("ip:port"), "{err}");
     }
 
     #[test]

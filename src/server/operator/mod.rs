@@ -28,7 +28,8 @@ use view::RoundView;
 const WORKERS: usize = 4;
 /// Connections accepted and waiting for a worker; past it, `503` at once.
 const QUEUE: usize = 64;
-/// A request's head must arrive whole within this, and its answer be taken within it.
+/// A request's head must arrive whole within this of its connection's accept (time queued
+/// counts), and its answer be taken within it.
 const DEADLINE: Duration = Duration::from_secs(2);
 /// How often the accepting thread looks up (to sample the round, and to stop).
 const TICK: Duration = Duration::from_millis(250);
@@ -110,7 +111,7 @@ impl Serving {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let answering: Arc<Vec<_>> = Arc::new((0..WORKERS).map(|_| Mutex::new(None)).collect());
-        let (tx, rx) = mpsc::sync_channel::<TcpStream>(QUEUE);
+        let (tx, rx) = mpsc::sync_channel::<Accepted>(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let mut threads = Vec::with_capacity(WORKERS + 1);
         for i in 0..WORKERS {
@@ -126,7 +127,7 @@ impl Serving {
 }
 
 /// Accepts connections and queues them for the workers until `stop`, sampling the round as it goes.
-fn accept_until(listener: &TcpListener, queue: &SyncSender<TcpStream>, view: &RoundView, stop: &AtomicBool) {
+fn accept_until(listener: &TcpListener, queue: &SyncSender<Accepted>, view: &RoundView, stop: &AtomicBool) {
     let timeout = Timespec::try_from(TICK).ok();
     while !stop.load(Ordering::SeqCst) {
         view.sample();
@@ -136,7 +137,7 @@ fn accept_until(listener: &TcpListener, queue: &SyncSender<TcpStream>, view: &Ro
         }
         loop {
             match listener.accept() {
-                Ok((stream, _)) => queue_or_refuse(queue, stream),
+                Ok((stream, _)) => queue_or_refuse(queue, (stream, Instant::now())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
@@ -149,10 +150,13 @@ fn accept_until(listener: &TcpListener, queue: &SyncSender<TcpStream>, view: &Ro
     }
 }
 
-fn queue_or_refuse(queue: &SyncSender<TcpStream>, stream: TcpStream) {
-    match queue.try_send(stream) {
+/// A connection and when it was accepted.
+type Accepted = (TcpStream, Instant);
+
+fn queue_or_refuse(queue: &SyncSender<Accepted>, accepted: Accepted) {
+    match queue.try_send(accepted) {
         Ok(()) => {}
-        Err(TrySendError::Full(stream) | TrySendError::Disconnected(stream)) => {
+        Err(TrySendError::Full((stream, _)) | TrySendError::Disconnected((stream, _))) => {
             // Told at once, without waiting: the socket's buffer takes a short answer whole.
             let _ = stream.set_nonblocking(true);
             let _ = (&stream).write(&http::error(Status::Unavailable));
@@ -162,19 +166,18 @@ fn queue_or_refuse(queue: &SyncSender<TcpStream>, stream: TcpStream) {
 }
 
 /// A worker: answers queued connections, one at a time, until the queue is closed.
-fn answer_each(queue: &Mutex<Receiver<TcpStream>>, view: &Arc<RoundView>, answering: &Mutex<Option<TcpStream>>) {
+fn answer_each(queue: &Mutex<Receiver<Accepted>>, view: &Arc<RoundView>, answering: &Mutex<Option<TcpStream>>) {
     loop {
         let next = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
-        let Ok(stream) = next else { return };
+        let Ok((stream, accepted)) = next else { return };
         *answering.lock().unwrap_or_else(PoisonError::into_inner) = stream.try_clone().ok();
-        answer(&stream, view);
+        answer(&stream, accepted + DEADLINE, view);
         *answering.lock().unwrap_or_else(PoisonError::into_inner) = None;
     }
 }
 
-/// Reads one request's head within the deadline, answers it, and closes.
-fn answer(mut stream: &TcpStream, view: &Arc<RoundView>) {
-    let deadline = Instant::now() + DEADLINE;
+/// Reads one request's head by `deadline`, answers it, and closes.
+fn answer(mut stream: &TcpStream, deadline: Instant, view: &Arc<RoundView>) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(DEADLINE));
     let mut head = [0u8; http::MAX_HEAD];

@@ -257,9 +257,19 @@ impl Collector for RoundView {
             None,
             &load(&m.batches),
         )?;
+        self.encode_traffic(&mut e)?;
+        self.encode_draw(&mut e)?;
+        self.encode_ledger(&mut e)
+    }
+}
+
+impl RoundView {
+    /// Connections, probes, refusals and TLS handshakes.
+    fn encode_traffic(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let m = &self.metrics;
         let kinds = [("guest", load(&m.guests)), ("agency", load(&m.agency_sessions))];
         family(
-            &mut e,
+            e,
             (
                 "connections",
                 "Connections: guest = admitted by the door (every one starts as a guest), agency = authenticated by HELLO.",
@@ -268,22 +278,19 @@ impl Collector for RoundView {
             kinds,
             MetricType::Counter,
         )?;
-        single(&mut e, "probes", "PING, STATUS and QUIT answered to guests by the door.", None, &load(&m.probes))?;
+        single(e, "probes", "PING, STATUS and QUIT answered to guests by the door.", None, &load(&m.probes))?;
         let refusals = m.refusals().map(|(code, n)| (code.as_str(), ConstCounter::new(n)));
         family(
-            &mut e,
+            e,
             ("refusals", "ERR replies sent (or connections closed with one), by code.", "reason"),
             refusals,
             MetricType::Counter,
         )?;
         let tls = [("success", load(&m.tls_ok)), ("fail", load(&m.tls_failed))];
-        family(&mut e, ("tls_handshakes", "TLS handshakes, by result.", "result"), tls, MetricType::Counter)?;
-        self.encode_draw(&mut e)?;
-        self.encode_ledger(&mut e)
+        family(e, ("tls_handshakes", "TLS handshakes, by result.", "result"), tls, MetricType::Counter)?;
+        Ok(())
     }
-}
 
-impl RoundView {
     fn encode_draw(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         let (at, took) = self.draw().map_or((0.0, 0.0), |(at, took)| (at as f64 / 1e3, took.unwrap_or(0.0)));
         single(

@@ -127,6 +127,9 @@ EOF
     environment:
       SERVER_AGENCIES: "$n"
       SERVER_STORAGE_PATH: /var/lib/lottery/bets.csv
+      SERVER_METRICS_ADDRESS: 0.0.0.0:9745
+    ports:
+      - "127.0.0.1:9745:9745"
     volumes:
       - type: bind
         source: ./config.ini

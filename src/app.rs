@@ -18,6 +18,7 @@ use crate::ledger::postgres::{self as pg, PgLedger};
 use crate::logging;
 use crate::output;
 use crate::server::auth::AgencyKeys;
+use crate::server::operator::Operator;
 use crate::server::{self, Limits, Security, ShutdownHandle, tls};
 use crate::tools::keys;
 
@@ -167,12 +168,14 @@ pub fn server_main() -> ExitCode {
     };
     logging::init(settings.log_level);
     raise_open_files_limit();
-    let Started { listener, round, security, shutdown, _lock } = match start_server(&settings) {
+    let Started { listener, round, security, shutdown, operator, _lock } = match start_server(&settings) {
         Ok(started) => started,
         Err(e) => return fail(NAME, &e),
     };
     let limits = Limits::from_settings(&settings);
-    match server::run(listener, round, limits, Arc::new(security), &shutdown) {
+    let served = server::run_counted(listener, round, limits, Arc::new(security), &shutdown, operator.metrics());
+    operator.stop();
+    match served {
         Ok(()) => {
             info!("action: shutdown | result: success");
             ExitCode::SUCCESS
@@ -190,6 +193,7 @@ struct Started {
     round: Arc<dyn Ledger>,
     security: Security,
     shutdown: ShutdownHandle,
+    operator: Operator,
     /// The file ledger's; replicas on one database share it by design, and take none.
     _lock: Option<StorageLock>,
 }
@@ -253,7 +257,8 @@ fn start_server(settings: &ServerSettings) -> Result<Started, String> {
         security.tls.is_some(),
         security.keys.is_some()
     );
-    Ok(Started { listener, round, security, shutdown, _lock: lock })
+    let operator = Operator::start(settings.metrics, Arc::clone(&round))?;
+    Ok(Started { listener, round, security, shutdown, operator, _lock: lock })
 }
 
 /// The round's ledger: the database of `SERVER_DATABASE_URL` if set, else `bets.csv`, locked.

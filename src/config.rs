@@ -38,6 +38,7 @@ pub const KEYS: &[(&str, Option<&str>)] = &[
     ("SERVER_SYNC", Some("always")),
     ("SERVER_GROUP_COMMIT", Some("true")),
     ("SERVER_DATABASE_URL", Some("")),
+    ("SERVER_METRICS_ADDRESS", Some(DEFAULT_METRICS_ADDRESS)),
     ("LOGGING_LEVEL", Some("INFO")),
     ("SERVER_AGENCY_KEYS", Some(".secrets/agencies.keys")),
     ("SERVER_TLS_CERT", Some(".secrets/server.pem")),
@@ -53,6 +54,17 @@ pub const KEYS: &[(&str, Option<&str>)] = &[
     ("CLI_TLS_CA", Some(".secrets/ca.pem")),
     ("CLI_TLS_NAME", Some("")),
 ];
+
+/// Where the operator's HTTP listener binds unless told otherwise.
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9745";
+
+/// `SERVER_METRICS_ADDRESS`: where the operator's HTTP listener binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddress {
+    pub addr: std::net::SocketAddr,
+    /// Not the default: an address that cannot be bound is a start-up error, not a warning.
+    pub required: bool,
+}
 
 /// The five variables of the agency's extra bet, in field order.
 pub const BET_VARS: [&str; 5] = ["NOMBRE", "APELLIDO", "DOCUMENTO", "NACIMIENTO", "NUMERO"];
@@ -104,6 +116,8 @@ pub struct ServerSettings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Extra names for the certificate `--make-keys` writes.
     pub tls_names: Vec<String>,
+    /// `SERVER_METRICS_ADDRESS`; `None`: off.
+    pub metrics: Option<MetricsAddress>,
 }
 
 /// An agency's typed settings.
@@ -258,6 +272,18 @@ impl Settings {
                 .optional("SERVER_TLS_NAMES")?
                 .map(|names| names.split(',').map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect())
                 .unwrap_or_default(),
+            metrics: self.metrics_address()?,
+        })
+    }
+
+    /// `SERVER_METRICS_ADDRESS`: `ip:port`, or empty for none.
+    ///
+    /// # Errors
+    /// It is neither empty nor `ip:port`.
+    fn metrics_address(&self) -> Result<Option<MetricsAddress>, ConfigError> {
+        self.get("SERVER_METRICS_ADDRESS", "ip:port (e.g. 127.0.0.1:9745), or empty for none", |v| match v {
+            "" => Some(None),
+            v => v.parse().ok().map(|addr| Some(MetricsAddress { addr, required: v != DEFAULT_METRICS_ADDRESS })),
         })
     }
 
@@ -433,7 +459,8 @@ mod tests {
             CLI_SERVER_ADDRESS = file:1\nCLI_BATCH_MAXAMOUNT = 1\nCLI_DATA_PATH = file-{CLI_ID}.csv\n\
             CLI_RETRY_TIMEOUT_MS = 1\nCLI_LOG_LEVEL = ERROR\nSERVER_AGENCY_KEYS = f.keys\n\
             SERVER_TLS_CERT = f.pem\nSERVER_TLS_KEY = f.key\nSERVER_TLS_NAMES = f.example\n\
-            CLI_TOKEN_FILE = f-{CLI_ID}.token\nCLI_TLS_CA = f-ca.pem\nCLI_TLS_NAME = f.example\n";
+            CLI_TOKEN_FILE = f-{CLI_ID}.token\nCLI_TLS_CA = f-ca.pem\nCLI_TLS_NAME = f.example\n\
+            SERVER_METRICS_ADDRESS = 127.0.0.1:9745\n";
         let overrides = [
             ("SERVER_IP", "127.0.0.2"),
             ("SERVER_PORT", "2"),
@@ -464,6 +491,7 @@ mod tests {
             ("CLI_TOKEN_FILE", "e-{CLI_ID}.token"),
             ("CLI_TLS_CA", ""),
             ("CLI_TLS_NAME", "e.example"),
+            ("SERVER_METRICS_ADDRESS", "0.0.0.0:0"),
         ];
         assert_eq!(overrides.len(), KEYS.len(), "a key is missing from this test");
         let (_dir, from_file) = with_file(file, &[]);
@@ -485,6 +513,19 @@ mod tests {
         assert_eq!(s.tls_names, ["a.example", "b.example"]);
         assert_eq!((a.token_file, a.tls_ca), (Some(PathBuf::from("e-2.token")), None));
         assert_eq!(a.tls_name.as_deref(), Some("e.example"));
+        assert_eq!(s.metrics, Some(MetricsAddress { addr: "0.0.0.0:0".parse().unwrap(), required: true }));
+    }
+
+    #[test]
+    fn the_metrics_address_is_the_default_or_required_or_off() {
+        let address = |v: &str| with_file("", &[("SERVER_METRICS_ADDRESS", v)]).1.unwrap().server().map(|s| s.metrics);
+        let default = MetricsAddress { addr: "127.0.0.1:9745".parse().unwrap(), required: false };
+        assert_eq!(with_file("", &[]).1.unwrap().server().unwrap().metrics, Some(default));
+        assert_eq!(address("127.0.0.1:9745"), Ok(Some(default)));
+        assert_eq!(address(""), Ok(None));
+        assert_eq!(address("[::1]:0").unwrap().map(|m| m.required), Some(true));
+        let err = address("localhost:9745").unwrap_err().0;
+        assert!(err.contains("SERVER_METRICS_ADDRESS") && err.contains("ip:port"), "{err}");
     }
 
     #[test]

@@ -17,12 +17,13 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
 use crate::ledger::free_space::FreeSpace;
 use crate::ledger::round_file::{self, RoundFile};
+use crate::ledger::stats::LedgerStats;
 use crate::ledger::store::{self, BetFile, Recovered, Store, StoreError, StoreErrorKind};
 use crate::ledger::{Appended, Ledger, Rows};
 use crate::wire::protocol::{self, ErrorCode, ProtocolError, Status};
@@ -65,6 +66,7 @@ pub struct FileLedger {
     status_bets: AtomicU64,
     status_done: AtomicU32,
     status_drawn: AtomicBool,
+    stats: LedgerStats,
 }
 
 /// Everything the Mutex guards.
@@ -188,6 +190,7 @@ impl FileLedger {
             status_bets: AtomicU64::new(resumed.bets),
             status_done: AtomicU32::new(resumed.agencies_done as u32),
             status_drawn: AtomicBool::new(resumed.drawn),
+            stats: LedgerStats::default(),
         };
         // The last DONE was saved, but the server died before the draw was: make it now.
         if round.start_draw_if_all_done(round.lock()) {
@@ -226,7 +229,9 @@ impl FileLedger {
             (SyncMode::Never, _) => return Ok(st),
             (SyncMode::Always, false) if !st.synced.covers(want) => {
                 let (upto, files) = st.behind();
+                let syncing = self.stats.sync_begins();
                 let result = sync(files);
+                self.stats.sync_ended(&syncing);
                 self.after_sync(&mut st, upto, result);
             }
             _ => {}
@@ -242,8 +247,10 @@ impl FileLedger {
             // Nobody is syncing: this thread syncs everything appended so far, for everyone.
             st.syncing = true;
             let (upto, files) = st.behind();
+            let syncing = self.stats.sync_begins();
             drop(st);
             let result = sync(files);
+            self.stats.sync_ended(&syncing);
             st = self.lock();
             st.syncing = false;
             self.after_sync(&mut st, upto, result);
@@ -299,6 +306,7 @@ impl FileLedger {
 
     /// Reads `bets.csv` back with the lock released, then publishes the winners.
     fn draw(&self) {
+        let began = Instant::now();
         let result = store::winners(self.storage_path(), self.config.agencies, Some(&self.stopping));
         let mut st = self.lock();
         match result {
@@ -310,6 +318,7 @@ impl FileLedger {
                 });
                 st.phase = Phase::Drawn(replies(&winners));
                 self.status_drawn.store(true, Ordering::Relaxed);
+                self.stats.drawn(began);
                 info!("action: sorteo | result: success");
             }
             Ok(None) => st.phase = Phase::Open,
@@ -402,6 +411,7 @@ impl Ledger for FileLedger {
                 return Err(ProtocolError::new(ErrorCode::Storage, why));
             }
             st.stored[i] += count - skip;
+            self.stats.appended(count - skip, adding);
             self.status_bets.fetch_add(count - skip, Ordering::Relaxed);
         }
         // Even rows that were all held already are acknowledged only once durable: another
@@ -513,6 +523,10 @@ impl Ledger for FileLedger {
 
     fn describe(&self) -> String {
         format!("path: {}", self.storage_path().display())
+    }
+
+    fn stats(&self) -> Option<&LedgerStats> {
+        Some(&self.stats)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod lock;
 pub mod postgres;
 pub mod round_file;
 mod scan;
+pub mod stats;
 pub mod store;
 
 use std::io;
@@ -113,6 +114,11 @@ pub trait Ledger: Send + Sync {
 
     /// Where the round lives, for the log (never a password).
     fn describe(&self) -> String;
+
+    /// What the ledger counts for the operator, if it counts (the file ledger does).
+    fn stats(&self) -> Option<&stats::LedgerStats> {
+        None
+    }
 }
 
 /// Rows appended by [`Ledger::append`] and not yet acknowledged.

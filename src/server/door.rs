@@ -118,6 +118,7 @@ pub struct Rules<'a> {
     pub guest_log: &'a GuestLog,
     pub security: &'a Security,
     pub limits: Limits,
+    pub metrics: &'a crate::server::metrics::Metrics,
 }
 
 pub struct Door<'a> {
@@ -314,6 +315,7 @@ impl<'a> Door<'a> {
         };
         self.rooms[room].remove(i);
         self.next_id = id;
+        self.rules.metrics.guest();
         guest_log.event(GuestEvent::Accepted, || info!("action: accept_connections | result: success | ip: {ip}"));
         let accepted = Instant::now();
         if tls && first == Some(tls::TLS_HANDSHAKE) {
@@ -365,6 +367,7 @@ impl<'a> Door<'a> {
         let taken = consume_now(&held.stream, answered.consumed);
         let sent = answered.replies.is_empty() || send_now(&held.stream, &answered.replies);
         let requests = held.requests + answered.probes;
+        self.rules.metrics.probed(answered.probes);
         match (answered.then, next) {
             // It does not take its replies (or vanished): a guest is not waited for.
             _ if !taken || !sent => self.close(id),
@@ -439,6 +442,7 @@ impl<'a> Door<'a> {
     /// Logs a refusal (counted past the guest log's rate) and answers `ERR BUSY`.
     fn turn_away(&self, stream: &TcpStream, ip: IpAddr) {
         let Rules { guest_log, limits, security, .. } = self.rules;
+        self.rules.metrics.refused(ErrorCode::Busy);
         guest_log.event(GuestEvent::Refused, || {
             warn!("action: accept_connections | result: fail | ip: {ip} | error: BUSY");
         });
@@ -455,6 +459,7 @@ impl<'a> Door<'a> {
 
     /// Says why (if the client can read it) and closes.
     fn farewell(&self, id: u64, held: &Held, code: ErrorCode, why: String) {
+        self.rules.metrics.refused(code);
         let error = ProtocolError::new(code, format!("{why}; closing"));
         // One that has spoken plain text reads a plain line; on a TLS server, one that has not
         // may be a TLS client.

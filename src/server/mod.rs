@@ -10,6 +10,8 @@
 pub mod auth;
 pub mod door;
 pub mod guest_log;
+pub mod metrics;
+pub mod operator;
 pub mod pool;
 pub mod probes;
 pub mod registry;
@@ -32,6 +34,7 @@ use crate::wire::connection::Connection;
 use crate::wire::transport::Transport;
 use auth::AgencyKeys;
 use guest_log::GuestLog;
+use metrics::Metrics;
 use pool::Pool;
 use registry::{GuestLimits, Registry, Stage};
 use session::{Context, Session};
@@ -142,11 +145,34 @@ pub fn run(
     security: Arc<Security>,
     shutdown: &ShutdownHandle,
 ) -> io::Result<()> {
+    let metrics = Arc::new(Metrics::new(round.agencies()));
+    run_counted(listener, round, limits, security, shutdown, metrics)
+}
+
+/// [`run`], counting into `metrics` (what the operator's listener serves).
+///
+/// # Errors
+/// As [`run`].
+pub fn run_counted(
+    listener: TcpListener,
+    round: Arc<dyn Ledger>,
+    limits: Limits,
+    security: Arc<Security>,
+    shutdown: &ShutdownHandle,
+    metrics: Arc<Metrics>,
+) -> io::Result<()> {
     let registry = Arc::new(Registry::default());
     let guest_log = Arc::new(GuestLog::default());
     let gate = Arc::new(tls::HandshakeGate::per_core());
     let mut pool = Pool::new(STACK_SIZE);
-    let rules = door::Rules { round: &*round, registry: &registry, guest_log: &guest_log, security: &security, limits };
+    let rules = door::Rules {
+        round: &*round,
+        registry: &registry,
+        guest_log: &guest_log,
+        security: &security,
+        limits,
+        metrics: &metrics,
+    };
     let mut door = door::Door::new(&listener, shutdown, rules)?;
     for spoke in door.by_ref() {
         let shared = Shared {
@@ -155,6 +181,7 @@ pub fn run(
             registry: Arc::clone(&registry),
             guest_log: Arc::clone(&guest_log),
             gate: Arc::clone(&gate),
+            metrics: Arc::clone(&metrics),
         };
         if let Err(e) = serve_connection(&mut pool, spoke, shared, limits) {
             error!("action: spawn_thread | result: fail | error: {e}");
@@ -183,6 +210,7 @@ struct Shared {
     registry: Arc<Registry>,
     guest_log: Arc<GuestLog>,
     gate: Arc<tls::HandshakeGate>,
+    metrics: Arc<Metrics>,
 }
 
 /// Serves a connection that has spoken on a thread of `pool`.
@@ -204,9 +232,11 @@ fn serve_connection(pool: &mut Pool, spoke: door::Spoke, shared: Shared, limits:
                     guest_deadline.map_or(accepted + limits.idle_timeout, |d| d.min(accepted + limits.idle_timeout));
                 let suspect = shared.registry.suspects().is_suspect(ip);
                 if let Err(e) = tls::handshake(&mut tls, &shared.gate, by, &peer, suspect) {
+                    shared.metrics.tls_handshake(false);
                     debug!("action: tls_handshake | result: fail | id: {id} | error: {e}");
                     return;
                 }
+                shared.metrics.tls_handshake(true);
                 Transport::Tls(tls)
             }
             Ok(transport) => transport,
@@ -228,8 +258,10 @@ fn serve_connection(pool: &mut Pool, spoke: door::Spoke, shared: Shared, limits:
             hello_timeout: limits.hello_timeout,
             guest_deadline,
             guest_requests: requests,
+            metrics: &shared.metrics,
         };
         Session::new(context).run(&mut conn);
+        shared.metrics.closed(id);
         debug!("action: close_connection | result: success | id: {id}");
     });
     if spawned.is_err() {

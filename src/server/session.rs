@@ -49,6 +49,7 @@ pub struct Context<'a> {
     pub guest_deadline: Option<Instant>,
     /// The probes the door answered before this connection got its thread.
     pub guest_requests: u32,
+    pub metrics: &'a crate::server::metrics::Metrics,
 }
 
 /// One connection's state besides its socket.
@@ -180,6 +181,9 @@ impl<'a> Session<'a> {
             } else {
                 conn.set_write_timeout(self.idle_timeout);
             }
+            if let Reply::Err(e) = &reply {
+                self.cx.metrics.refused(e.code);
+            }
             if self.acknowledge(conn).and_then(|()| conn.write_reply(&reply)).is_err() {
                 return;
             }
@@ -201,10 +205,12 @@ impl<'a> Session<'a> {
         for (appended, count) in self.pending.drain(..) {
             let reply = match &durable {
                 Ok(()) => {
+                    self.cx.metrics.stored(count);
                     info!("action: apuesta_recibida | result: success | cantidad: {count}");
                     Reply::Ok(Some(appended.stored))
                 }
                 Err(e) => {
+                    self.cx.metrics.refused(e.code);
                     info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: {}", e.code.as_str());
                     Reply::Err(e.clone())
                 }
@@ -221,7 +227,10 @@ impl<'a> Session<'a> {
             Request::Quit => return (Reply::Bye, Next::Close),
             Request::Status => self.round.status().map(Reply::Status),
             Request::Bet(row) => self.bet(&row),
-            Request::Done => self.agency().and_then(|a| self.round.done(a)).map(|()| Reply::Ok(None)),
+            Request::Done => self
+                .agency()
+                .and_then(|a| self.round.done(a).map(|()| self.cx.metrics.done(a)))
+                .map(|()| Reply::Ok(None)),
             // Read with its rows, answered or waited for by `run`.
             Request::Batch { .. } | Request::Hello { .. } | Request::Winners => {
                 Err(ProtocolError::new(ErrorCode::BadRequest, "not a one-line request"))
@@ -259,6 +268,7 @@ impl<'a> Session<'a> {
             info!("action: replace_session | result: success | agency: {agency} | ip: {}", self.cx.ip);
         }
         self.agency = Some(agency);
+        self.cx.metrics.hello(self.cx.id, agency);
         let stored = self.round.hello(agency)?;
         Ok(Reply::Ok(Some(stored)))
     }
@@ -272,7 +282,7 @@ impl<'a> Session<'a> {
         };
         loop {
             match self.round.winners(agency, WAITER_CHECK) {
-                Ok(Some(line)) => return Some(Reply::Line(line)),
+                Ok(Some(line)) => return Some(Reply::Line(line)).inspect(|_| self.cx.metrics.told(agency)),
                 Err(e) => return Some(Reply::Err(e)),
                 Ok(None) if self.cx.peer.ended() != Ended::No => {
                     self.end(conn, Cut::Ended, "request");
@@ -290,6 +300,7 @@ impl<'a> Session<'a> {
 
     /// Answers an identity refusal and ends the connection.
     fn refuse(&mut self, conn: &mut Connection, refused: ProtocolError) {
+        self.cx.metrics.refused(refused.code);
         let _ = self.acknowledge(conn);
         let _ = conn.write_reply(&Reply::Err(refused));
         conn.close();
@@ -329,6 +340,7 @@ impl<'a> Session<'a> {
         self.writer.push_stored(agency, &bet);
         let rows = Rows { ends: vec![self.writer.len()], bytes: self.writer.take() };
         let stored = self.round.store(agency, None, &rows)?;
+        self.cx.metrics.stored(1);
         info!("action: apuesta_almacenada | result: success | dni: {} | numero: {}", bet.document, bet.number);
         Ok(Reply::Ok(Some(stored)))
     }
@@ -416,6 +428,7 @@ impl<'a> Session<'a> {
             }
         };
         if let Some((code, why)) = reply {
+            self.cx.metrics.refused(code);
             let _ = conn.write_reply(&Reply::Err(ProtocolError::new(code, format!("{why}; closing"))));
         }
         conn.close();

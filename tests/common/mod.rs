@@ -275,6 +275,7 @@ impl TestServer {
             ("SERVER_AGENCY_KEYS", ""),
             ("SERVER_TLS_CERT", ""),
             ("SERVER_TLS_KEY", ""),
+            ("SERVER_METRICS_ADDRESS", ""),
         ];
         vars.extend_from_slice(env);
         let mut proc = Proc::spawn("lottery-server", command(SERVER, dir, &vars));

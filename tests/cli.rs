@@ -625,3 +625,24 @@ fn an_agency_without_a_ca_refuses_a_server_that_is_not_on_this_machine_before_co
     assert!(!stdout.contains("action: connect"), "it tried to connect: {stdout}");
     assert!(!stdout.contains(&keys.token(1)) && !stderr.contains(&keys.token(1)), "the token was printed");
 }
+
+#[test]
+fn lottery_round_watch_serves_the_rounds_page_until_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(ROUND, dir.path(), &[]);
+    cmd.args(["--watch", "--agencies", "3", "--bets-per-agency", "10"]);
+    let mut round = common::Proc::spawn("lottery-round", cmd);
+    let line = round.logs.wait_for("the page stays up at http://");
+    let address = line.split("http://").nth(1).and_then(|rest| rest.split('/').next()).unwrap_or_default().to_owned();
+    let mut stream = TcpStream::connect(&address).unwrap_or_else(|e| panic!("the page at {address}: {e}"));
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    stream.write_all(b"GET /round.json HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"drawn\":true") && answer.contains("\"states\":\"333\""), "{answer}");
+    // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+    assert_eq!(unsafe { libc::kill(round.pid(), libc::SIGINT) }, 0);
+    let status = round.wait_exit(STEP);
+    assert!(status.success(), "{status}: {}", round.stderr());
+}

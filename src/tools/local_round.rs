@@ -18,11 +18,13 @@ use log::LevelFilter;
 
 use crate::agency::credentials;
 use crate::agency::{self, Outcome, Stop};
-use crate::config::{self, AgencySettings, BATCH_MAX_WHAT, ServerSettings, Settings};
+use crate::config::{self, AgencySettings, BATCH_MAX_WHAT, MetricsAddress, ServerSettings, Settings};
+use crate::ledger::Ledger;
 use crate::ledger::file::{FileConfig, FileLedger, SyncMode};
 use crate::logging;
 use crate::output;
 use crate::server::auth::AgencyKeys;
+use crate::server::operator::Operator;
 use crate::server::{self, Limits, Security, ShutdownHandle, tls};
 use crate::tools::attack_round;
 use crate::tools::attacks::{Attack, Sources};
@@ -72,6 +74,8 @@ Options:
                         what they cost; by default the round makes throw-away keys in its
                         temporary directory and runs TLS + tokens
   --verbose             print the server's and agencies' log lines
+  --watch               serve the round's page (and /metrics) on a free loopback port, print
+                        its address, and keep it up after the round until Ctrl-C
   -h, --help            this text
 
 Settings (SERVER_SYNC, SERVER_GROUP_COMMIT, CLI_BATCH_MAXAMOUNT, CLI_RETRY_TIMEOUT_MS, ...) come
@@ -111,6 +115,9 @@ pub struct Options {
     /// No TLS, no tokens.
     pub plaintext: bool,
     pub verbose: bool,
+    /// Serve the round's page on a free loopback port, and keep it up after the round until
+    /// Ctrl-C.
+    pub watch: bool,
 }
 
 impl Default for Options {
@@ -130,6 +137,7 @@ impl Default for Options {
             attack_from: Sources::Spread,
             plaintext: false,
             verbose: false,
+            watch: false,
         }
     }
 }
@@ -185,6 +193,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Optio
             }
             Long("plaintext") => opts.plaintext = true,
             Long("verbose") => opts.verbose = true,
+            Long("watch") => opts.watch = true,
             Short('h') | Long("help") => return Ok(None),
             other => return Err(other.unexpected().to_string()),
         }
@@ -201,6 +210,9 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Optio
         return Err("--attack runs rounds of its own, on TLS with agency tokens: not with --plaintext (every \
                     loopback client is trusted then), --server or --hostile"
             .into());
+    }
+    if opts.watch && (opts.server.is_some() || !opts.attacks.is_empty()) {
+        return Err("--watch serves the page of the round's own server: not with --server or --attack".into());
     }
     if opts.server.is_some() && opts.keep.is_some() {
         return Err("--keep names where the round's own server stores; with --server there is none".into());
@@ -334,6 +346,9 @@ impl Round {
         if let Some(local) = &local {
             let sync = if server.sync == SyncMode::Always { "always" } else { "never" };
             output::line(format_args!("bets.csv in {}, SERVER_SYNC={sync}", local.dir.display()));
+            if let Some(page) = local.page() {
+                output::line(format_args!("watch the round at http://{page}/"));
+            }
         }
         output::line(format_args!("security: {said}"));
         if placement == Placement::Child {
@@ -352,16 +367,23 @@ impl Round {
         let elapsed = started.elapsed();
         progress.finish();
         let hostile: Vec<hostile::Report> = hostile.and_then(|h| h.join().ok()).unwrap_or_default();
-        if let Some(local) = local {
-            local.stop()?;
-        }
         if interrupt.flag.load(Ordering::SeqCst) {
+            if let Some(local) = local {
+                local.stop()?;
+            }
             let finished = outcomes.iter().filter(|o| o.is_ok()).count();
             return Err(format!("interrupted: {finished} of {} agencies had their winners", outcomes.len()));
         }
         let expected: Vec<u64> = counts.iter().map(|c| c.1).collect();
         let verdict = report(&outcomes, &expected, total, elapsed);
         report_hostile(&hostile);
+        if let Some(local) = local {
+            if let Some(page) = local.page() {
+                output::line(format_args!("the page stays up at http://{page}/ until Ctrl-C"));
+                interrupt.wait();
+            }
+            local.stop()?;
+        }
         verdict
     }
 }
@@ -447,6 +469,17 @@ struct Interrupt {
     child: Arc<Mutex<Option<ChildStdin>>>,
     /// Whether it happened.
     flag: Arc<AtomicBool>,
+}
+
+impl Interrupt {
+    /// Returns once an interruption has happened: the `--watch` page stays up until then. A
+    /// signal handler cannot notify a Condvar safely, so this looks at the flag a few times a
+    /// second.
+    fn wait(&self) {
+        while !self.flag.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 /// Stops the agencies with the local server's shutdown on Ctrl-C, SIGTERM, or a stdout nobody
@@ -556,6 +589,8 @@ pub(crate) struct LocalServer {
     dir: PathBuf,
     shutdown: ShutdownHandle,
     thread: thread::JoinHandle<io::Result<()>>,
+    /// The round's page and metrics, served with `--watch`.
+    operator: Operator,
 }
 
 impl LocalServer {
@@ -595,17 +630,28 @@ impl LocalServer {
             // Hostile clients are cut off quickly, so that the round is not kept waiting.
             limits.idle_timeout = Duration::from_secs(1);
         }
-        let handle = shutdown.clone();
+        let round: Arc<dyn Ledger> = Arc::new(round);
+        let page =
+            opts.watch.then_some(MetricsAddress { addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), required: true });
+        let operator = Operator::start(page, Arc::clone(&round))?;
+        let (handle, metrics) = (shutdown.clone(), operator.metrics());
         let thread = thread::Builder::new()
             .name("server".into())
-            .spawn(move || server::run(listener, Arc::new(round), limits, security, &handle))
+            .spawn(move || server::run_counted(listener, round, limits, security, &handle, metrics))
             .map_err(|e| format!("cannot start the server thread: {e}"))?;
-        Ok(LocalServer { addr, dir: dir.to_owned(), shutdown, thread })
+        Ok(LocalServer { addr, dir: dir.to_owned(), shutdown, thread, operator })
+    }
+
+    /// Where the round's page is served, with `--watch`.
+    fn page(&self) -> Option<SocketAddr> {
+        self.operator.address()
     }
 
     pub(crate) fn stop(self) -> Result<(), String> {
         self.shutdown.trigger();
-        match self.thread.join() {
+        let joined = self.thread.join();
+        self.operator.stop();
+        match joined {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("server: {e}")),
             Err(_) => Err("the server thread panicked".into()),

@@ -130,7 +130,8 @@ impl RoundView {
         let missing = ranges((1..).zip(&states).filter(|(_, s)| **s < AgencyState::Done).map(|(a, _)| a));
         let count = |state| states.iter().filter(|&&s| s == state).count();
         let (rates, refusals) = self.last_minute();
-        let per_second = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+        // A fold from +0.0, not `sum`, whose empty sum is -0.0 (printed "-0.0").
+        let per_second = rates.iter().fold(0.0, |total, r| total + r) / rates.len().max(1) as f64;
         let _ = write!(
             json,
             "{{\"agencies\":{},\"states\":\"{digits}\",\"counts\":{{\"not_connected\":{},\"connected\":{},\"done\":{},\"told\":{}}},\

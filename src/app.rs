@@ -22,6 +22,9 @@ use crate::server::operator::Operator;
 use crate::server::{self, Limits, Security, ShutdownHandle, tls};
 use crate::tools::keys;
 
+mod start_error;
+pub use start_error::{StartError, one_line};
+
 const SERVER_HELP: &str = "\
 lottery-server: the lottery central. Takes bets from agencies over TCP, stores them in bets.csv,
 makes the draw when every agency is done, and tells each agency its winners.
@@ -170,7 +173,7 @@ pub fn server_main() -> ExitCode {
     raise_open_files_limit();
     let Started { listener, round, security, shutdown, operator, _lock } = match start_server(&settings) {
         Ok(started) => started,
-        Err(e) => return fail(NAME, &e),
+        Err(e) => return fail(NAME, &one_line(&e)),
     };
     let limits = Limits::from_settings(&settings);
     let served = server::run_counted(listener, round, limits, Arc::new(security), &shutdown, operator.metrics());
@@ -239,14 +242,14 @@ pub fn load_security(settings: &ServerSettings) -> Result<Security, String> {
 /// Everything before serving: the storage locked, the round recovered from its files, the
 /// keys, the listener, the signal handler. An error here is said in one line, and nothing has
 /// been served.
-fn start_server(settings: &ServerSettings) -> Result<Started, String> {
-    let security = load_security(settings)?;
+fn start_server(settings: &ServerSettings) -> Result<Started, StartError> {
+    let security = load_security(settings).map_err(StartError::Security)?;
     let (round, lock) = open_ledger(settings)?;
     let addr = SocketAddr::new(settings.ip, settings.port);
-    let listener = server::bind(addr, settings.backlog).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let shutdown = ShutdownHandle::new().map_err(|e| e.to_string())?;
+    let listener = server::bind(addr, settings.backlog).map_err(|source| StartError::Listen { addr, source })?;
+    let shutdown = ShutdownHandle::new().map_err(StartError::Shutdown)?;
     let on_signal = shutdown.clone();
-    ctrlc::set_handler(move || on_signal.trigger()).map_err(|e| format!("cannot handle signals: {e}"))?;
+    ctrlc::set_handler(move || on_signal.trigger()).map_err(StartError::Signals)?;
     // A log that nobody reads any more (`lottery-server | head`) stops the server as SIGTERM does.
     let on_close = shutdown.clone();
     output::on_close(move || on_close.trigger());
@@ -257,12 +260,12 @@ fn start_server(settings: &ServerSettings) -> Result<Started, String> {
         security.tls.is_some(),
         security.keys.is_some()
     );
-    let operator = Operator::start(settings.metrics, Arc::clone(&round))?;
+    let operator = Operator::start(settings.metrics, Arc::clone(&round)).map_err(StartError::Metrics)?;
     Ok(Started { listener, round, security, shutdown, operator, _lock: lock })
 }
 
 /// The round's ledger: the database of `SERVER_DATABASE_URL` if set, else `bets.csv`, locked.
-fn open_ledger(settings: &ServerSettings) -> Result<(Arc<dyn Ledger>, Option<StorageLock>), String> {
+fn open_ledger(settings: &ServerSettings) -> Result<(Arc<dyn Ledger>, Option<StorageLock>), StartError> {
     if let Some(url) = &settings.database_url {
         let (ledger, opened) = PgLedger::open(url, settings.agencies, settings.max_bets_per_agency)?;
         info!(
@@ -274,16 +277,8 @@ fn open_ledger(settings: &ServerSettings) -> Result<(Arc<dyn Ledger>, Option<Sto
         );
         return Ok((Arc::new(ledger), None));
     }
-    let lock = StorageLock::acquire(&settings.storage_path)?;
-    let config = FileConfig {
-        agencies: settings.agencies,
-        storage_path: settings.storage_path.clone(),
-        sync: settings.sync,
-        group_commit: settings.group_commit,
-        max_bets_per_agency: settings.max_bets_per_agency,
-        min_free_bytes: settings.min_free_bytes,
-    };
-    let (round, resumed) = FileLedger::open(config).map_err(|e| e.to_string())?;
+    let lock = StorageLock::acquire(&settings.storage_path).map_err(StartError::Lock)?;
+    let (round, resumed) = FileLedger::open(FileConfig::from_settings(settings))?;
     info!(
         "action: open_storage | result: success | path: {} | bets: {} | truncated_bytes: {} | agencies_done: {} | drawn: {}",
         settings.storage_path.display(),

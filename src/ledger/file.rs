@@ -21,11 +21,12 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
+use crate::config::ServerSettings;
 use crate::ledger::free_space::FreeSpace;
 use crate::ledger::round_file::{self, RoundFile};
 use crate::ledger::stats::LedgerStats;
 use crate::ledger::store::{self, BetFile, Recovered, Store, StoreError, StoreErrorKind};
-use crate::ledger::{Appended, Ledger, Rows};
+use crate::ledger::{self, AgencyNow, Appended, Ledger, Rows, shutting_down};
 use crate::wire::protocol::{self, ErrorCode, ProtocolError, Status};
 
 /// When an `OK` is sent for stored bets.
@@ -51,6 +52,20 @@ pub struct FileConfig {
     pub max_bets_per_agency: u64,
     /// Bytes that must stay free on the storage's filesystem (`SERVER_MIN_FREE_BYTES`; 0: off).
     pub min_free_bytes: u64,
+}
+
+impl FileConfig {
+    /// The round the server's settings describe.
+    pub fn from_settings(settings: &ServerSettings) -> FileConfig {
+        FileConfig {
+            agencies: settings.agencies,
+            storage_path: settings.storage_path.clone(),
+            sync: settings.sync,
+            group_commit: settings.group_commit,
+            max_bets_per_agency: settings.max_bets_per_agency,
+            min_free_bytes: settings.min_free_bytes,
+        }
+    }
 }
 
 /// The shared state of one round kept in `bets.csv`.
@@ -376,30 +391,15 @@ impl Ledger for FileLedger {
         if let Some(why) = &st.broken {
             return Err(ProtocolError::new(ErrorCode::Storage, why.clone()));
         }
-        if !matches!(st.phase, Phase::Open) {
-            return Err(ProtocolError::new(ErrorCode::Closed, "the draw has been made"));
-        }
-        let held = st.stored[i];
-        let skip = match offset {
-            Some(o) if o > held => {
-                let why = format!("offset {o} is past the {held} bets held for agency {agency}");
-                return Err(ProtocolError::new(ErrorCode::BadRequest, why));
-            }
-            Some(o) => (held - o).min(count),
-            None => 0,
+        let now = AgencyNow {
+            agency,
+            held: st.stored[i],
+            done: st.done[i],
+            drawn: !matches!(st.phase, Phase::Open),
+            max_bets: self.config.max_bets_per_agency,
         };
+        let skip = ledger::admit_batch(&now, offset, count)?;
         if skip < count {
-            if st.done[i] {
-                let why = format!("agency {agency} already said DONE");
-                return Err(ProtocolError::new(ErrorCode::Closed, why));
-            }
-            let max = self.config.max_bets_per_agency;
-            if held + (count - skip) > max {
-                let why = format!(
-                    "agency {agency} may store at most {max} bets and holds {held}; nothing of this batch was stored"
-                );
-                return Err(ProtocolError::new(ErrorCode::Quota, why));
-            }
             let (len, adding) = (st.store.len(), rows.from(skip as usize).len() as u64);
             if let Err(why) = st.free_space.check(len, adding) {
                 warn!("action: store | result: fail | error: {why}");
@@ -594,10 +594,6 @@ fn foreign_rows(config: &FileConfig, error: &StoreError) -> StoreError {
         return another_round(config, &format!("agencies past {}{line}", config.agencies));
     }
     another_round(config, &format!("a round of at least {highest} agencies{line}"))
-}
-
-fn shutting_down() -> ProtocolError {
-    ProtocolError::new(ErrorCode::Shutdown, "the server is shutting down")
 }
 
 #[cfg(test)]

@@ -23,6 +23,53 @@ use std::time::Duration;
 
 use crate::wire::protocol::{ErrorCode, ProtocolError, Status};
 
+/// What a ledger knows of an agency when a batch of it arrives.
+pub(crate) struct AgencyNow {
+    pub agency: u32,
+    /// Its bets held.
+    pub held: u64,
+    pub done: bool,
+    /// The round's draw is made.
+    pub drawn: bool,
+    /// `SERVER_MAX_BETS_PER_AGENCY`.
+    pub max_bets: u64,
+}
+
+/// The one rule both ledgers refuse a batch by: `count` rows at `offset` (none: after the ones
+/// held). Returns how many of them are held already, to be acknowledged and not stored again.
+///
+/// # Errors
+/// `CLOSED` after the draw, or for new rows after the agency's `DONE`; `BAD_REQUEST` for an
+/// offset past what is held; `QUOTA` for new rows past `max_bets`.
+pub(crate) fn admit_batch(now: &AgencyNow, offset: Option<u64>, count: u64) -> Result<u64, ProtocolError> {
+    let AgencyNow { agency, held, done, drawn, max_bets } = *now;
+    if drawn {
+        return Err(ProtocolError::new(ErrorCode::Closed, "the draw has been made"));
+    }
+    let offset = offset.unwrap_or(held);
+    if offset > held {
+        let why = format!("offset {offset} is past the {held} bets held for agency {agency}");
+        return Err(ProtocolError::new(ErrorCode::BadRequest, why));
+    }
+    let already = (held - offset).min(count);
+    let adding = count - already;
+    if adding > 0 && done {
+        return Err(ProtocolError::new(ErrorCode::Closed, format!("agency {agency} already said DONE")));
+    }
+    if adding > 0 && held + adding > max_bets {
+        let why = format!(
+            "agency {agency} may store at most {max_bets} bets and holds {held}; nothing of this batch was stored"
+        );
+        return Err(ProtocolError::new(ErrorCode::Quota, why));
+    }
+    Ok(already)
+}
+
+/// The reply to every request a ledger refuses once shutdown has begun.
+pub(crate) fn shutting_down() -> ProtocolError {
+    ProtocolError::new(ErrorCode::Shutdown, "the server is shutting down")
+}
+
 /// What the server needs of the storage of a round. Every method is called by a connection's
 /// thread between reading a request and writing its reply; none touches a socket.
 pub trait Ledger: Send + Sync {

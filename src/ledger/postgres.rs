@@ -54,7 +54,7 @@ use postgres::types::Type;
 use postgres::{Client, Config, NoTls, SimpleQueryMessage};
 use r2d2::{Pool, PooledConnection};
 
-use crate::ledger::{Appended, Ledger, Rows};
+use crate::ledger::{self, AgencyNow, Appended, Ledger, Rows, shutting_down};
 use crate::wire::bet::WINNING_NUMBER;
 use crate::wire::protocol::{self, ErrorCode, ProtocolError, Status};
 
@@ -341,26 +341,9 @@ impl PgLedger {
         count: u64,
         (held, done, drawn): (u64, bool, bool),
     ) -> Result<u64, ProtocolError> {
-        let offset = offset.unwrap_or(held);
-        if drawn {
-            return Err(ProtocolError::new(ErrorCode::Closed, "the draw has been made"));
-        }
-        if offset > held {
-            let why = format!("offset {offset} is past the {held} bets held for agency {agency}");
-            return Err(ProtocolError::new(ErrorCode::BadRequest, why));
-        }
-        let stored = held.max(offset + count);
-        if done && stored > held {
-            return Err(ProtocolError::new(ErrorCode::Closed, format!("agency {agency} already said DONE")));
-        }
-        if stored > self.max_bets {
-            let why = format!(
-                "agency {agency} may store at most {} bets and holds {held}; nothing of this batch was stored",
-                self.max_bets
-            );
-            return Err(ProtocolError::new(ErrorCode::Quota, why));
-        }
-        Ok(stored)
+        let now = AgencyNow { agency: agency as u32, held, done, drawn, max_bets: self.max_bets };
+        let already = ledger::admit_batch(&now, offset, count)?;
+        Ok(held + (count - already))
     }
 }
 
@@ -546,8 +529,4 @@ fn flush(client: &mut Client) -> Result<(), postgres::Error> {
 fn load_winners(client: &mut impl postgres::GenericClient) -> Result<Replies, postgres::Error> {
     let rows = client.query_typed("SELECT winners FROM lottery_agency ORDER BY agency", &[])?;
     Ok(Arc::new(rows.iter().map(|row| Arc::from(protocol::winners_line(row.get(0)))).collect()))
-}
-
-fn shutting_down() -> ProtocolError {
-    ProtocolError::new(ErrorCode::Shutdown, "the server is shutting down")
 }

@@ -603,10 +603,7 @@ impl LocalServer {
         let config = FileConfig {
             agencies: opts.agencies + u32::from(hostile_agency(opts).is_some()),
             storage_path: dir.join("bets.csv"),
-            sync: settings.sync,
-            group_commit: settings.group_commit,
-            max_bets_per_agency: settings.max_bets_per_agency,
-            min_free_bytes: settings.min_free_bytes,
+            ..FileConfig::from_settings(settings)
         };
         let (round, _) = FileLedger::open(config).map_err(|e| e.to_string())?;
         // A crowd of agencies connects at once: room for all of them in the listen queue (the

@@ -21,7 +21,7 @@ const NC_SESSION: &str = "\
 < OK 1
 > BATCH 1 2
 > María José,Peña,00000042,1985-07-01,7574
-> \"Tiago, Nicolás\",Gómez,27555111,2001-12-24,1234
+> \"Tiago Nicolás\",Gómez,27555111,2001-12-24,1234
 < OK 3
 > BET Ana,Paz,123,2000-02-30,5
 < ERR BAD_BET birthdate \"2000-02-30\" is not a calendar date YYYY-MM-DD
@@ -60,7 +60,7 @@ fn the_readme_nc_session_word_for_word() {
         stored,
         "1,Santiago Lionel,Lorca,30904465,1999-03-17,7574\n\
          1,María José,Peña,00000042,1985-07-01,7574\n\
-         1,\"Tiago, Nicolás\",Gómez,27555111,2001-12-24,1234\n"
+         1,Tiago Nicolás,Gómez,27555111,2001-12-24,1234\n"
     );
 }
 

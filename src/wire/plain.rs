@@ -17,40 +17,6 @@ pub fn plain_commas<const N: usize>(line: &[u8]) -> Option<([usize; N], Option<R
     classify(line)
 }
 
-/// Whether `text`, a plain line's names and the comma between them, holds no ASCII byte but
-/// letters, space, apostrophe, comma, hyphen and dot. Bytes from 0x80 up are let through, for
-/// the caller to check as characters; control characters, DEL and quotes are not looked for
-/// (a plain line has none).
-pub fn only_name_bytes(text: &[u8]) -> bool {
-    let mut odd = 0;
-    let mut words = text.chunks_exact(8);
-    for chunk in words.by_ref() {
-        odd |= not_name_bytes(u64::from_le_bytes(chunk.try_into().unwrap_or_default()));
-    }
-    if !words.remainder().is_empty() {
-        // The last eight bytes again (looking at a byte twice changes nothing), or in a text
-        // shorter than eight bytes, its bytes gathered one by one after letters.
-        odd |= not_name_bytes(match text.len().checked_sub(8) {
-            Some(from) => u64::from_le_bytes(text[from..].try_into().unwrap_or_default()),
-            None => text.iter().rev().fold(PAD, |word, &b| (word << 8) | u64::from(b)),
-        });
-    }
-    odd == 0
-}
-
-/// The top bit of each byte of `word` below 0x80 that is no letter, space, apostrophe, comma,
-/// hyphen or dot.
-#[inline(always)]
-fn not_name_bytes(word: u64) -> u64 {
-    let (top, x) = (word & TOP, word & LOW);
-    // `| 0x20` folds upper case onto lower case; no sum below carries out of its byte.
-    let folded = x | (ONES * 0x20);
-    let letter = (folded + ONES * (0x80 - u64::from(b'a'))) & !(folded + ONES * (0x7f - u64::from(b'z')));
-    let comma_hyphen_dot = (x + ONES * (0x80 - u64::from(b','))) & !(x + ONES * (0x7f - u64::from(b'.')));
-    let name = letter | comma_hyphen_dot | equal(x, b' ') | equal(x, b'\'');
-    !name & !top & TOP
-}
-
 const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
 const TOP: u64 = ONES * 0x80;
 const LOW: u64 = ONES * 0x7f;
@@ -136,14 +102,6 @@ mod tests {
     }
 
     proptest::proptest! {
-        #[test]
-        fn name_bytes_eight_at_a_time_are_one_at_a_time(
-            text in proptest::collection::vec(proptest::sample::select(b"aZ@[`{ '-.,/+=09\x80\xc3\xff~_".to_vec()), 0..30),
-        ) {
-            let slow = text.iter().all(|&b| b >= 0x80 || b.is_ascii_alphabetic() || b" '-.,".contains(&b));
-            proptest::prop_assert_eq!(only_name_bytes(&text), slow);
-        }
-
         #[test]
         fn eight_at_a_time_is_one_at_a_time(
             line in proptest::collection::vec(proptest::sample::select(b"ab,,,\n\"\r\t\x7f\x80\xc3\xa1\xff ".to_vec()), 0..40),

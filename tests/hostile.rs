@@ -5,11 +5,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use common::{Proc, STEP, TestServer, agency, assert_store, expected_store, log_field, read_csv, winners_of};
+use common::{
+    Keys, Proc, STEP, TestServer, TlsClient, agency, assert_store, env_refs, expected_store, log_field, read_csv,
+    winners_of,
+};
 use lottery::tools::hostile::{self, Kind};
 
 const AGENCIES: u32 = 5;
@@ -109,4 +113,142 @@ fn check_hostile_replies(reports: &[hostile::Report]) {
         }
         assert!(!replies.iter().any(|r| r == "ERR CLOSED"), "{kind:?}: {replies:?}");
     }
+}
+
+/// The documented limits on what peers can make the server log: guest lines logged as they are
+/// each second (all guests together), and refusals each second per agency; past them, one
+/// summary line a second.
+const GUEST_LINES_PER_SECOND: usize = 50;
+const REFUSALS_PER_SECOND: usize = 5;
+/// The documented bound on log bytes a second, from all strangers together and from each agency.
+const MAX_LOG_BYTES_PER_SECOND: usize = 16 * 1024;
+
+/// Requests a guest may make before `HELLO`, and refusals in a row an agency gets, before the
+/// connection is closed.
+const REQUESTS_BEFORE_CLOSE: usize = 16;
+
+/// A guest's `BATCH` before `HELLO`, a one-row batch with a valid row, one more than a guest may
+/// make (the last is refused `ERR BUSY`), as one write.
+fn guest_batches() -> Vec<u8> {
+    "BATCH 0 1\nAna,Paz,1,2000-01-01,1\n".repeat(REQUESTS_BEFORE_CLOSE + 1).into_bytes()
+}
+
+/// Strangers over TLS that send batches before `HELLO`, and agency 1 that sends invalid one-row
+/// batches, reconnecting each time the server closes it: the server's log grows at no more than
+/// the documented rate, and every refusal is logged or counted.
+#[test]
+fn a_flood_of_refused_batches_logs_at_a_bounded_rate() {
+    const STRANGERS: usize = 60;
+    const AGENCY_CONNECTIONS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::make(dir.path(), 2);
+    let mut server = TestServer::start(2, &env_refs(&keys.server_env()));
+    let (port, ca) = (server.port, keys.path("ca.pem"));
+    let strangers: Vec<_> = (0..3)
+        .map(|_| {
+            let ca = ca.clone();
+            thread::spawn(move || {
+                for _ in 0..STRANGERS / 3 {
+                    let mut tls = TlsClient::connect(port, &ca);
+                    let _ = tls.write(&guest_batches());
+                    while tls.read_line().is_some() {}
+                }
+            })
+        })
+        .collect();
+    let hello = format!("HELLO 1 {}", keys.token(1));
+    for _ in 0..AGENCY_CONNECTIONS {
+        let mut tls = TlsClient::connect(port, &ca);
+        assert!(tls.send(&hello).starts_with("OK "));
+        tls.write("BATCH 0 1\nAna2,Paz,1,2000-01-01,1\n".repeat(REQUESTS_BEFORE_CLOSE).as_bytes()).unwrap();
+        let replies: Vec<String> = std::iter::from_fn(|| tls.read_line()).collect();
+        assert_eq!(replies.len(), REQUESTS_BEFORE_CLOSE, "{replies:?}");
+        assert!(replies.iter().all(|r| r.starts_with("ERR BAD_BET row 1: first_name has '2'")), "{replies:?}");
+        assert!(replies[REQUESTS_BEFORE_CLOSE - 1].ends_with("16 requests refused in a row, closing"), "{replies:?}");
+    }
+    strangers.into_iter().for_each(|s| s.join().unwrap());
+    let lines = flood_lines(&mut server);
+    let (agency, guests): (Vec<&String>, Vec<&String>) =
+        lines.iter().partition(|l| l.contains("agency: 1 |") || l.contains("error: BAD_BET"));
+    assert_eq!(counted(&agency, "error: BAD_BET", "count"), AGENCY_CONNECTIONS * REQUESTS_BEFORE_CLOSE);
+    assert_eq!(counted(&guests, "error: NO_AGENCY", "batches"), STRANGERS * REQUESTS_BEFORE_CLOSE);
+    assert_bounded(&lines, &guests, GUEST_LINES_PER_SECOND, "strangers");
+    assert_bounded(&lines, &agency, REFUSALS_PER_SECOND, "agency 1");
+}
+
+/// The same for strangers over plain text, on a server without TLS.
+#[test]
+fn a_flood_of_batches_before_hello_in_plain_text_logs_at_a_bounded_rate() {
+    const STRANGERS: usize = 120;
+    let mut server = TestServer::start(2, &[]);
+    let port = server.port;
+    let strangers: Vec<_> = (0..3)
+        .map(|_| {
+            thread::spawn(move || {
+                for _ in 0..STRANGERS / 3 {
+                    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                    let mut stream = TcpStream::connect_timeout(&addr, STEP).unwrap();
+                    stream.set_read_timeout(Some(STEP)).unwrap();
+                    stream.set_write_timeout(Some(STEP)).unwrap();
+                    let _ = stream.write_all(&guest_batches());
+                    let mut replies = Vec::new();
+                    let _ = stream.read_to_end(&mut replies);
+                }
+            })
+        })
+        .collect();
+    strangers.into_iter().for_each(|s| s.join().unwrap());
+    let lines = flood_lines(&mut server);
+    let guests: Vec<&String> = lines.iter().collect();
+    assert_eq!(counted(&guests, "error: NO_AGENCY", "batches"), STRANGERS * REQUESTS_BEFORE_CLOSE);
+    assert_bounded(&lines, &guests, GUEST_LINES_PER_SECOND, "strangers");
+}
+
+/// The server's lines from its start to its shutdown (summaries of what was counted included),
+/// after a SIGTERM.
+fn flood_lines(server: &mut TestServer) -> Vec<String> {
+    server.proc.sigterm();
+    let status = server.proc.wait_exit(STEP);
+    assert!(status.success(), "the server exited with {status}");
+    let lines = server.logs().until_eof();
+    let start = lines.iter().position(|l| l.contains("action: listen | result: success")).unwrap();
+    let shutdown_lines = ["action: close_", "action: join_threads", "action: shutdown"];
+    lines[start + 1..].iter().filter(|l| !shutdown_lines.iter().any(|s| l.contains(s))).cloned().collect()
+}
+
+/// How many events `lines` account for: each line holding `needle`, plus the `key` count of
+/// each summary line.
+fn counted(lines: &[&String], needle: &str, key: &str) -> usize {
+    let summary = |l: &&&String| l.contains("action: guests") || l.contains("action: refusals");
+    let logged = lines.iter().filter(|l| !summary(l) && l.contains(needle)).count();
+    let summarised: usize =
+        lines.iter().filter(summary).filter_map(|l| log_field(l, key).map(|n| n.parse::<usize>().unwrap())).sum();
+    logged + summarised
+}
+
+/// `part`, some of `all` (the flood's lines), holds no more than `per_second` lines, plus one
+/// summary, for each one-second window that can overlap the flood, and no more than the
+/// documented bytes a second. A rate: the span is read from the lines' own timestamps.
+fn assert_bounded(all: &[String], part: &[&String], per_second: usize, who: &str) {
+    let seconds: Vec<i64> = all.iter().map(|l| second_of(l)).collect();
+    let span = (seconds.iter().max().unwrap() - seconds.iter().min().unwrap() + 1) as usize;
+    // Windows last at least a second: at most `span + 1` of them overlap the flood, and the
+    // last one's counts are said at shutdown.
+    let windows = span + 1;
+    let bytes: usize = part.iter().map(|l| l.len() + 1).sum();
+    eprintln!("{who}: {} lines, {bytes} bytes of log in {span} s ({} bytes/s)", part.len(), bytes / span);
+    assert!(part.len() <= windows * (per_second + 1), "{who}: {} lines in {span} s", part.len());
+    assert!(bytes <= windows * MAX_LOG_BYTES_PER_SECOND, "{who}: {bytes} bytes in {span} s");
+}
+
+/// A log line's time, `YYYY-MM-DD HH:MM:SS …`, in seconds.
+fn second_of(line: &str) -> i64 {
+    let number = |range: std::ops::Range<usize>| line[range].parse::<i64>().unwrap();
+    let date = time::Date::from_calendar_date(
+        number(0..4) as i32,
+        time::Month::try_from(number(5..7) as u8).unwrap(),
+        number(8..10) as u8,
+    )
+    .unwrap();
+    i64::from(date.to_julian_day()) * 86_400 + number(11..13) * 3600 + number(14..16) * 60 + number(17..19)
 }

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use common::TestServer;
+use common::{Keys, STEP, TestServer, TlsClient, env_refs};
 
 /// The README's `nc` session, line by line: `> ` is what the person types, `< ` what the server
 /// answers; the README shows exactly these lines. Run against a server for one agency (`SERVER_AGENCIES=1`), so that its `DONE` makes the draw.
@@ -21,7 +21,7 @@ const NC_SESSION: &str = "\
 < OK 1
 > BATCH 1 2
 > María José,Peña,00000042,1985-07-01,7574
-> \"Tiago, Nicolás\",Gómez,27555111,2001-12-24,1234
+> \"Tiago Nicolás\",Gómez,27555111,2001-12-24,1234
 < OK 3
 > BET Ana,Paz,123,2000-02-30,5
 < ERR BAD_BET birthdate \"2000-02-30\" is not a calendar date YYYY-MM-DD
@@ -60,7 +60,7 @@ fn the_readme_nc_session_word_for_word() {
         stored,
         "1,Santiago Lionel,Lorca,30904465,1999-03-17,7574\n\
          1,María José,Peña,00000042,1985-07-01,7574\n\
-         1,\"Tiago, Nicolás\",Gómez,27555111,2001-12-24,1234\n"
+         1,Tiago Nicolás,Gómez,27555111,2001-12-24,1234\n"
     );
 }
 
@@ -187,4 +187,44 @@ fn winners_before_the_draw_waits_for_it_on_every_connection() {
     }
     assert_eq!(last.send("WINNERS"), "WINNERS 0");
     server.logs().wait_for("action: sorteo | result: success");
+}
+
+/// A `HELLO` whose token is not after exactly one space (a tab, two spaces, nothing, trailing
+/// junk, the token on a line of its own) is refused, over TLS, and neither the reply nor the
+/// server's log shows eight characters of the token.
+#[test]
+fn no_reply_or_log_line_quotes_a_token_whatever_surrounds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::make(dir.path(), 2);
+    let mut server = TestServer::start(2, &env_refs(&keys.server_env()));
+    let token = keys.token(1);
+    let forms = [
+        format!("HELLO\t1\t{token}"),
+        format!("HELLO 1\t{token}"),
+        format!("HELLO  1 {token}"),
+        format!("HELLO 1  {token}"),
+        format!("HELLO 1{token}"),
+        format!("HELLO1 {token}"),
+        format!("HELLO {token}"),
+        format!("HELLO 1 {token} junk"),
+        format!("HELLO 1 {token}\x00"),
+        format!("HELLO x {token}"),
+        format!("hello:1:{token}"),
+        token.clone(),
+        format!("{token} HELLO 1"),
+        format!("BET {token}"),
+    ];
+    let mut tls = TlsClient::connect(server.port, &keys.path("ca.pem"));
+    let mut replies = Vec::new();
+    for form in &forms {
+        let reply = tls.send(form);
+        assert!(reply.starts_with("ERR "), "a malformed HELLO was answered {reply}");
+        replies.push(reply);
+    }
+    server.proc.sigterm();
+    server.proc.wait_exit(STEP);
+    let said = format!("{}\n{}", replies.join("\n"), server.logs().until_eof().join("\n"));
+    for part in token.as_bytes().windows(8) {
+        assert!(!said.contains(std::str::from_utf8(part).unwrap()), "a reply or log line quotes part of the token");
+    }
 }

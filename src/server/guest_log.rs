@@ -1,9 +1,17 @@
-//! Log lines about guests (connections not yet authenticated), kept small under attack: up to
-//! [`LINES_PER_SECOND`] of them are logged each second as they are; past that they are only
-//! counted, and the counts are logged as one `action: guests` line when the next second's first
-//! guest event comes (or at shutdown). Connection churn then costs a few kilobytes of log a
-//! second, not megabytes, and a normal round's lines are unchanged.
+//! The lines a peer can make the server log, kept to a bounded rate whatever the peer does.
+//!
+//! Guests (connections not yet authenticated), all together: up to [`LINES_PER_SECOND`] of their
+//! lines are logged each second as they are; past that they are only counted, and the counts
+//! are logged as one `action: guests` line when the next second's first guest event comes (or
+//! at shutdown). Each agency, on its own: up to [`REFUSALS_PER_SECOND`] of its refusals (a batch
+//! refused or cut short, a sync that failed, a session replaced) are logged each second as they
+//! are, the rest counted into one `action: refusals | result: fail | agency: <k> | count: <n> |
+//! error: <codes>` line, in the same way. Connection churn or a stream of bad batches then
+//! costs a few kilobytes of log a second, not megabytes, and a normal round's lines (which hold
+//! no refusal) are unchanged. An agency's stored batches are not limited: each stores at least
+//! one bet, so the agency's quota bounds them.
 
+use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -11,6 +19,9 @@ use log::info;
 
 /// Guest lines logged as they are, each second.
 pub const LINES_PER_SECOND: u32 = 50;
+
+/// An agency's refusal lines logged as they are, each second.
+pub const REFUSALS_PER_SECOND: u32 = 5;
 
 /// What happened to a guest.
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +35,8 @@ pub enum GuestEvent {
     TimedOut,
     /// A `HELLO` refused with `ERR AUTH`.
     AuthFailed,
+    /// A `BATCH` before `HELLO`: refused (`NO_AGENCY`), or cut short.
+    Batch,
 }
 
 #[derive(Default)]
@@ -33,6 +46,7 @@ struct Counts {
     evicted: u64,
     timed_out: u64,
     auth_failed: u64,
+    batches: u64,
 }
 
 impl Counts {
@@ -43,11 +57,12 @@ impl Counts {
             GuestEvent::Evicted => &mut self.evicted,
             GuestEvent::TimedOut => &mut self.timed_out,
             GuestEvent::AuthFailed => &mut self.auth_failed,
+            GuestEvent::Batch => &mut self.batches,
         } += 1;
     }
 
     fn total(&self) -> u64 {
-        self.accepted + self.refused + self.evicted + self.timed_out + self.auth_failed
+        self.accepted + self.refused + self.evicted + self.timed_out + self.auth_failed + self.batches
     }
 }
 
@@ -57,14 +72,28 @@ struct State {
     unlogged: Counts,
 }
 
-/// The rate limit on guest lines, shared by the accept loop and every connection.
+/// One agency's refusals in the current second.
+struct Refusals {
+    window: Instant,
+    logged: u32,
+    unlogged: u64,
+    /// The error of each refusal counted, not logged; each once, in the order first seen.
+    errors: Vec<&'static str>,
+}
+
+/// The rate limits on the lines peers cause: guests', shared by the accept loop and every
+/// connection, and each agency's refusals.
 pub struct GuestLog {
     state: Mutex<State>,
+    agencies: Mutex<HashMap<u32, Refusals>>,
 }
 
 impl Default for GuestLog {
     fn default() -> Self {
-        GuestLog { state: Mutex::new(State { window: Instant::now(), logged: 0, unlogged: Counts::default() }) }
+        GuestLog {
+            state: Mutex::new(State { window: Instant::now(), logged: 0, unlogged: Counts::default() }),
+            agencies: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -86,9 +115,52 @@ impl GuestLog {
         }
     }
 
+    /// Logs one of `agency`'s refusals, whose error is `error`, by calling `line` if this
+    /// second's budget for the agency allows, else counts it.
+    pub fn refusal(&self, agency: u32, error: &'static str, line: impl FnOnce()) {
+        let mut agencies = self.agencies.lock().unwrap_or_else(PoisonError::into_inner);
+        let refusals = agencies.entry(agency).or_insert_with(|| Refusals {
+            window: Instant::now(),
+            logged: 0,
+            unlogged: 0,
+            errors: Vec::new(),
+        });
+        if refusals.window.elapsed() >= Duration::from_secs(1) {
+            summarise_refusals(agency, refusals);
+            refusals.window = Instant::now();
+            refusals.logged = 0;
+        }
+        if refusals.logged < REFUSALS_PER_SECOND {
+            refusals.logged += 1;
+            drop(agencies);
+            line();
+        } else {
+            refusals.unlogged += 1;
+            if !refusals.errors.contains(&error) {
+                refusals.errors.push(error);
+            }
+        }
+    }
+
     /// Logs what is counted and not yet said (at shutdown).
     pub fn flush(&self) {
         summarise(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut agencies = self.agencies.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut agencies: Vec<_> = agencies.iter_mut().collect();
+        agencies.sort_by_key(|(agency, _)| **agency);
+        for (agency, refusals) in agencies {
+            summarise_refusals(*agency, refusals);
+        }
+    }
+}
+
+fn summarise_refusals(agency: u32, refusals: &mut Refusals) {
+    if refusals.unlogged > 0 {
+        let count = std::mem::take(&mut refusals.unlogged);
+        let errors = std::mem::take(&mut refusals.errors).join(",");
+        info!(
+            "action: refusals | result: fail | agency: {agency} | count: {count} | error: {errors} | detail: more than {REFUSALS_PER_SECOND} refusals in a second; these were counted, not logged"
+        );
     }
 }
 
@@ -96,8 +168,8 @@ fn summarise(st: &mut State) {
     let c = std::mem::take(&mut st.unlogged);
     if c.total() > 0 {
         info!(
-            "action: guests | result: fail | accepted: {} | refused: {} | evicted: {} | timed_out: {} | auth_failed: {} | detail: more than {LINES_PER_SECOND} guest lines in a second; these were counted, not logged",
-            c.accepted, c.refused, c.evicted, c.timed_out, c.auth_failed
+            "action: guests | result: fail | accepted: {} | refused: {} | evicted: {} | timed_out: {} | auth_failed: {} | batches: {} | detail: more than {LINES_PER_SECOND} guest lines in a second; these were counted, not logged",
+            c.accepted, c.refused, c.evicted, c.timed_out, c.auth_failed, c.batches
         );
     }
 }
@@ -116,5 +188,21 @@ mod tests {
         assert_eq!(lines, LINES_PER_SECOND);
         let st = log.state.lock().unwrap();
         assert_eq!(st.unlogged.accepted, 30);
+    }
+
+    #[test]
+    fn past_the_budget_an_agencys_refusals_are_counted_per_agency() {
+        let log = GuestLog::default();
+        let mut lines = 0;
+        for _ in 0..REFUSALS_PER_SECOND + 7 {
+            log.refusal(1, "BAD_BET", || lines += 1);
+        }
+        log.refusal(1, "QUOTA", || lines += 1);
+        log.refusal(2, "BAD_BET", || lines += 1);
+        assert_eq!(lines, REFUSALS_PER_SECOND + 1);
+        let agencies = log.agencies.lock().unwrap();
+        assert_eq!(agencies[&1].unlogged, 8);
+        assert_eq!(agencies[&1].errors, ["BAD_BET", "QUOTA"]);
+        assert_eq!(agencies[&2].unlogged, 0);
     }
 }

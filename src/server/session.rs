@@ -28,6 +28,11 @@ const FAREWELL: Duration = Duration::from_millis(100);
 /// Most batches appended and not yet acknowledged on one connection.
 const MAX_PENDING: usize = 64;
 
+/// Requests of an agency refused one after another (bad batches, say) before its connection is
+/// closed: it must reconnect, a TLS handshake and a `HELLO`, before the server reads more. As
+/// many as a guest may make before `HELLO`.
+const MAX_REFUSALS_IN_A_ROW: u32 = MAX_GUEST_REQUESTS;
+
 /// How often a `WINNERS` waiter looks up from the round to see whether its client is still
 /// there (or was replaced): a client that hangs up frees its thread within this.
 const WAITER_CHECK: Duration = Duration::from_millis(250);
@@ -54,12 +59,13 @@ pub struct Context<'a> {
 
 /// One connection's state besides its socket.
 pub struct Session<'a> {
-    round: &'a dyn Ledger,
     cx: Context<'a>,
-    idle_timeout: Duration,
     agency: Option<u32>,
     /// Requests made while a guest.
     guest_requests: u32,
+    /// Requests refused since the last one that was not: past [`MAX_REFUSALS_IN_A_ROW`], the
+    /// connection is closed.
+    refused_in_a_row: u32,
     parser: RowParser,
     writer: RowWriter,
     /// A batch's rows: checked in place and copied (or re-encoded) into `rows`, both reused
@@ -70,28 +76,46 @@ pub struct Session<'a> {
     pending: Vec<(Appended, u32)>,
 }
 
-/// What to do after a reply.
-enum Next {
-    Continue,
-    Close,
-}
-
-/// Why a request (a batch with its rows) could not be read whole: the connection is over.
-enum Cut {
-    Read(ReadError),
+/// Why the conversation is over: [`Session::serve`] returns it with `?`, and [`Session::end`]
+/// says it to the client if it can still hear, and closes.
+enum End {
+    /// The reply already sent was the last (`BYE`, `ERR SHUTDOWN`), or the client left.
+    Closed,
+    /// Writing failed: the client is gone.
+    Gone,
+    /// A refusal that ends the connection: an identity refused (`ERR AUTH`), too many requests
+    /// before `HELLO`, or too many refused in a row.
+    Refused(ProtocolError),
+    /// Reading the request (or a batch's rows, `batch`) failed: closed, timed out, too long.
+    Read(ReadError, &'static str),
+    /// A batch's header and rows over 8 KiB.
     TooBig,
     /// Another connection ended this one: a newer one of the same agency, or a newer guest.
     Ended,
 }
 
+impl From<std::io::Error> for End {
+    fn from(_: std::io::Error) -> Self {
+        End::Gone
+    }
+}
+
+/// A request line as read: what it asks, and what the rows of a batch are held to.
+struct Incoming {
+    request: Result<Request, ProtocolError>,
+    /// The line's own length, `\n` included: it counts against a batch's 8 KiB.
+    header_len: usize,
+    /// When the request, a batch's rows included, must have arrived.
+    deadline: Instant,
+}
+
 impl<'a> Session<'a> {
     pub fn new(cx: Context<'a>) -> Self {
         Session {
-            round: cx.round,
-            idle_timeout: cx.idle_timeout,
             guest_requests: cx.guest_requests,
             cx,
             agency: None,
+            refused_in_a_row: 0,
             parser: RowParser::default(),
             writer: RowWriter::default(),
             encoder: RowEncoder::new(bet::today()),
@@ -102,98 +126,130 @@ impl<'a> Session<'a> {
 
     /// Serves `conn` until the client quits, breaks the protocol beyond repair, goes silent
     /// for the idle timeout, or the server shuts down.
+    pub fn run(mut self, conn: &mut Connection) {
+        if let Err(end) = self.serve(conn) {
+            self.end(conn, end);
+        }
+    }
+
+    /// Reads the next request, answers it, and again, until something ends the conversation.
     ///
     /// Batches from a client that pipelines them are appended back to back and acknowledged
     /// together after one sync: the session only waits for durability (and answers) when no
     /// further request has arrived, or before answering a request of another kind.
-    pub fn run(mut self, conn: &mut Connection) {
+    fn serve(&mut self, conn: &mut Connection) -> Result<(), End> {
         loop {
-            let idle = !self.pending.is_empty() && !conn.has_buffered_line() && !conn.fill_available();
-            if idle && self.acknowledge(conn).is_err() {
-                return;
+            if !self.pending.is_empty() && !conn.has_buffered_line() && !conn.fill_available() {
+                self.acknowledge(conn)?;
             }
-            // Each request, a batch with all its rows included, must arrive within the timeout;
-            // a guest's, also before its time as a guest is up.
-            let guest_deadline = self.guest_deadline();
-            if guest_deadline.is_some_and(|d| Instant::now() >= d) {
-                return self.end(conn, Cut::Read(ReadError::TimedOut), "request");
-            }
-            let deadline = guest_deadline
-                .map_or(Instant::now() + self.idle_timeout, |d| d.min(Instant::now() + self.idle_timeout));
-            let (header_len, request) = match conn.read_line(deadline) {
-                Ok(line) => (line.len() + 1, protocol::parse_request(line)),
-                Err(e) => return self.end(conn, Cut::Read(e), "request"),
-            };
-            if self.cx.peer.ended() != Ended::No {
-                return self.end(conn, Cut::Ended, "request");
-            }
-            if let Ok(request) = &request
-                && let Err(refused) = self.allowed(request, conn.is_tls())
-            {
-                return self.refuse(conn, refused);
-            }
-            if let Err(refused) = self.count_guest_request(&request) {
-                return self.refuse(conn, refused);
-            }
-            let (reply, next) = match request {
-                Ok(Request::Batch { offset, count }) => {
-                    match self.read_batch(conn, (offset, count), header_len, deadline) {
-                        Ok(Ok(appended)) => {
-                            self.pending.push((appended, count));
-                            let full = self.pending.len() >= MAX_PENDING || !self.round.pipelines();
-                            if full && self.acknowledge(conn).is_err() {
-                                return;
-                            }
-                            continue;
-                        }
-                        Ok(Err(refused)) => (Reply::Err(refused), Next::Continue),
-                        Err(cut) => {
-                            info!(
-                                "action: apuesta_recibida | result: fail | cantidad: {count} | error: batch cut short"
-                            );
-                            return self.end(conn, cut, "batch");
-                        }
-                    }
-                }
-                Ok(request) => {
-                    // Replies go out in request order, and DONE must follow every OK.
-                    if self.acknowledge(conn).is_err() {
-                        return;
-                    }
-                    match request {
-                        Request::Hello { agency, token } => match self.hello(agency, token) {
-                            Ok(reply) => (reply, Next::Continue),
-                            Err(refused) if refused.code == ErrorCode::Auth => return self.refuse(conn, refused),
-                            Err(refused) => (Reply::Err(refused), Next::Continue),
-                        },
-                        Request::Winners => match self.wait_winners(conn) {
-                            Some(reply) => (reply, Next::Continue),
-                            None => return,
-                        },
-                        request => self.apply(request),
-                    }
-                }
-                Err(e) => (Reply::Err(e), Next::Continue),
-            };
-            // A guest's reply must be taken before its time is up, not within the idle timeout.
-            if let Some(deadline) = self.guest_deadline() {
-                conn.set_write_timeout(deadline.saturating_duration_since(Instant::now()).max(FAREWELL));
-            } else {
-                conn.set_write_timeout(self.idle_timeout);
-            }
-            if let Reply::Err(e) = &reply {
-                self.cx.metrics.refused(e.code);
-            }
-            if self.acknowledge(conn).and_then(|()| conn.write_reply(&reply)).is_err() {
-                return;
-            }
-            // `ERR SHUTDOWN` is the last thing a client hears.
-            let shutting_down = matches!(&reply, Reply::Err(e) if e.code == ErrorCode::Shutdown);
-            if shutting_down || matches!(next, Next::Close) {
-                conn.close();
-                return;
+            let incoming = self.read_request(conn)?;
+            self.admit(&incoming.request, conn.is_tls())?;
+            if let Some(reply) = self.dispatch(conn, incoming)? {
+                self.reply(conn, reply)?;
             }
         }
+    }
+
+    /// Reads one request line. Each request, a batch with all its rows included, must arrive
+    /// within the idle timeout; a guest's, also before its time as a guest is up.
+    fn read_request(&mut self, conn: &mut Connection) -> Result<Incoming, End> {
+        let now = Instant::now();
+        let guest_deadline = self.guest_deadline();
+        if guest_deadline.is_some_and(|d| now >= d) {
+            return Err(End::Read(ReadError::TimedOut, "request"));
+        }
+        let idle = now + self.cx.idle_timeout;
+        let deadline = guest_deadline.map_or(idle, |d| d.min(idle));
+        let line = conn.read_line(deadline).map_err(|e| End::Read(e, "request"))?;
+        let (header_len, request) = (line.len() + 1, protocol::parse_request(line));
+        if self.cx.peer.ended() != Ended::No {
+            return Err(End::Ended);
+        }
+        Ok(Incoming { request, header_len, deadline })
+    }
+
+    /// Whether this connection may make the request at all: over plain text on a TLS server,
+    /// only the probes `PING`, `STATUS` and `QUIT`; a guest, at most [`MAX_GUEST_REQUESTS`].
+    fn admit(&mut self, request: &Result<Request, ProtocolError>, tls: bool) -> Result<(), End> {
+        if let Ok(request) = request {
+            let probe = matches!(request, Request::Ping | Request::Status | Request::Quit);
+            if !probe && !tls && self.cx.security.tls.is_some() {
+                let refused = ProtocolError::new(ErrorCode::Auth, "this server takes agencies over TLS only");
+                return Err(End::Refused(refused));
+            }
+        }
+        self.count_guest_request(request).map_err(End::Refused)
+    }
+
+    /// Carries out a request. `None`: a batch appended, to be acknowledged once durable.
+    fn dispatch(&mut self, conn: &mut Connection, incoming: Incoming) -> Result<Option<Reply>, End> {
+        let request = match incoming.request {
+            Ok(Request::Batch { offset, count }) => {
+                return self.batch(conn, (offset, count), incoming.header_len, incoming.deadline);
+            }
+            Ok(request) => request,
+            Err(refused) => return Ok(Some(Reply::Err(refused))),
+        };
+        // Replies go out in request order, and DONE must follow every OK.
+        self.acknowledge(conn)?;
+        let reply = match request {
+            Request::Ping => Ok(Reply::Pong),
+            Request::Quit => Ok(Reply::Bye),
+            Request::Status => self.cx.round.status().map(Reply::Status),
+            Request::Bet(row) => self.bet(&row),
+            Request::Done => self
+                .agency()
+                .and_then(|a| self.cx.round.done(a).map(|()| self.cx.metrics.done(a)))
+                .map(|()| Reply::Ok(None)),
+            Request::Hello { agency, token } => match self.hello(agency, token) {
+                Err(refused) if refused.code == ErrorCode::Auth => return Err(End::Refused(refused)),
+                reply => reply,
+            },
+            Request::Winners => return self.wait_winners(conn).map(Some),
+            // Dispatched above, with its rows.
+            Request::Batch { .. } => Err(ProtocolError::new(ErrorCode::BadRequest, "not a one-line request")),
+        };
+        Ok(Some(reply.unwrap_or_else(Reply::Err)))
+    }
+
+    /// Writes `reply` after what is pending. `BYE` and `ERR SHUTDOWN` are the last a client
+    /// hears; a refusal past [`MAX_REFUSALS_IN_A_ROW`] ends the connection.
+    fn reply(&mut self, conn: &mut Connection, reply: Reply) -> Result<(), End> {
+        if let Reply::Err(e) = &reply {
+            self.cx.metrics.refused(e.code);
+        }
+        self.count_refusal(&reply)?;
+        // A guest's reply must be taken before its time is up, not within the idle timeout.
+        match self.guest_deadline() {
+            Some(deadline) => conn.set_write_timeout(deadline.saturating_duration_since(Instant::now()).max(FAREWELL)),
+            None => conn.set_write_timeout(self.cx.idle_timeout),
+        }
+        self.acknowledge(conn)?;
+        conn.write_reply(&reply)?;
+        match reply {
+            Reply::Bye => Err(End::Closed),
+            Reply::Err(e) if e.code == ErrorCode::Shutdown => Err(End::Closed),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts an agency's refusals in a row: the one that reaches [`MAX_REFUSALS_IN_A_ROW`]
+    /// is sent as the connection's last word. A client whose requests keep failing reconnects
+    /// (a TLS handshake and a `HELLO`) before the server reads any more of them.
+    fn count_refusal(&mut self, reply: &Reply) -> Result<(), End> {
+        let Reply::Err(refused) = reply else {
+            self.refused_in_a_row = 0;
+            return Ok(());
+        };
+        if self.agency.is_none() {
+            return Ok(());
+        }
+        self.refused_in_a_row += 1;
+        if self.refused_in_a_row < MAX_REFUSALS_IN_A_ROW {
+            return Ok(());
+        }
+        let why = format!("{}; {MAX_REFUSALS_IN_A_ROW} requests refused in a row, closing", refused.message);
+        Err(End::Refused(ProtocolError::new(refused.code, why)))
     }
 
     /// Waits until every pending batch is durable, then answers each, in order.
@@ -201,52 +257,37 @@ impl<'a> Session<'a> {
         let Some(end) = self.pending.iter().map(|(a, _)| a.end).max() else {
             return Ok(());
         };
-        let durable = self.round.make_durable(end);
-        for (appended, count) in self.pending.drain(..) {
+        let durable = self.cx.round.make_durable(end);
+        // Taken out (and put back, with its allocation) so that the loop may log through `self`.
+        let mut pending = std::mem::take(&mut self.pending);
+        for (appended, count) in pending.drain(..) {
             let reply = match &durable {
                 Ok(()) => {
                     self.cx.metrics.stored(count);
                     info!("action: apuesta_recibida | result: success | cantidad: {count}");
+                    self.refused_in_a_row = 0;
                     Reply::Ok(Some(appended.stored))
                 }
                 Err(e) => {
                     self.cx.metrics.refused(e.code);
-                    info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: {}", e.code.as_str());
+                    self.log_batch_refused(count, e.code.as_str());
+                    self.refused_in_a_row += 1;
                     Reply::Err(e.clone())
                 }
             };
             conn.queue_reply(&reply);
         }
+        self.pending = pending;
         conn.flush().inspect_err(|e| debug!("action: reply | result: fail | error: {e}"))
     }
 
-    /// Answers a request that is one line long.
-    fn apply(&mut self, request: Request) -> (Reply, Next) {
-        let reply = match request {
-            Request::Ping => Ok(Reply::Pong),
-            Request::Quit => return (Reply::Bye, Next::Close),
-            Request::Status => self.round.status().map(Reply::Status),
-            Request::Bet(row) => self.bet(&row),
-            Request::Done => self
-                .agency()
-                .and_then(|a| self.round.done(a).map(|()| self.cx.metrics.done(a)))
-                .map(|()| Reply::Ok(None)),
-            // Read with its rows, answered or waited for by `run`.
-            Request::Batch { .. } | Request::Hello { .. } | Request::Winners => {
-                Err(ProtocolError::new(ErrorCode::BadRequest, "not a one-line request"))
-            }
-        };
-        (reply.unwrap_or_else(Reply::Err), Next::Continue)
-    }
-
-    /// Whether this connection may make `request` at all: over plain text on a TLS server, only
-    /// the probes `PING`, `STATUS` and `QUIT`.
-    fn allowed(&self, request: &Request, tls: bool) -> Result<(), ProtocolError> {
-        let probe = matches!(request, Request::Ping | Request::Status | Request::Quit);
-        if probe || tls || self.cx.security.tls.is_none() {
-            Ok(())
-        } else {
-            Err(ProtocolError::new(ErrorCode::Auth, "this server takes agencies over TLS only"))
+    /// Logs a batch refused (or cut short): an agency's through its refusals' rate limit, a
+    /// guest's through the guests'.
+    fn log_batch_refused(&self, count: u32, error: &'static str) {
+        let line = || info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: {error}");
+        match self.agency {
+            Some(agency) => self.cx.guest_log.refusal(agency, error, line),
+            None => self.cx.guest_log.event(GuestEvent::Batch, line),
         }
     }
 
@@ -254,7 +295,7 @@ impl<'a> Session<'a> {
     /// in protected mode), then the count it holds; this connection now speaks for it, and an
     /// older connection of the same agency is ended.
     fn hello(&mut self, agency: u32, token: Option<Token>) -> Result<Reply, ProtocolError> {
-        self.round.check_agency(agency)?;
+        self.cx.round.check_agency(agency)?;
         if let Err(why) = auth::check_hello(self.cx.security.keys.as_ref(), agency, token.as_ref(), self.cx.ip) {
             let ip = self.cx.ip;
             self.cx.registry.suspects().failed(ip);
@@ -265,45 +306,39 @@ impl<'a> Session<'a> {
         }
         // Authenticated: no guest any more, before the count's wait for a sync in progress.
         if self.cx.registry.claim(agency, self.cx.id) {
-            info!("action: replace_session | result: success | agency: {agency} | ip: {}", self.cx.ip);
+            let ip = self.cx.ip;
+            self.cx.guest_log.refusal(agency, "REPLACED", || {
+                info!("action: replace_session | result: success | agency: {agency} | ip: {ip}");
+            });
         }
         self.agency = Some(agency);
         self.cx.metrics.hello(self.cx.id, agency);
-        let stored = self.round.hello(agency)?;
+        let stored = self.cx.round.hello(agency)?;
         Ok(Reply::Ok(Some(stored)))
     }
 
     /// `WINNERS`: waits for the draw, looking up every [`WAITER_CHECK`] to see whether the
-    /// client hung up or was replaced. `None` if the connection is over.
-    fn wait_winners(&mut self, conn: &mut Connection) -> Option<Reply> {
+    /// client hung up or was replaced.
+    fn wait_winners(&mut self, conn: &mut Connection) -> Result<Reply, End> {
         let agency = match self.agency() {
             Ok(agency) => agency,
-            Err(e) => return Some(Reply::Err(e)),
+            Err(e) => return Ok(Reply::Err(e)),
         };
         loop {
-            match self.round.winners(agency, WAITER_CHECK) {
-                Ok(Some(line)) => return Some(Reply::Line(line)).inspect(|_| self.cx.metrics.told(agency)),
-                Err(e) => return Some(Reply::Err(e)),
-                Ok(None) if self.cx.peer.ended() != Ended::No => {
-                    self.end(conn, Cut::Ended, "request");
-                    return None;
+            match self.cx.round.winners(agency, WAITER_CHECK) {
+                Ok(Some(line)) => {
+                    self.cx.metrics.told(agency);
+                    return Ok(Reply::Line(line));
                 }
+                Err(e) => return Ok(Reply::Err(e)),
+                Ok(None) if self.cx.peer.ended() != Ended::No => return Err(End::Ended),
                 Ok(None) if conn.peer_gone() => {
                     debug!("action: winners | result: fail | agency: {agency} | error: the client hung up");
-                    conn.close();
-                    return None;
+                    return Err(End::Closed);
                 }
                 Ok(None) => {}
             }
         }
-    }
-
-    /// Answers an identity refusal and ends the connection.
-    fn refuse(&mut self, conn: &mut Connection, refused: ProtocolError) {
-        self.cx.metrics.refused(refused.code);
-        let _ = self.acknowledge(conn);
-        let _ = conn.write_reply(&Reply::Err(refused));
-        conn.close();
     }
 
     /// While a guest, notes how far it has got (which decides who is evicted first) and counts
@@ -339,10 +374,39 @@ impl<'a> Session<'a> {
             self.parser.bet(row, bet::today()).map_err(|e| ProtocolError::new(ErrorCode::BadBet, e.to_string()))?;
         self.writer.push_stored(agency, &bet);
         let rows = Rows { ends: vec![self.writer.len()], bytes: self.writer.take() };
-        let stored = self.round.store(agency, None, &rows)?;
+        let stored = self.cx.round.store(agency, None, &rows)?;
         self.cx.metrics.stored(1);
         info!("action: apuesta_almacenada | result: success | dni: {} | numero: {}", bet.document, bet.number);
         Ok(Reply::Ok(Some(stored)))
+    }
+
+    /// `BATCH`: its rows read and appended, to be acknowledged once durable (`None`), or its
+    /// refusal. Too many appended and not yet acknowledged (or a ledger that does not pipeline)
+    /// and the session waits for them now.
+    fn batch(
+        &mut self,
+        conn: &mut Connection,
+        (offset, count): (u64, u32),
+        header_len: usize,
+        deadline: Instant,
+    ) -> Result<Option<Reply>, End> {
+        match self.read_batch(conn, (offset, count), header_len, deadline) {
+            Ok(Ok(appended)) => {
+                self.pending.push((appended, count));
+                if self.pending.len() >= MAX_PENDING || !self.cx.round.pipelines() {
+                    self.acknowledge(conn)?;
+                }
+                Ok(None)
+            }
+            Ok(Err(refused)) => {
+                self.log_batch_refused(count, refused.code.as_str());
+                Ok(Some(Reply::Err(refused)))
+            }
+            Err(end) => {
+                self.log_batch_refused(count, "batch cut short");
+                Err(end)
+            }
+        }
     }
 
     /// Reads the `count` rows of a batch (all of them, even after a bad one, so that the
@@ -355,7 +419,7 @@ impl<'a> Session<'a> {
         (offset, count): (u64, u32),
         header_len: usize,
         deadline: Instant,
-    ) -> Result<Result<Appended, ProtocolError>, Cut> {
+    ) -> Result<Result<Appended, ProtocolError>, End> {
         self.encoder.set_today(bet::today());
         let agency = self.agency.unwrap_or(0);
         let mut size = header_len;
@@ -363,10 +427,10 @@ impl<'a> Session<'a> {
         self.rows.bytes.clear();
         self.rows.ends.clear();
         for i in 1..=count {
-            let line = conn.read_line(deadline).map_err(Cut::Read)?;
+            let line = conn.read_line(deadline).map_err(|e| End::Read(e, "batch"))?;
             size += line.len() + 1;
             if size > MAX_LINE {
-                return Err(Cut::TooBig);
+                return Err(End::TooBig);
             }
             if first_error.is_some() {
                 continue;
@@ -376,61 +440,72 @@ impl<'a> Session<'a> {
                 Err(e) => first_error = Some(format!("row {i}: {e}")),
             }
         }
-        let result = self.agency().and_then(|agency| match first_error {
+        Ok(self.agency().and_then(|agency| match first_error {
             Some(why) => Err(ProtocolError::new(ErrorCode::BadBet, why)),
-            None => self.round.append(agency, Some(offset), &self.rows),
-        });
-        if let Err(e) = &result {
-            info!("action: apuesta_recibida | result: fail | cantidad: {count} | error: {}", e.code.as_str());
-        }
-        Ok(result)
+            None => self.cx.round.append(agency, Some(offset), &self.rows),
+        }))
     }
 
     /// Acknowledges what is pending, tells the client why the connection ends if it can still
     /// hear it, and closes.
-    fn end(&mut self, conn: &mut Connection, cut: Cut, reading: &str) {
+    fn end(&mut self, conn: &mut Connection, end: End) {
+        if matches!(end, End::Gone) {
+            return;
+        }
         let _ = self.acknowledge(conn);
         // A connection ended by another was woken by the shutdown of its reading half: say why.
-        let cut = if self.cx.peer.ended() == Ended::No { cut } else { Cut::Ended };
-        let reply = match cut {
-            Cut::Ended if self.cx.peer.ended() == Ended::Replaced => {
-                let agency = self.agency.map(|a| a.to_string()).unwrap_or_default();
-                Some((ErrorCode::Replaced, format!("agency {agency} connected again on another connection")))
-            }
-            Cut::Ended => {
-                conn.set_write_timeout(FAREWELL);
-                Some((ErrorCode::Busy, registry::EVICTED.to_owned()))
-            }
-            Cut::Read(ReadError::TimedOut) if self.guest_deadline().is_some_and(|d| Instant::now() >= d) => {
-                let ip = self.cx.ip;
-                self.cx.registry.suspects().failed(ip);
-                self.cx.guest_log.event(GuestEvent::TimedOut, || {
-                    info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT");
-                });
-                conn.set_write_timeout(FAREWELL);
-                let ms = self.cx.hello_timeout.as_millis();
-                Some((ErrorCode::Timeout, format!("no HELLO (or end to a probe) within {ms} ms")))
-            }
-            Cut::TooBig => Some((ErrorCode::TooLong, format!("a batch is at most {MAX_LINE} bytes, header and rows"))),
-            // Our own shutdown closed the reading half: the client can still hear why.
-            Cut::Read(ReadError::Closed | ReadError::ClosedMidLine) if self.round.is_shutting_down() => {
-                Some((ErrorCode::Shutdown, "the server is shutting down".to_owned()))
-            }
-            Cut::Read(ReadError::Closed) => None,
-            Cut::Read(error @ (ReadError::ClosedMidLine | ReadError::Io(_))) => {
-                debug!("action: read_{reading} | result: fail | error: {error:?}");
-                None
-            }
-            Cut::Read(ReadError::TooLong) => Some((ErrorCode::TooLong, format!("a line is at most {MAX_LINE} bytes"))),
-            Cut::Read(ReadError::TimedOut) => {
-                let ms = self.idle_timeout.as_millis();
-                Some((ErrorCode::Timeout, format!("no complete {reading} within {ms} ms")))
-            }
-        };
-        if let Some((code, why)) = reply {
-            self.cx.metrics.refused(code);
-            let _ = conn.write_reply(&Reply::Err(ProtocolError::new(code, format!("{why}; closing"))));
+        let end = if self.cx.peer.ended() == Ended::No { end } else { End::Ended };
+        if let Some(last_word) = self.last_word(conn, end) {
+            self.cx.metrics.refused(last_word.code);
+            let _ = conn.write_reply(&Reply::Err(last_word));
         }
         conn.close();
+    }
+
+    /// What a client hears as the connection ends, if anything.
+    fn last_word(&mut self, conn: &mut Connection, end: End) -> Option<ProtocolError> {
+        let (code, why) = match end {
+            End::Closed | End::Gone => return None,
+            End::Refused(refused) => return Some(refused),
+            End::Ended if self.cx.peer.ended() == Ended::Replaced => {
+                let agency = self.agency.map(|a| a.to_string()).unwrap_or_default();
+                (ErrorCode::Replaced, format!("agency {agency} connected again on another connection"))
+            }
+            End::Ended => {
+                conn.set_write_timeout(FAREWELL);
+                (ErrorCode::Busy, registry::EVICTED.to_owned())
+            }
+            End::Read(ReadError::TimedOut, _) if self.guest_deadline().is_some_and(|d| Instant::now() >= d) => {
+                conn.set_write_timeout(FAREWELL);
+                self.guest_timed_out()
+            }
+            End::TooBig => (ErrorCode::TooLong, format!("a batch is at most {MAX_LINE} bytes, header and rows")),
+            // Our own shutdown closed the reading half: the client can still hear why.
+            End::Read(ReadError::Closed | ReadError::ClosedMidLine, _) if self.cx.round.is_shutting_down() => {
+                (ErrorCode::Shutdown, "the server is shutting down".to_owned())
+            }
+            End::Read(ReadError::Closed, _) => return None,
+            End::Read(error @ (ReadError::ClosedMidLine | ReadError::Io(_)), reading) => {
+                debug!("action: read_{reading} | result: fail | error: {error:?}");
+                return None;
+            }
+            End::Read(ReadError::TooLong, _) => (ErrorCode::TooLong, format!("a line is at most {MAX_LINE} bytes")),
+            End::Read(ReadError::TimedOut, reading) => {
+                let ms = self.cx.idle_timeout.as_millis();
+                (ErrorCode::Timeout, format!("no complete {reading} within {ms} ms"))
+            }
+        };
+        Some(ProtocolError::new(code, format!("{why}; closing")))
+    }
+
+    /// A guest's time is up: it counts against its address, and it has a moment to read why.
+    fn guest_timed_out(&mut self) -> (ErrorCode, String) {
+        let ip = self.cx.ip;
+        self.cx.registry.suspects().failed(ip);
+        self.cx.guest_log.event(GuestEvent::TimedOut, || {
+            info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT");
+        });
+        let ms = self.cx.hello_timeout.as_millis();
+        (ErrorCode::Timeout, format!("no HELLO (or end to a probe) within {ms} ms"))
     }
 }

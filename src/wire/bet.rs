@@ -40,6 +40,11 @@ pub enum BetError {
         field: &'static str,
         why: &'static str,
     },
+    /// A character no name holds (see [`is_name_char`]).
+    NameChar {
+        field: &'static str,
+        found: char,
+    },
     Document(String),
     Birthdate {
         value: String,
@@ -56,6 +61,10 @@ impl fmt::Display for BetError {
                 write!(f, "expected {expected} fields, found {found}")
             }
             BetError::Name { field, why } => write!(f, "{field} {why}"),
+            // `{:?}` escapes what cannot be shown (a line separator, a format character).
+            BetError::NameChar { field, found } => {
+                write!(f, "{field} has {found:?}, which is not a letter, mark, space, apostrophe, hyphen or dot")
+            }
             BetError::Document(v) => write!(f, "document {v:?} is not 1 to 10 digits"),
             BetError::Birthdate { value, why } => write!(f, "birthdate {value:?} {why}"),
             BetError::Number(v) => write!(f, "number {v:?} is not an integer in 0..=9999"),
@@ -94,13 +103,36 @@ impl Bet {
     }
 }
 
+/// What a name may not start with: a spreadsheet would read the name as a formula.
+pub const FORMULA_STARTS: [char; 4] = ['=', '+', '-', '@'];
+
+/// Whether a name may hold `c`: a letter or a mark, a space, an apostrophe, a hyphen or a dot.
+/// Nothing else: no digit, comma, quote or symbol, and so no control, separator (but the ASCII
+/// space) or format character, none of which a spreadsheet or a line-based tool takes as text.
+///
+/// Letters are Unicode's Alphabetic property (letters, and the marks that are part of a
+/// script's letters); marks are also the combining diacritics that decomposed text (`e` +
+/// U+0301) puts after a letter.
+pub fn is_name_char(c: char) -> bool {
+    // Latin letters first, as most names hold (all of U+00C0..=U+024F but × and ÷ are
+    // letters): Unicode's tables cost more.
+    matches!(c, '\u{c0}'..='\u{24f}') && c != '×' && c != '÷'
+        || c.is_alphabetic()
+        || matches!(c, ' ' | '\'' | '\u{2019}' | '-' | '\u{2010}' | '.')
+        || matches!(c, '\u{300}'..='\u{36f}' | '\u{1ab0}'..='\u{1aff}' | '\u{1dc0}'..='\u{1dff}' | '\u{20d0}'..='\u{20f0}' | '\u{fe20}'..='\u{fe2f}')
+}
+
 fn check_name(field: &'static str, value: &str) -> Result<(), BetError> {
     let why = if value.is_empty() {
         "is empty"
     } else if value.len() > MAX_NAME_BYTES {
         "is longer than 100 bytes"
+    } else if value.starts_with(FORMULA_STARTS) {
+        "starts with one of = + - @ (a spreadsheet formula)"
     } else if value.chars().any(char::is_control) {
         "has a control character"
+    } else if let Some(found) = value.chars().find(|&c| !is_name_char(c)) {
+        return Err(BetError::NameChar { field, found });
     } else {
         return Ok(());
     };
@@ -335,15 +367,50 @@ mod tests {
     }
 
     #[test]
-    fn quoted_fields_round_trip() {
-        let bet = parse(r#""Ana, María","O""Brien",1,2000-01-01,0"#).unwrap();
-        assert_eq!(bet.first_name, "Ana, María");
-        assert_eq!(bet.last_name, "O\"Brien");
+    fn quoted_fields_are_read_and_written_back_as_needed() {
+        let bet = parse(r#""Ana María","O'Brien",1,2000-01-01,0"#).unwrap();
+        assert_eq!(bet.first_name, "Ana María");
+        assert_eq!(bet.last_name, "O'Brien");
         let mut w = RowWriter::default();
         w.push_bet(&bet);
         let line = w.take();
-        assert_eq!(line, b"\"Ana, Mar\xc3\xada\",\"O\"\"Brien\",1,2000-01-01,0\n");
+        assert_eq!(line, "Ana María,O'Brien,1,2000-01-01,0\n".as_bytes());
         assert_eq!(parse(std::str::from_utf8(&line[..line.len() - 1]).unwrap()), Ok(bet));
+    }
+
+    #[test]
+    fn the_latin_shortcut_is_unicodes_answer() {
+        for c in '\u{c0}'..='\u{24f}' {
+            assert_eq!(is_name_char(c), c.is_alphabetic(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn a_name_is_letters_marks_spaces_apostrophes_hyphens_and_dots() {
+        for name in ["Ñandú", "O'Brien", "D\u{2019}Amico", "Jean-Luc", "Ma. José", "Jose\u{301}", "Zoë", "李", "Ærø"]
+        {
+            assert!(parse(&format!("{name},Paz,1,2000-01-01,1")).is_ok(), "{name}");
+        }
+        let refused = [
+            ("=cmd|' /C calc'!A0", "first_name starts with one of = + - @"),
+            ("+1", "first_name starts with one of"),
+            ("-Ana", "first_name starts with one of"),
+            ("@SUM", "first_name starts with one of"),
+            ("\"Ana, María\"", "first_name has ','"),
+            ("\"O\"\"Brien\"", "first_name has '\"'"),
+            ("Ana2", "first_name has '2'"),
+            ("Ana\u{2028}Paz", "first_name has '\\u{2028}'"),
+            ("Ana\u{2029}", "first_name has '\\u{2029}'"),
+            ("Ana\u{a0}Paz", "first_name has '\\u{a0}'"),
+            ("\u{feff}Ana", "first_name has '\\u{feff}'"),
+            ("Ana\u{200b}", "first_name has '\\u{200b}'"),
+            ("Ana\u{85}", "first_name has a control character"),
+        ];
+        for (name, want) in refused {
+            let err = parse(&format!("{name},Paz,1,2000-01-01,1")).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{name:?}: {err:?} lacks {want:?}");
+        }
+        assert!(parse("Ana,-Paz,1,2000-01-01,1").unwrap_err().to_string().starts_with("last_name starts with"));
     }
 
     #[test]
@@ -371,12 +438,6 @@ mod tests {
         let long = format!("{},b,1,2000-01-01,1", "x".repeat(101));
         assert!(parse(&long).unwrap_err().to_string().contains("longer than 100"));
         assert!(matches!(RowParser::default().bet(b"a\xff,b,1,2000-01-01,1", TODAY), Err(BetError::Csv(_))));
-    }
-
-    #[test]
-    fn a_name_may_start_with_u_feff() {
-        let bet = parse("\u{feff}Ana,Paz,1,2000-01-01,1").unwrap();
-        assert_eq!(bet.first_name, "\u{feff}Ana");
     }
 
     #[test]

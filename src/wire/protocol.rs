@@ -168,15 +168,16 @@ fn parse_hello(args: &[u8]) -> Result<Request, ProtocolError> {
         Some(i) => (&args[..i], Some(&args[i + 1..])),
         None => (args, None),
     };
-    let text = String::from_utf8_lossy(agency);
-    let agency = match text.parse::<u32>() {
-        Ok(agency) if text.bytes().all(|b| b.is_ascii_digit()) => agency,
-        _ => {
-            return Err(ProtocolError::new(
-                ErrorCode::BadAgency,
-                format!("{:?} is not an agency number (usage: HELLO <agency> <token>)", shorten(&text)),
-            ));
-        }
+    // A separator other than one space leaves the token in this word: it is never quoted.
+    let agency = match std::str::from_utf8(agency).ok().filter(|t| t.bytes().all(|b| b.is_ascii_digit())) {
+        Some(text) if !text.is_empty() => text.parse::<u32>().ok(),
+        _ => None,
+    };
+    let Some(agency) = agency else {
+        return Err(ProtocolError::new(
+            ErrorCode::BadAgency,
+            "the agency is a number from 1 to the round's agencies (usage: HELLO <agency> <token>)",
+        ));
     };
     let token = match token {
         None => None,
@@ -209,11 +210,21 @@ fn parse_batch(args: &[u8]) -> Result<Request, ProtocolError> {
     }
 }
 
+/// Longest word an `UNKNOWN` reply quotes back: a mistyped keyword (`WINNERS` is 7 letters).
+/// Quoting no more than this, and only letters, it can never show a token that followed a
+/// `HELLO` with a tab or no space, or that came on a line of its own.
+const MAX_QUOTED_WORD: usize = 7;
+
 fn unknown(line: &[u8]) -> ProtocolError {
-    let shown = shorten(&String::from_utf8_lossy(line));
+    let word = line.split(|b| !b.is_ascii_alphabetic()).next().unwrap_or_default();
+    let whole_word = line.get(word.len()).is_none_or(|&b| b == b' ');
+    let what = match std::str::from_utf8(word) {
+        Ok(word) if whole_word && (1..=MAX_QUOTED_WORD).contains(&word.len()) => format!("{word:?}"),
+        _ => "that line".to_owned(),
+    };
     ProtocolError::new(
         ErrorCode::Unknown,
-        format!("{shown:?} is not a request (PING, HELLO, BET, BATCH, DONE, WINNERS, STATUS, QUIT)"),
+        format!("{what} is not a request (PING, HELLO, BET, BATCH, DONE, WINNERS, STATUS, QUIT)"),
     )
 }
 

@@ -12,7 +12,7 @@
 
 use time::Date;
 
-use crate::wire::bet::{Bet, BetError, MAX_NAME_BYTES, RowParser, RowWriter};
+use crate::wire::bet::{Bet, BetError, MAX_NAME_BYTES, RowParser, RowWriter, is_name_char};
 use crate::wire::plain::plain_commas;
 
 /// Turns wire or data-file rows into the bytes to send or store, reusing its buffers.
@@ -116,13 +116,17 @@ fn date_text(date: Date) -> [u8; 10] {
 }
 
 /// Whether `line` is a valid bet (birthdates up to `today`, `YYYY-MM-DD`) that the reference
-/// path would write back byte for byte: five fields, no quote anywhere, a number without
-/// leading zeros. `false` says nothing more: the reference path decides.
+/// path would write back byte for byte: five fields, no quote anywhere, names of name
+/// characters not starting with a hyphen, a number without leading zeros. `false` says nothing
+/// more: the reference path decides.
 pub fn is_plain_bet(line: &[u8], today: &[u8; 10]) -> bool {
     let Some(([c1, c2, c3, c4], high)) = plain_commas(line) else { return false };
     let (document, birthdate, number) = (&line[c2 + 1..c3], &line[c3 + 1..c4], &line[c4 + 1..]);
     (1..=MAX_NAME_BYTES).contains(&c1)
         && (1..=MAX_NAME_BYTES).contains(&(c2 - c1 - 1))
+        && plain_names(&line[..c2])
+        && line[0] != b'-'
+        && line[c1 + 1] != b'-'
         && (1..=10).contains(&document.len())
         && digits(document)
         && plain_date(birthdate, today)
@@ -130,7 +134,27 @@ pub fn is_plain_bet(line: &[u8], today: &[u8; 10]) -> bool {
         && digits(number)
         && (number.len() == 1 || number[0] != b'0')
         // Only the names can hold what is not ASCII: the other fields are digits and dashes.
-        && high.is_none_or(|high| plain_utf8(&line[high]))
+        && high.is_none_or(|high| name_utf8(&line[high]))
+}
+
+/// Which bytes the names may hold, as far as ASCII goes: letters, space, apostrophe, hyphen,
+/// dot; also the comma between the two names, and every byte from 0x80 up, which
+/// [`name_utf8`] looks at as characters.
+static NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphabetic() || matches!(c, b' ' | b'\'' | b'-' | b'.' | b',') || c >= 0x80;
+        b += 1;
+    }
+    table
+};
+
+/// Whether the two names and the comma between them (a line already known to be plain) hold
+/// only [`NAME_BYTES`]; without stopping early, which costs more than it saves on a name.
+fn plain_names(names: &[u8]) -> bool {
+    names.iter().fold(true, |all, &b| all & NAME_BYTES[usize::from(b)])
 }
 
 /// Whether every byte is an ASCII digit; without stopping early, which costs more than it
@@ -139,12 +163,12 @@ fn digits(field: &[u8]) -> bool {
     field.iter().fold(true, |all, &b| all & (b.wrapping_sub(b'0') <= 9))
 }
 
-/// UTF-8 without a C1 control character (U+0080..=U+009F, which `char::is_control` counts).
-/// Given the bytes from the first to the last that is not ASCII, it answers for the whole line:
-/// ASCII around them neither ends nor begins a character.
-fn plain_utf8(text: &[u8]) -> bool {
-    // In valid UTF-8, 0xC2 always leads a two-byte character; U+0080..=U+009F are C2 80..C2 9F.
-    std::str::from_utf8(text).is_ok() && !text.windows(2).any(|w| w[0] == 0xc2 && w[1] < 0xa0)
+/// UTF-8 whose characters beyond ASCII are all name characters ([`is_name_char`]: no C1
+/// control, separator or format character among them). Given the bytes from the first to the
+/// last that is not ASCII, it answers for the whole line: ASCII around them neither ends nor
+/// begins a character, and is checked by [`plain_names`].
+fn name_utf8(text: &[u8]) -> bool {
+    std::str::from_utf8(text).is_ok_and(|text| text.chars().all(|c| c.is_ascii() || is_name_char(c)))
 }
 
 /// `YYYY-MM-DD`, a real calendar date from 1900-01-01 to `today`, without a calendar library:
@@ -178,7 +202,12 @@ mod tests {
 
     #[test]
     fn plain_rows_are_recognised() {
-        for line in ["Santiago Lionel,Lorca,30904465,1999-03-17,2201", "Tiago Nicolás,Peña,00000042,2000-02-29,0"] {
+        for line in [
+            "Santiago Lionel,Lorca,30904465,1999-03-17,2201",
+            "Tiago Nicolás,Peña,00000042,2000-02-29,0",
+            "Ñandú,O'Brien-Paz,1,2000-01-01,1",
+            "Ma. José,D\u{2019}Amico,1,2000-01-01,1",
+        ] {
             assert!(is_plain_bet(line.as_bytes(), TODAY), "{line}");
         }
     }
@@ -201,6 +230,15 @@ mod tests {
             "Ana,P\u{85}z,1,2000-01-01,1",
             "Ana,Paz\t,1,2000-01-01,1",
             ",Paz,1,2000-01-01,1",
+            "Ana2,Paz,1,2000-01-01,1",
+            "-Ana,Paz,1,2000-01-01,1",
+            "Ana,-Paz,1,2000-01-01,1",
+            "=Ana,Paz,1,2000-01-01,1",
+            "Ana,Paz+,1,2000-01-01,1",
+            "@Ana,Paz,1,2000-01-01,1",
+            "Ana,P\u{2028}z,1,2000-01-01,1",
+            "Ana,P\u{feff}z,1,2000-01-01,1",
+            "Ana\u{a0},Paz,1,2000-01-01,1",
         ];
         for line in lines {
             assert!(!is_plain_bet(line.as_bytes(), TODAY), "{line}");
@@ -214,10 +252,10 @@ mod tests {
         let mut out = Vec::new();
         encoder.push_stored(3, b"Ana,Paz,7,1990-05-05,7574", &mut out).unwrap();
         encoder.push_stored(3, b"\"Ana\",Paz,7,1990-05-05,0042", &mut out).unwrap();
-        encoder.push_wire(b"\"Ana, Mar\xc3\xada\",Paz,7,1990-05-05,1", &mut out).unwrap();
+        encoder.push_wire(b"\"Ana Mar\xc3\xada\",Paz,7,1990-05-05,1", &mut out).unwrap();
         assert_eq!(
             out,
-            b"3,Ana,Paz,7,1990-05-05,7574\n3,Ana,Paz,7,1990-05-05,42\n\"Ana, Mar\xc3\xada\",Paz,7,1990-05-05,1\n"
+            b"3,Ana,Paz,7,1990-05-05,7574\n3,Ana,Paz,7,1990-05-05,42\nAna Mar\xc3\xada,Paz,7,1990-05-05,1\n"
         );
         let err = encoder.push_stored(3, b"Ana,Paz,7,1990-05-05,x", &mut out).unwrap_err();
         assert_eq!(err.to_string(), "number \"x\" is not an integer in 0..=9999");

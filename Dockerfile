@@ -11,7 +11,7 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 # ---------------------------------------------------------------------------------------------
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /build
-# The image's binaries carry no symbols or line tables (a third of their size): a local release
+# The image's binaries carry no symbols or line tables (nine tenths of their size): a local release
 # build keeps its line tables (Cargo.toml) for backtraces, an image is for running. Set before
 # the dependencies' layer, so that both layers are built with the same profile.
 ENV CARGO_PROFILE_RELEASE_DEBUG=false \

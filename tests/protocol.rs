@@ -41,7 +41,7 @@ const NC_SESSION: &str = "\
 ";
 
 #[test]
-fn the_readme_nc_session_word_for_word() {
+fn the_documented_nc_session_word_for_word() {
     let mut server = TestServer::start(1, &[]);
     let mut client = server.client();
     for (n, line) in NC_SESSION.lines().enumerate() {

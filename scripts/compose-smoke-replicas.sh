@@ -9,7 +9,8 @@
 #   4. every agency exits 0 with as many winners as its file has, having ended on server2;
 #      one `sorteo` in all, and no `result: fail` from server2;
 #   5. `lottery-server --export-bets` in server2 equals the agencies' files as a multiset;
-#   6. `down -v`, always, also on failure or Ctrl-C.
+#   6. `down -v`, always, also on failure or Ctrl-C; on a failure every container's log is saved
+#      first, and the temporary directory kept, its path printed.
 #
 #   scripts/compose-smoke-replicas.sh          (scripts/compose-smoke.sh runs it after its own)
 #
@@ -51,7 +52,7 @@ until (($(logs server1 | grep -c 'action: apuesta_recibida | result: success' ||
   sleep 0.2
 done
 docker kill --signal KILL "$(container server1)" >>"$work/compose.log" 2>&1 || die "docker kill server1 failed"
-if logs server1 | grep -q 'action: sorteo'; then
+if in_log server1 'action: sorteo'; then
   die "the round was over before the kill: raise SMOKE_BETS_PER_AGENCY"
 fi
 
@@ -61,13 +62,13 @@ for ((id = 1; id <= agencies; id++)); do
   line=$(logs "agency$id" | grep 'action: consulta_ganadores | result: success' || true)
   [[ ${line##*cant_ganadores: } == "${expected[id]}" ]] || die "agency$id: ${line:-no winners}, expected ${expected[id]}"
   # Wherever it started (server1 may have died before it first connected), it ended on server2.
-  if ! logs "agency$id" | grep -q 'action: connect | result: success | address: server2:12345'; then
+  if ! in_log "agency$id" -F 'action: connect | result: success | address: server2:12345'; then
     die "agency$id did not move to server2"
   fi
 done
 draws=$(( $(logs server1 | grep -c 'action: sorteo' || true) + $(logs server2 | grep -c 'action: sorteo' || true) ))
 [[ $draws == 1 ]] || die "$draws sorteo lines across the replicas"
-if logs server2 | grep -q 'result: fail'; then die "server2 logged a fail: $(logs server2 | grep -m 1 'result: fail')"; fi
+if in_log server2 'result: fail'; then die "server2 logged a fail: $(logs server2 | grep -m 1 'result: fail')"; fi
 say "agencies exited 0 with ${expected[*]} winners after server1 was killed; one sorteo"
 
 compose exec -T server2 lottery-server --export-bets /tmp/export.csv >>"$work/compose.log" 2>&1 \

@@ -21,7 +21,8 @@
 #   7. the server stopped (exit code 0): scripts/probe.sh fails;
 #   8. rotation as docs/docker.md says: `down`, the keys volume removed, `up`: new keys are made
 #      (`made: true`, another checksum) and the agencies get their winners with them;
-#   9. `down -v` and the image removed, always, also on failure or Ctrl-C;
+#   9. `down -v` and the image removed, always, also on failure or Ctrl-C; on a failure every
+#      container's log is saved first, and the temporary directory kept, its path printed;
 #  10. scripts/compose-smoke-replicas.sh: docker-compose.replicas.yaml (PostgreSQL, two
 #      replicas), one replica killed mid-round.
 #
@@ -59,14 +60,6 @@ remove_image=$image
 # shellcheck source=scripts/compose-lib.sh
 source "$repo/scripts/compose-lib.sh"
 
-# Whether service $1's log has a line that grep's other arguments match. Not `logs | grep -q`:
-# grep -q stops at the first match, docker logs dies of SIGPIPE, and pipefail makes the match
-# a failure, so a log long enough would hide what it holds.
-in_log() {
-  local log
-  log=$(logs "$1")
-  grep -q "${@:2}" <<<"$log"
-}
 # The keys volume as a tar stream (its files under keys/), copied out of the keys service's
 # container, which has exited: no container is started for it (each costs a copy of the image
 # with docker's vfs storage driver).

@@ -4,40 +4,60 @@
 //!
 //! # Layout
 //!
-//! Modules are grouped by the side they belong to:
+//! This is the project's one map of its modules; the docs link here. Modules are grouped by
+//! the side they belong to (private ones are named by their file):
 //!
-//! - [`wire`]: what crosses the network. [`wire::bet`] (a bet, its validation, its CSV rows:
-//!   the reference path), [`wire::row`] (the fast path: plain rows checked in place and
-//!   copied), [`wire::plain`] (plain CSV lines found eight bytes at a time), [`wire::protocol`]
-//!   (requests and replies over bytes; no sockets), [`wire::connection`] (a server's socket and
-//!   its read buffer: lines with deadlines, the 8 KiB cap), [`wire::transport`] (plain text or
-//!   TLS over one socket, with read and write deadlines), [`wire::token`] (an agency's secret and
-//!   its digest).
-//! - [`ledger`]: where the round lives, behind the [`ledger::Ledger`] trait. [`ledger::file`]
-//!   (the default: the state behind the Mutex, the "winners ready" and group-commit Condvars),
-//!   [`ledger::store`] (`bets.csv`: append whole rows, sync, read back, recover a torn tail; its
-//!   fast reader is `ledger/scan.rs`), [`ledger::round_file`] (the `DONE`s and the draw across
-//!   restarts), [`ledger::lock`] (one server per storage), [`ledger::free_space`]
-//!   (`SERVER_MIN_FREE_BYTES`),
-//!   [`ledger::postgres`] (the round in PostgreSQL, shared by replicas).
-//! - [`server`]: bind, the door (accepts, answers probes, holds connections until they say
-//!   more), a pooled thread per connection that does ([`server::pool`]), orderly shutdown;
-//!   [`server::session`] is one connection's conversation, request by request;
-//!   [`server::auth`] who may speak for an agency; [`server::tls`] the certificate, TLS or
-//!   plain by the first byte, handshakes taking turns; [`server::registry`] the live
-//!   connections, agencies' sessions and guests; [`server::guest_log`] guest lines kept few;
-//!   [`server::probes`] the probes the door answers; [`server::suspects`] addresses that failed.
+//! - [`wire`]: what crosses the network, the same for both sides. [`wire::bet`] (a bet, its
+//!   validation, its CSV rows for the data file, the wire and the store: the reference path),
+//!   [`wire::row`] (the fast path: a plain row checked in place and copied, else the
+//!   reference), [`wire::plain`] (plain CSV lines found eight bytes at a time: commas, quotes,
+//!   control bytes), [`wire::protocol`] (requests and replies parsed and encoded over bytes; no
+//!   sockets), [`wire::connection`] (a socket and its read buffer: lines with deadlines, the
+//!   8 KiB cap, replies), [`wire::transport`] (plain text or TLS over one socket, with read and
+//!   write deadlines; the door's non-blocking peek and send), [`wire::token`] (an agency's
+//!   secret and its SHA-256 digest; `Debug` never shows it).
+//! - [`ledger`]: where the round lives, behind the [`ledger::Ledger`] trait (what the server
+//!   needs of the storage, both back-ends). [`ledger::file`] (the default: the state behind the
+//!   `Mutex`, the "winners ready" and group-commit `Condvar`s), [`ledger::store`] (`bets.csv`:
+//!   append whole rows, sync, read back, recover a torn tail), `ledger/scan.rs` (reading
+//!   `bets.csv` back fast, the csv crate taking over at the first odd line),
+//!   [`ledger::round_file`] (`bets.csv.round`: the `DONE`s and the draw across restarts),
+//!   [`ledger::lock`] (the `flock` on `bets.csv.lock`: one server per storage),
+//!   [`ledger::free_space`] (`SERVER_MIN_FREE_BYTES`, from `statvfs`), [`ledger::postgres`] (the
+//!   round in PostgreSQL, shared by replicas: batches, `DONE`, the draw; its connection pool in
+//!   `ledger/postgres/pool.rs`, a batch's rows as arrays in `columns.rs`, the thread that
+//!   `LISTEN`s for a draw in `watch.rs`, `--export-bets` in `export.rs`; the tables in
+//!   `ledger/schema.sql`).
+//! - [`server`]: the central's side. Bind, the door, a pooled thread per connection that says
+//!   more than probes, orderly shutdown. [`server::door`] (the accept loop in `epoll`:
+//!   connections held without a thread until they say more than probes, the waiting room,
+//!   deadlines, the shutdown's `eventfd`), [`server::probes`] (the probes the door answers
+//!   itself: `PING`, `STATUS`, `QUIT`), [`server::pool`] (connection threads kept for the next
+//!   connection), [`server::registry`] (the live connections, which one speaks for each agency,
+//!   the guests), [`server::suspects`] (addresses whose guests failed lately: seated and
+//!   handshaken last), [`server::guest_log`] (guest lines past 50 a second counted into one),
+//!   [`server::session`] (one connection's conversation, request by request), [`server::auth`]
+//!   (`agencies.keys`, tokens checked in constant time, protected mode), [`server::tls`] (the
+//!   certificate; TLS or plain by the first byte; handshakes take turns).
 //! - [`agency`]: the agency client (used by `lottery-agency`, `lottery-round` and the tests);
-//!   [`agency::credentials`] its token and the CA it trusts; its bets file is read and batched
-//!   in `agency/source.rs`.
-//! - [`tools`]: [`tools::local_round`] (`lottery-round`, a whole round in one process),
-//!   [`tools::dataset`] (synthetic agency files), [`tools::hostile`] (misbehaving clients),
-//!   [`tools::keys`] (`--make-keys`), [`tools::attacks`], [`tools::attack_round`] and
-//!   [`tools::botnet`] (`lottery-round --attack`, its attackers in a process of their own).
-//! - [`config`]: `config.ini` plus environment into typed settings.
+//!   [`agency::credentials`] its token, the CA it trusts and the name it checks; its bets file is
+//!   read by lines and cut into batches of at most 8 KiB in `agency/source.rs`.
+//! - [`tools`]: what runs rounds rather than serving them. [`tools::local_round`]
+//!   (`lottery-round`), [`tools::progress`] (progress on stderr: a bar on a terminal, plain
+//!   lines otherwise), [`tools::report`] (the round's table and rate), [`tools::dataset`]
+//!   (synthetic agency files), [`tools::hostile`] (misbehaving clients), [`tools::keys`]
+//!   (`lottery-server --make-keys`), [`tools::attacks`], [`tools::attack_round`] and
+//!   [`tools::botnet`] (`lottery-round --attack`: the attackers, a round per kind, and the
+//!   attackers' process and scheduling group of their own).
+//! - [`config`]: `config.ini` plus the environment into typed settings; `config/ini.rs` reads
+//!   `config.ini` line by line, so that every error has its file and line.
 //! - [`logging`]: the log line format of the spec.
 //! - [`output`]: stdout and stderr that a closed pipe stops instead of crashing.
-//! - [`app`]: what the binaries run, so that `src/bin/*` only wire.
+//! - [`app`]: what the binaries run, so that `src/bin/*.rs` only wire.
+//!
+//! Outside `src/`: `tests/` (the binaries, black box, on port 0 in temporary directories),
+//! `bench/` (the measurements of `docs/performance.md`), `fuzz/` (the parsers' fuzz target),
+//! `scripts/` (compose smoke tests, the PostgreSQL test cluster, `probe.sh`).
 
 pub mod agency;
 pub mod app;

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use common::{Keys, STEP, TestServer, TlsClient, env_refs};
 
-/// The README's `nc` session, line by line: `> ` is what the person types, `< ` what the server
-/// answers; the README shows exactly these lines. Run against a server for one agency (`SERVER_AGENCIES=1`), so that its `DONE` makes the draw.
+/// The `nc` session of docs/protocol.md, line by line: `> ` is what the person types, `< ` what
+/// the server answers; that page shows exactly these lines. Run against a server for one agency
+/// (`SERVER_AGENCIES=1`), so that its `DONE` makes the draw.
 const NC_SESSION: &str = "\
 > PING
 < PONG
@@ -40,7 +41,7 @@ const NC_SESSION: &str = "\
 ";
 
 #[test]
-fn the_readme_nc_session_word_for_word() {
+fn the_documented_nc_session_word_for_word() {
     let mut server = TestServer::start(1, &[]);
     let mut client = server.client();
     for (n, line) in NC_SESSION.lines().enumerate() {
@@ -66,10 +67,10 @@ fn the_readme_nc_session_word_for_word() {
 
 #[test]
 fn the_documented_session_is_the_tested_one() {
-    // The README's "A session with nc" shows, character for character, the conversation that
-    // the test above replays: a change to either must be made to both.
-    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    assert!(readme.contains(NC_SESSION), "README.md does not show the nc session this file replays");
+    // docs/protocol.md's "A session with nc" shows, character for character, the conversation
+    // that the test above replays: a change to either must be made to both.
+    let page = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/protocol.md")).unwrap();
+    assert!(page.contains(NC_SESSION), "docs/protocol.md does not show the nc session this file replays");
 }
 
 #[test]

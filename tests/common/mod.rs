@@ -266,7 +266,7 @@ impl TestServer {
         let storage = dir.join("bets.csv");
         let storage = storage.to_str().expect("UTF-8 temp path");
         // Plain text and protected mode unless the test says otherwise (see `Keys`): most tests
-        // speak the protocol by hand from loopback, as the README's `nc` session does.
+        // speak the protocol by hand from loopback, as the `nc` session of docs/protocol.md does.
         let mut vars = vec![
             ("SERVER_IP", "127.0.0.1"),
             ("SERVER_PORT", port_text.as_str()),

@@ -275,3 +275,27 @@ fn protected_mode_warns_and_still_serves_the_nc_session_from_loopback() {
     let mut client: Client = server.client();
     assert_eq!(client.send("HELLO 1"), "OK 0");
 }
+
+#[test]
+fn a_waiter_is_released_when_its_client_hangs_up_and_told_when_it_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, mut server) = secure_server(dir.path(), &[("LOGGING_LEVEL", "DEBUG")]);
+    let ca = keys.path("ca.pem");
+    // Agency 1 waits for the draw, then hangs up: its socket is watched, so its thread is freed.
+    let mut leaving = TlsClient::connect(server.port, &ca);
+    assert_eq!(leaving.send(&format!("HELLO 1 {}", keys.token(1))), "OK 0");
+    assert_eq!(leaving.send("DONE"), "OK");
+    leaving.write(b"WINNERS\n").unwrap();
+    drop(leaving);
+    server.logs().wait_for("action: winners | result: fail | agency: 1 | error: the client hung up");
+    // Agency 2 waits, and a newer session of agency 2 takes over: the waiter hears why it ends.
+    let hello = format!("HELLO 2 {}", keys.token(2));
+    let mut older = TlsClient::connect(server.port, &ca);
+    assert_eq!(older.send(&hello), "OK 0");
+    older.write(b"WINNERS\n").unwrap();
+    let mut newer = TlsClient::connect(server.port, &ca);
+    assert_eq!(newer.send(&hello), "OK 0");
+    let said = older.read_line().expect("the waiting session is told why it ends");
+    assert!(said.starts_with("ERR REPLACED "), "{said}");
+    assert_eq!(newer.send("STATUS"), "STATUS agencies_done=1/5 bets=0 drawn=false");
+}

@@ -475,18 +475,23 @@ impl Ledger for FileLedger {
     ///
     /// # Errors
     /// `BAD_AGENCY`, or `SHUTDOWN` if the server stops first.
-    fn winners(&self, agency: u32, wait: Duration) -> Result<Option<Arc<[u8]>>, ProtocolError> {
+    fn winners(&self, agency: u32, wait: Duration, hung_up: &AtomicBool) -> Result<Option<Arc<[u8]>>, ProtocolError> {
         let i = self.index(agency)?;
         let st = self.lock();
-        let (st, _) = self
-            .drawn
-            .wait_timeout_while(st, wait, |s| !matches!(s.phase, Phase::Drawn(_)) && !s.shutting_down)
-            .unwrap_or_else(PoisonError::into_inner);
+        let waiting =
+            |s: &mut State| !matches!(s.phase, Phase::Drawn(_)) && !s.shutting_down && !hung_up.load(Ordering::SeqCst);
+        let (st, _) = self.drawn.wait_timeout_while(st, wait, waiting).unwrap_or_else(PoisonError::into_inner);
         match &st.phase {
             Phase::Drawn(replies) => Ok(Some(Arc::clone(&replies[i]))),
             _ if st.shutting_down => Err(shutting_down()),
             _ => Ok(None),
         }
+    }
+
+    /// Takes the lock, so that a waiter between looking at its flag and waiting cannot miss it.
+    fn wake_waiters(&self) {
+        let _st = self.lock();
+        self.drawn.notify_all();
     }
 
     /// The round's figures, without taking the lock.
@@ -712,7 +717,7 @@ mod tests {
         assert_eq!(round.done(1), Ok(()));
         assert_eq!(round.done(1), Ok(()));
         assert_eq!(*journal.data.lock().unwrap(), b"done = 1\ndrawn = true\n");
-        let reply = round.winners(1, Duration::ZERO).unwrap().unwrap();
+        let reply = round.winners(1, Duration::ZERO, &AtomicBool::new(false)).unwrap().unwrap();
         assert_eq!(&*reply, b"WINNERS 1 7\n");
     }
 
@@ -739,11 +744,11 @@ mod tests {
         assert_eq!((resumed.bets, resumed.agencies_done, resumed.drawn), (3, 2, false));
         assert_eq!(round.hello(2), Ok(1));
         assert_eq!(round.done(2), Ok(()));
-        assert_eq!(&*round.winners(2, Duration::ZERO).unwrap().unwrap(), b"WINNERS 1 2\n");
+        assert_eq!(&*round.winners(2, Duration::ZERO, &AtomicBool::new(false)).unwrap().unwrap(), b"WINNERS 1 2\n");
         drop(round);
         let (round, resumed) = FileLedger::open(config(dir.path(), 3)).unwrap();
         assert_eq!((resumed.agencies_done, resumed.drawn), (3, true));
-        assert_eq!(&*round.winners(1, Duration::ZERO).unwrap().unwrap(), b"WINNERS 1 1\n");
+        assert_eq!(&*round.winners(1, Duration::ZERO, &AtomicBool::new(false)).unwrap().unwrap(), b"WINNERS 1 1\n");
     }
 
     #[test]

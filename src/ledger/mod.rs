@@ -19,6 +19,7 @@ pub mod store;
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use crate::wire::protocol::{ErrorCode, ProtocolError, Status};
@@ -133,12 +134,16 @@ pub trait Ledger: Send + Sync {
     fn done(&self, agency: u32) -> Result<(), ProtocolError>;
 
     /// `agency`'s `WINNERS` reply line once the draw is made (encoded once, shared by every
-    /// request), waiting for it at most `wait`: `None` if it is not made yet (the caller looks
-    /// at its socket and asks again).
+    /// request), waiting for it at most `wait`, or until `hung_up` is set and
+    /// [`Ledger::wake_waiters`] called: `None` if it is not made yet (the caller looks at its
+    /// socket and asks again).
     ///
     /// # Errors
     /// `BAD_AGENCY`, `STORAGE`, or `SHUTDOWN` once the server is stopping.
-    fn winners(&self, agency: u32, wait: Duration) -> Result<Option<Arc<[u8]>>, ProtocolError>;
+    fn winners(&self, agency: u32, wait: Duration, hung_up: &AtomicBool) -> Result<Option<Arc<[u8]>>, ProtocolError>;
+
+    /// Wakes every [`Ledger::winners`] waiter to look at its `hung_up` flag again.
+    fn wake_waiters(&self);
 
     /// The figures of `STATUS`, as the storage holds them.
     ///

@@ -470,14 +470,11 @@ impl Ledger for PgLedger {
         Ok(())
     }
 
-    fn winners(&self, agency: u32, wait: Duration) -> Result<Option<Arc<[u8]>>, ProtocolError> {
+    fn winners(&self, agency: u32, wait: Duration, hung_up: &AtomicBool) -> Result<Option<Arc<[u8]>>, ProtocolError> {
         let i = self.key(agency)? as usize - 1;
         let st = self.shared.lock();
-        let (st, _) = self
-            .shared
-            .drawn
-            .wait_timeout_while(st, wait, |s| s.winners.is_none() && !s.shutting_down)
-            .unwrap_or_else(PoisonError::into_inner);
+        let waiting = |s: &mut Watch| s.winners.is_none() && !s.shutting_down && !hung_up.load(Ordering::SeqCst);
+        let (st, _) = self.shared.drawn.wait_timeout_while(st, wait, waiting).unwrap_or_else(PoisonError::into_inner);
         match &st.winners {
             Some(winners) => Ok(Some(Arc::clone(&winners[i]))),
             None if st.shutting_down => Err(shutting_down()),
@@ -488,6 +485,12 @@ impl Ledger for PgLedger {
     /// The figures the watcher read last: at most about a second old, and never a wait.
     fn status(&self) -> Result<Status, ProtocolError> {
         Ok(self.shared.figures())
+    }
+
+    /// Takes the lock, so that a waiter between looking at its flag and waiting cannot miss it.
+    fn wake_waiters(&self) {
+        let _st = self.shared.lock();
+        self.shared.drawn.notify_all();
     }
 
     fn begin_shutdown(&self) {

@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod door;
 pub mod guest_log;
+pub mod hangups;
 pub mod metrics;
 pub mod operator;
 pub mod pool;
@@ -24,6 +25,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
 use std::time::Duration;
 
 use log::{debug, error, info};
@@ -34,6 +36,7 @@ use crate::wire::connection::Connection;
 use crate::wire::transport::Transport;
 use auth::AgencyKeys;
 use guest_log::GuestLog;
+use hangups::Hangups;
 use metrics::Metrics;
 use pool::Pool;
 use registry::{GuestLimits, Registry, Stage};
@@ -125,7 +128,7 @@ impl ShutdownHandle {
         self.flag.load(Ordering::SeqCst)
     }
 
-    fn wake_fd(&self) -> &OwnedFd {
+    pub(crate) fn wake_fd(&self) -> &OwnedFd {
         &self.wake
     }
 }
@@ -165,6 +168,8 @@ pub fn run_counted(
     let guest_log = Arc::new(GuestLog::default());
     let gate = Arc::new(tls::HandshakeGate::per_core());
     let mut pool = Pool::new(STACK_SIZE);
+    let hangups = Arc::new(Hangups::new()?);
+    let watcher = watch_hangups(&hangups, &round, shutdown)?;
     let rules = door::Rules {
         round: &*round,
         registry: &registry,
@@ -182,6 +187,7 @@ pub fn run_counted(
             guest_log: Arc::clone(&guest_log),
             gate: Arc::clone(&gate),
             metrics: Arc::clone(&metrics),
+            hangups: Arc::clone(&hangups),
         };
         if let Err(e) = serve_connection(&mut pool, spoke, shared, limits) {
             error!("action: spawn_thread | result: fail | error: {e}");
@@ -191,6 +197,7 @@ pub fn run_counted(
     drop(listener);
     info!("action: close_listener | result: success");
     round.begin_shutdown();
+    let _ = watcher.join();
     registry.close_all(GRACE);
     let count = pool.join();
     info!("action: join_threads | result: success | threads: {count}");
@@ -211,6 +218,17 @@ struct Shared {
     guest_log: Arc<GuestLog>,
     gate: Arc<tls::HandshakeGate>,
     metrics: Arc<Metrics>,
+    hangups: Arc<Hangups>,
+}
+
+/// The thread that watches the sockets of agencies waiting for the draw, until shutdown.
+fn watch_hangups(
+    hangups: &Arc<Hangups>,
+    round: &Arc<dyn Ledger>,
+    shutdown: &ShutdownHandle,
+) -> io::Result<thread::JoinHandle<()>> {
+    let (hangups, round, shutdown) = (Arc::clone(hangups), Arc::clone(round), shutdown.clone());
+    thread::Builder::new().name("hangups".into()).spawn(move || hangups.run(&*round, &shutdown))
 }
 
 /// Serves a connection that has spoken on a thread of `pool`.
@@ -259,6 +277,7 @@ fn serve_connection(pool: &mut Pool, spoke: door::Spoke, shared: Shared, limits:
             guest_deadline,
             guest_requests: requests,
             metrics: &shared.metrics,
+            hangups: &shared.hangups,
         };
         Session::new(context).run(&mut conn);
         shared.metrics.closed(id);

@@ -6,6 +6,7 @@
 //! the connection: a client that is not who it says has nothing more to do here.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -14,6 +15,7 @@ use crate::ledger::{Appended, Ledger, Rows};
 use crate::server::Security;
 use crate::server::auth;
 use crate::server::guest_log::{GuestEvent, GuestLog};
+use crate::server::hangups::{Hangups, Watched};
 use crate::server::probes::{self, MAX_GUEST_REQUESTS};
 use crate::server::registry::{self, Ended, Peer, Registry, Stage};
 use crate::wire::bet::{self, RowParser, RowWriter};
@@ -34,8 +36,13 @@ const MAX_PENDING: usize = 64;
 const MAX_REFUSALS_IN_A_ROW: u32 = MAX_GUEST_REQUESTS;
 
 /// How often a `WINNERS` waiter looks up from the round to see whether its client is still
-/// there (or was replaced): a client that hangs up frees its thread within this.
+/// there (or was replaced) when its socket cannot be watched: a client that hangs up frees its
+/// thread within this.
 const WAITER_CHECK: Duration = Duration::from_millis(250);
+
+/// How often a watched waiter looks up all the same: a hang-up wakes it at once, so this only
+/// bounds the cost of an event the kernel never sends.
+const WATCHED_WAITER_CHECK: Duration = Duration::from_secs(5);
 
 /// What a session needs from the server around it.
 pub struct Context<'a> {
@@ -55,6 +62,8 @@ pub struct Context<'a> {
     /// The probes the door answered before this connection got its thread.
     pub guest_requests: u32,
     pub metrics: &'a crate::server::metrics::Metrics,
+    /// The waiters' sockets, watched for a hang-up while they wait for the draw.
+    pub hangups: &'a Hangups,
 }
 
 /// One connection's state besides its socket.
@@ -317,15 +326,22 @@ impl<'a> Session<'a> {
         Ok(Reply::Ok(Some(stored)))
     }
 
-    /// `WINNERS`: waits for the draw, looking up every [`WAITER_CHECK`] to see whether the
-    /// client hung up or was replaced.
+    /// `WINNERS`: waits for the draw, woken at once if the client hangs up or the connection
+    /// is replaced (its socket is watched, see [`Hangups`]), else looking up every
+    /// [`WAITER_CHECK`].
     fn wait_winners(&mut self, conn: &mut Connection) -> Result<Reply, End> {
         let agency = match self.agency() {
             Ok(agency) => agency,
             Err(e) => return Ok(Reply::Err(e)),
         };
+        let watched = self.cx.hangups.watch(self.cx.id, conn.socket()).ok();
+        let unwatched = AtomicBool::new(false);
+        let (hung_up, check) = match &watched {
+            Some(watched) => (&*watched.hung_up, WATCHED_WAITER_CHECK),
+            None => (&unwatched, WAITER_CHECK),
+        };
         loop {
-            match self.cx.round.winners(agency, WAITER_CHECK) {
+            match self.cx.round.winners(agency, check, hung_up) {
                 Ok(Some(line)) => {
                     self.cx.metrics.told(agency);
                     return Ok(Reply::Line(line));
@@ -336,7 +352,7 @@ impl<'a> Session<'a> {
                     debug!("action: winners | result: fail | agency: {agency} | error: the client hung up");
                     return Err(End::Closed);
                 }
-                Ok(None) => {}
+                Ok(None) => watched.iter().filter(|w| w.hung_up.load(Ordering::SeqCst)).for_each(Watched::rearm),
             }
         }
     }

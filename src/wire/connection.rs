@@ -206,6 +206,11 @@ impl Connection {
         self.write_timeout = timeout;
     }
 
+    /// The socket, to be watched for a hang-up while its thread waits on the round.
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.stream)
+    }
+
     /// Whether the client has hung up, without waiting or consuming anything: for a thread
     /// that is waiting on the round rather than reading.
     pub fn peer_gone(&self) -> bool {

@@ -101,17 +101,21 @@ impl GateState {
     }
 }
 
-/// A permit to compute, a suspect's or not; given back on drop.
-struct Permit<'a>(&'a HandshakeGate, bool);
+/// A permit to compute; given back on drop.
+struct Permit<'a> {
+    gate: &'a HandshakeGate,
+    /// Held by a guest from a suspect address.
+    suspect: bool,
+}
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        let mut st = self.0.lock();
+        let mut st = self.gate.lock();
         st.free += 1;
-        if self.1 {
+        if self.suspect {
             st.suspects_computing -= 1;
         }
-        st.hand_on(self.0);
+        st.hand_on(self.gate);
     }
 }
 
@@ -149,7 +153,7 @@ impl HandshakeGate {
             if st.free > 0 && (!suspect || st.suspect_may()) {
                 st.free -= 1;
                 st.suspects_computing += usize::from(suspect);
-                break Some(Permit(self, suspect));
+                break Some(Permit { gate: self, suspect });
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || gone() {
@@ -169,7 +173,8 @@ impl HandshakeGate {
 
 /// Runs the server's side of a TLS handshake to its end before `deadline`: reading and writing
 /// freely, computing only with a permit of `gate` (behind the other guests if `suspect`), while `peer`
-/// is [`Stage::Queued`].
+/// is [`Stage::Queued`]. Every record that arrives is progress, and so is the end of the wait
+/// for a permit: a client is judged stalled only by the time it takes to answer.
 ///
 /// # Errors
 /// The deadline passed, the peer hung up or was ended, or the handshake failed (an alert is
@@ -195,6 +200,7 @@ pub fn handshake(
         if tls.conn.read_tls(&mut tls.sock)? == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer hung up during the handshake"));
         }
+        peer.advanced();
         peer.set_stage(Stage::Queued);
         let permit = gate.acquire(deadline, &gone, suspect);
         peer.set_stage(Stage::Underway);

@@ -31,7 +31,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{debug, error, info};
 
@@ -209,9 +209,7 @@ fn serve_connection(pool: &mut Pool, handoff: door::Handoff, server: Arc<Server>
         // Replies are single short lines: send each at once.
         let _ = guest.stream.set_nodelay(true);
         let limits = server.limits;
-        // A guest must authenticate within the hello timeout, unless trusted.
-        let guest_deadline = (!server.security.trusts(guest.ip)).then(|| guest.accepted + limits.hello_timeout);
-        let Some(transport) = open_transport(&server, &guest, first_byte, guest_deadline) else { return };
+        let Some(transport) = open_transport(&server, &guest, first_byte) else { return };
         let mut conn = Connection::with_transport(transport, limits.idle_timeout);
         let context = Context {
             round: &*server.ledger,
@@ -223,7 +221,6 @@ fn serve_connection(pool: &mut Pool, handoff: door::Handoff, server: Arc<Server>
             ip: guest.ip,
             idle_timeout: limits.idle_timeout,
             hello_timeout: limits.hello_timeout,
-            guest_deadline,
             guest_requests: guest.probes,
         };
         Session::new(context).run(&mut conn);
@@ -236,20 +233,14 @@ fn serve_connection(pool: &mut Pool, handoff: door::Handoff, server: Arc<Server>
 }
 
 /// The guest's transport, its TLS handshake (if it opened one) run to the end; `None` if that
-/// failed.
-fn open_transport(
-    server: &Server,
-    guest: &door::Guest,
-    first_byte: u8,
-    guest_deadline: Option<Instant>,
-) -> Option<Transport<rustls::ServerConnection>> {
+/// failed. The door ends a handshake still under way at the hello timeout.
+fn open_transport(server: &Server, guest: &door::Guest, first_byte: u8) -> Option<Transport<rustls::ServerConnection>> {
     let (id, limits) = (guest.id, server.limits);
     match tls::transport(Arc::clone(&guest.stream), server.security.tls.as_ref(), first_byte) {
         Ok(Transport::Tls(mut tls)) => {
             // A handshake has begun: under way.
             guest.peer.set_stage(Stage::Underway);
-            let idle_by = guest.accepted + limits.idle_timeout;
-            let by = guest_deadline.map_or(idle_by, |d| d.min(idle_by));
+            let by = guest.accepted + limits.idle_timeout;
             let suspect = server.registry.suspects().is_suspect(guest.ip);
             if let Err(e) = tls::handshake(&mut tls, &server.gate, by, &guest.peer, suspect) {
                 debug!("action: tls_handshake | result: fail | id: {id} | error: {e}");

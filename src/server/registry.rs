@@ -31,6 +31,8 @@ pub enum Ended {
     Replaced,
     /// A stalled guest evicted to make room for a newer one.
     Evicted,
+    /// A guest that did not authenticate within the hello timeout.
+    TimedOut,
 }
 
 /// How far a guest has got. Among the guests that have stalled, one that was already answered
@@ -118,6 +120,7 @@ impl Peer {
         match self.ended.load(Ordering::SeqCst) {
             1 => Ended::Replaced,
             2 => Ended::Evicted,
+            3 => Ended::TimedOut,
             _ => Ended::No,
         }
     }
@@ -126,7 +129,13 @@ impl Peer {
     /// can still say why. (A thread blocked writing to a client that does not read ends at
     /// its write deadline: for a guest, its hello deadline.)
     fn end(&self, why: Ended) {
-        self.ended.store(if why == Ended::Replaced { 1 } else { 2 }, Ordering::SeqCst);
+        let code = match why {
+            Ended::No => 0,
+            Ended::Replaced => 1,
+            Ended::Evicted => 2,
+            Ended::TimedOut => 3,
+        };
+        self.ended.store(code, Ordering::SeqCst);
         let _ = self.stream.shutdown(Shutdown::Read);
     }
 }
@@ -134,6 +143,12 @@ impl Peer {
 /// What an evicted guest is told, by whichever thread holds it.
 pub const EVICTED: &str =
     "the server is full of connections that have not said HELLO; this one had stalled and makes room";
+
+/// What a guest out of time is told, by whichever thread holds it: the door owns the hello
+/// timeout, for the guests it holds and for those on threads of their own.
+pub fn hello_timed_out(hello_timeout: Duration) -> String {
+    format!("no HELLO (or end to a probe) within {} ms", hello_timeout.as_millis())
+}
 
 /// How many guests may be at once.
 #[derive(Debug, Clone, Copy)]
@@ -281,6 +296,20 @@ impl Registry {
         for &ip in from {
             self.suspects.failed(ip);
         }
+    }
+
+    /// Ends connection `id` for its hello timeout if it is still a guest (its thread says why);
+    /// its address, if it was.
+    pub fn time_out(&self, id: u64) -> Option<IpAddr> {
+        let mut live = self.lock();
+        let ip = live.forget_guest(id)?;
+        if let Some(peer) = live.peers.get(&id).map(Arc::clone) {
+            if peer.ended() == Ended::No {
+                live.ending += 1;
+            }
+            peer.end(Ended::TimedOut);
+        }
+        Some(ip)
     }
 
     /// Forgets connection `id`, any agency it spoke for, and its guest place.

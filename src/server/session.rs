@@ -44,9 +44,6 @@ pub struct Context<'a> {
     pub ip: IpAddr,
     pub idle_timeout: Duration,
     pub hello_timeout: Duration,
-    /// While a guest: when it must have authenticated, or be gone. `None`: a trusted loopback
-    /// peer in protected mode, held to the idle timeout only.
-    pub guest_deadline: Option<Instant>,
     /// The probes the door answered before this connection got its thread.
     pub guest_requests: u32,
 }
@@ -111,14 +108,9 @@ impl<'a> Session<'a> {
             if idle && self.acknowledge(conn).is_err() {
                 return;
             }
-            // Each request, a batch with all its rows included, must arrive within the timeout;
-            // a guest's, also before its time as a guest is up.
-            let guest_deadline = self.guest_deadline();
-            if guest_deadline.is_some_and(|d| Instant::now() >= d) {
-                return self.end(conn, Cut::Read(ReadError::TimedOut), "request");
-            }
-            let deadline = guest_deadline
-                .map_or(Instant::now() + self.idle_timeout, |d| d.min(Instant::now() + self.idle_timeout));
+            // Each request, a batch with all its rows included, must arrive within the timeout
+            // (a guest's hello timeout is the door's: it ends the guest through the registry).
+            let deadline = Instant::now() + self.idle_timeout;
             let (header_len, request) = match conn.read_line(deadline) {
                 Ok(line) => (line.len() + 1, protocol::parse_request(line)),
                 Err(e) => return self.end(conn, Cut::Read(e), "request"),
@@ -174,12 +166,7 @@ impl<'a> Session<'a> {
                 }
                 Err(e) => (Reply::Err(e), Next::Continue),
             };
-            // A guest's reply must be taken before its time is up, not within the idle timeout.
-            if let Some(deadline) = self.guest_deadline() {
-                conn.set_write_timeout(deadline.saturating_duration_since(Instant::now()).max(FAREWELL));
-            } else {
-                conn.set_write_timeout(self.idle_timeout);
-            }
+            conn.set_write_timeout(self.idle_timeout);
             if self.acknowledge(conn).and_then(|()| conn.write_reply(&reply)).is_err() {
                 return;
             }
@@ -313,11 +300,6 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// While a guest (no agency yet), when its time is up.
-    fn guest_deadline(&self) -> Option<Instant> {
-        self.cx.guest_deadline.filter(|_| self.agency.is_none())
-    }
-
     fn agency(&self) -> Result<u32, ProtocolError> {
         self.agency.ok_or_else(|| ProtocolError::new(ErrorCode::NoAgency, "say HELLO <agency> first"))
     }
@@ -385,19 +367,13 @@ impl<'a> Session<'a> {
                 let agency = self.agency.map(|a| a.to_string()).unwrap_or_default();
                 Some((ErrorCode::Replaced, format!("agency {agency} connected again on another connection")))
             }
+            Cut::Ended if self.cx.peer.ended() == Ended::TimedOut => {
+                conn.set_write_timeout(FAREWELL);
+                Some((ErrorCode::Timeout, registry::hello_timed_out(self.cx.hello_timeout)))
+            }
             Cut::Ended => {
                 conn.set_write_timeout(FAREWELL);
                 Some((ErrorCode::Busy, registry::EVICTED.to_owned()))
-            }
-            Cut::Read(ReadError::TimedOut) if self.guest_deadline().is_some_and(|d| Instant::now() >= d) => {
-                let ip = self.cx.ip;
-                self.cx.registry.suspects().failed(ip);
-                self.cx.guest_log.event(GuestEvent::TimedOut, || {
-                    info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT");
-                });
-                conn.set_write_timeout(FAREWELL);
-                let ms = self.cx.hello_timeout.as_millis();
-                Some((ErrorCode::Timeout, format!("no HELLO (or end to a probe) within {ms} ms")))
             }
             Cut::TooBig => Some((ErrorCode::TooLong, format!("a batch is at most {MAX_LINE} bytes, header and rows"))),
             // Our own shutdown closed the reading half: the client can still hear why.

@@ -99,6 +99,10 @@ pub struct Door<'a> {
     room: WaitingRoom,
     /// When each held connection's time is up, soonest first.
     deadlines: BTreeSet<(Instant, u64)>,
+    /// When each guest handed to a thread must have authenticated, soonest first: the door owns
+    /// every guest's hello timeout (an entry for one that has since authenticated or gone is
+    /// dropped when due).
+    handed_off_deadlines: BTreeSet<(Instant, u64)>,
     events: Vec<epoll::Event>,
     handoffs: VecDeque<Handoff>,
     next_id: u64,
@@ -124,6 +128,7 @@ impl<'a> Door<'a> {
             held: HashMap::new(),
             room: WaitingRoom::default(),
             deadlines: BTreeSet::new(),
+            handed_off_deadlines: BTreeSet::new(),
             events: Vec::with_capacity(EVENTS),
             handoffs: VecDeque::new(),
             next_id: 0,
@@ -135,7 +140,11 @@ impl<'a> Door<'a> {
     fn wait(&mut self) {
         let now = Instant::now();
         // Nothing due: wait for an event (a shutdown is one).
-        let mut timeout = self.deadlines.first().map(|(d, _)| d.saturating_duration_since(now));
+        let soonest = match (self.deadlines.first(), self.handed_off_deadlines.first()) {
+            (Some(a), Some(b)) => Some(a.0.min(b.0)),
+            (a, b) => a.or(b).map(|(d, _)| *d),
+        };
+        let mut timeout = soonest.map(|d| d.saturating_duration_since(now));
         if !self.room.is_empty() {
             timeout = Some(timeout.map_or(ROOM_TICK, |t| t.min(ROOM_TICK)));
         }
@@ -231,7 +240,7 @@ impl<'a> Door<'a> {
             .event(GuestEvent::Accepted, || info!("action: accept_connections | result: success | ip: {ip}"));
         let guest = Guest { id, stream, ip, peer, accepted: Instant::now(), probes: 0 };
         if tls_hello {
-            self.handoffs.push_back(Handoff { guest, first_byte: tls::TLS_HANDSHAKE });
+            self.hand_over(Handoff { guest, first_byte: tls::TLS_HANDSHAKE });
             return Turn::Left;
         }
         self.hold(guest, first.is_some());
@@ -301,8 +310,17 @@ impl<'a> Door<'a> {
     fn hand_off(&mut self, id: u64, first_byte: u8, probes: u32) {
         if let Some(HeldGuest { mut guest, .. }) = self.release(id) {
             guest.probes = probes;
-            self.handoffs.push_back(Handoff { guest, first_byte });
+            self.hand_over(Handoff { guest, first_byte });
         }
+    }
+
+    /// Queues a guest for its thread, keeping its hello timeout (unless it is trusted).
+    fn hand_over(&mut self, handoff: Handoff) {
+        let guest = &handoff.guest;
+        if !self.server.security.trusts(guest.ip) {
+            self.handed_off_deadlines.insert((guest.accepted + self.server.limits.hello_timeout, guest.id));
+        }
+        self.handoffs.push_back(handoff);
     }
 
     /// A held connection has made `probes` probes so far, one or more of them now if `now`,
@@ -337,8 +355,17 @@ impl<'a> Door<'a> {
         }
     }
 
-    /// Ends every held connection whose time is up.
+    /// Ends every guest whose time is up: those held here, and those on threads of their own
+    /// (through the registry, which wakes the thread to say why).
     fn expire(&mut self, now: Instant) {
+        while let Some(&(deadline, id)) = self.handed_off_deadlines.first()
+            && deadline <= now
+        {
+            self.handed_off_deadlines.pop_first();
+            if let Some(ip) = self.server.registry.time_out(id) {
+                refusals::log_timeout(&self.server, ip);
+            }
+        }
         while let Some(&(deadline, id)) = self.deadlines.first()
             && deadline <= now
         {
@@ -351,7 +378,7 @@ impl<'a> Door<'a> {
             } else if self.server.security.trusts(ip) {
                 format!("no complete request within {} ms", self.server.limits.idle_timeout.as_millis())
             } else {
-                format!("no HELLO (or end to a probe) within {waited} ms")
+                registry::hello_timed_out(self.server.limits.hello_timeout)
             };
             self.farewell(&held, ErrorCode::Timeout, why);
         }

@@ -42,7 +42,7 @@ use crate::wire::transport::Transport;
 use auth::AgencyKeys;
 use guest_log::GuestLog;
 use pool::Pool;
-use registry::{GuestLimits, Registry, Stage};
+use registry::{GuestLimits, Registry};
 use session::{Context, Session};
 use tls::HandshakeGate;
 
@@ -238,8 +238,6 @@ fn open_transport(server: &Server, guest: &door::Guest, first_byte: u8) -> Optio
     let (id, limits) = (guest.id, server.limits);
     match tls::transport(Arc::clone(&guest.stream), server.security.tls.as_ref(), first_byte) {
         Ok(Transport::Tls(mut tls)) => {
-            // A handshake has begun: under way.
-            guest.peer.set_stage(Stage::Underway);
             let by = guest.accepted + limits.idle_timeout;
             let suspect = server.registry.suspects().is_suspect(guest.ip);
             if let Err(e) = tls::handshake(&mut tls, &server.gate, by, &guest.peer, suspect) {

@@ -80,18 +80,27 @@ pub struct Peer {
 }
 
 impl Peer {
-    fn new(stream: Arc<TcpStream>, stage: Stage) -> Peer {
+    /// A connection that arrived at `came` (it may have waited for its place since), whose
+    /// last progress was then.
+    fn new(stream: Arc<TcpStream>, stage: Stage, came: Instant) -> Peer {
         let (ended, progress_ms) = (AtomicU8::new(0), AtomicU64::new(0));
-        Peer { stream, ended, stage: AtomicU8::new(stage as u8), came: Instant::now(), progress_ms }
+        Peer { stream, ended, stage: AtomicU8::new(stage as u8), came, progress_ms }
     }
 
     /// Notes how far the guest has got; reaching a stage is progress.
     pub fn set_stage(&self, stage: Stage) {
-        self.stage.store(stage as u8, Ordering::Relaxed);
+        self.set_stage_without_progress(stage);
         self.advanced();
     }
 
-    /// The guest sent something it was waiting for (or the server's wait for it ended).
+    /// Notes the stage only: a wait of the server's own (for a permit to compute) begins or
+    /// ends, which says nothing of the client.
+    pub fn set_stage_without_progress(&self, stage: Stage) {
+        self.stage.store(stage as u8, Ordering::Relaxed);
+    }
+
+    /// The guest sent something whole that the server was waiting for: a line, a TLS record
+    /// that moved its handshake on. Part of one is no progress.
     pub fn advanced(&self) {
         let ms = u64::try_from(self.came.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.progress_ms.store(ms, Ordering::Relaxed);
@@ -254,7 +263,9 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Admits connection `id` from `ip` as a guest, first evicting a stalled guest of that
+    /// Admits connection `id` from `ip`, which `arrived` then and has `spoken` (sent a byte) or
+    /// not, as a guest: one that has said nothing since it arrived has made no progress since.
+    /// First evicts a stalled guest of that
     /// address, then of all, as the guest limits require; an eviction counts against the
     /// evicted guest's address. It is not admitted if the guests are still too many (all
     /// progressing: it may wait) or if the connections being served reach `ceiling`. Also
@@ -263,7 +274,7 @@ impl Registry {
         &self,
         id: u64,
         ip: IpAddr,
-        stream: Arc<TcpStream>,
+        (stream, arrived, spoken): (Arc<TcpStream>, Instant, bool),
         stage: Stage,
         limits: GuestLimits,
         ceiling: usize,
@@ -281,7 +292,10 @@ impl Registry {
             evicted.push(from);
         }
         let admission = live.refusal(ip, limits, ceiling).unwrap_or_else(|| {
-            let peer = Arc::new(Peer::new(stream, stage));
+            let peer = Arc::new(Peer::new(stream, stage, arrived));
+            if spoken {
+                peer.advanced();
+            }
             live.peers.insert(id, Arc::clone(&peer));
             live.guests.insert(id, ip);
             *live.guests_per_origin.entry(suspects::origin(ip)).or_default() += 1;
@@ -370,7 +384,7 @@ mod tests {
 
     fn try_admit(registry: &Registry, id: u64, ip: IpAddr, listener: &TcpListener) -> (Admission, usize) {
         let stream = Arc::new(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
-        registry.admit(id, ip, stream, Stage::Silent, LIMITS, 100)
+        registry.admit(id, ip, (stream, Instant::now(), false), Stage::Silent, LIMITS, 100)
     }
 
     fn admit(registry: &Registry, id: u64, ip: IpAddr, listener: &TcpListener) -> (Arc<Peer>, usize) {

@@ -173,8 +173,9 @@ impl HandshakeGate {
 
 /// Runs the server's side of a TLS handshake to its end before `deadline`: reading and writing
 /// freely, computing only with a permit of `gate` (behind the other guests if `suspect`), while `peer`
-/// is [`Stage::Queued`]. Every record that arrives is progress, and so is the end of the wait
-/// for a permit: a client is judged stalled only by the time it takes to answer.
+/// is [`Stage::Queued`] (never evicted). Progress is a flight of records that moved the
+/// handshake on: half a record is none, so a client that sends part of its answer and stops
+/// has stalled as surely as one that sends nothing.
 ///
 /// # Errors
 /// The deadline passed, the peer hung up or was ended, or the handshake failed (an alert is
@@ -200,10 +201,9 @@ pub fn handshake(
         if tls.conn.read_tls(&mut tls.sock)? == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer hung up during the handshake"));
         }
-        peer.advanced();
-        peer.set_stage(Stage::Queued);
+        peer.set_stage_without_progress(Stage::Queued);
         let permit = gate.acquire(deadline, &gone, suspect);
-        peer.set_stage(Stage::Underway);
+        peer.set_stage_without_progress(Stage::Underway);
         // A client that left while we waited is not worth the computation.
         let Some(_permit) = permit.filter(|_| !gone()) else {
             let why =
@@ -213,6 +213,11 @@ pub fn handshake(
         if let Err(e) = tls.conn.process_new_packets() {
             let _ = tls.conn.write_tls(&mut tls.sock);
             return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        // Whole records that moved the handshake on (an answer to send, or the end): progress.
+        // Half a record moves nothing, and the time it took is the client's.
+        if tls.conn.wants_write() || !tls.conn.is_handshaking() {
+            peer.advanced();
         }
     }
     while tls.conn.wants_write() {

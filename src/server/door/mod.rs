@@ -220,8 +220,8 @@ impl<'a> Door<'a> {
         let stage = if tls_hello { Stage::Underway } else { Stage::Silent };
         let id = self.next_id + 1;
         let limits = server.limits;
-        let (admission, evicted) =
-            server.registry.admit(id, ip, Arc::clone(&stream), stage, limits.guests, limits.max_connections);
+        let arrival = (Arc::clone(&stream), waiter.arrived, first.is_some());
+        let (admission, evicted) = server.registry.admit(id, ip, arrival, stage, limits.guests, limits.max_connections);
         for _ in 0..evicted {
             refusals::log_eviction(&server);
         }
@@ -283,8 +283,6 @@ impl<'a> Door<'a> {
             self.close(id);
             return;
         }
-        // Edge-triggered: something new has arrived.
-        guest.peer.advanced();
         let data = &self.peeked[..n];
         if self.server.security.tls.is_some() && guest.probes == 0 && data[0] == tls::TLS_HANDSHAKE {
             // A TLS hello, however little of it has arrived: its thread takes it.
@@ -309,6 +307,8 @@ impl<'a> Door<'a> {
     /// Passes a held connection to a thread of its own, `first_byte` being its next byte.
     fn hand_off(&mut self, id: u64, first_byte: u8, probes: u32) {
         if let Some(HeldGuest { mut guest, .. }) = self.release(id) {
+            // A whole line (or a TLS hello begun): progress, and under way.
+            guest.peer.set_stage(Stage::Underway);
             guest.probes = probes;
             self.hand_over(Handoff { guest, first_byte });
         }

@@ -206,7 +206,7 @@ impl<'a> Door<'a> {
             refusals::turn_away(&self.server, &stream, ip);
         }
         let mut room = std::mem::take(&mut self.room);
-        room.seat(|waiter, first| self.admit(waiter, first));
+        room.seat(self.server.security.tls.is_some(), now, |waiter, first| self.admit(waiter, first));
         self.room = room;
     }
 

@@ -4,6 +4,12 @@
 //! retry later while strangers who reconnect at once take every place that frees up. (The
 //! kernel's listen queue would keep that order too, but it is short, and a connection that finds
 //! it full waits for its SYN to be sent again.)
+//!
+//! On a TLS server an agency opens with a TLS hello as soon as it connects; a waiter that
+//! opens with plain text (it can only probe) or has said nothing for [`SILENT_FOR`] waits behind
+//! the suspects' too. Without this, a first wave of strangers from fresh addresses (no failure
+//! yet) that connected before the agencies would hold every place in turn ahead of them: places
+//! free only as guests stall, a few hundred a second.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, TcpStream};
@@ -11,10 +17,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::server::suspects;
+use crate::server::tls::TLS_HANDSHAKE;
 use crate::wire::transport::{Arrived, peek_now};
 
 /// Most connections waiting: each costs a file descriptor and a few bytes.
 pub const CAPACITY: usize = 4096;
+
+/// How long a waiter on a TLS server may say nothing before it waits behind the others.
+pub const SILENT_FOR: Duration = Duration::from_millis(100);
 
 /// A connection waiting for a guest place.
 pub struct Waiter {
@@ -90,10 +100,15 @@ impl WaitingRoom {
 
     /// Gives each waiter its turn, in order, as long as `turn` finds guest places: one whose
     /// address has no place left waits on without holding up the others. Those that hung up
-    /// while waiting leave. `turn` gets the waiter and its first byte, if it has sent one.
-    pub fn seat(&mut self, mut turn: impl FnMut(&Waiter, Option<u8>) -> Turn) {
+    /// while waiting leave; on a `tls` server, those that are no TLS client in a hurry go
+    /// behind the suspects. `turn` gets the waiter and its first byte, if it has sent one.
+    pub fn seat(&mut self, tls: bool, now: Instant, mut turn: impl FnMut(&Waiter, Option<u8>) -> Turn) {
         let mut crowded: Vec<IpAddr> = Vec::new();
-        for queue in [&mut self.clear, &mut self.suspects] {
+        let mut behind = Vec::new();
+        'queues: for (suspects, queue) in [(false, &mut self.clear), (true, &mut self.suspects)] {
+            if suspects {
+                queue.extend(behind.drain(..));
+            }
             let mut i = 0;
             while let Some(waiter) = queue.get(i) {
                 let origin = suspects::origin(waiter.ip);
@@ -110,6 +125,11 @@ impl WaitingRoom {
                     Arrived::Byte(b) => Some(b),
                     Arrived::Nothing => None,
                 };
+                let hurried = first.map_or(now.duration_since(waiter.arrived) < SILENT_FOR, |b| b == TLS_HANDSHAKE);
+                if tls && !suspects && !hurried {
+                    behind.extend(queue.remove(i));
+                    continue;
+                }
                 match turn(waiter, first) {
                     Turn::Left => {
                         queue.remove(i);
@@ -118,14 +138,54 @@ impl WaitingRoom {
                         crowded.push(origin);
                         i += 1;
                     }
-                    Turn::GuestsFull => return,
+                    Turn::GuestsFull => break 'queues,
                 }
             }
         }
+        self.suspects.extend(behind);
     }
 
     /// Everyone, emptying the room.
     pub fn drain(&mut self) -> impl Iterator<Item = Waiter> + '_ {
         self.clear.drain(..).chain(self.suspects.drain(..))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    /// A waiter whose client has sent `bytes`, seen by the server's side.
+    fn waiter(listener: &TcpListener, bytes: &[u8]) -> (TcpStream, Waiter) {
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.write_all(bytes).unwrap();
+        let (server, addr) = listener.accept().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !bytes.is_empty() && peek_now(&server) == Arrived::Nothing && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        (client, Waiter { stream: Arc::new(server), ip: addr.ip(), arrived: Instant::now() })
+    }
+
+    #[test]
+    fn on_a_tls_server_a_tls_hello_is_seated_before_plain_text_and_silence() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut room = WaitingRoom::default();
+        let mut clients = Vec::new();
+        for bytes in [&b"PING\n"[..], &[TLS_HANDSHAKE, 3, 1], b""] {
+            let (client, waiter) = waiter(&listener, bytes);
+            clients.push(client);
+            assert!(room.enter(waiter, false).is_none());
+        }
+        let later = Instant::now() + SILENT_FOR;
+        let mut order = Vec::new();
+        room.seat(true, later, |_, first| {
+            order.push(first);
+            Turn::Left
+        });
+        assert_eq!(order, [Some(TLS_HANDSHAKE), Some(b'P'), None]);
+        assert!(room.is_empty());
     }
 }

@@ -1,7 +1,8 @@
 //! Where a newcomer waits for a guest place while every place is taken by a guest that is
-//! progressing: places are given in the order of arrival, those from suspect addresses (see
-//! [`crate::server::suspects`]) after the others, so that an agency is never turned away to
-//! retry later while strangers who reconnect at once take every place that frees up. (The
+//! progressing: places go to those from addresses with no failure first (newest first), then
+//! to those from suspect addresses (see [`crate::server::suspects`]) in their order of arrival,
+//! so that an agency is never turned away to retry later while strangers who reconnect at once
+//! take every place that frees up. (The
 //! kernel's listen queue would keep that order too, but it is short, and a connection that finds
 //! it full waits for its SYN to be sent again.)
 //!
@@ -98,10 +99,13 @@ impl WaitingRoom {
         gone
     }
 
-    /// Gives each waiter its turn, in order, as long as `turn` finds guest places: one whose
-    /// address has no place left waits on without holding up the others. Those that hung up
-    /// while waiting leave; on a `tls` server, those that are no TLS client in a hurry go
-    /// behind the suspects. `turn` gets the waiter and its first byte, if it has sent one.
+    /// Gives each waiter its turn as long as `turn` finds guest places: those from addresses
+    /// with no failure newest first (a first wave of strangers from fresh addresses that came
+    /// before the agencies does not stand ahead of them, and each of its addresses is a suspect
+    /// after its first failure), then the suspects oldest first. One whose address has no place
+    /// left waits on without holding up the others. Those that hung up while waiting leave; on a
+    /// `tls` server, those that are no TLS client in a hurry go behind the suspects. `turn` gets
+    /// the waiter and its first byte, if it has sent one.
     pub fn seat(&mut self, tls: bool, now: Instant, mut turn: impl FnMut(&Waiter, Option<u8>) -> Turn) {
         let mut crowded: Vec<IpAddr> = Vec::new();
         let mut behind = Vec::new();
@@ -109,11 +113,14 @@ impl WaitingRoom {
             if suspects {
                 queue.extend(behind.drain(..));
             }
-            let mut i = 0;
-            while let Some(waiter) = queue.get(i) {
+            // Waiters passed over so far, at the end their turns are given from.
+            let mut passed = 0;
+            while passed < queue.len() {
+                let i = if suspects { passed } else { queue.len() - 1 - passed };
+                let waiter = &queue[i];
                 let origin = suspects::origin(waiter.ip);
                 if crowded.contains(&origin) {
-                    i += 1;
+                    passed += 1;
                     continue;
                 }
                 let first = match peek_now(&waiter.stream) {
@@ -136,7 +143,7 @@ impl WaitingRoom {
                     }
                     Turn::AddressFull => {
                         crowded.push(origin);
-                        i += 1;
+                        passed += 1;
                     }
                     Turn::GuestsFull => break 'queues,
                 }
@@ -170,22 +177,28 @@ mod tests {
     }
 
     #[test]
-    fn on_a_tls_server_a_tls_hello_is_seated_before_plain_text_and_silence() {
+    fn on_a_tls_server_tls_hellos_are_seated_newest_first_before_plain_text_and_silence() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut room = WaitingRoom::default();
         let mut clients = Vec::new();
-        for bytes in [&b"PING\n"[..], &[TLS_HANDSHAKE, 3, 1], b""] {
+        for bytes in [&[TLS_HANDSHAKE, 3, 1][..], b"PING\n", &[TLS_HANDSHAKE, 3, 3], b""] {
             let (client, waiter) = waiter(&listener, bytes);
             clients.push(client);
             assert!(room.enter(waiter, false).is_none());
         }
         let later = Instant::now() + SILENT_FOR;
         let mut order = Vec::new();
-        room.seat(true, later, |_, first| {
-            order.push(first);
+        room.seat(true, later, |waiter, first| {
+            let mut version = [0u8; 3];
+            if first == Some(TLS_HANDSHAKE) {
+                let _ = waiter.stream.peek(&mut version);
+            }
+            order.push(first.map(|b| if b == TLS_HANDSHAKE { version[2] } else { b }));
             Turn::Left
         });
-        assert_eq!(order, [Some(TLS_HANDSHAKE), Some(b'P'), None]);
+        // The newer TLS hello (version byte 3), then the older (1); then those put behind, in
+        // the order they were passed over: the silent one (newest), the plain-text one.
+        assert_eq!(order, [Some(3), Some(1), None, Some(b'P')]);
         assert!(room.is_empty());
     }
 }

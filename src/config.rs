@@ -214,16 +214,9 @@ impl Settings {
     /// # Errors
     /// The first value that does not parse, naming its key.
     pub fn server(&self) -> Result<ServerSettings, ConfigError> {
-        let settings = self.server_unchecked()?;
-        let needed = settings.agencies as usize + settings.max_guests;
-        if settings.max_connections < needed {
-            return Err(ConfigError(format!(
-                "SERVER_MAX_CONNECTIONS = {} leaves no room: every agency has a connection of its own besides the \
-                 SERVER_MAX_GUESTS unauthenticated ones, so it must be at least SERVER_AGENCIES + SERVER_MAX_GUESTS = {needed}",
-                settings.max_connections
-            )));
-        }
-        Ok(settings)
+        // SERVER_MAX_CONNECTIONS below SERVER_AGENCIES + SERVER_MAX_GUESTS is raised to it
+        // (`server::Limits::from_settings`): the ceiling never refuses the round's agencies.
+        self.server_unchecked()
     }
 
     /// The server's settings, each checked on its own but not against each other: for
@@ -526,13 +519,6 @@ mod tests {
         assert_eq!(address("[::1]:0").unwrap().map(|m| m.required), Some(true));
         let err = address("localhost:9745").unwrap_err().0;
         assert!(err.contains("SERVER_METRICS_ADDRESS") && err.contains("ip:port"), "{err}");
-    }
-
-    #[test]
-    fn connections_must_leave_room_for_every_agency_and_the_guests() {
-        let (_dir, settings) = with_file("", &[("SERVER_MAX_CONNECTIONS", "260")]);
-        let err = settings.unwrap().server().unwrap_err().0;
-        assert!(err.contains("at least SERVER_AGENCIES + SERVER_MAX_GUESTS = 261"), "{err}");
     }
 
     #[test]

@@ -78,18 +78,17 @@ fn an_honest_round_completes_beside_two_hundred_hostile_clients() {
 /// Every hostile client was dealt with by the server, each kind in its own way (or turned
 /// away with `ERR BUSY` when the server was full).
 fn check_hostile_replies(reports: &[hostile::Report]) {
-    let mut busy = 0;
+    // Some may be turned away (the ceiling), none need be: a newcomer waits for a guest place
+    // while the guests are progressing, and takes a stalled one's.
     let mut seen: BTreeMap<Kind, Vec<String>> = BTreeMap::new();
     for report in reports {
         assert!(report.closed_by_server, "the server never closed a {:?} client: {:?}", report.kind, report.replies);
         if report.replies.first().is_some_and(|r| r == "ERR BUSY") {
             assert_eq!(report.replies.len(), 1, "{report:?}");
-            busy += 1;
             continue;
         }
         seen.entry(report.kind).or_default().extend(report.replies.iter().cloned());
     }
-    assert!(busy > 0, "no client was turned away with ERR BUSY");
     let expect = |kind: Kind, reply: &str| {
         let replies = seen.get(&kind).unwrap_or_else(|| panic!("every {kind:?} client was turned away"));
         assert!(replies.iter().any(|r| r == reply), "{kind:?} never got {reply}: {replies:?}");

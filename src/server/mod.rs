@@ -1,6 +1,15 @@
 //! The server: the door (which accepts every connection, answers its probes, and holds it until
 //! it says more), a thread (from a pool) per connection that has, and an orderly shutdown.
 //!
+//! The life of a connection: the door ([`door`]) accepts it; if every guest place is taken by a
+//! guest that is progressing, it waits in the door's waiting room; admitted, it is a *guest*
+//! ([`registry`]), held by the door while it says nothing or only probes; once it says more (a
+//! TLS hello, a `HELLO`) it gets a thread of its own from the [`pool`], which runs its TLS
+//! handshake ([`tls`], rationed per core) and its [`session`]; `HELLO` makes it an agency, no
+//! guest any more; `WINNERS` waits on the round's `Mutex` + `Condvar` (see [`crate::ledger`])
+//! until the draw; the thread ends with the connection. A guest that stalls goes when a
+//! newcomer needs its place; one that runs out of time goes anyway.
+//!
 //! Shutdown order: set the flag → wake the door through its eventfd → close what the door holds → wake
 //! every waiter in the round (they answer `ERR SHUTDOWN`) → shut down the reading half of every
 //! live socket (from the registry), so blocked reads end → after a grace period, both halves of
@@ -39,8 +48,9 @@ use guest_log::GuestLog;
 use hangups::Hangups;
 use metrics::Metrics;
 use pool::Pool;
-use registry::{GuestLimits, Registry, Stage};
+use registry::{GuestLimits, Registry};
 use session::{Context, Session};
+use tls::HandshakeGate;
 
 /// Stack of a connection's thread: a session needs a few KiB; the default 2 MiB would only
 /// reserve address space per connection.
@@ -50,6 +60,8 @@ const STACK_SIZE: usize = 128 * 1024;
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Threads at once: the hard ceiling, past which a connection is turned away at the door.
+    /// Never below `SERVER_AGENCIES + SERVER_MAX_GUESTS`, so that it cannot refuse the round's
+    /// own agencies.
     pub max_connections: usize,
     pub idle_timeout: Duration,
     /// Connections not yet authenticated, at once and per address.
@@ -59,10 +71,13 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The limits the settings give.
+    /// The limits the settings give. The ceiling is `SERVER_MAX_CONNECTIONS`, raised to
+    /// `SERVER_AGENCIES + SERVER_MAX_GUESTS` if it is lower: every agency may wait in
+    /// `WINNERS` on a connection of its own while the guest places are full.
     pub fn from_settings(settings: &ServerSettings) -> Limits {
+        let needed = (settings.agencies as usize).saturating_add(settings.max_guests);
         Limits {
-            max_connections: settings.max_connections,
+            max_connections: settings.max_connections.max(needed),
             idle_timeout: settings.idle_timeout,
             guests: GuestLimits { total: settings.max_guests, per_ip: settings.max_guests_per_ip },
             hello_timeout: settings.hello_timeout,
@@ -136,6 +151,20 @@ impl ShutdownHandle {
 /// How long shutdown lets connections finish their last reply before cutting them off.
 const GRACE: Duration = Duration::from_millis(500);
 
+/// What the door and every connection's thread share.
+pub struct Server {
+    pub ledger: Arc<dyn Ledger>,
+    pub security: Arc<Security>,
+    pub registry: Registry,
+    pub guest_log: GuestLog,
+    pub gate: HandshakeGate,
+    pub limits: Limits,
+    /// What the operator's listener serves.
+    pub metrics: Arc<Metrics>,
+    /// The sockets of agencies waiting for the draw.
+    pub hangups: Hangups,
+}
+
 /// Serves `listener` until `shutdown` is triggered, then shuts down in order and returns.
 ///
 /// # Errors
@@ -143,13 +172,13 @@ const GRACE: Duration = Duration::from_millis(500);
 /// final sync of `bets.csv` failed.
 pub fn run(
     listener: TcpListener,
-    round: Arc<dyn Ledger>,
+    ledger: Arc<dyn Ledger>,
     limits: Limits,
     security: Arc<Security>,
     shutdown: &ShutdownHandle,
 ) -> io::Result<()> {
-    let metrics = Arc::new(Metrics::new(round.agencies()));
-    run_counted(listener, round, limits, security, shutdown, metrics)
+    let metrics = Arc::new(Metrics::new(ledger.agencies()));
+    run_counted(listener, ledger, limits, security, shutdown, metrics)
 }
 
 /// [`run`], counting into `metrics` (what the operator's listener serves).
@@ -158,145 +187,122 @@ pub fn run(
 /// As [`run`].
 pub fn run_counted(
     listener: TcpListener,
-    round: Arc<dyn Ledger>,
+    ledger: Arc<dyn Ledger>,
     limits: Limits,
     security: Arc<Security>,
     shutdown: &ShutdownHandle,
     metrics: Arc<Metrics>,
 ) -> io::Result<()> {
-    let registry = Arc::new(Registry::default());
-    let guest_log = Arc::new(GuestLog::default());
-    let gate = Arc::new(tls::HandshakeGate::per_core());
-    let mut pool = Pool::new(STACK_SIZE);
-    let hangups = Arc::new(Hangups::new()?);
-    let watcher = watch_hangups(&hangups, &round, shutdown)?;
-    let rules = door::Rules {
-        round: &*round,
-        registry: &registry,
-        guest_log: &guest_log,
-        security: &security,
+    let server = Arc::new(Server {
+        ledger,
+        security,
+        registry: Registry::default(),
+        guest_log: GuestLog::default(),
+        gate: HandshakeGate::per_core(),
         limits,
-        metrics: &metrics,
-    };
-    let mut door = door::Door::new(&listener, shutdown, rules)?;
-    for spoke in door.by_ref() {
-        let shared = Shared {
-            round: Arc::clone(&round),
-            security: Arc::clone(&security),
-            registry: Arc::clone(&registry),
-            guest_log: Arc::clone(&guest_log),
-            gate: Arc::clone(&gate),
-            metrics: Arc::clone(&metrics),
-            hangups: Arc::clone(&hangups),
-        };
-        if let Err(e) = serve_connection(&mut pool, spoke, shared, limits) {
+        metrics,
+        hangups: Hangups::new()?,
+    });
+    let mut pool = Pool::new(STACK_SIZE);
+    let watcher = watch_hangups(&server, shutdown)?;
+    let mut door = door::Door::new(&listener, shutdown, Arc::clone(&server))?;
+    for handoff in door.by_ref() {
+        if let Err(e) = serve_connection(&mut pool, handoff, Arc::clone(&server)) {
             error!("action: spawn_thread | result: fail | error: {e}");
         }
     }
     drop(door);
     drop(listener);
     info!("action: close_listener | result: success");
-    round.begin_shutdown();
+    server.ledger.begin_shutdown();
     let _ = watcher.join();
-    registry.close_all(GRACE);
+    server.registry.close_all(GRACE);
     let count = pool.join();
     info!("action: join_threads | result: success | threads: {count}");
-    guest_log.flush();
-    let synced = round.close();
+    server.guest_log.flush();
+    let synced = server.ledger.close();
     match &synced {
-        Ok(()) => info!("action: close_storage | result: success | {}", round.describe()),
+        Ok(()) => info!("action: close_storage | result: success | {}", server.ledger.describe()),
         Err(e) => error!("action: close_storage | result: fail | error: {e}"),
     }
     synced
 }
 
-/// What every connection's thread shares.
-struct Shared {
-    round: Arc<dyn Ledger>,
-    security: Arc<Security>,
-    registry: Arc<Registry>,
-    guest_log: Arc<GuestLog>,
-    gate: Arc<tls::HandshakeGate>,
-    metrics: Arc<Metrics>,
-    hangups: Arc<Hangups>,
-}
-
 /// The thread that watches the sockets of agencies waiting for the draw, until shutdown.
-fn watch_hangups(
-    hangups: &Arc<Hangups>,
-    round: &Arc<dyn Ledger>,
-    shutdown: &ShutdownHandle,
-) -> io::Result<thread::JoinHandle<()>> {
-    let (hangups, round, shutdown) = (Arc::clone(hangups), Arc::clone(round), shutdown.clone());
-    thread::Builder::new().name("hangups".into()).spawn(move || hangups.run(&*round, &shutdown))
+fn watch_hangups(server: &Arc<Server>, shutdown: &ShutdownHandle) -> io::Result<thread::JoinHandle<()>> {
+    let (server, shutdown) = (Arc::clone(server), shutdown.clone());
+    thread::Builder::new().name("hangups".into()).spawn(move || server.hangups.run(&*server.ledger, &shutdown))
 }
 
-/// Serves a connection that has spoken on a thread of `pool`.
-fn serve_connection(pool: &mut Pool, spoke: door::Spoke, shared: Shared, limits: Limits) -> io::Result<()> {
-    let door::Spoke { id, stream, ip, peer, accepted, first, requests } = spoke;
-    let registry = Arc::clone(&shared.registry);
+/// Serves a guest that has said more than probes on a thread of `pool`.
+fn serve_connection(pool: &mut Pool, handoff: door::Handoff, server: Arc<Server>) -> io::Result<()> {
+    let id = handoff.guest.id;
+    let registry_server = Arc::clone(&server);
     let spawned = pool.run(move || {
+        let door::Handoff { guest, first_byte } = handoff;
         // Deregisters even if the session panics.
-        let _registered = Registered { id, registry: Arc::clone(&shared.registry) };
+        let _registered = Registered { id: guest.id, server: Arc::clone(&server) };
         // Replies are single short lines: send each at once.
-        let _ = stream.set_nodelay(true);
-        // A guest must authenticate within the hello timeout, unless trusted.
-        let guest_deadline = (!shared.security.trusts(ip)).then(|| accepted + limits.hello_timeout);
-        let transport = match tls::transport(Arc::clone(&stream), shared.security.tls.as_ref(), first) {
-            Ok(Transport::Tls(mut tls)) => {
-                // A handshake has begun: under way, among the last guests to be evicted.
-                peer.set_stage(Stage::Underway);
-                let by =
-                    guest_deadline.map_or(accepted + limits.idle_timeout, |d| d.min(accepted + limits.idle_timeout));
-                let suspect = shared.registry.suspects().is_suspect(ip);
-                if let Err(e) = tls::handshake(&mut tls, &shared.gate, by, &peer, suspect) {
-                    shared.metrics.tls_handshake(false);
-                    debug!("action: tls_handshake | result: fail | id: {id} | error: {e}");
-                    return;
-                }
-                shared.metrics.tls_handshake(true);
-                Transport::Tls(tls)
-            }
-            Ok(transport) => transport,
-            Err(e) => {
-                debug!("action: accept_tls | result: fail | id: {id} | error: {e}");
-                return;
-            }
-        };
+        let _ = guest.stream.set_nodelay(true);
+        let limits = server.limits;
+        let Some(transport) = open_transport(&server, &guest, first_byte) else { return };
         let mut conn = Connection::with_transport(transport, limits.idle_timeout);
         let context = Context {
-            round: &*shared.round,
-            security: &shared.security,
-            registry: &shared.registry,
-            guest_log: &shared.guest_log,
-            peer: &peer,
-            id,
-            ip,
+            round: &*server.ledger,
+            security: &server.security,
+            registry: &server.registry,
+            guest_log: &server.guest_log,
+            peer: &guest.peer,
+            id: guest.id,
+            ip: guest.ip,
             idle_timeout: limits.idle_timeout,
             hello_timeout: limits.hello_timeout,
-            guest_deadline,
-            guest_requests: requests,
-            metrics: &shared.metrics,
-            hangups: &shared.hangups,
+            guest_requests: guest.probes,
+            metrics: &server.metrics,
+            hangups: &server.hangups,
         };
         Session::new(context).run(&mut conn);
-        shared.metrics.closed(id);
-        debug!("action: close_connection | result: success | id: {id}");
+        server.metrics.closed(guest.id);
+        debug!("action: close_connection | result: success | id: {}", guest.id);
     });
     if spawned.is_err() {
-        registry.remove(id);
+        registry_server.registry.remove(id);
     }
     spawned
+}
+
+/// The guest's transport, its TLS handshake (if it opened one) run to the end; `None` if that
+/// failed. The door ends a handshake still under way at the hello timeout.
+fn open_transport(server: &Server, guest: &door::Guest, first_byte: u8) -> Option<Transport<rustls::ServerConnection>> {
+    let (id, limits) = (guest.id, server.limits);
+    match tls::transport(Arc::clone(&guest.stream), server.security.tls.as_ref(), first_byte) {
+        Ok(Transport::Tls(mut tls)) => {
+            let by = guest.accepted + limits.idle_timeout;
+            let suspect = server.registry.suspects().is_suspect(guest.ip);
+            if let Err(e) = tls::handshake(&mut tls, &server.gate, by, &guest.peer, suspect) {
+                server.metrics.tls_handshake(false);
+                debug!("action: tls_handshake | result: fail | id: {id} | error: {e}");
+                return None;
+            }
+            server.metrics.tls_handshake(true);
+            Some(Transport::Tls(tls))
+        }
+        Ok(transport) => Some(transport),
+        Err(e) => {
+            debug!("action: accept_tls | result: fail | id: {id} | error: {e}");
+            None
+        }
+    }
 }
 
 /// Removes a connection from the registry when its thread ends.
 struct Registered {
     id: u64,
-    registry: Arc<Registry>,
+    server: Arc<Server>,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.registry.remove(self.id);
+        self.server.registry.remove(self.id);
     }
 }

@@ -2,18 +2,25 @@
 //! connection speaks for each agency, so that a newer session of an agency ends the older one;
 //! and which are still *guests* (not yet authenticated), so that strangers never take more than
 //! their share of the server: past `SERVER_MAX_GUESTS` (or `SERVER_MAX_GUESTS_PER_IP` from one
-//! address) the oldest guest is evicted to make room for the newcomer, and an authenticated
-//! agency is no guest at all.
+//! address, an IPv6 address counted as its /64) a guest that has *stalled* is evicted to make
+//! room for the newcomer, and while none has, the newcomer waits. An authenticated agency is no
+//! guest at all.
+//!
+//! The one rule: **progressing guests stay, stalled guests go**. A guest is judged by its
+//! progress (the last time it sent something the server was waiting for), never by its age:
+//! a crowd of agencies connecting at once (a round's start, a restart, a thousand behind one
+//! NAT) is all progressing and waits its turn, while a stranger that sent a TLS hello and then
+//! nothing has stalled after [`STALLED_AFTER`] and goes first.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Shutdown, TcpStream};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::info;
 
-use crate::server::suspects::Suspects;
+use crate::server::suspects::{self, Suspects};
 
 /// Why a connection was told to end by someone else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,21 +29,17 @@ pub enum Ended {
     No,
     /// A newer connection of the same agency took over.
     Replaced,
-    /// A guest evicted to make room for a newer one.
+    /// A stalled guest evicted to make room for a newer one.
     Evicted,
+    /// A guest that did not authenticate within the hello timeout.
+    TimedOut,
 }
 
-/// How far a guest has got, which decides who is evicted first when guests are too many:
-/// a guest that was already answered a probe (`PING`, `STATUS`: it has had its service), then
-/// one that has sent nothing, and only then one that is mid-way (a TLS handshake, a `HELLO`
-/// arriving) for longer than [`UNDERWAY_GRACE`], oldest first within each. An agency
-/// connecting is mid-way for milliseconds; most attackers are never mid-way, and one that
-/// stalls mid-way is evicted once its grace is over. When every guest is young and mid-way,
-/// the newcomer waits at the door for a place, in turn: closing a busy guest would only make a
-/// crowd of agencies (a thousand behind one address) close each other in turn. A guest waiting
-/// for its turn to compute its TLS handshake ([`Stage::Queued`]) is never evicted: the wait is
-/// the server's, not the client's, and evicting it would throw away the place in the queue of
-/// the agency that waits longest.
+/// How far a guest has got. Among the guests that have stalled, one that was already answered
+/// a probe (`PING`, `STATUS`: it has had its service) goes first, then one that has sent
+/// nothing, then one mid-way (a TLS handshake, a `HELLO` arriving), the longest stalled first
+/// within each. A guest waiting for its turn to compute its TLS handshake ([`Stage::Queued`])
+/// is never evicted: the wait is the server's, not the client's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
     Probed = 0,
@@ -45,22 +48,25 @@ pub enum Stage {
     Queued = 3,
 }
 
+/// How long a guest may go without progress before a newcomer may take its place. An agency's
+/// answer to the server's handshake flight, or its `HELLO` after the handshake, comes within a
+/// round trip and a millisecond or two of its CPU; but a crowd of agencies handshaking at once
+/// on a busy machine (300 in one process on 2 shared cores, in `tests/limits.rs`) waits for the
+/// CPU for hundreds of milliseconds (at 300 ms, one of those 300 was closed). A second still frees 256
+/// places a second from stalled strangers, and newcomers from addresses that are no suspects
+/// are seated first.
+pub const STALLED_AFTER: Duration = Duration::from_secs(1);
+
 /// What became of a connection at the door.
 pub enum Admission {
     /// A guest now.
     Admitted(Arc<Peer>),
-    /// Every guest place (of all, or of its address) is taken by a guest that is young and
-    /// under way: it may wait for one.
-    Crowded(Crowd),
+    /// Every guest place is taken by a guest that is progressing: it may wait for one.
+    NoGuestPlace,
+    /// Every guest place of its address is taken by a guest that is progressing.
+    NoPlaceForAddress,
     /// The server serves as many connections as it may.
-    Full,
-}
-
-/// Which guest places are all taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Crowd {
-    All,
-    Address,
+    AtCeiling,
 }
 
 /// One live connection, as others may need to reach it.
@@ -68,11 +74,41 @@ pub struct Peer {
     pub stream: Arc<TcpStream>,
     ended: AtomicU8,
     stage: AtomicU8,
+    /// When it came, and its last progress as milliseconds since then.
+    came: Instant,
+    progress_ms: AtomicU64,
 }
 
 impl Peer {
+    /// A connection that arrived at `came` (it may have waited for its place since), whose
+    /// last progress was then.
+    fn new(stream: Arc<TcpStream>, stage: Stage, came: Instant) -> Peer {
+        let (ended, progress_ms) = (AtomicU8::new(0), AtomicU64::new(0));
+        Peer { stream, ended, stage: AtomicU8::new(stage as u8), came, progress_ms }
+    }
+
+    /// Notes how far the guest has got; reaching a stage is progress.
     pub fn set_stage(&self, stage: Stage) {
+        self.set_stage_without_progress(stage);
+        self.advanced();
+    }
+
+    /// Notes the stage only: a wait of the server's own (for a permit to compute) begins or
+    /// ends, which says nothing of the client.
+    pub fn set_stage_without_progress(&self, stage: Stage) {
         self.stage.store(stage as u8, Ordering::Relaxed);
+    }
+
+    /// The guest sent something whole that the server was waiting for: a line, a TLS record
+    /// that moved its handshake on. Part of one is no progress.
+    pub fn advanced(&self) {
+        let ms = u64::try_from(self.came.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.progress_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When it last made progress.
+    fn last_progress(&self) -> Instant {
+        self.came + Duration::from_millis(self.progress_ms.load(Ordering::Relaxed))
     }
 
     fn stage(&self) -> Stage {
@@ -84,10 +120,16 @@ impl Peer {
         }
     }
 
+    /// Whether a newcomer may take its place at `now`.
+    fn has_stalled(&self, now: Instant) -> bool {
+        self.stage() != Stage::Queued && now.saturating_duration_since(self.last_progress()) >= STALLED_AFTER
+    }
+
     pub fn ended(&self) -> Ended {
         match self.ended.load(Ordering::SeqCst) {
             1 => Ended::Replaced,
             2 => Ended::Evicted,
+            3 => Ended::TimedOut,
             _ => Ended::No,
         }
     }
@@ -96,68 +138,100 @@ impl Peer {
     /// can still say why. (A thread blocked writing to a client that does not read ends at
     /// its write deadline: for a guest, its hello deadline.)
     fn end(&self, why: Ended) {
-        self.ended.store(if why == Ended::Replaced { 1 } else { 2 }, Ordering::SeqCst);
+        let code = match why {
+            Ended::No => 0,
+            Ended::Replaced => 1,
+            Ended::Evicted => 2,
+            Ended::TimedOut => 3,
+        };
+        self.ended.store(code, Ordering::SeqCst);
         let _ = self.stream.shutdown(Shutdown::Read);
     }
 }
 
 /// What an evicted guest is told, by whichever thread holds it.
-pub const EVICTED: &str = "the server is full of connections that have not said HELLO; this, the oldest, makes room";
+pub const EVICTED: &str =
+    "the server is full of connections that have not said HELLO; this one had stalled and makes room";
+
+/// What a guest out of time is told, by whichever thread holds it: the door owns the hello
+/// timeout, for the guests it holds and for those on threads of their own.
+pub fn hello_timed_out(hello_timeout: Duration) -> String {
+    format!("no HELLO (or end to a probe) within {} ms", hello_timeout.as_millis())
+}
 
 /// How many guests may be at once.
 #[derive(Debug, Clone, Copy)]
 pub struct GuestLimits {
     pub total: usize,
+    /// Per address, an IPv6 address counted as its /64.
     pub per_ip: usize,
 }
-
-/// How long a guest under way is spared eviction.
-pub const UNDERWAY_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 struct Live {
     peers: HashMap<u64, Arc<Peer>>,
     /// The connection that speaks for each agency.
     agencies: HashMap<u32, u64>,
-    /// The guests, oldest (smallest id) first, with their addresses and when they came.
-    guests: BTreeMap<u64, (IpAddr, Instant)>,
-    guests_per_ip: HashMap<IpAddr, usize>,
+    /// The guests, oldest (smallest id) first, with their addresses.
+    guests: BTreeMap<u64, IpAddr>,
+    /// Guests per address, as [`suspects::origin`] counts addresses.
+    guests_per_origin: HashMap<IpAddr, usize>,
     /// Peers told to end whose threads have not yet: they are on their way out.
     ending: usize,
 }
 
 impl Live {
-    fn forget_guest(&mut self, id: u64) {
-        if let Some((ip, _)) = self.guests.remove(&id)
-            && let Some(n) = self.guests_per_ip.get_mut(&ip)
-        {
+    fn forget_guest(&mut self, id: u64) -> Option<IpAddr> {
+        let ip = self.guests.remove(&id)?;
+        if let Some(n) = self.guests_per_origin.get_mut(&suspects::origin(ip)) {
             *n -= 1;
             if *n == 0 {
-                self.guests_per_ip.remove(&ip);
+                self.guests_per_origin.remove(&suspects::origin(ip));
             }
+        }
+        Some(ip)
+    }
+
+    /// Why a guest from `ip` may not come in now, the evictions done; `None` if it may.
+    fn refusal(&self, ip: IpAddr, limits: GuestLimits, ceiling: usize) -> Option<Admission> {
+        // Guest places come first: when they are full, a guest leaving frees a place under the
+        // ceiling too, so the newcomer waits rather than being turned away.
+        if self.guests.len() >= limits.total {
+            Some(Admission::NoGuestPlace)
+        } else if self.guests_from(ip) >= limits.per_ip {
+            Some(Admission::NoPlaceForAddress)
+        } else if self.peers.len() - self.ending >= ceiling || self.peers.len() >= 2 * ceiling {
+            // Those told to end are leaving within a fraction of a second, but a pile of them
+            // counts too: threads are what the ceiling bounds.
+            Some(Admission::AtCeiling)
+        } else {
+            None
         }
     }
 
-    /// Evicts a guest (from `ip` only, if given): the oldest of the first [`Stage`] that has
-    /// one, a guest under way only past its grace; true if there was one.
-    fn evict_oldest(&mut self, ip: Option<IpAddr>) -> bool {
+    fn guests_from(&self, ip: IpAddr) -> usize {
+        self.guests_per_origin.get(&suspects::origin(ip)).copied().unwrap_or(0)
+    }
+
+    /// Evicts a guest that has stalled (from `ip`'s origin only, if given): of the first
+    /// [`Stage`] that has one, the longest stalled; its address, if there was one.
+    fn evict_stalled(&mut self, ip: Option<IpAddr>) -> Option<IpAddr> {
         let now = Instant::now();
-        let stage = |id: &u64| self.peers.get(id).map_or(Stage::Probed, |p| p.stage());
-        let candidates = self.guests.iter().filter(|(_, (g, _))| ip.is_none_or(|ip| *g == ip)).filter(
-            |(id, (_, came))| match stage(id) {
-                Stage::Probed | Stage::Silent => true,
-                Stage::Underway => now.duration_since(*came) >= UNDERWAY_GRACE,
-                Stage::Queued => false,
-            },
-        );
-        // `min_by_key` keeps the first of equals: the oldest, as `guests` is ordered by id.
-        let Some(id) = candidates.map(|(&id, _)| id).min_by_key(stage) else { return false };
-        self.forget_guest(id);
+        let origin = ip.map(suspects::origin);
+        let id = self
+            .guests
+            .iter()
+            .filter(|(_, g)| origin.is_none_or(|o| suspects::origin(**g) == o))
+            .filter_map(|(id, _)| Some((*id, self.peers.get(id)?)))
+            .filter(|(_, peer)| peer.has_stalled(now))
+            .min_by_key(|(_, peer)| (peer.stage(), peer.last_progress()))
+            .map(|(id, _)| id)?;
+        let evicted = self.forget_guest(id);
         if let Some(peer) = self.peers.get(&id) {
             peer.end(Ended::Evicted);
             self.ending += 1;
         }
-        true
+        evicted
     }
 }
 
@@ -189,44 +263,67 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Admits connection `id` from `ip` as a guest, first evicting the oldest guest of that
-    /// address, then the oldest of all, as the guest limits require. It is not admitted if the
-    /// guests are still too many (all young and under way: [`Admission::Crowded`]) or if the
-    /// connections being served reach `ceiling` ([`Admission::Full`]). Also returns how many
-    /// guests were evicted.
+    /// Admits connection `id` from `ip`, which `arrived` then and has `spoken` (sent a byte) or
+    /// not, as a guest: one that has said nothing since it arrived has made no progress since.
+    /// First evicts a stalled guest of that
+    /// address, then of all, as the guest limits require; an eviction counts against the
+    /// evicted guest's address. It is not admitted if the guests are still too many (all
+    /// progressing: it may wait) or if the connections being served reach `ceiling`. Also
+    /// returns how many guests were evicted.
     pub fn admit(
         &self,
         id: u64,
         ip: IpAddr,
-        stream: Arc<TcpStream>,
+        (stream, arrived, spoken): (Arc<TcpStream>, Instant, bool),
         stage: Stage,
         limits: GuestLimits,
         ceiling: usize,
     ) -> (Admission, usize) {
         let mut live = self.lock();
-        let mut evicted = 0;
-        while live.guests_per_ip.get(&ip).copied().unwrap_or(0) >= limits.per_ip && live.evict_oldest(Some(ip)) {
-            evicted += 1;
+        let mut evicted = Vec::new();
+        while live.guests_from(ip) >= limits.per_ip
+            && let Some(from) = live.evict_stalled(Some(ip))
+        {
+            evicted.push(from);
         }
-        while live.guests.len() >= limits.total && live.evict_oldest(None) {
-            evicted += 1;
+        while live.guests.len() >= limits.total
+            && let Some(from) = live.evict_stalled(None)
+        {
+            evicted.push(from);
         }
-        // Those told to end are leaving within a fraction of a second, but a pile of them
-        // counts too: threads are what the ceiling bounds.
-        if live.peers.len() - live.ending >= ceiling || live.peers.len() >= 2 * ceiling {
-            return (Admission::Full, evicted);
+        let admission = live.refusal(ip, limits, ceiling).unwrap_or_else(|| {
+            let peer = Arc::new(Peer::new(stream, stage, arrived));
+            if spoken {
+                peer.advanced();
+            }
+            live.peers.insert(id, Arc::clone(&peer));
+            live.guests.insert(id, ip);
+            *live.guests_per_origin.entry(suspects::origin(ip)).or_default() += 1;
+            Admission::Admitted(peer)
+        });
+        drop(live);
+        self.count_evictions(&evicted);
+        (admission, evicted.len())
+    }
+
+    fn count_evictions(&self, from: &[IpAddr]) {
+        for &ip in from {
+            self.suspects.failed(ip);
         }
-        if live.guests.len() >= limits.total {
-            return (Admission::Crowded(Crowd::All), evicted);
+    }
+
+    /// Ends connection `id` for its hello timeout if it is still a guest (its thread says why);
+    /// its address, if it was.
+    pub fn time_out(&self, id: u64) -> Option<IpAddr> {
+        let mut live = self.lock();
+        let ip = live.forget_guest(id)?;
+        if let Some(peer) = live.peers.get(&id).map(Arc::clone) {
+            if peer.ended() == Ended::No {
+                live.ending += 1;
+            }
+            peer.end(Ended::TimedOut);
         }
-        if live.guests_per_ip.get(&ip).copied().unwrap_or(0) >= limits.per_ip {
-            return (Admission::Crowded(Crowd::Address), evicted);
-        }
-        let peer = Arc::new(Peer { stream, ended: AtomicU8::new(0), stage: AtomicU8::new(stage as u8) });
-        live.peers.insert(id, Arc::clone(&peer));
-        live.guests.insert(id, (ip, Instant::now()));
-        *live.guests_per_ip.entry(ip).or_default() += 1;
-        (Admission::Admitted(peer), evicted)
+        Some(ip)
     }
 
     /// Forgets connection `id`, any agency it spoke for, and its guest place.
@@ -245,9 +342,12 @@ impl Registry {
     /// the guests. The connection that spoke for the agency before, if any, is told it was
     /// replaced and its reading half shut, so that its thread wakes from any read and ends
     /// with `ERR REPLACED`; true if there was one.
+    /// The agency's address is credited with a success (see [`Suspects`]).
     pub fn claim(&self, agency: u32, id: u64) -> bool {
         let mut live = self.lock();
-        live.forget_guest(id);
+        if let Some(ip) = live.forget_guest(id) {
+            self.suspects.succeeded(ip);
+        }
         let previous = live.agencies.insert(agency, id).filter(|&old| old != id);
         let Some(old) = previous.and_then(|old| live.peers.get(&old)).map(Arc::clone) else { return false };
         if old.ended() == Ended::No {
@@ -280,48 +380,81 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    fn admit(registry: &Registry, id: u64, ip: IpAddr, listener: &TcpListener) -> (Arc<Peer>, usize) {
+    const LIMITS: GuestLimits = GuestLimits { total: 3, per_ip: 2 };
+
+    fn try_admit(registry: &Registry, id: u64, ip: IpAddr, listener: &TcpListener) -> (Admission, usize) {
         let stream = Arc::new(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
-        match registry.admit(id, ip, stream, Stage::Silent, GuestLimits { total: 3, per_ip: 2 }, 100) {
+        registry.admit(id, ip, (stream, Instant::now(), false), Stage::Silent, LIMITS, 100)
+    }
+
+    fn admit(registry: &Registry, id: u64, ip: IpAddr, listener: &TcpListener) -> (Arc<Peer>, usize) {
+        match try_admit(registry, id, ip, listener) {
             (Admission::Admitted(peer), evicted) => (peer, evicted),
             _ => panic!("no room for {id}"),
         }
     }
 
+    /// Makes `peer` look as if its last progress was long ago.
+    fn stall(peer: &Peer) {
+        peer.progress_ms.store(0, Ordering::Relaxed);
+        while peer.came.elapsed() < STALLED_AFTER {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     #[test]
-    fn the_oldest_guest_makes_room_per_address_first_then_overall_and_agencies_are_no_guests() {
+    fn a_progressing_guest_stays_and_the_newcomer_waits() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let registry = Registry::default();
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let (p1, _) = admit(&registry, 1, a, &listener);
+        let (p2, _) = admit(&registry, 2, a, &listener);
+        assert!(matches!(try_admit(&registry, 3, a, &listener), (Admission::NoPlaceForAddress, 0)));
+        assert_eq!((p1.ended(), p2.ended()), (Ended::No, Ended::No));
+        // A third address's guest fits overall; a fourth finds every place progressing.
+        let (_, evicted) = admit(&registry, 4, "127.0.0.3".parse().unwrap(), &listener);
+        assert_eq!(evicted, 0);
+        assert!(matches!(
+            try_admit(&registry, 5, "127.0.0.4".parse().unwrap(), &listener),
+            (Admission::NoGuestPlace, 0)
+        ));
+        assert!(!registry.suspects().is_suspect(a), "waiting is no failure");
+    }
+
+    #[test]
+    fn a_stalled_guest_goes_counted_against_its_address_and_agencies_are_no_guests() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let registry = Registry::default();
         let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
         let (p1, _) = admit(&registry, 1, a, &listener);
         let (p2, _) = admit(&registry, 2, a, &listener);
+        p1.set_stage(Stage::Underway);
+        stall(&p2);
         let (p3, evicted) = admit(&registry, 3, a, &listener);
-        assert_eq!((evicted, p1.ended(), p2.ended()), (1, Ended::Evicted, Ended::No));
-        // 2 and 3 from a; 4 from b fits; 5 from b makes the oldest of all (2) go.
-        let (p4, evicted) = admit(&registry, 4, b, &listener);
-        assert_eq!(evicted, 0);
-        let (_, evicted) = admit(&registry, 5, b, &listener);
-        assert_eq!((evicted, p2.ended(), p3.ended(), p4.ended()), (1, Ended::Evicted, Ended::No, Ended::No));
-        // Authenticated, 3 is no guest: room for two more before anyone is evicted.
-        assert!(!registry.claim(1, 3));
-        registry.remove(1);
+        assert_eq!((evicted, p1.ended(), p2.ended()), (1, Ended::No, Ended::Evicted));
+        assert!(registry.suspects().is_suspect(a), "a stall counts as a failure");
+        // Authenticated, 1 is no guest, and its success outweighs that failure.
+        assert!(!registry.claim(1, 1));
+        assert!(!registry.suspects().is_suspect(a));
         registry.remove(2);
-        let (_, evicted) = admit(&registry, 6, a, &listener);
+        let (_, evicted) = admit(&registry, 4, b, &listener);
         assert_eq!((evicted, p3.ended()), (0, Ended::No));
         // A second session of agency 1 replaces the first.
-        assert!(registry.claim(1, 6));
-        assert_eq!(p3.ended(), Ended::Replaced);
+        assert!(registry.claim(1, 4));
+        assert_eq!(p1.ended(), Ended::Replaced);
     }
 
     #[test]
-    fn a_guest_under_way_is_evicted_last() {
+    fn a_guest_waiting_for_its_turn_to_compute_is_never_evicted_and_ipv6_counts_by_64() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let registry = Registry::default();
-        let ip: IpAddr = "127.0.0.2".parse().unwrap();
-        let (underway, _) = admit(&registry, 1, ip, &listener);
-        underway.set_stage(Stage::Underway);
-        let (silent, _) = admit(&registry, 2, ip, &listener);
-        let (_, evicted) = admit(&registry, 3, ip, &listener);
-        assert_eq!((evicted, underway.ended(), silent.ended()), (1, Ended::No, Ended::Evicted));
+        let (p1, _) = admit(&registry, 1, "2001:db8::1".parse().unwrap(), &listener);
+        let (p2, _) = admit(&registry, 2, "2001:db8::2".parse().unwrap(), &listener);
+        stall(&p1);
+        stall(&p2);
+        p1.stage.store(Stage::Queued as u8, Ordering::Relaxed);
+        // Another host of the same /64 is the same address: the stalled one of that /64 goes.
+        let (_, evicted) = admit(&registry, 3, "2001:db8::ffff:3".parse().unwrap(), &listener);
+        assert_eq!((evicted, p1.ended(), p2.ended()), (1, Ended::No, Ended::Evicted));
     }
 }

@@ -56,9 +56,6 @@ pub struct Context<'a> {
     pub ip: IpAddr,
     pub idle_timeout: Duration,
     pub hello_timeout: Duration,
-    /// While a guest: when it must have authenticated, or be gone. `None`: a trusted loopback
-    /// peer in protected mode, held to the idle timeout only.
-    pub guest_deadline: Option<Instant>,
     /// The probes the door answered before this connection got its thread.
     pub guest_requests: u32,
     pub metrics: &'a crate::server::metrics::Metrics,
@@ -160,15 +157,10 @@ impl<'a> Session<'a> {
     }
 
     /// Reads one request line. Each request, a batch with all its rows included, must arrive
-    /// within the idle timeout; a guest's, also before its time as a guest is up.
+    /// within the idle timeout (a guest's hello timeout is the door's: it ends the guest through
+    /// the registry).
     fn read_request(&mut self, conn: &mut Connection) -> Result<Incoming, End> {
-        let now = Instant::now();
-        let guest_deadline = self.guest_deadline();
-        if guest_deadline.is_some_and(|d| now >= d) {
-            return Err(End::Read(ReadError::TimedOut, "request"));
-        }
-        let idle = now + self.cx.idle_timeout;
-        let deadline = guest_deadline.map_or(idle, |d| d.min(idle));
+        let deadline = Instant::now() + self.cx.idle_timeout;
         let line = conn.read_line(deadline).map_err(|e| End::Read(e, "request"))?;
         let (header_len, request) = (line.len() + 1, protocol::parse_request(line));
         if self.cx.peer.ended() != Ended::No {
@@ -228,11 +220,7 @@ impl<'a> Session<'a> {
             self.cx.metrics.refused(e.code);
         }
         self.count_refusal(&reply)?;
-        // A guest's reply must be taken before its time is up, not within the idle timeout.
-        match self.guest_deadline() {
-            Some(deadline) => conn.set_write_timeout(deadline.saturating_duration_since(Instant::now()).max(FAREWELL)),
-            None => conn.set_write_timeout(self.cx.idle_timeout),
-        }
+        conn.set_write_timeout(self.cx.idle_timeout);
         self.acknowledge(conn)?;
         conn.write_reply(&reply)?;
         match reply {
@@ -375,11 +363,6 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// While a guest (no agency yet), when its time is up.
-    fn guest_deadline(&self) -> Option<Instant> {
-        self.cx.guest_deadline.filter(|_| self.agency.is_none())
-    }
-
     fn agency(&self) -> Result<u32, ProtocolError> {
         self.agency.ok_or_else(|| ProtocolError::new(ErrorCode::NoAgency, "say HELLO <agency> first"))
     }
@@ -487,13 +470,13 @@ impl<'a> Session<'a> {
                 let agency = self.agency.map(|a| a.to_string()).unwrap_or_default();
                 (ErrorCode::Replaced, format!("agency {agency} connected again on another connection"))
             }
+            End::Ended if self.cx.peer.ended() == Ended::TimedOut => {
+                conn.set_write_timeout(FAREWELL);
+                (ErrorCode::Timeout, registry::hello_timed_out(self.cx.hello_timeout))
+            }
             End::Ended => {
                 conn.set_write_timeout(FAREWELL);
                 (ErrorCode::Busy, registry::EVICTED.to_owned())
-            }
-            End::Read(ReadError::TimedOut, _) if self.guest_deadline().is_some_and(|d| Instant::now() >= d) => {
-                conn.set_write_timeout(FAREWELL);
-                self.guest_timed_out()
             }
             End::TooBig => (ErrorCode::TooLong, format!("a batch is at most {MAX_LINE} bytes, header and rows")),
             // Our own shutdown closed the reading half: the client can still hear why.
@@ -512,16 +495,5 @@ impl<'a> Session<'a> {
             }
         };
         Some(ProtocolError::new(code, format!("{why}; closing")))
-    }
-
-    /// A guest's time is up: it counts against its address, and it has a moment to read why.
-    fn guest_timed_out(&mut self) -> (ErrorCode, String) {
-        let ip = self.cx.ip;
-        self.cx.registry.suspects().failed(ip);
-        self.cx.guest_log.event(GuestEvent::TimedOut, || {
-            info!("action: hello | result: fail | ip: {ip} | error: TIMEOUT");
-        });
-        let ms = self.cx.hello_timeout.as_millis();
-        (ErrorCode::Timeout, format!("no HELLO (or end to a probe) within {ms} ms"))
     }
 }

@@ -101,17 +101,21 @@ impl GateState {
     }
 }
 
-/// A permit to compute, a suspect's or not; given back on drop.
-struct Permit<'a>(&'a HandshakeGate, bool);
+/// A permit to compute; given back on drop.
+struct Permit<'a> {
+    gate: &'a HandshakeGate,
+    /// Held by a guest from a suspect address.
+    suspect: bool,
+}
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        let mut st = self.0.lock();
+        let mut st = self.gate.lock();
         st.free += 1;
-        if self.1 {
+        if self.suspect {
             st.suspects_computing -= 1;
         }
-        st.hand_on(self.0);
+        st.hand_on(self.gate);
     }
 }
 
@@ -149,7 +153,7 @@ impl HandshakeGate {
             if st.free > 0 && (!suspect || st.suspect_may()) {
                 st.free -= 1;
                 st.suspects_computing += usize::from(suspect);
-                break Some(Permit(self, suspect));
+                break Some(Permit { gate: self, suspect });
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || gone() {
@@ -169,7 +173,9 @@ impl HandshakeGate {
 
 /// Runs the server's side of a TLS handshake to its end before `deadline`: reading and writing
 /// freely, computing only with a permit of `gate` (behind the other guests if `suspect`), while `peer`
-/// is [`Stage::Queued`].
+/// is [`Stage::Queued`] (never evicted). Progress is a flight of records that moved the
+/// handshake on: half a record is none, so a client that sends part of its answer and stops
+/// has stalled as surely as one that sends nothing.
 ///
 /// # Errors
 /// The deadline passed, the peer hung up or was ended, or the handshake failed (an alert is
@@ -195,9 +201,9 @@ pub fn handshake(
         if tls.conn.read_tls(&mut tls.sock)? == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer hung up during the handshake"));
         }
-        peer.set_stage(Stage::Queued);
+        peer.set_stage_without_progress(Stage::Queued);
         let permit = gate.acquire(deadline, &gone, suspect);
-        peer.set_stage(Stage::Underway);
+        peer.set_stage_without_progress(Stage::Underway);
         // A client that left while we waited is not worth the computation.
         let Some(_permit) = permit.filter(|_| !gone()) else {
             let why =
@@ -207,6 +213,11 @@ pub fn handshake(
         if let Err(e) = tls.conn.process_new_packets() {
             let _ = tls.conn.write_tls(&mut tls.sock);
             return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        // Whole records that moved the handshake on (an answer to send, or the end): progress.
+        // Half a record moves nothing, and the time it took is the client's.
+        if tls.conn.wants_write() || !tls.conn.is_handshaking() {
+            peer.advanced();
         }
     }
     while tls.conn.wants_write() {

@@ -48,10 +48,13 @@ pub enum Attack {
     NoRead,
     /// `HELLO` and `WINNERS` (as a waiting agency would), then hang up at once.
     HangupWaiter,
+    /// A TLS ClientHello (made once per attacker, sent as canned bytes: no cryptography per
+    /// connection), then silence: the server's flight is never answered.
+    Stall,
 }
 
 impl Attack {
-    pub const ALL: [Attack; 8] = [
+    pub const ALL: [Attack; 9] = [
         Attack::Impersonate,
         Attack::Park,
         Attack::Refresh,
@@ -60,6 +63,7 @@ impl Attack {
         Attack::Flood,
         Attack::NoRead,
         Attack::HangupWaiter,
+        Attack::Stall,
     ];
 
     pub fn name(self) -> &'static str {
@@ -72,6 +76,7 @@ impl Attack {
             Attack::Flood => "flood",
             Attack::NoRead => "noread",
             Attack::HangupWaiter => "hangup-waiter",
+            Attack::Stall => "stall",
         }
     }
 
@@ -251,6 +256,7 @@ fn attacker(
 ) -> Report {
     lowest_priority();
     let mut report = Report { attackers: 1, ..Report::default() };
+    let hello = if kind == Attack::Stall { client_hello(target) } else { Vec::new() };
     let mut seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     while !stop.load(Ordering::SeqCst) {
         let Ok(stream) = connect(target.addr, source) else {
@@ -272,6 +278,7 @@ fn attacker(
             Attack::NoRead => no_read(&stream, stop),
             Attack::Impersonate => impersonate(stream.try_clone(), target, seed, stop, &mut report),
             Attack::HangupWaiter => hangup_waiter(stream.try_clone(), target, seed, &mut report),
+            Attack::Stall => stall(&stream, &hello, stop, &mut report),
         };
         let _ = result;
         let _ = stream.shutdown(Shutdown::Both);
@@ -427,6 +434,50 @@ fn hangup_waiter(stream: io::Result<TcpStream>, target: &Target, seed: u64, repo
     Ok(())
 }
 
+/// The first flight of a TLS client of `target` (its ClientHello, about 517 bytes), made once;
+/// a plain-text target gets the bytes of a ClientHello all the same. Empty if rustls cannot
+/// make one.
+fn client_hello(target: &Target) -> Vec<u8> {
+    let config = match &target.tls {
+        Some(config) => Arc::clone(config),
+        None => {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let Ok(builder) = ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()
+            else {
+                return Vec::new();
+            };
+            Arc::new(builder.with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth())
+        }
+    };
+    let mut hello = Vec::new();
+    let Ok(name) = rustls::pki_types::ServerName::try_from("localhost") else { return hello };
+    if let Ok(mut conn) = ClientConnection::new(config, name) {
+        while conn.wants_write() && conn.write_tls(&mut hello).is_ok_and(|n| n > 0) {}
+    }
+    hello
+}
+
+/// Sends the canned `hello`, then nothing, reading what the server sends until it closes.
+fn stall(stream: &TcpStream, hello: &[u8], stop: &AtomicBool, report: &mut Report) -> io::Result<()> {
+    (&*stream).write_all(hello)?;
+    let mut answered = false;
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::SeqCst) {
+        match (&*stream).read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) if !answered => {
+                answered = true;
+                *report.replies.entry("server flight".into()).or_default() += 1;
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    *report.replies.entry("closed".into()).or_default() += 1;
+    Ok(())
+}
+
 fn read_until_closed(io: &mut dyn ReadWrite, stop: &AtomicBool, report: &mut Report) -> io::Result<()> {
     let mut pending = Vec::new();
     let mut buf = [0u8; 1024];
@@ -448,9 +499,23 @@ mod tests {
 
     #[test]
     fn kinds_parse_by_name_or_all() {
-        assert_eq!(Attack::parse_list("all").unwrap().len(), 8);
+        assert_eq!(Attack::parse_list("all").unwrap().len(), 9);
         assert_eq!(Attack::parse_list("churn,hangup-waiter").unwrap(), [Attack::Churn, Attack::HangupWaiter]);
         assert!(Attack::parse_list("chrun").unwrap_err().contains("unknown attack"));
+    }
+
+    #[test]
+    fn a_stall_attacker_sends_a_canned_client_hello() {
+        let target = Target {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            tls: None,
+            agencies: 1,
+            refresh_every: Duration::from_secs(1),
+        };
+        let hello = client_hello(&target);
+        // A handshake record holding a ClientHello (handshake type 1).
+        assert!(hello.len() > 200, "{} bytes", hello.len());
+        assert_eq!((hello[0], hello[5]), (0x16, 1));
     }
 
     #[test]

@@ -65,7 +65,7 @@ Options:
   --attack KIND[,KIND…]|all
                         measure attacks: a round without, then a round beside N attackers of
                         each kind (impersonate, park, refresh, trickle, churn, flood, noread,
-                        hangup-waiter); prints each round's time against the first
+                        hangup-waiter, stall); prints each round's time against the first
   --attackers N         attacker connections of each kind (default 200)
   --attack-from spread|same
                         attackers from addresses of their own in 127.1.0.0/16, as a botnet

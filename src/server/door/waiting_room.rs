@@ -1,0 +1,204 @@
+//! Where a newcomer waits for a guest place while every place is taken by a guest that is
+//! progressing: places go to those from addresses with no failure first (newest first), then
+//! to those from suspect addresses (see [`crate::server::suspects`]) in their order of arrival,
+//! so that an agency is never turned away to retry later while strangers who reconnect at once
+//! take every place that frees up. (The
+//! kernel's listen queue would keep that order too, but it is short, and a connection that finds
+//! it full waits for its SYN to be sent again.)
+//!
+//! On a TLS server an agency opens with a TLS hello as soon as it connects; a waiter that
+//! opens with plain text (it can only probe) or has said nothing for [`SILENT_FOR`] waits behind
+//! the suspects' too. Without this, a first wave of strangers from fresh addresses (no failure
+//! yet) that connected before the agencies would hold every place in turn ahead of them: places
+//! free only as guests stall, a few hundred a second.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::server::suspects;
+use crate::server::tls::TLS_HANDSHAKE;
+use crate::wire::transport::{Arrived, peek_now};
+
+/// Most connections waiting: each costs a file descriptor and a few bytes.
+pub const CAPACITY: usize = 4096;
+
+/// How long a waiter on a TLS server may say nothing before it waits behind the others.
+pub const SILENT_FOR: Duration = Duration::from_millis(100);
+
+/// A connection waiting for a guest place.
+pub struct Waiter {
+    pub stream: Arc<TcpStream>,
+    pub ip: IpAddr,
+    pub arrived: Instant,
+}
+
+/// What came of a waiter's turn.
+pub enum Turn {
+    /// It has left the room: admitted, or turned away.
+    Left,
+    /// Its address has no guest place free: it waits on, and so does the rest of that address.
+    AddressFull,
+    /// No guest place is free: everyone waits on.
+    GuestsFull,
+}
+
+/// The waiters, in their order of arrival: those from addresses that are no suspects, then
+/// the suspects'.
+#[derive(Default)]
+pub struct WaitingRoom {
+    clear: VecDeque<Waiter>,
+    suspects: VecDeque<Waiter>,
+}
+
+impl WaitingRoom {
+    pub fn len(&self) -> usize {
+        self.clear.len() + self.suspects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Lets `waiter` in at the back of its queue. When the room is full, those who gave up
+    /// waiting leave first (a full room is mostly strangers'), then a suspect makes room for one
+    /// that is not. What could not stay is returned, to be turned away.
+    pub fn enter(&mut self, waiter: Waiter, suspect: bool) -> Option<Waiter> {
+        if self.len() >= CAPACITY {
+            self.clear.retain(|w| peek_now(&w.stream) != Arrived::Closed);
+            self.suspects.retain(|w| peek_now(&w.stream) != Arrived::Closed);
+        }
+        if self.len() >= CAPACITY {
+            if suspect {
+                return Some(waiter);
+            }
+            let bumped = self.suspects.pop_back();
+            if bumped.is_none() {
+                return Some(waiter);
+            }
+            self.clear.push_back(waiter);
+            return bumped;
+        }
+        if suspect {
+            self.suspects.push_back(waiter)
+        } else {
+            self.clear.push_back(waiter)
+        }
+        None
+    }
+
+    /// Those that have waited `limit` or more, removed.
+    pub fn waited_too_long(&mut self, now: Instant, limit: Duration) -> Vec<Waiter> {
+        let mut gone = Vec::new();
+        for queue in [&mut self.clear, &mut self.suspects] {
+            while queue.front().is_some_and(|w| now.duration_since(w.arrived) >= limit) {
+                gone.extend(queue.pop_front());
+            }
+        }
+        gone
+    }
+
+    /// Gives each waiter its turn as long as `turn` finds guest places: those from addresses
+    /// with no failure newest first (a first wave of strangers from fresh addresses that came
+    /// before the agencies does not stand ahead of them, and each of its addresses is a suspect
+    /// after its first failure), then the suspects oldest first. One whose address has no place
+    /// left waits on without holding up the others. Those that hung up while waiting leave; on a
+    /// `tls` server, those that are no TLS client in a hurry go behind the suspects. `turn` gets
+    /// the waiter and its first byte, if it has sent one.
+    pub fn seat(&mut self, tls: bool, now: Instant, mut turn: impl FnMut(&Waiter, Option<u8>) -> Turn) {
+        let mut crowded: Vec<IpAddr> = Vec::new();
+        let mut behind = Vec::new();
+        'queues: for (suspects, queue) in [(false, &mut self.clear), (true, &mut self.suspects)] {
+            if suspects {
+                queue.extend(behind.drain(..));
+            }
+            // Waiters passed over so far, at the end their turns are given from.
+            let mut passed = 0;
+            while passed < queue.len() {
+                let i = if suspects { passed } else { queue.len() - 1 - passed };
+                let waiter = &queue[i];
+                let origin = suspects::origin(waiter.ip);
+                if crowded.contains(&origin) {
+                    passed += 1;
+                    continue;
+                }
+                let first = match peek_now(&waiter.stream) {
+                    // Hung up while waiting: there is no one to serve.
+                    Arrived::Closed => {
+                        queue.remove(i);
+                        continue;
+                    }
+                    Arrived::Byte(b) => Some(b),
+                    Arrived::Nothing => None,
+                };
+                let hurried = first.map_or(now.duration_since(waiter.arrived) < SILENT_FOR, |b| b == TLS_HANDSHAKE);
+                if tls && !suspects && !hurried {
+                    behind.extend(queue.remove(i));
+                    continue;
+                }
+                match turn(waiter, first) {
+                    Turn::Left => {
+                        queue.remove(i);
+                    }
+                    Turn::AddressFull => {
+                        crowded.push(origin);
+                        passed += 1;
+                    }
+                    Turn::GuestsFull => break 'queues,
+                }
+            }
+        }
+        self.suspects.extend(behind);
+    }
+
+    /// Everyone, emptying the room.
+    pub fn drain(&mut self) -> impl Iterator<Item = Waiter> + '_ {
+        self.clear.drain(..).chain(self.suspects.drain(..))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    /// A waiter whose client has sent `bytes`, seen by the server's side.
+    fn waiter(listener: &TcpListener, bytes: &[u8]) -> (TcpStream, Waiter) {
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.write_all(bytes).unwrap();
+        let (server, addr) = listener.accept().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !bytes.is_empty() && peek_now(&server) == Arrived::Nothing && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        (client, Waiter { stream: Arc::new(server), ip: addr.ip(), arrived: Instant::now() })
+    }
+
+    #[test]
+    fn on_a_tls_server_tls_hellos_are_seated_newest_first_before_plain_text_and_silence() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut room = WaitingRoom::default();
+        let mut clients = Vec::new();
+        for bytes in [&[TLS_HANDSHAKE, 3, 1][..], b"PING\n", &[TLS_HANDSHAKE, 3, 3], b""] {
+            let (client, waiter) = waiter(&listener, bytes);
+            clients.push(client);
+            assert!(room.enter(waiter, false).is_none());
+        }
+        let later = Instant::now() + SILENT_FOR;
+        let mut order = Vec::new();
+        room.seat(true, later, |waiter, first| {
+            let mut version = [0u8; 3];
+            if first == Some(TLS_HANDSHAKE) {
+                let _ = waiter.stream.peek(&mut version);
+            }
+            order.push(first.map(|b| if b == TLS_HANDSHAKE { version[2] } else { b }));
+            Turn::Left
+        });
+        // The newer TLS hello (version byte 3), then the older (1); then those put behind, in
+        // the order they were passed over: the silent one (newest), the plain-text one.
+        assert_eq!(order, [Some(3), Some(1), None, Some(b'P')]);
+        assert!(room.is_empty());
+    }
+}

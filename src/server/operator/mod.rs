@@ -1,6 +1,6 @@
 //! The operator's listener (`SERVER_METRICS_ADDRESS`): `GET /metrics` for Prometheus,
 //! `GET /round.json` and `GET /` (a page of the round) for a person. It has threads of its own
-//! (one accepting, [`WORKERS`] answering, a queue of [`QUEUE`] between) and shares nothing with the
+//! (one accepting, `WORKERS` answering, a queue of `QUEUE` between) and shares nothing with the
 //! agencies' port but atomics: a crowd, a slow client or a huge header here costs these threads a
 //! deadline at most, and the round never waits for them.
 

@@ -1,7 +1,8 @@
 //! What the operator's listener serves: the Prometheus exposition (`/metrics`) and the round now
 //! (`/round.json`), both read from atomics (the server's [`Metrics`], the ledger's
-//! [`LedgerStats`], its `STATUS` figures) without a lock the connections need. The last minute
-//! (bets per second, refusals) comes from samples this side takes once a second.
+//! [`LedgerStats`](crate::ledger::stats::LedgerStats), its `STATUS` figures) without a lock the
+//! connections need. The last minute (bets per second, refusals) comes from samples this side
+//! takes once a second.
 
 use std::collections::VecDeque;
 use std::fmt::Write;

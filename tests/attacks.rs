@@ -68,6 +68,8 @@ fn round_under(kind: Attack, sources: Sources) {
     let files = lottery::tools::dataset::generate(data.path(), AGENCIES, 300, 11).unwrap();
     let keys = Keys::make(dir.path(), AGENCIES);
     let mut server = TestServer::start(AGENCIES, &env_refs(&keys.server_env()));
+    // Once the door answers, every thread the server keeps is up.
+    assert_eq!(server.client().send("PING"), "PONG");
     let idle = threads_of(server.proc.pid());
     let target = Target {
         addr: server.address().parse().unwrap(),
@@ -174,6 +176,8 @@ fn a_waiter_that_hangs_up_is_released_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let keys = Keys::make(dir.path(), 2);
     let server = TestServer::start(2, &env_refs(&keys.server_env()));
+    // Once the door answers, every thread the server keeps is up.
+    assert_eq!(server.client().send("PING"), "PONG");
     let idle = threads_of(server.proc.pid());
     let mut waiter = TlsClient::connect(server.port, &keys.path("ca.pem"));
     assert_eq!(waiter.send(&format!("HELLO 1 {}", keys.token(1))), "OK 0");

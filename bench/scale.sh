@@ -9,14 +9,17 @@
 #   SECURITY=plain bench/scale.sh …             # without TLS and tokens
 #   ROUND_LOG=FILE bench/scale.sh …             # keep the round's stderr (its progress, a failure)
 #   SYSCALLS=0 bench/scale.sh …                 # skip the strace run (fsyncs: n/a)
+#   BIN=DIR bench/scale.sh …                    # the binaries in DIR (another build, to compare)
 set -euo pipefail
 agencies=${1:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
 bets=${2:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
-cargo build --release --quiet
-bin=$PWD/target/release
+if [[ -z ${BIN:-} ]]; then
+  cargo build --release --quiet
+fi
+bin=${BIN:-$PWD/target/release}
 work=$(mktemp -d)
 cleanup() {
   if [[ -n ${server_pid:-} ]]; then kill -TERM "$server_pid" 2>/dev/null || true; fi
@@ -41,6 +44,8 @@ round() {
   wrapper_pid=$!
   port=$(server_port "$work/server.log")
   server_pid=$(pgrep -P "$wrapper_pid" lottery-server)
+  # The server's own memory before any agency: what "per agency" is counted above.
+  base_rss=$(awk '/^VmRSS/ {print $2}' "/proc/$server_pid/status")
   "$bin/lottery-round" --server "127.0.0.1:$port" --agencies "$agencies" --data "$work/data" --verbose \
     >"$work/round.$name" 2>"${ROUND_LOG:-/dev/null}" || true
   kill -TERM "$server_pid"
@@ -56,7 +61,9 @@ user=$(field 'User time'); sys=$(field 'System time'); rss=$(field 'Maximum resi
 cpu_ms=$(awk -v u="$user" -v s="$sys" -v n="$agencies" 'BEGIN {printf "%.3f", (u + s) * 1000 / n}')
 reconnects=$(grep -c 'action: reconnect' "$work/round.time" || true)
 wall=$(sed -n 's/^wall time \([0-9.]*\) s.*/\1/p' "$work/round.time")
-echo "server CPU: ${user} s user + ${sys} s sys = ${cpu_ms} ms per agency; peak RSS: ${rss} KiB" \
+rss_per_agency=$(awk -v r="$rss" -v b="$base_rss" -v n="$agencies" 'BEGIN {printf "%.1f", (r - b) / n}')
+echo "server CPU: ${user} s user + ${sys} s sys = ${cpu_ms} ms per agency; peak RSS: ${rss} KiB," \
+  "${rss_per_agency} KiB per agency above its ${base_rss} KiB at start" \
   "(bets.csv: $(du -h "$work/bets.csv" | cut -f1)); reconnects: ${reconnects}"
 
 fsyncs=n/a
@@ -66,5 +73,5 @@ if [[ ${SYSCALLS:-1} != 0 ]] && command -v strace >/dev/null; then
   echo "server fsync + fdatasync calls (a run of its own, under strace): ${fsyncs}"
 fi
 
-echo "| agencies | bets/agency | round wall s | server CPU ms/agency | server peak RSS MiB | reconnects | fsync+fdatasync |"
-echo "| ${agencies} | ${bets} | ${wall:-failed} | ${cpu_ms} | $((rss / 1024)) | ${reconnects} | ${fsyncs} |"
+echo "| agencies | bets/agency | round wall s | server CPU ms/agency | server peak RSS MiB | KiB/agency above start | reconnects | fsync+fdatasync |"
+echo "| ${agencies} | ${bets} | ${wall:-failed} | ${cpu_ms} | $((rss / 1024)) | ${rss_per_agency} | ${reconnects} | ${fsyncs} |"

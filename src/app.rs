@@ -308,6 +308,11 @@ fn export_bets(path: &Path) -> ExitCode {
         Some(url) => pg::export(url, &mut out),
         None => file::export(&settings.storage_path, &mut out),
     };
+    let written = written.and_then(|n| std::io::Write::flush(&mut out).map(|()| n).map_err(|e| e.to_string()));
+    if out.get_ref().reader_left() {
+        // `--export-bets - | head`: the reader took what it wanted, as with any other filter.
+        return ExitCode::SUCCESS;
+    }
     let flushed = written.and_then(|n| {
         let target = out.into_inner().map_err(|e| e.error().to_string())?;
         target.finish().map(|()| n).map_err(|e| e.to_string())
@@ -329,7 +334,8 @@ fn export_bets(path: &Path) -> ExitCode {
 
 /// Where an export goes.
 enum ExportTarget {
-    Stdout(std::io::Stdout),
+    /// Standard output, and whether its reader has gone (a broken pipe).
+    Stdout(std::io::Stdout, bool),
     Device(std::fs::File),
     NewFile(std::fs::File),
 }
@@ -340,7 +346,7 @@ impl ExportTarget {
     fn open(path: &Path) -> Result<ExportTarget, String> {
         use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
         if path.as_os_str() == "-" {
-            return Ok(ExportTarget::Stdout(std::io::stdout()));
+            return Ok(ExportTarget::Stdout(std::io::stdout(), false));
         }
         if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_fifo()) {
             let device = std::fs::OpenOptions::new().write(true).open(path);
@@ -363,11 +369,16 @@ impl ExportTarget {
         })
     }
 
+    /// Whether standard output's reader has gone.
+    fn reader_left(&self) -> bool {
+        matches!(self, ExportTarget::Stdout(_, true))
+    }
+
     /// Makes a new file durable; a stream or a device only needs its writes.
     fn finish(self) -> std::io::Result<()> {
         match self {
             ExportTarget::NewFile(file) => file.sync_all(),
-            ExportTarget::Stdout(mut out) => std::io::Write::flush(&mut out),
+            ExportTarget::Stdout(mut out, _) => std::io::Write::flush(&mut out),
             ExportTarget::Device(_) => Ok(()),
         }
     }
@@ -376,14 +387,16 @@ impl ExportTarget {
 impl std::io::Write for ExportTarget {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            ExportTarget::Stdout(out) => out.write(buf),
+            ExportTarget::Stdout(out, reader_left) => out.write(buf).inspect_err(|e| {
+                *reader_left |= e.kind() == std::io::ErrorKind::BrokenPipe;
+            }),
             ExportTarget::Device(file) | ExportTarget::NewFile(file) => file.write(buf),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            ExportTarget::Stdout(out) => out.flush(),
+            ExportTarget::Stdout(out, _) => out.flush(),
             ExportTarget::Device(file) | ExportTarget::NewFile(file) => file.flush(),
         }
     }

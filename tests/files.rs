@@ -260,6 +260,23 @@ fn the_export_goes_to_standard_output_or_a_device_and_never_over_a_file() {
 }
 
 #[test]
+fn an_export_to_a_reader_that_leaves_early_ends_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    fs::write(dir.join("bets.csv"), ROW).unwrap();
+    let env = server_env(dir, "1");
+    // `--export-bets - | head -0`: the reader is gone before the first write.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut cmd = command(common::SERVER, dir, &common::env_refs(&env));
+    cmd.args(["--export-bets", "-"]).stdin(std::process::Stdio::null()).stdout(writer);
+    cmd.stderr(std::process::Stdio::piped());
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{:?}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{:?}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn a_server_on_another_rounds_storage_says_so_and_how_to_start_a_new_round() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

@@ -21,6 +21,10 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct Pool {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// How many handles there were after finished threads were last forgotten: they are
+    /// forgotten again once there are twice as many, so that each start costs O(1) however
+    /// many threads run (ten thousand agencies waiting for the draw).
+    reaped: usize,
     stack_size: usize,
 }
 
@@ -47,7 +51,7 @@ impl Shared {
 impl Pool {
     /// A pool whose threads have stacks of `stack_size` bytes.
     pub fn new(stack_size: usize) -> Pool {
-        Pool { shared: Arc::default(), threads: Vec::new(), stack_size }
+        Pool { shared: Arc::default(), threads: Vec::new(), reaped: 0, stack_size }
     }
 
     /// Runs `job` on a thread that waits for one, or on a new thread.
@@ -64,7 +68,10 @@ impl Pool {
                 return Ok(());
             }
         }
-        self.threads.retain(|t| !t.is_finished());
+        if self.threads.len() >= 2 * self.reaped.max(32) {
+            self.threads.retain(|t| !t.is_finished());
+            self.reaped = self.threads.len();
+        }
         let shared = Arc::clone(&self.shared);
         let thread = thread::Builder::new().name("conn".into()).stack_size(self.stack_size).spawn(move || {
             job();

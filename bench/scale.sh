@@ -48,6 +48,7 @@ round() {
   base_rss=$(awk '/^VmRSS/ {print $2}' "/proc/$server_pid/status")
   "$bin/lottery-round" --server "127.0.0.1:$port" --agencies "$agencies" --data "$work/data" --verbose \
     >"$work/round.$name" 2>"${ROUND_LOG:-/dev/null}" || true
+  [[ -n ${KEEP_ROUND:-} ]] && cp "$work/round.$name" "$KEEP_ROUND.$name" && cp "$work/server.log" "$KEEP_ROUND.server.$name"
   kill -TERM "$server_pid"
   wait "$wrapper_pid" || true
   server_pid=

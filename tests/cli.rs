@@ -405,12 +405,14 @@ fn an_agency_that_fails_for_good_stops_the_round_instead_of_leaving_the_others_w
 }
 
 /// Process ids of running `lottery-round --attack-worker` processes.
-fn attack_workers() -> Vec<String> {
+/// Only those working in `cwd`: other rounds on the machine (other tests, other users) have their own.
+fn attack_workers(cwd: &std::path::Path) -> Vec<String> {
     let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
     dir.flatten()
         .filter(|e| {
             let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
             cmdline.split(|&b| b == 0).any(|arg| arg == b"--attack-worker")
+                && fs::read_link(e.path().join("cwd")).is_ok_and(|d| d == cwd)
         })
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect()
@@ -428,7 +430,10 @@ fn an_attack_round_runs_its_attackers_in_a_process_that_ends_with_it() {
     }
     // flood's attackers were answered: their report crossed from their process.
     assert!(stdout.contains("PONG x") || stdout.contains("STATUS x"), "{stdout}");
-    assert_eq!(attack_workers(), Vec::<String>::new(), "attackers' processes left behind");
+    // The report says how much log each kind made the server write.
+    assert!(stdout.contains("log KB/s"), "{stdout}");
+    let cwd = fs::canonicalize(dir.path()).unwrap();
+    assert_eq!(attack_workers(&cwd), Vec::<String>::new(), "attackers' processes left behind");
 }
 
 /// `cmd` with its open-files limit, soft and hard, set to `limit`, as `prlimit --nofile` would.

@@ -1,16 +1,19 @@
 //! `lottery-round --attack`: a round without attackers, then, for each kind, a round of the same
 //! agencies and data beside N attackers of that kind, each on a server of its own (same keys,
 //! fresh `bets.csv`). It prints each round's time against the first, whether every agency got
-//! exactly its winners, and what the attackers were answered.
+//! exactly its winners, what the attackers were answered, and how much log they made the server
+//! write (bytes a second at `INFO`, beyond what the unattacked round logs).
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::agency::Stop;
 use crate::config::ServerSettings;
+use crate::logging;
 use crate::output;
 use crate::tools::attacks::{Attack, Report, Sources};
 use crate::tools::botnet::{Botnet, Orders};
@@ -37,6 +40,9 @@ struct Row {
     failed: Vec<String>,
     /// Times the agencies had to connect again, all together.
     reconnects: u32,
+    /// Bytes the server logged (at `INFO`), from the attackers' start to the round's end, and
+    /// how long that was.
+    logged: (u64, Duration),
     report: Option<Report>,
 }
 
@@ -74,6 +80,7 @@ impl Suite<'_> {
                 })?),
                 None => None,
             };
+            let (log_start, log_bytes) = (Instant::now(), logging::SERVER_LOG_BYTES.load(Ordering::Relaxed));
             if attackers.is_some() {
                 thread::sleep(HEAD_START);
             }
@@ -81,6 +88,7 @@ impl Suite<'_> {
             let started = Instant::now();
             let outcomes = run_agencies(self.files, server.addr, self.batch_max, &credentials.agencies, &stops);
             let elapsed = started.elapsed();
+            let logged = (logging::SERVER_LOG_BYTES.load(Ordering::Relaxed) - log_bytes, log_start.elapsed());
             let report = attackers.map(Botnet::stop);
             server.stop()?;
             let failed = outcomes
@@ -94,7 +102,7 @@ impl Suite<'_> {
                 })
                 .collect();
             let reconnects = outcomes.iter().flatten().map(|o| o.reconnects).sum();
-            rows.push(Row { attack, elapsed, failed, reconnects, report });
+            rows.push(Row { attack, elapsed, failed, reconnects, logged, report });
         }
         print_rows(&rows);
         let failed: Vec<String> = rows
@@ -108,21 +116,30 @@ impl Suite<'_> {
 fn print_rows(rows: &[Row]) {
     let base = rows.first().map_or(1.0, |r| r.elapsed.as_secs_f64()).max(1e-9);
     output::line(format_args!(
-        "{:>14} {:>9} {:>9} {:>8} {:>10} {:>9}  attackers got",
-        "attack", "round s", "vs none", "agencies", "reconnects", "connects"
+        "{:>14} {:>9} {:>9} {:>8} {:>10} {:>9} {:>9}  attackers got",
+        "attack", "round s", "vs none", "agencies", "reconnects", "log KB/s", "connects"
     ));
+    // What the unattacked round logs (its agencies' lines) is not the attackers' doing.
+    let base_logged = rows.first().map_or(0, |r| r.logged.0);
     for row in rows {
         let secs = row.elapsed.as_secs_f64();
+        let attackers_log = match row.attack {
+            Some(_) => format!(
+                "{:.1}",
+                row.logged.0.saturating_sub(base_logged) as f64 / 1000.0 / row.logged.1.as_secs_f64().max(1e-3)
+            ),
+            None => "-".to_owned(),
+        };
         let agencies = if row.failed.is_empty() { "exact" } else { "FAILED" };
         let (connects, got) = match &row.report {
             Some(r) => (r.connections.to_string(), r.replies_text()),
             None => ("-".to_owned(), "-".to_owned()),
         };
         output::line(format_args!(
-            "{:>14} {secs:>9.3} {:>8.2}x {agencies:>8} {:>10} {connects:>9}  {got}",
+            "{:>14} {secs:>9.3} {:>8.2}x {agencies:>8} {:>10} {attackers_log:>9} {connects:>9}  {got}",
             row.attack.map_or("none", Attack::name),
             secs / base,
-            row.reconnects
+            row.reconnects,
         ));
     }
     if let Some(hwm) = peak_rss_kib() {

@@ -275,8 +275,17 @@ pub fn run(opts: &Options) -> Result<(), String> {
     };
     // Under attack the server warns of every stranger it refuses (within its rate limit): the
     // table says what they got, so only errors are shown unless asked.
-    let quiet = if opts.attacks.is_empty() { LevelFilter::Warn } else { LevelFilter::Error };
-    logging::init(if opts.verbose { LevelFilter::Info } else { quiet });
+    let shown = match (opts.verbose, opts.attacks.is_empty()) {
+        (true, _) => LevelFilter::Info,
+        (false, true) => LevelFilter::Warn,
+        (false, false) => LevelFilter::Error,
+    };
+    // An attack round counts what the server logs, shown or not, for the report's log rate.
+    if opts.attacks.is_empty() {
+        logging::init(shown)
+    } else {
+        logging::init_counting(shown)
+    }
     crate::app::raise_open_files_limit();
     if !opts.attacks.is_empty() {
         return run_attacks(opts, &settings, &server_settings, batch_max);

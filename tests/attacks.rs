@@ -8,6 +8,7 @@
 mod common;
 
 use std::fs;
+use std::net::SocketAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,13 @@ fn settles(pid: i32, idle: usize, within: Duration) -> usize {
     }
 }
 
+/// Where the server's operator listener took a port, from its `action: listen` line.
+fn metrics_address(server: &mut TestServer) -> SocketAddr {
+    let line = server.logs().wait_for("service: metrics");
+    let address = line.split(" | ").find_map(|f| f.strip_prefix("address: ")).unwrap_or_default();
+    address.parse().unwrap_or_else(|e| panic!("{address:?} in {line:?}: {e}"))
+}
+
 /// A round of five agency processes beside `ATTACKERS` attackers of `kind` from `sources`.
 fn round_under(kind: Attack, sources: Sources) {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
@@ -67,12 +75,21 @@ fn round_under(kind: Attack, sources: Sources) {
     let data = tempfile::tempdir().unwrap();
     let files = lottery::tools::dataset::generate(data.path(), AGENCIES, 300, 11).unwrap();
     let keys = Keys::make(dir.path(), AGENCIES);
-    let mut server = TestServer::start(AGENCIES, &env_refs(&keys.server_env()));
+    let mut env = keys.server_env();
+    // The operator's listener is on for the `metrics` kind, which attacks it.
+    if kind == Attack::Metrics {
+        env.push(("SERVER_METRICS_ADDRESS".into(), "127.0.0.1:0".into()));
+    }
+    let mut server = TestServer::start(AGENCIES, &env_refs(&env));
+    let addr = match kind {
+        Attack::Metrics => metrics_address(&mut server),
+        _ => server.address().parse().unwrap(),
+    };
     // Once the door answers, every thread the server keeps is up.
     assert_eq!(server.client().send("PING"), "PONG");
     let idle = threads_of(server.proc.pid());
     let target = Target {
-        addr: server.address().parse().unwrap(),
+        addr,
         tls: Some(client_config(&keys.path("ca.pem"))),
         agencies: AGENCIES,
         refresh_every: Duration::from_millis(4_500),
@@ -146,6 +163,7 @@ attack_tests! {
     NoRead => noread_from_many_addresses, noread_from_the_agencies_address;
     HangupWaiter => hangup_waiter_from_many_addresses, hangup_waiter_from_the_agencies_address;
     Stall => stall_from_many_addresses, stall_from_the_agencies_address;
+    Metrics => metrics_from_many_addresses, metrics_from_the_agencies_address;
 }
 
 #[test]

@@ -72,7 +72,8 @@ impl Suite<'_> {
                 Some(kind) => Some(Botnet::launch(&Orders {
                     kind,
                     count: self.opts.attackers,
-                    addr: server.addr,
+                    // The `metrics` attackers go for the operator's port, the others for the agencies'.
+                    addr: if kind == Attack::Metrics { server.page().unwrap_or(server.addr) } else { server.addr },
                     ca: first.tls_ca.as_deref(),
                     agencies: self.opts.agencies,
                     refresh_every: self.settings.hello_timeout.min(self.settings.idle_timeout).mul_f64(0.9),

@@ -51,10 +51,13 @@ pub enum Attack {
     /// A TLS ClientHello (made once per attacker, sent as canned bytes: no cryptography per
     /// connection), then silence: the server's flight is never answered.
     Stall,
+    /// At the operator's metrics port, not the agencies': unknown paths, request heads over
+    /// 8 KiB, requests that never end, and `/metrics` as fast as it is answered.
+    Metrics,
 }
 
 impl Attack {
-    pub const ALL: [Attack; 9] = [
+    pub const ALL: [Attack; 10] = [
         Attack::Impersonate,
         Attack::Park,
         Attack::Refresh,
@@ -64,6 +67,7 @@ impl Attack {
         Attack::NoRead,
         Attack::HangupWaiter,
         Attack::Stall,
+        Attack::Metrics,
     ];
 
     pub fn name(self) -> &'static str {
@@ -77,6 +81,7 @@ impl Attack {
             Attack::NoRead => "noread",
             Attack::HangupWaiter => "hangup-waiter",
             Attack::Stall => "stall",
+            Attack::Metrics => "metrics",
         }
     }
 
@@ -279,6 +284,7 @@ fn attacker(
             Attack::Impersonate => impersonate(stream.try_clone(), target, seed, stop, &mut report),
             Attack::HangupWaiter => hangup_waiter(stream.try_clone(), target, seed, &mut report),
             Attack::Stall => stall(&stream, &hello, stop, &mut report),
+            Attack::Metrics => metrics(&stream, seed, stop, &mut report),
         };
         let _ = result;
         let _ = stream.shutdown(Shutdown::Both);
@@ -359,6 +365,38 @@ fn flood(stream: &TcpStream, stop: &AtomicBool, report: &mut Report) -> io::Resu
         }
         report.reply(line.strip_suffix(b"\n").unwrap_or(&line));
     }
+    Ok(())
+}
+
+/// One abuse of the operator's HTTP listener a connection, chosen by `seed`; the reply's status
+/// line is what the attacker got.
+fn metrics(stream: &TcpStream, seed: u64, stop: &AtomicBool, report: &mut Report) -> io::Result<()> {
+    let request = match seed % 4 {
+        0 => b"GET /bets.csv HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        1 => [&b"GET /metrics HTTP/1.1\r\nX-Pad: "[..], &[b'a'; 9000], b"\r\n\r\n"].concat(),
+        // A head that never ends: the listener's deadline, not the attacker, closes it.
+        2 => b"GET /metrics HTTP/1.1\r\nHost: x\r\n".to_vec(),
+        _ => b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+    };
+    (&*stream).write_all(&request)?;
+    let mut status = Vec::new();
+    let mut reader = io::BufReader::new(stream);
+    while !stop.load(Ordering::SeqCst) {
+        match io::BufRead::read_until(&mut reader, b'\n', &mut status) {
+            Ok(0) => break,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&status);
+                let code = line.split_whitespace().nth(1).unwrap_or("?");
+                *report.replies.entry(format!("HTTP {code}")).or_default() += 1;
+                // The rest (a body) is not the attack's business.
+                let _ = io::copy(&mut reader.take(1 << 20), &mut io::sink());
+                return Ok(());
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    *report.replies.entry("closed".into()).or_default() += 1;
     Ok(())
 }
 

@@ -65,7 +65,8 @@ Options:
   --attack KIND[,KIND…]|all
                         measure attacks: a round without, then a round beside N attackers of
                         each kind (impersonate, park, refresh, trickle, churn, flood, noread,
-                        hangup-waiter, stall); prints each round's time against the first
+                        hangup-waiter, stall, metrics: the operator's port); prints each
+                        round's time against the first
   --attackers N         attacker connections of each kind (default 200)
   --attack-from spread|same
                         attackers from addresses of their own in 127.1.0.0/16, as a botnet
@@ -637,8 +638,10 @@ impl LocalServer {
             limits.idle_timeout = Duration::from_secs(1);
         }
         let round: Arc<dyn Ledger> = Arc::new(round);
+        // The page, for a person to watch, or a target, for the `metrics` attack.
+        let served = opts.watch || opts.attacks.contains(&Attack::Metrics);
         let page =
-            opts.watch.then_some(MetricsAddress { addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), required: true });
+            served.then_some(MetricsAddress { addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), required: true });
         let operator = Operator::start(page, Arc::clone(&round))?;
         let (handle, metrics) = (shutdown.clone(), operator.metrics());
         let thread = thread::Builder::new()
@@ -648,8 +651,8 @@ impl LocalServer {
         Ok(LocalServer { addr, dir: dir.to_owned(), shutdown, thread, operator })
     }
 
-    /// Where the round's page is served, with `--watch`.
-    fn page(&self) -> Option<SocketAddr> {
+    /// Where the round's page (and `/metrics`) is served, with `--watch` or `--attack metrics`.
+    pub(crate) fn page(&self) -> Option<SocketAddr> {
         self.operator.address()
     }
 

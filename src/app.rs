@@ -176,7 +176,7 @@ pub fn server_main() -> ExitCode {
         Err(e) => return fail(NAME, &one_line(&e)),
     };
     let limits = Limits::from_settings(&settings);
-    let served = server::run_counted(listener, round, limits, Arc::new(security), &shutdown, operator.metrics());
+    let served = server::run(listener, round, limits, Arc::new(security), &shutdown, operator.metrics());
     operator.stop();
     match served {
         Ok(()) => {

@@ -72,12 +72,12 @@
 //! `bench/` (the measurements of `docs/performance.md`), `fuzz/` (the parsers' fuzz target),
 //! `scripts/` (compose smoke tests, the PostgreSQL test cluster, `probe.sh`).
 
-pub mod agency;
+pub(crate) mod agency;
 pub mod app;
 pub mod config;
-pub mod ledger;
-pub mod logging;
-pub mod output;
-pub mod server;
+pub(crate) mod ledger;
+pub(crate) mod logging;
+pub(crate) mod output;
+pub(crate) mod server;
 pub mod tools;
 pub mod wire;

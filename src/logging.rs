@@ -13,7 +13,7 @@ thread_local! {
 }
 
 /// Installs the logger at `level`. Calling it twice (tests, `lottery-round`) keeps the first.
-pub fn init(level: LevelFilter) {
+pub(crate) fn init(level: LevelFilter) {
     let format = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
     let _ = env_logger::Builder::new()
         .filter_level(level)
@@ -33,6 +33,6 @@ pub fn init(level: LevelFilter) {
 }
 
 /// A value for a log field: no `|` (it separates fields) and no line break.
-pub fn field(value: &str) -> String {
+pub(crate) fn field(value: &str) -> String {
     value.replace('|', "/").replace(['\n', '\r'], " ")
 }

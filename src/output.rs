@@ -19,7 +19,7 @@ static ON_CLOSE: Mutex<Option<Hook>> = Mutex::new(None);
 
 /// Runs `hook` when stdout closes, or now if it already has (a log line of start-up may have
 /// found it closed before the binary could stop itself).
-pub fn on_close(hook: impl Fn() + Send + 'static) {
+pub(crate) fn on_close(hook: impl Fn() + Send + 'static) {
     let mut slot = ON_CLOSE.lock().unwrap_or_else(PoisonError::into_inner);
     if CLOSED.get().is_some() {
         hook();
@@ -29,12 +29,12 @@ pub fn on_close(hook: impl Fn() + Send + 'static) {
 
 /// `None` while stdout takes lines; else the kind of error that closed it (`BrokenPipe`: the
 /// reader went away, which is no error of ours).
-pub fn closed() -> Option<io::ErrorKind> {
+pub(crate) fn closed() -> Option<io::ErrorKind> {
     CLOSED.get().copied()
 }
 
 /// Writes `bytes` to stdout, unless it has closed; a failure closes it and runs the hook.
-pub fn write(bytes: &[u8]) {
+pub(crate) fn write(bytes: &[u8]) {
     if CLOSED.get().is_some() {
         return;
     }
@@ -56,17 +56,17 @@ pub fn write(bytes: &[u8]) {
 }
 
 /// Prints one line on stdout (see [`write()`]).
-pub fn line(args: fmt::Arguments<'_>) {
+pub(crate) fn line(args: fmt::Arguments<'_>) {
     write(format!("{args}\n").as_bytes());
 }
 
 /// Prints one line on stderr; a closed stderr drops it (there is nowhere left to say so).
-pub fn err_line(args: fmt::Arguments<'_>) {
+pub(crate) fn err_line(args: fmt::Arguments<'_>) {
     let _ = writeln!(io::stderr().lock(), "{args}");
 }
 
 /// The logger's target: stdout through [`write()`], never an error to the logger.
-pub struct LogTarget;
+pub(crate) struct LogTarget;
 
 impl Write for LogTarget {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {

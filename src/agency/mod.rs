@@ -4,7 +4,7 @@
 //! into the file nor skipped. Over TLS, a certificate it does not trust, a name that does not
 //! match or a record that fails its integrity check is final: retrying cannot cure it.
 
-pub mod credentials;
+pub(crate) mod credentials;
 
 mod link;
 mod patience;
@@ -28,14 +28,14 @@ use credentials::Credentials;
 use link::{Link, LinkError, OpenError};
 use patience::{Patience, Setback};
 use source::{Batches, BetSource};
-pub use source::{BetData, MakeRows};
+pub(crate) use source::BetData;
 
 /// The address an agency uses when none is configured: the server's name in docker compose.
 const COMPOSE_ADDRESS: &str = "server:12345";
 
 /// Why an agency could not complete its round.
 #[derive(Debug)]
-pub enum AgencyError {
+pub(crate) enum AgencyError {
     /// The data file is missing, unreadable, or holds a row that is not a bet.
     Data { path: PathBuf, line: Option<u64>, why: String },
     /// The server refused something that retrying cannot fix.
@@ -79,7 +79,7 @@ impl std::error::Error for AgencyError {}
 
 /// What a completed agency got.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Its winners' documents, as the server sent them.
     pub winners: Vec<String>,
     /// Bets the server holds for it at the end.
@@ -90,7 +90,7 @@ pub struct Outcome {
 
 /// Stops a running agency from another thread: wakes its backoff and closes its socket.
 #[derive(Clone, Default)]
-pub struct Stop {
+pub(crate) struct Stop {
     inner: Arc<(Mutex<StopState>, Condvar)>,
 }
 
@@ -101,7 +101,7 @@ struct StopState {
 }
 
 impl Stop {
-    pub fn trigger(&self) {
+    pub(crate) fn trigger(&self) {
         let (lock, wake) = &*self.inner;
         let mut st = lock.lock().unwrap_or_else(PoisonError::into_inner);
         st.stopped = true;
@@ -111,7 +111,7 @@ impl Stop {
         wake.notify_all();
     }
 
-    pub fn is_triggered(&self) -> bool {
+    pub(crate) fn is_triggered(&self) -> bool {
         self.inner.0.lock().unwrap_or_else(PoisonError::into_inner).stopped
     }
 
@@ -139,7 +139,7 @@ impl Stop {
 ///
 /// # Errors
 /// See [`AgencyError`]; a broken connection is not one while the retry window lasts.
-pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyError> {
+pub(crate) fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyError> {
     let data = BetData::File(settings.data_path.clone());
     // The data first: a missing file is said before anything about keys.
     check_data(settings, &data)?;
@@ -152,7 +152,7 @@ pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyErro
 ///
 /// # Errors
 /// As [`run`].
-pub fn run_with(
+pub(crate) fn run_with(
     settings: &AgencySettings,
     credentials: &Credentials,
     data: &BetData,
@@ -399,7 +399,7 @@ fn explain(address: &str, e: OpenError) -> String {
 ///
 /// # Errors
 /// What went wrong, for a person: no connection, no reply within `timeout`, another reply.
-pub fn ping(address: &str, timeout: Duration) -> Result<(), String> {
+pub(crate) fn ping(address: &str, timeout: Duration) -> Result<(), String> {
     let (mut stream, _) =
         link::open(address, 0, timeout).map_err(|e| format!("cannot reach {address}: {}", explain(address, e)))?;
     stream

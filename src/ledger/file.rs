@@ -41,7 +41,7 @@ pub enum SyncMode {
 
 /// What a round needs to know at start.
 #[derive(Debug, Clone)]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     pub agencies: u32,
     pub storage_path: PathBuf,
     pub sync: SyncMode,
@@ -56,7 +56,7 @@ pub struct FileConfig {
 
 impl FileConfig {
     /// The round the server's settings describe.
-    pub fn from_settings(settings: &ServerSettings) -> FileConfig {
+    pub(crate) fn from_settings(settings: &ServerSettings) -> FileConfig {
         FileConfig {
             agencies: settings.agencies,
             storage_path: settings.storage_path.clone(),
@@ -69,7 +69,7 @@ impl FileConfig {
 }
 
 /// The shared state of one round kept in `bets.csv`.
-pub struct FileLedger {
+pub(crate) struct FileLedger {
     config: FileConfig,
     state: Mutex<State>,
     drawn: Condvar,
@@ -129,7 +129,7 @@ impl Mark {
 
 /// What start-up found, for the log.
 #[derive(Debug)]
-pub struct Resumed {
+pub(crate) struct Resumed {
     pub bets: u64,
     pub truncated: u64,
     pub agencies_done: usize,
@@ -142,7 +142,7 @@ impl FileLedger {
     ///
     /// # Errors
     /// A file cannot be read or written, or does not belong to a round of `config.agencies`.
-    pub fn open(config: FileConfig) -> Result<(FileLedger, Resumed), StoreError> {
+    pub(crate) fn open(config: FileConfig) -> Result<(FileLedger, Resumed), StoreError> {
         let round_path = round_file::path_for(&config.storage_path);
         let had_bets = fs::symlink_metadata(&config.storage_path).is_ok();
         let saved = match RoundFile::read(&round_path)? {
@@ -214,7 +214,7 @@ impl FileLedger {
         Ok((round, resumed))
     }
 
-    pub fn storage_path(&self) -> &Path {
+    pub(crate) fn storage_path(&self) -> &Path {
         &self.config.storage_path
     }
 
@@ -545,7 +545,7 @@ fn replies(winners: &[String]) -> Vec<Arc<[u8]>> {
 ///
 /// # Errors
 /// `path` cannot be read, or `out` cannot be written.
-pub fn export(path: &Path, out: &mut dyn Write) -> Result<u64, String> {
+pub(crate) fn export(path: &Path, out: &mut dyn Write) -> Result<u64, String> {
     let file = File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let (mut line, mut rows) = (Vec::new(), 0);

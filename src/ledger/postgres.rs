@@ -39,8 +39,8 @@ mod pool;
 mod privileges;
 mod watch;
 
-pub use error::OpenError;
-pub use export::export;
+pub(crate) use error::OpenError;
+pub(crate) use export::export;
 
 use std::io;
 use std::str::FromStr;
@@ -121,14 +121,14 @@ type Replies = Arc<Vec<Arc<[u8]>>>;
 
 /// What start-up found, for the log.
 #[derive(Debug)]
-pub struct Opened {
+pub(crate) struct Opened {
     pub bets: u64,
     pub agencies_done: u32,
     pub drawn: bool,
 }
 
 /// The round in a PostgreSQL database.
-pub struct PgLedger {
+pub(crate) struct PgLedger {
     agencies: u32,
     /// `SERVER_MAX_BETS_PER_AGENCY`.
     max_bets: u64,
@@ -236,7 +236,7 @@ impl PgLedger {
     /// # Errors
     /// The database cannot be reached, the role lacks a privilege, or the database holds a
     /// round of another number of agencies: each said in one line with what to do.
-    pub fn open(url: &str, agencies: u32, max_bets: u64) -> Result<(PgLedger, Opened), OpenError> {
+    pub(crate) fn open(url: &str, agencies: u32, max_bets: u64) -> Result<(PgLedger, Opened), OpenError> {
         let config = parse_url(url)?;
         let place = place(&config);
         let mut client = connect(&config, &place)?;

@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 use log::info;
 
 /// Guest lines logged as they are, each second.
-pub const LINES_PER_SECOND: u32 = 50;
+pub(crate) const LINES_PER_SECOND: u32 = 50;
 
 /// An agency's refusal lines logged as they are, each second.
-pub const REFUSALS_PER_SECOND: u32 = 5;
+pub(crate) const REFUSALS_PER_SECOND: u32 = 5;
 
 /// What happened to a guest.
 #[derive(Debug, Clone, Copy)]
-pub enum GuestEvent {
+pub(crate) enum GuestEvent {
     Accepted,
     /// Turned away at the door: the server runs `SERVER_MAX_CONNECTIONS` threads.
     Refused,
@@ -83,7 +83,7 @@ struct Refusals {
 
 /// The rate limits on the lines peers cause: guests', shared by the accept loop and every
 /// connection, and each agency's refusals.
-pub struct GuestLog {
+pub(crate) struct GuestLog {
     state: Mutex<State>,
     agencies: Mutex<HashMap<u32, Refusals>>,
 }
@@ -99,7 +99,7 @@ impl Default for GuestLog {
 
 impl GuestLog {
     /// Logs `event` by calling `line` if this second's budget allows, else counts it.
-    pub fn event(&self, event: GuestEvent, line: impl FnOnce()) {
+    pub(crate) fn event(&self, event: GuestEvent, line: impl FnOnce()) {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if st.window.elapsed() >= Duration::from_secs(1) {
             summarise(&mut st);
@@ -117,7 +117,7 @@ impl GuestLog {
 
     /// Logs one of `agency`'s refusals, whose error is `error`, by calling `line` if this
     /// second's budget for the agency allows, else counts it.
-    pub fn refusal(&self, agency: u32, error: &'static str, line: impl FnOnce()) {
+    pub(crate) fn refusal(&self, agency: u32, error: &'static str, line: impl FnOnce()) {
         let mut agencies = self.agencies.lock().unwrap_or_else(PoisonError::into_inner);
         let refusals = agencies.entry(agency).or_insert_with(|| Refusals {
             window: Instant::now(),
@@ -143,7 +143,7 @@ impl GuestLog {
     }
 
     /// Logs what is counted and not yet said (at shutdown).
-    pub fn flush(&self) {
+    pub(crate) fn flush(&self) {
         summarise(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner));
         let mut agencies = self.agencies.lock().unwrap_or_else(PoisonError::into_inner);
         let mut agencies: Vec<_> = agencies.iter_mut().collect();

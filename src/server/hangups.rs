@@ -25,13 +25,13 @@ const STOP_CHECK: Duration = Duration::from_millis(500);
 const EVENTS: usize = 256;
 
 /// The waiters' sockets, in an epoll set of their own, and each waiter's "hung up" flag.
-pub struct Hangups {
+pub(crate) struct Hangups {
     epoll: OwnedFd,
     flags: Mutex<HashMap<u64, Arc<AtomicBool>>>,
 }
 
 /// One waiter's socket, watched until this is dropped.
-pub struct Watched<'a> {
+pub(crate) struct Watched<'a> {
     hangups: &'a Hangups,
     socket: BorrowedFd<'a>,
     id: u64,
@@ -44,7 +44,7 @@ impl Hangups {
     ///
     /// # Errors
     /// The epoll set cannot be made (out of file descriptors).
-    pub fn new() -> io::Result<Hangups> {
+    pub(crate) fn new() -> io::Result<Hangups> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         Ok(Hangups { epoll, flags: Mutex::new(HashMap::new()) })
     }
@@ -53,7 +53,7 @@ impl Hangups {
     ///
     /// # Errors
     /// The kernel refuses to add it (out of memory): the caller looks up by itself instead.
-    pub fn watch<'a>(&'a self, id: u64, socket: BorrowedFd<'a>) -> io::Result<Watched<'a>> {
+    pub(crate) fn watch<'a>(&'a self, id: u64, socket: BorrowedFd<'a>) -> io::Result<Watched<'a>> {
         let hung_up = Arc::new(AtomicBool::new(false));
         self.lock().insert(id, Arc::clone(&hung_up));
         if let Err(e) = epoll::add(&self.epoll, socket, epoll::EventData::new_u64(id), interest()) {
@@ -65,7 +65,7 @@ impl Hangups {
 
     /// Marks the waiters whose clients hang up and wakes the round's waiters so that they look,
     /// until the server shuts down (which wakes every waiter itself).
-    pub fn run(&self, round: &dyn Ledger, shutdown: &ShutdownHandle) {
+    pub(crate) fn run(&self, round: &dyn Ledger, shutdown: &ShutdownHandle) {
         const WAKE: u64 = u64::MAX;
         // Edge-triggered: the eventfd stays readable once triggered, and the door may not drain it.
         let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
@@ -102,7 +102,7 @@ impl Hangups {
 impl Watched<'_> {
     /// Watches again after a wake-up that was no hang-up (the kernel said the socket has
     /// something to say, and it is not the end).
-    pub fn rearm(&self) {
+    pub(crate) fn rearm(&self) {
         self.hung_up.store(false, Ordering::SeqCst);
         let data = epoll::EventData::new_u64(self.id);
         let _ = epoll::modify(&self.hangups.epoll, self.socket, data, interest());

@@ -14,11 +14,11 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 /// How long a thread waits for its next connection before it ends.
-pub const IDLE_FOR: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_FOR: Duration = Duration::from_secs(1);
 
 type Job = Box<dyn FnOnce() + Send>;
 
-pub struct Pool {
+pub(crate) struct Pool {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     stack_size: usize,
@@ -46,7 +46,7 @@ impl Shared {
 
 impl Pool {
     /// A pool whose threads have stacks of `stack_size` bytes.
-    pub fn new(stack_size: usize) -> Pool {
+    pub(crate) fn new(stack_size: usize) -> Pool {
         Pool { shared: Arc::default(), threads: Vec::new(), stack_size }
     }
 
@@ -54,7 +54,7 @@ impl Pool {
     ///
     /// # Errors
     /// No thread was waiting and none could be started.
-    pub fn run(&mut self, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    pub(crate) fn run(&mut self, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
         let job: Job = Box::new(job);
         {
             let mut st = self.shared.lock();
@@ -78,7 +78,7 @@ impl Pool {
 
     /// Lets every thread end once its connection has, and waits for them; returns how many there
     /// were.
-    pub fn join(self) -> usize {
+    pub(crate) fn join(self) -> usize {
         self.shared.lock().closed = true;
         self.shared.work.notify_all();
         let count = self.threads.len();

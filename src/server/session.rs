@@ -45,7 +45,7 @@ const WAITER_CHECK: Duration = Duration::from_millis(250);
 const WATCHED_WAITER_CHECK: Duration = Duration::from_secs(5);
 
 /// What a session needs from the server around it.
-pub struct Context<'a> {
+pub(crate) struct Context<'a> {
     pub round: &'a dyn Ledger,
     pub security: &'a Security,
     pub registry: &'a Registry,
@@ -64,7 +64,7 @@ pub struct Context<'a> {
 }
 
 /// One connection's state besides its socket.
-pub struct Session<'a> {
+pub(crate) struct Session<'a> {
     cx: Context<'a>,
     agency: Option<u32>,
     /// Requests made while a guest.
@@ -116,7 +116,7 @@ struct Incoming {
 }
 
 impl<'a> Session<'a> {
-    pub fn new(cx: Context<'a>) -> Self {
+    pub(crate) fn new(cx: Context<'a>) -> Self {
         Session {
             guest_requests: cx.guest_requests,
             cx,
@@ -132,7 +132,7 @@ impl<'a> Session<'a> {
 
     /// Serves `conn` until the client quits, breaks the protocol beyond repair, goes silent
     /// for the idle timeout, or the server shuts down.
-    pub fn run(mut self, conn: &mut Connection) {
+    pub(crate) fn run(mut self, conn: &mut Connection) {
         if let Err(end) = self.serve(conn) {
             self.end(conn, end);
         }
@@ -485,7 +485,7 @@ impl<'a> Session<'a> {
             }
             End::Read(ReadError::Closed, _) => return None,
             End::Read(error @ (ReadError::ClosedMidLine | ReadError::Io(_)), reading) => {
-                debug!("action: read_{reading} | result: fail | error: {error:?}");
+                debug!("action: read_{reading} | result: fail | error: {error}");
                 return None;
             }
             End::Read(ReadError::TooLong, _) => (ErrorCode::TooLong, format!("a line is at most {MAX_LINE} bytes")),

@@ -634,7 +634,7 @@ impl LocalServer {
         let (handle, metrics) = (shutdown.clone(), operator.metrics());
         let thread = thread::Builder::new()
             .name("server".into())
-            .spawn(move || server::run_counted(listener, round, limits, security, &handle, metrics))
+            .spawn(move || server::run(listener, round, limits, security, &handle, metrics))
             .map_err(|e| format!("cannot start the server thread: {e}"))?;
         Ok(LocalServer { addr, dir: dir.to_owned(), shutdown, thread, operator })
     }

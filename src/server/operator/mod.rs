@@ -5,7 +5,7 @@
 //! deadline at most, and the round never waits for them.
 
 mod http;
-pub mod view;
+pub(crate) mod view;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -38,7 +38,7 @@ const TICK: Duration = Duration::from_millis(250);
 const PAGE: &str = include_str!("page.html");
 
 /// The operator's view of a server: its counters, and the listener serving them if any.
-pub struct Operator {
+pub(crate) struct Operator {
     metrics: Arc<Metrics>,
     serving: Option<Serving>,
 }
@@ -58,7 +58,7 @@ impl Operator {
     ///
     /// # Errors
     /// A required address cannot be bound, or a thread cannot be started.
-    pub fn start(address: Option<MetricsAddress>, round: Arc<dyn Ledger>) -> Result<Operator, String> {
+    pub(crate) fn start(address: Option<MetricsAddress>, round: Arc<dyn Ledger>) -> Result<Operator, String> {
         let metrics = Arc::new(Metrics::new(round.agencies()));
         let Some(MetricsAddress { addr, required }) = address else {
             return Ok(Operator { metrics, serving: None });
@@ -79,17 +79,17 @@ impl Operator {
         Ok(Operator { metrics, serving: Some(serving) })
     }
 
-    pub fn metrics(&self) -> Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.metrics)
     }
 
     /// Where the listener is, if there is one.
-    pub fn address(&self) -> Option<SocketAddr> {
+    pub(crate) fn address(&self) -> Option<SocketAddr> {
         self.serving.as_ref().map(|s| s.addr)
     }
 
     /// Stops the listener and joins its threads.
-    pub fn stop(self) {
+    pub(crate) fn stop(self) {
         let Some(serving) = self.serving else { return };
         serving.stop.store(true, Ordering::SeqCst);
         for slot in serving.answering.iter() {

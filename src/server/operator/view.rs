@@ -34,7 +34,7 @@ struct Sample {
 }
 
 /// The round as the operator sees it.
-pub struct RoundView {
+pub(crate) struct RoundView {
     pub metrics: Arc<Metrics>,
     round: Arc<dyn Ledger>,
     /// One sample a second, the last minute's and one more.
@@ -54,7 +54,7 @@ fn unix_ms() -> u64 {
 }
 
 impl RoundView {
-    pub fn new(metrics: Arc<Metrics>, round: Arc<dyn Ledger>) -> RoundView {
+    pub(crate) fn new(metrics: Arc<Metrics>, round: Arc<dyn Ledger>) -> RoundView {
         RoundView { metrics, round, samples: Mutex::default(), seen_drawn_ms: Mutex::default() }
     }
 
@@ -64,7 +64,7 @@ impl RoundView {
     }
 
     /// Takes a sample if the last is a second old: called by the listener as it waits.
-    pub fn sample(&self) {
+    pub(crate) fn sample(&self) {
         let now = Instant::now();
         let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
         if samples.back().is_some_and(|s| now.duration_since(s.at) < Duration::from_secs(1)) {
@@ -123,7 +123,7 @@ impl RoundView {
     }
 
     /// `/round.json`: the round now. Agency numbers and counts only: nothing names a bettor.
-    pub fn json(&self) -> String {
+    pub(crate) fn json(&self) -> String {
         let status = self.status();
         let states = self.metrics.states(status.drawn);
         let mut json = String::with_capacity(states.len() + 512);
@@ -158,7 +158,7 @@ impl RoundView {
     }
 
     /// `/metrics`: the Prometheus text format.
-    pub fn exposition(self: &Arc<Self>) -> String {
+    pub(crate) fn exposition(self: &Arc<Self>) -> String {
         let mut registry = Registry::with_prefix("lottery");
         registry.register_collector(Box::new(Arc::clone(self)));
         let mut out = String::new();

@@ -23,7 +23,7 @@ use crate::server::{self, Limits, Security, ShutdownHandle, tls};
 use crate::tools::keys;
 
 mod start_error;
-pub use start_error::{StartError, one_line};
+pub(crate) use start_error::{StartError, one_line};
 
 const SERVER_HELP: &str = "\
 lottery-server: the lottery central. Takes bets from agencies over TCP, stores them in bets.csv,
@@ -101,7 +101,7 @@ Exits 0 once it has its winners, or on SIGTERM; 1 with one line on a final failu
 
 /// Handles the only flag the two daemons take. `Some` is the exit code when there is nothing
 /// more to do.
-pub fn help_only(name: &str, help: &str) -> Option<ExitCode> {
+pub(crate) fn help_only(name: &str, help: &str) -> Option<ExitCode> {
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
         None => None,
@@ -119,7 +119,7 @@ pub fn help_only(name: &str, help: &str) -> Option<ExitCode> {
 /// Raises the soft limit on open files to the hard one, as the Go runtime does: every
 /// connection is a descriptor, and a common default of 1,024 would cap `SERVER_MAX_CONNECTIONS`
 /// (and a `lottery-round` of 1,000 agencies) below what the system allows.
-pub fn raise_open_files_limit() {
+pub(crate) fn raise_open_files_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => debug!("action: open_files_limit | result: success | limit: {limit}"),
         Err(e) => warn!("action: open_files_limit | result: fail | error: {e}"),
@@ -206,7 +206,7 @@ struct Started {
 ///
 /// # Errors
 /// A key file is missing or unusable.
-pub fn load_security(settings: &ServerSettings) -> Result<Security, String> {
+pub(crate) fn load_security(settings: &ServerSettings) -> Result<Security, String> {
     let how = "; make the keys with `lottery-server --make-keys .secrets` (see the README, \"Security\")";
     let exists = |path: &Path, key: &str| {
         if path.exists() { Ok(()) } else { Err(format!("{key} = {} does not exist{how}", path.display())) }

@@ -42,7 +42,8 @@ impl Histogram {
 
 /// How long an `fdatasync` takes, in seconds: a disk's cache answers in microseconds, a
 /// spinning disk in milliseconds, a struggling one in seconds.
-pub(crate) const SYNC_SECONDS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+pub(crate) const SYNC_SECONDS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
 /// How many bets one sync makes durable: one batch is up to a few hundred.
 pub(crate) const GROUP_BETS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0];

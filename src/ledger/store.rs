@@ -167,7 +167,8 @@ impl Store {
 }
 
 /// Why a symbolic link in place of one of the server's files is refused.
-pub(crate) const LINK_REFUSED: &str = "is a symbolic link, and the server writes only to a file of its own: remove the link";
+pub(crate) const LINK_REFUSED: &str =
+    "is a symbolic link, and the server writes only to a file of its own: remove the link";
 
 /// Opens `path` with `options` as a file of the server's own: created mode 0600 whatever the
 /// umask (a bettor's name and DNI are for the server's user only), never through a symbolic
@@ -292,7 +293,11 @@ fn open_read(path: &Path) -> Result<File, StoreError> {
 ///
 /// # Errors
 /// As [`scan`].
-pub(crate) fn winners(path: &Path, agencies: u32, stop: Option<&AtomicBool>) -> Result<Option<Vec<String>>, StoreError> {
+pub(crate) fn winners(
+    path: &Path,
+    agencies: u32,
+    stop: Option<&AtomicBool>,
+) -> Result<Option<Vec<String>>, StoreError> {
     let mut winners = vec![String::new(); agencies as usize];
     let finished = scan(path, agencies, stop, |agency, document, number| {
         add_winner(&mut winners, agency, document, number);

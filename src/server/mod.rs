@@ -24,7 +24,10 @@ pub(crate) mod metrics;
 pub(crate) mod operator;
 pub(crate) mod pool;
 pub(crate) mod probes;
-#[expect(dead_code, reason = "`Registry::len` and `is_empty` are used nowhere; registry.rs belongs to the door's rework")]
+#[expect(
+    dead_code,
+    reason = "`Registry::len` and `is_empty` are used nowhere; registry.rs belongs to the door's rework"
+)]
 pub(crate) mod registry;
 pub(crate) mod session;
 pub(crate) mod suspects;

@@ -153,7 +153,10 @@ impl Crowd {
     ///
     /// # Errors
     /// The child cannot be started or fed; an agency's failure is its outcome, not an error.
-    pub(crate) fn run_in_child(&self, input: &Mutex<Option<ChildStdin>>) -> Result<Vec<Result<Outcome, String>>, String> {
+    pub(crate) fn run_in_child(
+        &self,
+        input: &Mutex<Option<ChildStdin>>,
+    ) -> Result<Vec<Result<Outcome, String>>, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find this program to run agencies: {e}"))?;
         let ca = self.ca.as_ref().map_or_else(|| "-".to_owned(), |p| p.display().to_string());
         let name = self.tls_name.clone().unwrap_or_else(|| "-".to_owned());

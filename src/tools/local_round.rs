@@ -93,31 +93,31 @@ const DEFAULT_SEED: u64 = 75_740;
 
 /// The options of `lottery-round`.
 #[derive(Debug, Clone)]
-pub struct Options {
-    pub agencies: u32,
+pub(crate) struct Options {
+    pub(crate) agencies: u32,
     /// Given: generate a data set of this size rather than use `.data`.
-    pub bets_per_agency: Option<u64>,
-    pub batch: Option<usize>,
-    pub data: Option<PathBuf>,
-    pub generate: Option<PathBuf>,
+    pub(crate) bets_per_agency: Option<u64>,
+    pub(crate) batch: Option<usize>,
+    pub(crate) data: Option<PathBuf>,
+    pub(crate) generate: Option<PathBuf>,
     /// Given: generate a data set from this seed rather than use `.data`.
-    pub seed: Option<u64>,
-    pub keep: Option<PathBuf>,
+    pub(crate) seed: Option<u64>,
+    pub(crate) keep: Option<PathBuf>,
     /// Run the agencies against this server instead of one in this process.
-    pub server: Option<SocketAddr>,
+    pub(crate) server: Option<SocketAddr>,
     /// Hostile clients to run beside the agencies.
-    pub hostile: u32,
+    pub(crate) hostile: u32,
     /// Attacks to measure, each in a round of its own after one without.
-    pub attacks: Vec<Attack>,
+    pub(crate) attacks: Vec<Attack>,
     /// Attacker connections of each kind.
-    pub attackers: usize,
-    pub attack_from: Sources,
+    pub(crate) attackers: usize,
+    pub(crate) attack_from: Sources,
     /// No TLS, no tokens.
-    pub plaintext: bool,
-    pub verbose: bool,
+    pub(crate) plaintext: bool,
+    pub(crate) verbose: bool,
     /// Serve the round's page on a free loopback port, and keep it up after the round until
     /// Ctrl-C.
-    pub watch: bool,
+    pub(crate) watch: bool,
 }
 
 impl Default for Options {
@@ -158,7 +158,7 @@ impl Options {
 ///
 /// # Errors
 /// An unknown flag or a value that does not parse, said for a person.
-pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, String> {
+pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, String> {
     use lexopt::prelude::*;
     let mut opts = Options::default();
     let mut parser = lexopt::Parser::from_args(args);
@@ -261,7 +261,7 @@ pub fn main() -> ExitCode {
 /// # Errors
 /// Set-up failed (settings, data, the work directory, the server's files or socket), an agency
 /// failed or got the wrong winners, or the round was interrupted: said for a person.
-pub fn run(opts: &Options) -> Result<(), String> {
+pub(crate) fn run(opts: &Options) -> Result<(), String> {
     if let Some(dir) = &opts.generate {
         let files = generate(dir, opts)?;
         output::line(format_args!("wrote {} files of {} bets into {}", files.len(), opts.bets(), dir.display()));

@@ -9,7 +9,7 @@ use std::fmt;
 use time::{Date, Month};
 
 /// The number that wins the draw.
-pub const WINNING_NUMBER: u16 = 7574;
+pub(crate) const WINNING_NUMBER: u16 = 7574;
 
 /// Longest name accepted, in bytes.
 pub const MAX_NAME_BYTES: usize = 100;
@@ -98,7 +98,7 @@ impl Bet {
     }
 
     /// Whether this bet wins the draw (the course's `has_won`).
-    pub fn has_won(&self) -> bool {
+    pub(crate) fn has_won(&self) -> bool {
         self.number == WINNING_NUMBER
     }
 }
@@ -328,14 +328,9 @@ impl RowWriter {
     }
 
     /// How many bytes are written so far (flushes the writer's buffer into memory).
-    pub fn len(&mut self) -> usize {
+    pub(crate) fn len(&mut self) -> usize {
         let _ = self.inner.flush();
         self.inner.get_ref().len()
-    }
-
-    /// Whether nothing has been written since the last `take`.
-    pub fn is_empty(&mut self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -446,6 +441,6 @@ mod tests {
         let mut w = RowWriter::default();
         w.push_stored(3, &bet);
         assert_eq!(w.take(), b"3,Ana,Paz,7,1990-05-05,7574\n");
-        assert!(w.is_empty());
+        assert_eq!(w.len(), 0);
     }
 }

@@ -65,6 +65,7 @@
 //!   `config.ini` line by line, so that every error has its file and line.
 //! - `logging`: the log line format of the spec.
 //! - `output`: stdout and stderr that a closed pipe stops instead of crashing.
+//! - `sync`: `lock_unpoisoned`, the one way a `Mutex` is taken (why poisoning is ignored).
 //! - [`app`]: what the binaries run, so that `src/bin/*.rs` only wire; `app::StartError` (in
 //!   `app/start_error.rs`) the server's start-up failures, each said in one line.
 //!
@@ -79,5 +80,6 @@ pub(crate) mod ledger;
 pub(crate) mod logging;
 pub(crate) mod output;
 pub(crate) mod server;
+mod sync;
 pub mod tools;
 pub mod wire;

@@ -5,9 +5,10 @@
 //! binary as quietly as it ends `cat`; later writes are dropped. Any other failure (a full disk
 //! under a redirected log) loses that line only: no binary stops for a log it cannot write.
 
+use crate::sync::lock_unpoisoned;
 use std::fmt;
 use std::io::{self, Write};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
 
 /// Why stdout stopped taking lines, once it has.
 static CLOSED: OnceLock<io::ErrorKind> = OnceLock::new();
@@ -20,7 +21,7 @@ static ON_CLOSE: Mutex<Option<Hook>> = Mutex::new(None);
 /// Runs `hook` when stdout closes, or now if it already has (a log line of start-up may have
 /// found it closed before the binary could stop itself).
 pub(crate) fn on_close(hook: impl Fn() + Send + 'static) {
-    let mut slot = ON_CLOSE.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut slot = lock_unpoisoned(&ON_CLOSE);
     if CLOSED.get().is_some() {
         hook();
     }
@@ -45,7 +46,7 @@ pub(crate) fn write(bytes: &[u8]) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
             drop(out);
             if CLOSED.set(e.kind()).is_ok() {
-                let hook = ON_CLOSE.lock().unwrap_or_else(PoisonError::into_inner);
+                let hook = lock_unpoisoned(&ON_CLOSE);
                 hook.iter().for_each(|hook| hook());
             }
         }

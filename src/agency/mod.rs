@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use log::info;
 
 use crate::config::AgencySettings;
+use crate::sync::lock_unpoisoned;
 use crate::wire::bet::{self, Bet, RowWriter};
 use crate::wire::protocol::ProtocolError;
 use crate::wire::transport::tls_error;
@@ -103,7 +104,7 @@ struct StopState {
 impl Stop {
     pub(crate) fn trigger(&self) {
         let (lock, wake) = &*self.inner;
-        let mut st = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock_unpoisoned(lock);
         st.stopped = true;
         if let Some(socket) = st.socket.take() {
             let _ = socket.shutdown(Shutdown::Both);
@@ -112,20 +113,20 @@ impl Stop {
     }
 
     pub(crate) fn is_triggered(&self) -> bool {
-        self.inner.0.lock().unwrap_or_else(PoisonError::into_inner).stopped
+        lock_unpoisoned(&self.inner.0).stopped
     }
 
     /// Sleeps for `pause` unless stopped first; true if stopped.
     fn sleep(&self, pause: Duration) -> bool {
         let (lock, wake) = &*self.inner;
-        let st = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let st = lock_unpoisoned(lock);
         let (st, _) = wake.wait_timeout_while(st, pause, |s| !s.stopped).unwrap_or_else(PoisonError::into_inner);
         st.stopped
     }
 
     /// Remembers the live socket so that `trigger` can close it.
     fn watch(&self, socket: &Arc<TcpStream>) -> Result<(), AgencyError> {
-        let mut st = self.inner.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock_unpoisoned(&self.inner.0);
         if st.stopped {
             return Err(AgencyError::Stopped);
         }

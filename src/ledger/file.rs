@@ -27,6 +27,7 @@ use crate::ledger::round_file::{self, RoundFile};
 use crate::ledger::stats::LedgerStats;
 use crate::ledger::store::{self, BetFile, Recovered, Store, StoreError, StoreErrorKind};
 use crate::ledger::{self, AgencyNow, Appended, Ledger, Rows, shutting_down};
+use crate::sync::lock_unpoisoned;
 use crate::wire::protocol::{self, ErrorCode, ProtocolError, Status};
 
 /// When an `OK` is sent for stored bets.
@@ -208,7 +209,7 @@ impl FileLedger {
             stats: LedgerStats::default(),
         };
         // The last DONE was saved, but the server died before the draw was: make it now.
-        if round.start_draw_if_all_done(round.lock()) {
+        if round.start_draw_if_all_done(lock_unpoisoned(&round.state)) {
             round.draw();
         }
         Ok((round, resumed))
@@ -216,13 +217,6 @@ impl FileLedger {
 
     pub(crate) fn storage_path(&self) -> &Path {
         &self.config.storage_path
-    }
-
-    /// The state, even if a connection's thread panicked while holding the lock. Every change
-    /// to `State` is a few assignments made after the fallible I/O they depend on, so a panic
-    /// cannot leave it half-updated; refusing all other agencies for one bug would be worse.
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// `agency` as an index, if it is one of this round's.
@@ -266,7 +260,7 @@ impl FileLedger {
             drop(st);
             let result = sync(files);
             self.stats.sync_ended(&syncing);
-            st = self.lock();
+            st = lock_unpoisoned(&self.state);
             st.syncing = false;
             self.after_sync(&mut st, upto, result);
             self.synced.notify_all();
@@ -323,13 +317,13 @@ impl FileLedger {
     fn draw(&self) {
         let began = Instant::now();
         let result = store::winners(self.storage_path(), self.config.agencies, Some(&self.stopping));
-        let mut st = self.lock();
+        let mut st = lock_unpoisoned(&self.state);
         match result {
             Ok(Some(winners)) => {
                 // Durable before it is logged: a crash in between loses a log line, never a draw.
                 st = self.record(st, round_file::DRAWN_LINE).unwrap_or_else(|e| {
                     error!("action: sorteo | result: fail | error: {}; the next start draws again", e.message);
-                    self.lock()
+                    lock_unpoisoned(&self.state)
                 });
                 st.phase = Phase::Drawn(replies(&winners));
                 self.status_drawn.store(true, Ordering::Relaxed);
@@ -368,7 +362,7 @@ impl Ledger for FileLedger {
     /// `BAD_AGENCY` outside `1..=agencies`; `STORAGE` if that sync failed.
     fn hello(&self, agency: u32) -> Result<u64, ProtocolError> {
         let i = self.index(agency)?;
-        let st = self.lock();
+        let st = lock_unpoisoned(&self.state);
         let (stored, end) = (st.stored[i], st.store.len());
         self.wait_durable(st, Mark { bets: end, round: 0 }).map(|_| stored)
     }
@@ -384,7 +378,7 @@ impl Ledger for FileLedger {
     fn append(&self, agency: u32, offset: Option<u64>, rows: &Rows) -> Result<Appended, ProtocolError> {
         let i = self.index(agency)?;
         let count = rows.ends.len() as u64;
-        let mut st = self.lock();
+        let mut st = lock_unpoisoned(&self.state);
         if st.shutting_down {
             return Err(shutting_down());
         }
@@ -424,7 +418,7 @@ impl Ledger for FileLedger {
     /// # Errors
     /// `STORAGE` if a sync failed.
     fn make_durable(&self, end: u64) -> Result<(), ProtocolError> {
-        self.wait_durable(self.lock(), Mark { bets: end, round: 0 }).map(|_| ())
+        self.wait_durable(lock_unpoisoned(&self.state), Mark { bets: end, round: 0 }).map(|_| ())
     }
 
     fn pipelines(&self) -> bool {
@@ -439,7 +433,7 @@ impl Ledger for FileLedger {
     /// `BAD_AGENCY`, `STORAGE` if the round file could not be written or synced, `SHUTDOWN`.
     fn done(&self, agency: u32) -> Result<(), ProtocolError> {
         let i = self.index(agency)?;
-        let mut st = self.lock();
+        let mut st = lock_unpoisoned(&self.state);
         if st.shutting_down {
             return Err(shutting_down());
         }
@@ -455,7 +449,7 @@ impl Ledger for FileLedger {
                 error!("action: done | result: fail | error: {}", e.message);
                 // Not written at all: the agency is not done. Written but not synced: nothing more
                 // is acknowledged until a restart, which reads the file again.
-                let mut st = self.lock();
+                let mut st = lock_unpoisoned(&self.state);
                 if st.broken.is_none() {
                     st.done[i] = false;
                 }
@@ -477,7 +471,7 @@ impl Ledger for FileLedger {
     /// `BAD_AGENCY`, or `SHUTDOWN` if the server stops first.
     fn winners(&self, agency: u32, wait: Duration, hung_up: &AtomicBool) -> Result<Option<Arc<[u8]>>, ProtocolError> {
         let i = self.index(agency)?;
-        let st = self.lock();
+        let st = lock_unpoisoned(&self.state);
         let waiting =
             |s: &mut State| !matches!(s.phase, Phase::Drawn(_)) && !s.shutting_down && !hung_up.load(Ordering::SeqCst);
         let (st, _) = self.drawn.wait_timeout_while(st, wait, waiting).unwrap_or_else(PoisonError::into_inner);
@@ -490,7 +484,7 @@ impl Ledger for FileLedger {
 
     /// Takes the lock, so that a waiter between looking at its flag and waiting cannot miss it.
     fn wake_waiters(&self) {
-        let _st = self.lock();
+        let _st = lock_unpoisoned(&self.state);
         self.drawn.notify_all();
     }
 
@@ -507,7 +501,7 @@ impl Ledger for FileLedger {
     /// Refuses every new request and wakes every waiter: the first step of shutdown.
     fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
-        self.lock().shutting_down = true;
+        lock_unpoisoned(&self.state).shutting_down = true;
         self.drawn.notify_all();
         self.synced.notify_all();
     }
@@ -521,7 +515,7 @@ impl Ledger for FileLedger {
     /// # Errors
     /// The sync error.
     fn close(&self) -> io::Result<()> {
-        let st = self.lock();
+        let st = lock_unpoisoned(&self.state);
         st.store.file().sync()?;
         st.journal.file().sync()
     }

@@ -45,7 +45,7 @@ pub(crate) use export::export;
 use std::io;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -114,6 +114,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// What every reply says of a database failure: the client learns nothing of where it is.
 const UNAVAILABLE: &str = "the database is unavailable; try again later";
 
+use crate::sync::lock_unpoisoned;
 use pool::Manager;
 
 /// Every agency's `WINNERS` reply line, encoded once when the winners are loaded.
@@ -160,14 +161,9 @@ struct Watch {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Watch> {
-        // Only whole assignments happen under this lock.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Makes the winners known to this replica's waiters, and wakes them.
     fn publish(&self, winners: Replies) {
-        self.lock().winners.get_or_insert(winners);
+        lock_unpoisoned(&self.state).winners.get_or_insert(winners);
         self.is_drawn.store(true, Ordering::Relaxed);
         self.drawn.notify_all();
     }
@@ -472,7 +468,7 @@ impl Ledger for PgLedger {
 
     fn winners(&self, agency: u32, wait: Duration, hung_up: &AtomicBool) -> Result<Option<Arc<[u8]>>, ProtocolError> {
         let i = self.key(agency)? as usize - 1;
-        let st = self.shared.lock();
+        let st = lock_unpoisoned(&self.shared.state);
         let waiting = |s: &mut Watch| s.winners.is_none() && !s.shutting_down && !hung_up.load(Ordering::SeqCst);
         let (st, _) = self.shared.drawn.wait_timeout_while(st, wait, waiting).unwrap_or_else(PoisonError::into_inner);
         match &st.winners {
@@ -489,13 +485,13 @@ impl Ledger for PgLedger {
 
     /// Takes the lock, so that a waiter between looking at its flag and waiting cannot miss it.
     fn wake_waiters(&self) {
-        let _st = self.shared.lock();
+        let _st = lock_unpoisoned(&self.shared.state);
         self.shared.drawn.notify_all();
     }
 
     fn begin_shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Relaxed);
-        self.shared.lock().shutting_down = true;
+        lock_unpoisoned(&self.shared.state).shutting_down = true;
         self.shared.drawn.notify_all();
     }
 
@@ -506,7 +502,7 @@ impl Ledger for PgLedger {
     /// Every acknowledged batch was committed already; this stops the watcher.
     fn close(&self) -> io::Result<()> {
         self.begin_shutdown();
-        if let Some(watcher) = self.watcher.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let Some(watcher) = lock_unpoisoned(&self.watcher).take() {
             watcher.join().map_err(|_| io::Error::other("the thread watching the round panicked"))?;
         }
         Ok(())

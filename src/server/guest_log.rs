@@ -12,9 +12,10 @@
 //! one bet, so the agency's quota bounds them.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::sync::lock_unpoisoned;
 use log::info;
 
 /// Guest lines logged as they are, each second.
@@ -100,7 +101,7 @@ impl Default for GuestLog {
 impl GuestLog {
     /// Logs `event` by calling `line` if this second's budget allows, else counts it.
     pub(crate) fn event(&self, event: GuestEvent, line: impl FnOnce()) {
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock_unpoisoned(&self.state);
         if st.window.elapsed() >= Duration::from_secs(1) {
             summarise(&mut st);
             st.window = Instant::now();
@@ -118,7 +119,7 @@ impl GuestLog {
     /// Logs one of `agency`'s refusals, whose error is `error`, by calling `line` if this
     /// second's budget for the agency allows, else counts it.
     pub(crate) fn refusal(&self, agency: u32, error: &'static str, line: impl FnOnce()) {
-        let mut agencies = self.agencies.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut agencies = lock_unpoisoned(&self.agencies);
         let refusals = agencies.entry(agency).or_insert_with(|| Refusals {
             window: Instant::now(),
             logged: 0,
@@ -144,8 +145,8 @@ impl GuestLog {
 
     /// Logs what is counted and not yet said (at shutdown).
     pub(crate) fn flush(&self) {
-        summarise(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner));
-        let mut agencies = self.agencies.lock().unwrap_or_else(PoisonError::into_inner);
+        summarise(&mut lock_unpoisoned(&self.state));
+        let mut agencies = lock_unpoisoned(&self.agencies);
         let mut agencies: Vec<_> = agencies.iter_mut().collect();
         agencies.sort_by_key(|(agency, _)| **agency);
         for (agency, refusals) in agencies {

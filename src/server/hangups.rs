@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustix::buffer::spare_capacity;
@@ -16,6 +16,7 @@ use rustix::event::{Timespec, epoll};
 
 use crate::ledger::Ledger;
 use crate::server::ShutdownHandle;
+use crate::sync::lock_unpoisoned;
 
 /// How long the watching thread waits at most before it looks at the shutdown flag, should
 /// the shutdown's eventfd not wake it.
@@ -55,9 +56,9 @@ impl Hangups {
     /// The kernel refuses to add it (out of memory): the caller looks up by itself instead.
     pub(crate) fn watch<'a>(&'a self, id: u64, socket: BorrowedFd<'a>) -> io::Result<Watched<'a>> {
         let hung_up = Arc::new(AtomicBool::new(false));
-        self.lock().insert(id, Arc::clone(&hung_up));
+        lock_unpoisoned(&self.flags).insert(id, Arc::clone(&hung_up));
         if let Err(e) = epoll::add(&self.epoll, socket, epoll::EventData::new_u64(id), interest()) {
-            self.lock().remove(&id);
+            lock_unpoisoned(&self.flags).remove(&id);
             return Err(e.into());
         }
         Ok(Watched { hangups: self, socket, id, hung_up })
@@ -82,7 +83,7 @@ impl Hangups {
             let ids = events.iter().map(|e| e.data.u64()).filter(|&id| id != WAKE);
             let mut marked = false;
             {
-                let flags = self.lock();
+                let flags = lock_unpoisoned(&self.flags);
                 for flag in ids.filter_map(|id| flags.get(&id)) {
                     flag.store(true, Ordering::SeqCst);
                     marked = true;
@@ -92,10 +93,6 @@ impl Hangups {
                 round.wake_waiters();
             }
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<AtomicBool>>> {
-        self.flags.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -112,7 +109,7 @@ impl Watched<'_> {
 impl Drop for Watched<'_> {
     fn drop(&mut self) {
         let _ = epoll::delete(&self.hangups.epoll, self.socket);
-        self.hangups.lock().remove(&self.id);
+        lock_unpoisoned(&self.hangups.flags).remove(&self.id);
     }
 }
 
@@ -141,6 +138,6 @@ mod tests {
         epoll::wait(&hangups.epoll, spare_capacity(&mut events), timeout.as_ref()).unwrap();
         assert_eq!(events.first().map(|e| e.data.u64()), Some(7));
         drop(watched);
-        assert!(hangups.lock().is_empty());
+        assert!(lock_unpoisoned(&hangups.flags).is_empty());
     }
 }

@@ -5,9 +5,10 @@
 //! the operator's listener. The listener ([`crate::server::operator`]) only loads.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 
+use crate::sync::lock_unpoisoned;
 use crate::wire::protocol::ErrorCode;
 
 /// An agency's state, as the page colours it.
@@ -98,7 +99,7 @@ impl Metrics {
     /// Connection `id` now speaks for `agency` (a successful `HELLO`).
     pub(crate) fn hello(&self, id: u64, agency: u32) {
         self.agency_sessions.fetch_add(1, Ordering::Relaxed);
-        let before = self.speaks_for.lock().unwrap_or_else(PoisonError::into_inner).insert(id, agency);
+        let before = lock_unpoisoned(&self.speaks_for).insert(id, agency);
         if let Some(before) = before {
             self.leave(before);
         }
@@ -109,7 +110,7 @@ impl Metrics {
 
     /// Connection `id` has ended.
     pub(crate) fn closed(&self, id: u64) {
-        let agency = self.speaks_for.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+        let agency = lock_unpoisoned(&self.speaks_for).remove(&id);
         if let Some(agency) = agency {
             self.leave(agency);
         }

@@ -7,9 +7,10 @@
 //! A thread that has had no connection for [`IDLE_FOR`] ends: once an attack stops, the server
 //! is back to its few threads within a second or two.
 
+use crate::sync::lock_unpoisoned;
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -38,11 +39,7 @@ struct State {
     closed: bool,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
+impl Shared {}
 
 impl Pool {
     /// A pool whose threads have stacks of `stack_size` bytes.
@@ -57,7 +54,7 @@ impl Pool {
     pub(crate) fn run(&mut self, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
         let job: Job = Box::new(job);
         {
-            let mut st = self.shared.lock();
+            let mut st = lock_unpoisoned(&self.shared.state);
             if st.idle > st.jobs.len() {
                 st.jobs.push_back(job);
                 self.shared.work.notify_one();
@@ -79,7 +76,7 @@ impl Pool {
     /// Lets every thread end once its connection has, and waits for them; returns how many there
     /// were.
     pub(crate) fn join(self) -> usize {
-        self.shared.lock().closed = true;
+        lock_unpoisoned(&self.shared.state).closed = true;
         self.shared.work.notify_all();
         let count = self.threads.len();
         for thread in self.threads {
@@ -93,7 +90,7 @@ impl Pool {
 /// The next job for a thread that has finished one; `None` once it has waited [`IDLE_FOR`] for
 /// nothing, or the pool is closed.
 fn next_job(shared: &Shared) -> Option<Job> {
-    let mut st = shared.lock();
+    let mut st = lock_unpoisoned(&shared.state);
     st.idle += 1;
     let job = loop {
         if let Some(job) = st.jobs.pop_front() {
@@ -138,7 +135,7 @@ mod tests {
             pool.run(move || done.send(thread::current().id()).unwrap()).unwrap();
             ids.insert(finished.recv_timeout(Duration::from_secs(60)).unwrap());
             let shared = Arc::clone(&pool.shared);
-            wait_until("the thread waits for the next job", || shared.lock().idle == 1);
+            wait_until("the thread waits for the next job", || lock_unpoisoned(&shared.state).idle == 1);
         }
         assert_eq!(ids.len(), 1, "twenty jobs one after another ran on {} threads", ids.len());
         assert_eq!(pool.join(), 1);

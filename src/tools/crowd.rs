@@ -12,7 +12,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ChildStdin, Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 
 use log::LevelFilter;
@@ -23,6 +23,7 @@ use crate::agency::{self, AgencyError, BetData, Outcome, Stop};
 use crate::config::{AgencySettings, Settings};
 use crate::logging;
 use crate::output;
+use crate::sync::lock_unpoisoned;
 use crate::tools::dataset;
 use crate::tools::report::{STOPPED_BY, count_lines, count_winners};
 use crate::wire::token::Token;
@@ -174,7 +175,7 @@ impl Crowd {
             tokens.push('\n');
         }
         let fed = stdin.write_all(tokens.as_bytes()).and_then(|()| stdin.flush());
-        *input.lock().unwrap_or_else(PoisonError::into_inner) = Some(stdin);
+        *lock_unpoisoned(input) = Some(stdin);
         fed.map_err(|e| format!("cannot give the agencies' process its tokens: {e}"))?;
         let mut outcomes: Vec<Result<Outcome, String>> =
             (0..self.agencies).map(|_| Err("the agencies' process ended without its outcome".into())).collect();
@@ -187,7 +188,7 @@ impl Crowd {
                 }
             }
         }
-        drop(input.lock().unwrap_or_else(PoisonError::into_inner).take());
+        drop(lock_unpoisoned(input).take());
         let _ = child.wait();
         Ok(outcomes)
     }

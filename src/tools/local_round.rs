@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ChildStdin;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use crate::output;
 use crate::server::auth::AgencyKeys;
 use crate::server::operator::Operator;
 use crate::server::{self, Limits, Security, ShutdownHandle, tls};
+use crate::sync::lock_unpoisoned;
 use crate::tools::attack_round;
 use crate::tools::attacks::{Attack, Sources};
 use crate::tools::botnet;
@@ -492,7 +493,7 @@ fn stop_on_interrupt(agencies: usize, local: Option<&LocalServer>) -> Interrupt 
     let interrupt = move || {
         set.store(true, Ordering::SeqCst);
         on_signal.iter().for_each(Stop::trigger);
-        drop(input.lock().unwrap_or_else(PoisonError::into_inner).take());
+        drop(lock_unpoisoned(&input).take());
         shutdown.iter().for_each(ShutdownHandle::trigger);
     };
     output::on_close(interrupt.clone());

@@ -11,7 +11,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use crate::config::MetricsAddress;
 use crate::ledger::Ledger;
 use crate::server::metrics::Metrics;
+use crate::sync::lock_unpoisoned;
 use http::{Head, Status};
 use view::RoundView;
 
@@ -93,7 +94,7 @@ impl Operator {
         let Some(serving) = self.serving else { return };
         serving.stop.store(true, Ordering::SeqCst);
         for slot in serving.answering.iter() {
-            if let Some(stream) = slot.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            if let Some(stream) = lock_unpoisoned(slot).as_ref() {
                 let _ = stream.shutdown(Shutdown::Both);
             }
         }
@@ -168,11 +169,11 @@ fn queue_or_refuse(queue: &SyncSender<Accepted>, accepted: Accepted) {
 /// A worker: answers queued connections, one at a time, until the queue is closed.
 fn answer_each(queue: &Mutex<Receiver<Accepted>>, view: &Arc<RoundView>, answering: &Mutex<Option<TcpStream>>) {
     loop {
-        let next = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let next = lock_unpoisoned(queue).recv();
         let Ok((stream, accepted)) = next else { return };
-        *answering.lock().unwrap_or_else(PoisonError::into_inner) = stream.try_clone().ok();
+        *lock_unpoisoned(answering) = stream.try_clone().ok();
         answer(&stream, accepted + DEADLINE, view);
-        *answering.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *lock_unpoisoned(answering) = None;
     }
 }
 

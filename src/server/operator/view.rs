@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::collector::Collector;
@@ -20,6 +20,7 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::ledger::Ledger;
 use crate::ledger::stats::Histogram;
 use crate::server::metrics::{AgencyState, Metrics, ranges};
+use crate::sync::lock_unpoisoned;
 use crate::wire::protocol::Status;
 
 /// How far back the page looks.
@@ -66,7 +67,7 @@ impl RoundView {
     /// Takes a sample if the last is a second old: called by the listener as it waits.
     pub(crate) fn sample(&self) {
         let now = Instant::now();
-        let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut samples = lock_unpoisoned(&self.samples);
         if samples.back().is_some_and(|s| now.duration_since(s.at) < Duration::from_secs(1)) {
             return;
         }
@@ -77,7 +78,7 @@ impl RoundView {
         }
         drop(samples);
         if status.drawn {
-            self.seen_drawn_ms.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert_with(unix_ms);
+            lock_unpoisoned(&self.seen_drawn_ms).get_or_insert_with(unix_ms);
         }
     }
 
@@ -89,7 +90,7 @@ impl RoundView {
             let took = stats.map(|s| s.draw_micros.load(Ordering::Relaxed) as f64 / 1e6);
             return Some((at, took));
         }
-        let seen = *self.seen_drawn_ms.lock().unwrap_or_else(PoisonError::into_inner);
+        let seen = *lock_unpoisoned(&self.seen_drawn_ms);
         seen.map(|at| (at, None))
     }
 
@@ -109,7 +110,7 @@ impl RoundView {
 
     /// Bets a second over the last minute, second by second (oldest first), and the refusals in it.
     fn last_minute(&self) -> (Vec<f64>, u64) {
-        let samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        let samples = lock_unpoisoned(&self.samples);
         let rates = samples
             .iter()
             .zip(samples.iter().skip(1))

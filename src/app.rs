@@ -171,12 +171,12 @@ pub fn server_main() -> ExitCode {
     };
     logging::init(settings.log_level);
     raise_open_files_limit();
-    let Started { listener, round, security, shutdown, operator, _lock } = match start_server(&settings) {
+    let Started { listener, ledger, security, shutdown, operator, _lock } = match start_server(&settings) {
         Ok(started) => started,
         Err(e) => return fail(NAME, &one_line(&e)),
     };
     let limits = Limits::from_settings(&settings);
-    let served = server::run(listener, round, limits, Arc::new(security), &shutdown, operator.metrics());
+    let served = server::run(listener, ledger, limits, Arc::new(security), &shutdown, operator.metrics());
     operator.stop();
     match served {
         Ok(()) => {
@@ -193,7 +193,7 @@ pub fn server_main() -> ExitCode {
 /// What the server has once it may serve.
 struct Started {
     listener: TcpListener,
-    round: Arc<dyn Ledger>,
+    ledger: Arc<dyn Ledger>,
     security: Security,
     shutdown: ShutdownHandle,
     operator: Operator,
@@ -244,7 +244,7 @@ pub(crate) fn load_security(settings: &ServerSettings) -> Result<Security, Strin
 /// been served.
 fn start_server(settings: &ServerSettings) -> Result<Started, StartError> {
     let security = load_security(settings).map_err(StartError::Security)?;
-    let (round, lock) = open_ledger(settings)?;
+    let (ledger, lock) = open_ledger(settings)?;
     let addr = SocketAddr::new(settings.ip, settings.port);
     let listener = server::bind(addr, settings.backlog).map_err(|source| StartError::Listen { addr, source })?;
     let shutdown = ShutdownHandle::new().map_err(StartError::Shutdown)?;
@@ -260,8 +260,8 @@ fn start_server(settings: &ServerSettings) -> Result<Started, StartError> {
         security.tls.is_some(),
         security.keys.is_some()
     );
-    let operator = Operator::start(settings.metrics, Arc::clone(&round)).map_err(StartError::Metrics)?;
-    Ok(Started { listener, round, security, shutdown, operator, _lock: lock })
+    let operator = Operator::start(settings.metrics, Arc::clone(&ledger)).map_err(StartError::Metrics)?;
+    Ok(Started { listener, ledger, security, shutdown, operator, _lock: lock })
 }
 
 /// The round's ledger: the database of `SERVER_DATABASE_URL` if set, else `bets.csv`, locked.
@@ -278,7 +278,7 @@ fn open_ledger(settings: &ServerSettings) -> Result<(Arc<dyn Ledger>, Option<Sto
         return Ok((Arc::new(ledger), None));
     }
     let lock = StorageLock::acquire(&settings.storage_path).map_err(StartError::Lock)?;
-    let (round, resumed) = FileLedger::open(FileConfig::from_settings(settings))?;
+    let (ledger, resumed) = FileLedger::open(FileConfig::from_settings(settings))?;
     info!(
         "action: open_storage | result: success | path: {} | bets: {} | truncated_bytes: {} | agencies_done: {} | drawn: {}",
         settings.storage_path.display(),
@@ -287,7 +287,7 @@ fn open_ledger(settings: &ServerSettings) -> Result<(Arc<dyn Ledger>, Option<Sto
         resumed.agencies_done,
         resumed.drawn
     );
-    Ok((Arc::new(round), Some(lock)))
+    Ok((Arc::new(ledger), Some(lock)))
 }
 
 /// `lottery-server --export-bets FILE`: the round's bets into a new file (mode 0600, never

@@ -168,7 +168,7 @@ pub(crate) fn run_with(
     let mut first = 0;
     loop {
         let mut link = connect(settings, credentials, stop, &mut patience, &mut first)?;
-        let (setback, why) = match job.round(&mut link, &mut patience) {
+        let (setback, why) = match job.converse(&mut link, &mut patience) {
             Ok((winners, stored)) => return Ok(Outcome { winners, stored, reconnects }),
             // A TLS failure is said without the address where it is found; it is added here.
             Err(Attempt::Fatal(AgencyError::Tls { why, .. })) => {
@@ -266,7 +266,7 @@ const FIRST_WAIT_LINE: Duration = Duration::from_secs(5);
 
 impl Job<'_> {
     /// The conversation over one connection, from `HELLO` to the winners.
-    fn round(&self, link: &mut Link, patience: &mut Patience) -> Result<(Vec<String>, u64), Attempt> {
+    fn converse(&self, link: &mut Link, patience: &mut Patience) -> Result<(Vec<String>, u64), Attempt> {
         let id = self.settings.id;
         let hello = match &self.credentials.token {
             Some(token) => format!("HELLO {id} {}\n", token.expose()),

@@ -193,7 +193,7 @@ pub(crate) struct Rows {
 
 impl Rows {
     /// The rows from `row` on.
-    pub(crate) fn from(&self, row: usize) -> &[u8] {
+    pub(crate) fn bytes_from(&self, row: usize) -> &[u8] {
         let start = if row == 0 { 0 } else { self.ends[row - 1] };
         &self.bytes[start..]
     }

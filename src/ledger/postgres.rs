@@ -134,14 +134,14 @@ pub(crate) struct PgLedger {
     /// `SERVER_MAX_BETS_PER_AGENCY`.
     max_bets: u64,
     pool: Pool<Manager>,
-    shared: Arc<Shared>,
+    shared: Arc<ReplicaState>,
     watcher: Mutex<Option<JoinHandle<()>>>,
     /// `host:port/database`, for the log: never the password, never in a reply.
     place: String,
 }
 
 /// What this replica's connections share with its watcher.
-struct Shared {
+struct ReplicaState {
     agencies: u32,
     state: Mutex<Watch>,
     drawn: Condvar,
@@ -160,7 +160,7 @@ struct Watch {
     shutting_down: bool,
 }
 
-impl Shared {
+impl ReplicaState {
     /// Makes the winners known to this replica's waiters, and wakes them.
     fn publish(&self, winners: Replies) {
         lock_unpoisoned(&self.state).winners.get_or_insert(winners);
@@ -246,7 +246,7 @@ impl PgLedger {
             .connection_timeout(POOL_WAIT)
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(Manager { config: config.clone() });
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ReplicaState {
             agencies,
             state: Mutex::default(),
             drawn: Condvar::new(),

@@ -67,7 +67,7 @@ impl Counts {
     }
 }
 
-struct State {
+struct GuestWindow {
     window: Instant,
     logged: u32,
     unlogged: Counts,
@@ -85,14 +85,14 @@ struct Refusals {
 /// The rate limits on the lines peers cause: guests', shared by the accept loop and every
 /// connection, and each agency's refusals.
 pub(crate) struct GuestLog {
-    state: Mutex<State>,
+    state: Mutex<GuestWindow>,
     agencies: Mutex<HashMap<u32, Refusals>>,
 }
 
 impl Default for GuestLog {
     fn default() -> Self {
         GuestLog {
-            state: Mutex::new(State { window: Instant::now(), logged: 0, unlogged: Counts::default() }),
+            state: Mutex::new(GuestWindow { window: Instant::now(), logged: 0, unlogged: Counts::default() }),
             agencies: Mutex::new(HashMap::new()),
         }
     }
@@ -165,7 +165,7 @@ fn summarise_refusals(agency: u32, refusals: &mut Refusals) {
     }
 }
 
-fn summarise(st: &mut State) {
+fn summarise(st: &mut GuestWindow) {
     let c = std::mem::take(&mut st.unlogged);
     if c.total() > 0 {
         info!(

@@ -66,7 +66,7 @@ impl Hangups {
 
     /// Marks the waiters whose clients hang up and wakes the round's waiters so that they look,
     /// until the server shuts down (which wakes every waiter itself).
-    pub(crate) fn run(&self, round: &dyn Ledger, shutdown: &ShutdownHandle) {
+    pub(crate) fn run(&self, ledger: &dyn Ledger, shutdown: &ShutdownHandle) {
         const WAKE: u64 = u64::MAX;
         // Edge-triggered: the eventfd stays readable once triggered, and the door may not drain it.
         let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
@@ -90,7 +90,7 @@ impl Hangups {
                 }
             }
             if marked {
-                round.wake_waiters();
+                ledger.wake_waiters();
             }
         }
     }

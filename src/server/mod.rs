@@ -238,7 +238,7 @@ fn serve_connection(pool: &mut Pool, handoff: door::Handoff, server: Arc<Server>
         let Some(transport) = open_transport(&server, &guest, first_byte) else { return };
         let mut conn = Connection::with_transport(transport, limits.idle_timeout);
         let context = Context {
-            round: &*server.ledger,
+            ledger: &*server.ledger,
             security: &server.security,
             registry: &server.registry,
             guest_log: &server.guest_log,

@@ -20,26 +20,24 @@ pub(crate) const IDLE_FOR: Duration = Duration::from_secs(1);
 type Job = Box<dyn FnOnce() + Send>;
 
 pub(crate) struct Pool {
-    shared: Arc<Shared>,
+    shared: Arc<JobQueue>,
     threads: Vec<JoinHandle<()>>,
     stack_size: usize,
 }
 
 #[derive(Default)]
-struct Shared {
-    state: Mutex<State>,
+struct JobQueue {
+    state: Mutex<Queued>,
     work: Condvar,
 }
 
 #[derive(Default)]
-struct State {
+struct Queued {
     jobs: VecDeque<Job>,
     /// Threads waiting for a job.
     idle: usize,
     closed: bool,
 }
-
-impl Shared {}
 
 impl Pool {
     /// A pool whose threads have stacks of `stack_size` bytes.
@@ -89,7 +87,7 @@ impl Pool {
 
 /// The next job for a thread that has finished one; `None` once it has waited [`IDLE_FOR`] for
 /// nothing, or the pool is closed.
-fn next_job(shared: &Shared) -> Option<Job> {
+fn next_job(shared: &JobQueue) -> Option<Job> {
     let mut st = lock_unpoisoned(&shared.state);
     st.idle += 1;
     let job = loop {

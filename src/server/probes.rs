@@ -42,7 +42,7 @@ pub(crate) struct Answered {
 }
 
 /// Longest probe line the door looks for: anything longer is no probe, and a thread deals with it.
-pub(crate) const LONGEST: usize = 64;
+pub(crate) const MAX_PROBE_LINE: usize = 64;
 
 /// Answers the complete probe lines at the front of `data` (what has arrived, unread), for a
 /// guest that had made `made` requests; `status` gives the figures of a `STATUS`.
@@ -50,8 +50,8 @@ pub(crate) fn answer(data: &[u8], made: u32, status: impl Fn() -> Result<Status,
     let mut answered = Answered { consumed: 0, replies: Vec::new(), probes: 0, then: Then::Wait };
     loop {
         let rest = &data[answered.consumed..];
-        let Some(end) = rest.iter().take(LONGEST + 2).position(|&b| b == b'\n') else {
-            if rest.len() > LONGEST + 1 {
+        let Some(end) = rest.iter().take(MAX_PROBE_LINE + 2).position(|&b| b == b'\n') else {
+            if rest.len() > MAX_PROBE_LINE + 1 {
                 answered.then = Then::HandOff;
             }
             return answered;
@@ -102,7 +102,7 @@ mod tests {
     fn part_of_a_line_waits_and_a_long_one_goes_to_a_thread() {
         let a = answer(b"PING\nSTA", 0, status);
         assert_eq!((a.consumed, a.probes, a.then), (5, 1, Then::Wait));
-        let a = answer(&[b'S'; LONGEST + 2], 0, status);
+        let a = answer(&[b'S'; MAX_PROBE_LINE + 2], 0, status);
         assert_eq!((a.consumed, a.then), (0, Then::HandOff));
         assert_eq!(answer(b"", 0, status).then, Then::Wait);
         // A TLS hello, or anything else that is not a probe line.

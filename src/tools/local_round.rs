@@ -606,7 +606,7 @@ impl LocalServer {
             storage_path: dir.join("bets.csv"),
             ..FileConfig::from_settings(settings)
         };
-        let (round, _) = FileLedger::open(config).map_err(|e| e.to_string())?;
+        let (ledger, _) = FileLedger::open(config).map_err(|e| e.to_string())?;
         // A crowd of agencies connects at once: room for all of them in the listen queue (the
         // kernel caps it at net.core.somaxconn).
         let backlog = i32::try_from(opts.agencies).unwrap_or(i32::MAX).saturating_add(64).max(1024);
@@ -628,14 +628,14 @@ impl LocalServer {
             // Hostile clients are cut off quickly, so that the round is not kept waiting.
             limits.idle_timeout = Duration::from_secs(1);
         }
-        let round: Arc<dyn Ledger> = Arc::new(round);
+        let ledger: Arc<dyn Ledger> = Arc::new(ledger);
         let page =
             opts.watch.then_some(MetricsAddress { addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), required: true });
-        let operator = Operator::start(page, Arc::clone(&round))?;
+        let operator = Operator::start(page, Arc::clone(&ledger))?;
         let (handle, metrics) = (shutdown.clone(), operator.metrics());
         let thread = thread::Builder::new()
             .name("server".into())
-            .spawn(move || server::run(listener, round, limits, security, &handle, metrics))
+            .spawn(move || server::run(listener, ledger, limits, security, &handle, metrics))
             .map_err(|e| format!("cannot start the server thread: {e}"))?;
         Ok(LocalServer { addr, dir: dir.to_owned(), shutdown, thread, operator })
     }

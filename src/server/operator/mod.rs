@@ -59,8 +59,8 @@ impl Operator {
     ///
     /// # Errors
     /// A required address cannot be bound, or a thread cannot be started.
-    pub(crate) fn start(address: Option<MetricsAddress>, round: Arc<dyn Ledger>) -> Result<Operator, String> {
-        let metrics = Arc::new(Metrics::new(round.agencies()));
+    pub(crate) fn start(address: Option<MetricsAddress>, ledger: Arc<dyn Ledger>) -> Result<Operator, String> {
+        let metrics = Arc::new(Metrics::new(ledger.agencies()));
         let Some(MetricsAddress { addr, required }) = address else {
             return Ok(Operator { metrics, serving: None });
         };
@@ -74,7 +74,7 @@ impl Operator {
                 return Ok(Operator { metrics, serving: None });
             }
         };
-        let view = Arc::new(RoundView::new(Arc::clone(&metrics), round));
+        let view = Arc::new(RoundView::new(Arc::clone(&metrics), ledger));
         let serving = Serving::start(listener, view).map_err(|e| format!("cannot serve metrics: {e}"))?;
         info!("action: listen | result: success | service: metrics | address: {}", serving.addr);
         Ok(Operator { metrics, serving: Some(serving) })

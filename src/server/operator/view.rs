@@ -37,7 +37,7 @@ struct Sample {
 /// The round as the operator sees it.
 pub(crate) struct RoundView {
     pub metrics: Arc<Metrics>,
-    round: Arc<dyn Ledger>,
+    ledger: Arc<dyn Ledger>,
     /// One sample a second, the last minute's and one more.
     samples: Mutex<VecDeque<Sample>>,
     /// When this side first saw the draw made (Unix ms), for a ledger that does not say when.
@@ -46,7 +46,7 @@ pub(crate) struct RoundView {
 
 impl std::fmt::Debug for RoundView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RoundView").field("round", &self.round.describe()).finish_non_exhaustive()
+        f.debug_struct("RoundView").field("ledger", &self.ledger.describe()).finish_non_exhaustive()
     }
 }
 
@@ -55,13 +55,13 @@ fn unix_ms() -> u64 {
 }
 
 impl RoundView {
-    pub(crate) fn new(metrics: Arc<Metrics>, round: Arc<dyn Ledger>) -> RoundView {
-        RoundView { metrics, round, samples: Mutex::default(), seen_drawn_ms: Mutex::default() }
+    pub(crate) fn new(metrics: Arc<Metrics>, ledger: Arc<dyn Ledger>) -> RoundView {
+        RoundView { metrics, ledger, samples: Mutex::default(), seen_drawn_ms: Mutex::default() }
     }
 
     fn status(&self) -> Status {
         let agencies = self.metrics.agencies();
-        self.round.status().unwrap_or(Status { agencies_done: 0, agencies, bets: 0, drawn: false })
+        self.ledger.status().unwrap_or(Status { agencies_done: 0, agencies, bets: 0, drawn: false })
     }
 
     /// Takes a sample if the last is a second old: called by the listener as it waits.
@@ -84,7 +84,7 @@ impl RoundView {
 
     /// When the draw was made (Unix ms), and how long it took (seconds) if the ledger says.
     fn draw(&self) -> Option<(u64, Option<f64>)> {
-        let stats = self.round.stats();
+        let stats = self.ledger.stats();
         let at = stats.map_or(0, |s| s.drawn_at_ms.load(Ordering::Relaxed));
         if at > 0 {
             let took = stats.map(|s| s.draw_micros.load(Ordering::Relaxed) as f64 / 1e6);
@@ -95,7 +95,7 @@ impl RoundView {
     }
 
     fn phase(&self, status: &Status) -> &'static str {
-        if self.round.is_shutting_down() {
+        if self.ledger.is_shutting_down() {
             "stopping"
         } else if status.drawn {
             "drawn"
@@ -105,7 +105,7 @@ impl RoundView {
     }
 
     fn ledger(&self) -> &'static str {
-        if self.round.stats().is_some() { "file" } else { "postgresql" }
+        if self.ledger.stats().is_some() { "file" } else { "postgresql" }
     }
 
     /// Bets a second over the last minute, second by second (oldest first), and the refusals in it.
@@ -314,7 +314,7 @@ impl RoundView {
 
     /// The file ledger's own figures; a PostgreSQL ledger has none of these.
     fn encode_ledger(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
-        let Some(stats) = self.round.stats() else { return Ok(()) };
+        let Some(stats) = self.ledger.stats() else { return Ok(()) };
         single(e, "appended", "Bytes appended to bets.csv.", Some(&Unit::Bytes), &load(&stats.bytes_appended))?;
         histogram(
             e,

@@ -163,30 +163,25 @@ pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Optio
     use lexopt::prelude::*;
     let mut opts = Options::default();
     let mut parser = lexopt::Parser::from_args(args);
-    let wrap = |e: lexopt::Error| e.to_string();
-    while let Some(arg) = parser.next().map_err(wrap)? {
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
-            Long("agencies") => opts.agencies = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
-            Long("bets-per-agency") => {
-                opts.bets_per_agency = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?)
-            }
+            Long("agencies") => opts.agencies = value(&mut parser)?,
+            Long("bets-per-agency") => opts.bets_per_agency = Some(value(&mut parser)?),
             Long("batch") => {
-                let value = parser.value().map_err(wrap)?.string().map_err(wrap)?;
-                let batch = config::parse_batch_max(&value);
-                opts.batch = Some(batch.ok_or_else(|| format!("--batch {value:?} is not {BATCH_MAX_WHAT}"))?);
+                let text: String = value(&mut parser)?;
+                let batch = config::parse_batch_max(&text);
+                opts.batch = Some(batch.ok_or_else(|| format!("--batch {text:?} is not {BATCH_MAX_WHAT}"))?);
             }
-            Long("data") => opts.data = Some(parser.value().map_err(wrap)?.into()),
-            Long("generate") => opts.generate = Some(parser.value().map_err(wrap)?.into()),
-            Long("seed") => opts.seed = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?),
-            Long("keep") => opts.keep = Some(parser.value().map_err(wrap)?.into()),
-            Long("server") => opts.server = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?),
-            Long("hostile") => opts.hostile = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
-            Long("attack") => {
-                opts.attacks = Attack::parse_list(&parser.value().map_err(wrap)?.string().map_err(wrap)?)?
-            }
-            Long("attackers") => opts.attackers = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
+            Long("data") => opts.data = Some(parser.value().map_err(|e| e.to_string())?.into()),
+            Long("generate") => opts.generate = Some(parser.value().map_err(|e| e.to_string())?.into()),
+            Long("seed") => opts.seed = Some(value(&mut parser)?),
+            Long("keep") => opts.keep = Some(parser.value().map_err(|e| e.to_string())?.into()),
+            Long("server") => opts.server = Some(value(&mut parser)?),
+            Long("hostile") => opts.hostile = value(&mut parser)?,
+            Long("attack") => opts.attacks = Attack::parse_list(&value::<String>(&mut parser)?)?,
+            Long("attackers") => opts.attackers = value(&mut parser)?,
             Long("attack-from") => {
-                opts.attack_from = match parser.value().map_err(wrap)?.string().map_err(wrap)?.as_str() {
+                opts.attack_from = match value::<String>(&mut parser)?.as_str() {
                     "spread" => Sources::Spread,
                     "same" => Sources::Same,
                     other => return Err(format!("--attack-from {other:?} is not spread or same")),
@@ -199,26 +194,44 @@ pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Optio
             other => return Err(other.unexpected().to_string()),
         }
     }
-    if opts.agencies == 0 {
-        return Err("--agencies must be at least 1".into());
-    }
-    if opts.data.is_some() && (opts.bets_per_agency.is_some() || opts.seed.is_some()) {
-        return Err(
-            "--bets-per-agency and --seed shape a generated data set; --data uses DIR's files as they are".into()
-        );
-    }
-    if !opts.attacks.is_empty() && (opts.plaintext || opts.server.is_some() || opts.hostile > 0) {
-        return Err("--attack runs rounds of its own, on TLS with agency tokens: not with --plaintext (every \
-                    loopback client is trusted then), --server or --hostile"
-            .into());
-    }
-    if opts.watch && (opts.server.is_some() || !opts.attacks.is_empty()) {
-        return Err("--watch serves the page of the round's own server: not with --server or --attack".into());
-    }
-    if opts.server.is_some() && opts.keep.is_some() {
-        return Err("--keep names where the round's own server stores; with --server there is none".into());
-    }
+    opts.check()?;
     Ok(Some(opts))
+}
+
+/// The value of the flag just read, parsed.
+fn value<T>(parser: &mut lexopt::Parser) -> Result<T, String>
+where
+    T: std::str::FromStr,
+    T::Err: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+{
+    use lexopt::prelude::*;
+    parser.value().and_then(|v| v.parse()).map_err(|e| e.to_string())
+}
+
+impl Options {
+    /// Refuses the flags that do not go together.
+    fn check(&self) -> Result<(), String> {
+        if self.agencies == 0 {
+            return Err("--agencies must be at least 1".into());
+        }
+        if self.data.is_some() && (self.bets_per_agency.is_some() || self.seed.is_some()) {
+            return Err(
+                "--bets-per-agency and --seed shape a generated data set; --data uses DIR's files as they are".into()
+            );
+        }
+        if !self.attacks.is_empty() && (self.plaintext || self.server.is_some() || self.hostile > 0) {
+            return Err("--attack runs rounds of its own, on TLS with agency tokens: not with --plaintext (every \
+                        loopback client is trusted then), --server or --hostile"
+                .into());
+        }
+        if self.watch && (self.server.is_some() || !self.attacks.is_empty()) {
+            return Err("--watch serves the page of the round's own server: not with --server or --attack".into());
+        }
+        if self.server.is_some() && self.keep.is_some() {
+            return Err("--keep names where the round's own server stores; with --server there is none".into());
+        }
+        Ok(())
+    }
 }
 
 /// `lottery-round`'s main.

@@ -226,40 +226,8 @@ impl Collector for RoundView {
             phases,
             MetricType::Gauge,
         )?;
-        let states = m.states(status.drawn);
-        let by_state =
-            AgencyState::ALL.map(|s| (s.as_str(), ConstGauge::new(states.iter().filter(|&&x| x == s).count() as i64)));
-        family(
-            &mut e,
-            (
-                "agencies",
-                "Agencies by state: not_connected, connected, done (said DONE), told (sent their winners).",
-                "state",
-            ),
-            by_state,
-            MetricType::Gauge,
-        )?;
-        single(
-            &mut e,
-            "bets",
-            "Bets the round holds (every replica's, on PostgreSQL).",
-            None,
-            &ConstGauge::new(status.bets as i64),
-        )?;
-        single(
-            &mut e,
-            "bets_stored",
-            "Bets acknowledged OK by this server (a retried batch counts again).",
-            None,
-            &load(&m.bets),
-        )?;
-        single(
-            &mut e,
-            "batches_stored",
-            "Batches (and single BETs) acknowledged OK by this server.",
-            None,
-            &load(&m.batches),
-        )?;
+        self.encode_agencies(&mut e, status.drawn)?;
+        self.encode_bets(&mut e, &status)?;
         self.encode_traffic(&mut e)?;
         self.encode_draw(&mut e)?;
         self.encode_ledger(&mut e)
@@ -267,6 +235,49 @@ impl Collector for RoundView {
 }
 
 impl RoundView {
+    /// The agencies by state.
+    fn encode_agencies(&self, e: &mut DescriptorEncoder, drawn: bool) -> std::fmt::Result {
+        let states = self.metrics.states(drawn);
+        let by_state =
+            AgencyState::ALL.map(|s| (s.as_str(), ConstGauge::new(states.iter().filter(|&&x| x == s).count() as i64)));
+        family(
+            e,
+            (
+                "agencies",
+                "Agencies by state: not_connected, connected, done (said DONE), told (sent their winners).",
+                "state",
+            ),
+            by_state,
+            MetricType::Gauge,
+        )
+    }
+
+    /// The bets the round holds, and those this server acknowledged.
+    fn encode_bets(&self, e: &mut DescriptorEncoder, status: &Status) -> std::fmt::Result {
+        let m = &self.metrics;
+        single(
+            e,
+            "bets",
+            "Bets the round holds (every replica's, on PostgreSQL).",
+            None,
+            &ConstGauge::new(status.bets as i64),
+        )?;
+        single(
+            e,
+            "bets_stored",
+            "Bets acknowledged OK by this server (a retried batch counts again).",
+            None,
+            &load(&m.bets),
+        )?;
+        single(
+            e,
+            "batches_stored",
+            "Batches (and single BETs) acknowledged OK by this server.",
+            None,
+            &load(&m.batches),
+        )
+    }
+
     /// Connections, probes, refusals and TLS handshakes.
     fn encode_traffic(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         let m = &self.metrics;

@@ -349,28 +349,35 @@ impl Round {
     }
 
     /// Says what the round is, runs it, stops the server, prints the report.
-    fn play(self, opts: &Options, settings: &Settings, server: &ServerSettings) -> Result<(), String> {
-        let Round { crowd, placement, local, counts, said, _scratch } = self;
-        let (addr, total) = (crowd.addr, counts.iter().map(|c| c.0).sum::<u64>());
-        let interrupt = stop_on_interrupt(opts.agencies as usize, local.as_ref());
+    /// Says what is about to run: the round, where it stores, its security, where its agencies run.
+    fn announce(&self, opts: &Options, server: &ServerSettings, total: u64) {
+        let addr = self.crowd.addr;
         output::line(format_args!(
             "round: {} agencies, {total} bets from {}, server {addr}",
-            opts.agencies, crowd.data
+            opts.agencies, self.crowd.data
         ));
-        if let Some(local) = &local {
+        if let Some(local) = &self.local {
             let sync = if server.sync == SyncMode::Always { "always" } else { "never" };
             output::line(format_args!("bets.csv in {}, SERVER_SYNC={sync}", local.dir.display()));
             if let Some(page) = local.page() {
                 output::line(format_args!("watch the round at http://{page}/"));
             }
         }
-        output::line(format_args!("security: {said}"));
-        if placement == Placement::Child {
+        output::line(format_args!("security: {}", self.said));
+        if self.placement == Placement::Child {
             output::line(format_args!(
                 "agencies: in a process of their own (one process cannot hold both ends of {} connections)",
                 opts.agencies
             ));
         }
+    }
+
+    fn play(self, opts: &Options, settings: &Settings, server: &ServerSettings) -> Result<(), String> {
+        let total = self.counts.iter().map(|c| c.0).sum::<u64>();
+        self.announce(opts, server, total);
+        let Round { crowd, placement, local, counts, said: _, _scratch } = self;
+        let addr = crowd.addr;
+        let interrupt = stop_on_interrupt(opts.agencies as usize, local.as_ref());
         let started = Instant::now();
         let progress = round_progress(addr, total, !opts.verbose);
         let hostile = run_hostile(opts, addr);

@@ -23,7 +23,7 @@ use crate::server::{self, Limits, Security, ShutdownHandle, tls};
 use crate::tools::keys;
 
 mod start_error;
-pub use start_error::{StartError, one_line};
+pub(crate) use start_error::{StartError, one_line};
 
 const SERVER_HELP: &str = "\
 lottery-server: the lottery central. Takes bets from agencies over TCP, stores them in bets.csv,
@@ -101,7 +101,7 @@ Exits 0 once it has its winners, or on SIGTERM; 1 with one line on a final failu
 
 /// Handles the only flag the two daemons take. `Some` is the exit code when there is nothing
 /// more to do.
-pub fn help_only(name: &str, help: &str) -> Option<ExitCode> {
+pub(crate) fn help_only(name: &str, help: &str) -> Option<ExitCode> {
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
         None => None,
@@ -119,7 +119,7 @@ pub fn help_only(name: &str, help: &str) -> Option<ExitCode> {
 /// Raises the soft limit on open files to the hard one, as the Go runtime does: every
 /// connection is a descriptor, and a common default of 1,024 would cap `SERVER_MAX_CONNECTIONS`
 /// (and a `lottery-round` of 1,000 agencies) below what the system allows.
-pub fn raise_open_files_limit() {
+pub(crate) fn raise_open_files_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => debug!("action: open_files_limit | result: success | limit: {limit}"),
         Err(e) => warn!("action: open_files_limit | result: fail | error: {e}"),
@@ -171,12 +171,12 @@ pub fn server_main() -> ExitCode {
     };
     logging::init(settings.log_level);
     raise_open_files_limit();
-    let Started { listener, round, security, shutdown, operator, _lock } = match start_server(&settings) {
+    let Started { listener, ledger, security, shutdown, operator, _lock } = match start_server(&settings) {
         Ok(started) => started,
         Err(e) => return fail(NAME, &one_line(&e)),
     };
     let limits = Limits::from_settings(&settings);
-    let served = server::run_counted(listener, round, limits, Arc::new(security), &shutdown, operator.metrics());
+    let served = server::run(listener, ledger, limits, Arc::new(security), &shutdown, operator.metrics());
     operator.stop();
     match served {
         Ok(()) => {
@@ -193,7 +193,7 @@ pub fn server_main() -> ExitCode {
 /// What the server has once it may serve.
 struct Started {
     listener: TcpListener,
-    round: Arc<dyn Ledger>,
+    ledger: Arc<dyn Ledger>,
     security: Security,
     shutdown: ShutdownHandle,
     operator: Operator,
@@ -206,7 +206,7 @@ struct Started {
 ///
 /// # Errors
 /// A key file is missing or unusable.
-pub fn load_security(settings: &ServerSettings) -> Result<Security, String> {
+pub(crate) fn load_security(settings: &ServerSettings) -> Result<Security, String> {
     let how = "; make the keys with `lottery-server --make-keys .secrets` (see the README, \"Security\")";
     let exists = |path: &Path, key: &str| {
         if path.exists() { Ok(()) } else { Err(format!("{key} = {} does not exist{how}", path.display())) }
@@ -244,7 +244,7 @@ pub fn load_security(settings: &ServerSettings) -> Result<Security, String> {
 /// been served.
 fn start_server(settings: &ServerSettings) -> Result<Started, StartError> {
     let security = load_security(settings).map_err(StartError::Security)?;
-    let (round, lock) = open_ledger(settings)?;
+    let (ledger, lock) = open_ledger(settings)?;
     let addr = SocketAddr::new(settings.ip, settings.port);
     let listener = server::bind(addr, settings.backlog).map_err(|source| StartError::Listen { addr, source })?;
     let shutdown = ShutdownHandle::new().map_err(StartError::Shutdown)?;
@@ -260,8 +260,8 @@ fn start_server(settings: &ServerSettings) -> Result<Started, StartError> {
         security.tls.is_some(),
         security.keys.is_some()
     );
-    let operator = Operator::start(settings.metrics, Arc::clone(&round)).map_err(StartError::Metrics)?;
-    Ok(Started { listener, round, security, shutdown, operator, _lock: lock })
+    let operator = Operator::start(settings.metrics, Arc::clone(&ledger)).map_err(StartError::Metrics)?;
+    Ok(Started { listener, ledger, security, shutdown, operator, _lock: lock })
 }
 
 /// The round's ledger: the database of `SERVER_DATABASE_URL` if set, else `bets.csv`, locked.
@@ -278,7 +278,7 @@ fn open_ledger(settings: &ServerSettings) -> Result<(Arc<dyn Ledger>, Option<Sto
         return Ok((Arc::new(ledger), None));
     }
     let lock = StorageLock::acquire(&settings.storage_path).map_err(StartError::Lock)?;
-    let (round, resumed) = FileLedger::open(FileConfig::from_settings(settings))?;
+    let (ledger, resumed) = FileLedger::open(FileConfig::from_settings(settings))?;
     info!(
         "action: open_storage | result: success | path: {} | bets: {} | truncated_bytes: {} | agencies_done: {} | drawn: {}",
         settings.storage_path.display(),
@@ -287,7 +287,7 @@ fn open_ledger(settings: &ServerSettings) -> Result<(Arc<dyn Ledger>, Option<Sto
         resumed.agencies_done,
         resumed.drawn
     );
-    Ok((Arc::new(round), Some(lock)))
+    Ok((Arc::new(ledger), Some(lock)))
 }
 
 /// `lottery-server --export-bets FILE`: the round's bets into a new file (mode 0600, never

@@ -56,14 +56,14 @@ pub const KEYS: &[(&str, Option<&str>)] = &[
 ];
 
 /// Where the operator's HTTP listener binds unless told otherwise.
-pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9745";
+pub(crate) const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:9745";
 
 /// `SERVER_METRICS_ADDRESS`: where the operator's HTTP listener binds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MetricsAddress {
-    pub addr: std::net::SocketAddr,
+pub(crate) struct MetricsAddress {
+    pub(crate) addr: std::net::SocketAddr,
     /// Not the default: an address that cannot be bound is a start-up error, not a warning.
-    pub required: bool,
+    pub(crate) required: bool,
 }
 
 /// The five variables of the agency's extra bet, in field order.
@@ -71,7 +71,7 @@ pub const BET_VARS: [&str; 5] = ["NOMBRE", "APELLIDO", "DOCUMENTO", "NACIMIENTO"
 
 /// A setting that could not be read, said for a person.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
+pub(crate) struct ConfigError(pub(crate) String);
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -83,60 +83,60 @@ impl std::error::Error for ConfigError {}
 
 /// The merged settings, as text with where each came from, before typing.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     values: HashMap<&'static str, (String, String)>,
     env: HashMap<String, String>,
 }
 
 /// The server's typed settings.
 #[derive(Debug, Clone)]
-pub struct ServerSettings {
-    pub ip: IpAddr,
-    pub port: u16,
-    pub backlog: i32,
-    pub agencies: u32,
-    pub storage_path: PathBuf,
-    pub max_connections: usize,
-    pub idle_timeout: Duration,
+pub(crate) struct ServerSettings {
+    pub(crate) ip: IpAddr,
+    pub(crate) port: u16,
+    pub(crate) backlog: i32,
+    pub(crate) agencies: u32,
+    pub(crate) storage_path: PathBuf,
+    pub(crate) max_connections: usize,
+    pub(crate) idle_timeout: Duration,
     /// Connections not yet authenticated, at once, and per source address.
-    pub max_guests: usize,
-    pub max_guests_per_ip: usize,
+    pub(crate) max_guests: usize,
+    pub(crate) max_guests_per_ip: usize,
     /// How long a guest has to authenticate (or finish its probe).
-    pub hello_timeout: Duration,
-    pub max_bets_per_agency: u64,
-    pub min_free_bytes: u64,
-    pub sync: SyncMode,
-    pub group_commit: bool,
+    pub(crate) hello_timeout: Duration,
+    pub(crate) max_bets_per_agency: u64,
+    pub(crate) min_free_bytes: u64,
+    pub(crate) sync: SyncMode,
+    pub(crate) group_commit: bool,
     /// `SERVER_DATABASE_URL`: the round lives in that PostgreSQL database; `None`: in `bets.csv`.
-    pub database_url: Option<String>,
-    pub log_level: LevelFilter,
+    pub(crate) database_url: Option<String>,
+    pub(crate) log_level: LevelFilter,
     /// `agencies.keys`; `None`: protected mode.
-    pub agency_keys: Option<PathBuf>,
+    pub(crate) agency_keys: Option<PathBuf>,
     /// The certificate chain and key; `None`: no TLS.
-    pub tls: Option<(PathBuf, PathBuf)>,
+    pub(crate) tls: Option<(PathBuf, PathBuf)>,
     /// Extra names for the certificate `--make-keys` writes.
-    pub tls_names: Vec<String>,
+    pub(crate) tls_names: Vec<String>,
     /// `SERVER_METRICS_ADDRESS`; `None`: off.
-    pub metrics: Option<MetricsAddress>,
+    pub(crate) metrics: Option<MetricsAddress>,
 }
 
 /// An agency's typed settings.
 #[derive(Debug, Clone)]
-pub struct AgencySettings {
-    pub id: u32,
-    pub server_address: String,
-    pub batch_max: usize,
-    pub data_path: PathBuf,
-    pub retry_timeout: Duration,
-    pub log_level: LevelFilter,
+pub(crate) struct AgencySettings {
+    pub(crate) id: u32,
+    pub(crate) server_address: String,
+    pub(crate) batch_max: usize,
+    pub(crate) data_path: PathBuf,
+    pub(crate) retry_timeout: Duration,
+    pub(crate) log_level: LevelFilter,
     /// `NOMBRE`, `APELLIDO`, `DOCUMENTO`, `NACIMIENTO`, `NUMERO`, when all five are set.
-    pub extra_bet: Option<[String; 5]>,
+    pub(crate) extra_bet: Option<[String; 5]>,
     /// The file holding its token; `None`: `HELLO` without one (a server in protected mode).
-    pub token_file: Option<PathBuf>,
+    pub(crate) token_file: Option<PathBuf>,
     /// The CA to trust; `None`: plain text.
-    pub tls_ca: Option<PathBuf>,
+    pub(crate) tls_ca: Option<PathBuf>,
     /// The name to verify instead of the host part of the address.
-    pub tls_name: Option<String>,
+    pub(crate) tls_name: Option<String>,
 }
 
 impl Settings {
@@ -145,7 +145,7 @@ impl Settings {
     ///
     /// # Errors
     /// `LOTTERY_CONFIG` names a missing file, the file is not INI, or it has an unknown key.
-    pub fn load(env: HashMap<String, String>) -> Result<Settings, ConfigError> {
+    pub(crate) fn load(env: HashMap<String, String>) -> Result<Settings, ConfigError> {
         let (path, required) = match env.get("LOTTERY_CONFIG") {
             Some(path) => (PathBuf::from(path), true),
             None => (PathBuf::from("config.ini"), false),
@@ -172,7 +172,7 @@ impl Settings {
     ///
     /// # Errors
     /// As [`Settings::load`].
-    pub fn from_process() -> Result<Settings, ConfigError> {
+    pub(crate) fn from_process() -> Result<Settings, ConfigError> {
         Settings::load(std::env::vars().collect())
     }
 
@@ -213,7 +213,7 @@ impl Settings {
     ///
     /// # Errors
     /// The first value that does not parse, naming its key.
-    pub fn server(&self) -> Result<ServerSettings, ConfigError> {
+    pub(crate) fn server(&self) -> Result<ServerSettings, ConfigError> {
         // SERVER_MAX_CONNECTIONS below SERVER_AGENCIES + SERVER_MAX_GUESTS is raised to it
         // (`server::Limits::from_settings`): the ceiling never refuses the round's agencies.
         self.server_unchecked()
@@ -224,7 +224,7 @@ impl Settings {
     ///
     /// # Errors
     /// As [`Settings::server`], but for the room left by `SERVER_MAX_CONNECTIONS`.
-    pub fn server_unchecked(&self) -> Result<ServerSettings, ConfigError> {
+    pub(crate) fn server_unchecked(&self) -> Result<ServerSettings, ConfigError> {
         Ok(ServerSettings {
             ip: self.get("SERVER_IP", "an IP address, nor a host name this machine resolves", resolve_ip)?,
             port: self.number("SERVER_PORT", 0, u16::MAX, "a port 0..=65535")?,
@@ -285,7 +285,7 @@ impl Settings {
     /// # Errors
     /// The first value that does not parse, naming its key; `CLI_ID` unset; only some of the
     /// extra bet's five variables set.
-    pub fn agency(&self) -> Result<AgencySettings, ConfigError> {
+    pub(crate) fn agency(&self) -> Result<AgencySettings, ConfigError> {
         let id = self.number("CLI_ID", 1, u32::MAX, "an agency number, at least 1")?;
         self.agency_with_id(id)
     }
@@ -294,7 +294,7 @@ impl Settings {
     ///
     /// # Errors
     /// As [`Settings::agency`], but for `CLI_ID`.
-    pub fn agency_with_id(&self, id: u32) -> Result<AgencySettings, ConfigError> {
+    pub(crate) fn agency_with_id(&self, id: u32) -> Result<AgencySettings, ConfigError> {
         let data_path = self.get("CLI_DATA_PATH", "a path", |v| Some(v.to_owned()).filter(|v| !v.is_empty()))?;
         Ok(AgencySettings {
             id,
@@ -328,7 +328,7 @@ impl Settings {
     ///
     /// # Errors
     /// One of them is not `host:port`.
-    pub fn server_address(&self) -> Result<String, ConfigError> {
+    pub(crate) fn server_address(&self) -> Result<String, ConfigError> {
         self.get("CLI_SERVER_ADDRESS", "host:port, or several separated by commas", |v| {
             let valid = v.split(',').map(str::trim).all(|one| {
                 one.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
@@ -341,7 +341,7 @@ impl Settings {
     ///
     /// # Errors
     /// It does not parse, or is not in `1..=431` (what 8 KiB can hold).
-    pub fn batch_max(&self) -> Result<usize, ConfigError> {
+    pub(crate) fn batch_max(&self) -> Result<usize, ConfigError> {
         self.get("CLI_BATCH_MAXAMOUNT", BATCH_MAX_WHAT, parse_batch_max)
     }
 
@@ -349,7 +349,7 @@ impl Settings {
     ///
     /// # Errors
     /// It is not a number of milliseconds.
-    pub fn retry_timeout(&self) -> Result<Duration, ConfigError> {
+    pub(crate) fn retry_timeout(&self) -> Result<Duration, ConfigError> {
         self.number("CLI_RETRY_TIMEOUT_MS", 0, u64::MAX, "a number of milliseconds").map(Duration::from_millis)
     }
 
@@ -371,7 +371,7 @@ impl Settings {
 pub const BATCH_MAX_WHAT: &str = "a number of bets 1..=431 (what a batch of 8 KiB can hold)";
 
 /// A batch size, if it is [`BATCH_MAX_WHAT`].
-pub fn parse_batch_max(value: &str) -> Option<usize> {
+pub(crate) fn parse_batch_max(value: &str) -> Option<usize> {
     value.trim().parse().ok().filter(|n| (1..=MAX_BATCH_ROWS as usize).contains(n))
 }
 

@@ -19,13 +19,13 @@ thread_local! {
 pub static SERVER_LOG_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Installs the logger at `level`. Calling it twice (tests, `lottery-round`) keeps the first.
-pub fn init(level: LevelFilter) {
+pub(crate) fn init(level: LevelFilter) {
     install(level, level, false);
 }
 
 /// Installs the logger at `INFO` but shows only lines at `shown` or above, counting every
 /// server line in [`SERVER_LOG_BYTES`].
-pub fn init_counting(shown: LevelFilter) {
+pub(crate) fn init_counting(shown: LevelFilter) {
     install(LevelFilter::Info.max(shown), shown, true);
 }
 
@@ -62,6 +62,6 @@ fn is_server_side(target: &str) -> bool {
 }
 
 /// A value for a log field: no `|` (it separates fields) and no line break.
-pub fn field(value: &str) -> String {
+pub(crate) fn field(value: &str) -> String {
     value.replace('|', "/").replace(['\n', '\r'], " ")
 }

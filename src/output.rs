@@ -5,9 +5,10 @@
 //! binary as quietly as it ends `cat`; later writes are dropped. Any other failure (a full disk
 //! under a redirected log) loses that line only: no binary stops for a log it cannot write.
 
+use crate::sync::lock_unpoisoned;
 use std::fmt;
 use std::io::{self, Write};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
 
 /// Why stdout stopped taking lines, once it has.
 static CLOSED: OnceLock<io::ErrorKind> = OnceLock::new();
@@ -19,8 +20,8 @@ static ON_CLOSE: Mutex<Option<Hook>> = Mutex::new(None);
 
 /// Runs `hook` when stdout closes, or now if it already has (a log line of start-up may have
 /// found it closed before the binary could stop itself).
-pub fn on_close(hook: impl Fn() + Send + 'static) {
-    let mut slot = ON_CLOSE.lock().unwrap_or_else(PoisonError::into_inner);
+pub(crate) fn on_close(hook: impl Fn() + Send + 'static) {
+    let mut slot = lock_unpoisoned(&ON_CLOSE);
     if CLOSED.get().is_some() {
         hook();
     }
@@ -29,12 +30,12 @@ pub fn on_close(hook: impl Fn() + Send + 'static) {
 
 /// `None` while stdout takes lines; else the kind of error that closed it (`BrokenPipe`: the
 /// reader went away, which is no error of ours).
-pub fn closed() -> Option<io::ErrorKind> {
+pub(crate) fn closed() -> Option<io::ErrorKind> {
     CLOSED.get().copied()
 }
 
 /// Writes `bytes` to stdout, unless it has closed; a failure closes it and runs the hook.
-pub fn write(bytes: &[u8]) {
+pub(crate) fn write(bytes: &[u8]) {
     if CLOSED.get().is_some() {
         return;
     }
@@ -45,7 +46,7 @@ pub fn write(bytes: &[u8]) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
             drop(out);
             if CLOSED.set(e.kind()).is_ok() {
-                let hook = ON_CLOSE.lock().unwrap_or_else(PoisonError::into_inner);
+                let hook = lock_unpoisoned(&ON_CLOSE);
                 hook.iter().for_each(|hook| hook());
             }
         }
@@ -56,17 +57,17 @@ pub fn write(bytes: &[u8]) {
 }
 
 /// Prints one line on stdout (see [`write()`]).
-pub fn line(args: fmt::Arguments<'_>) {
+pub(crate) fn line(args: fmt::Arguments<'_>) {
     write(format!("{args}\n").as_bytes());
 }
 
 /// Prints one line on stderr; a closed stderr drops it (there is nowhere left to say so).
-pub fn err_line(args: fmt::Arguments<'_>) {
+pub(crate) fn err_line(args: fmt::Arguments<'_>) {
     let _ = writeln!(io::stderr().lock(), "{args}");
 }
 
 /// The logger's target: stdout through [`write()`], never an error to the logger.
-pub struct LogTarget;
+pub(crate) struct LogTarget;
 
 impl Write for LogTarget {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {

@@ -5,17 +5,35 @@
 //! go back to their idle number. Then the limits one by one: quotas, free space, a hung-up
 //! waiter, the hello timeout, the log's size.
 
-mod common;
+mod common {
+    pub mod agency;
+    pub mod agency_keys;
+    pub mod client;
+    pub mod client_eof;
+    pub mod client_silence;
+    pub mod keys;
+    pub mod log_line;
+    pub mod process;
+    pub mod run;
+    pub mod server;
+    pub mod server_keys;
+    pub mod server_temp;
+    pub mod store;
+    pub mod tls;
+}
 
 use std::fs;
 use std::net::SocketAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use common::{
-    Keys, Proc, STEP, TestServer, TlsClient, agency, assert_store, client_config, env_refs, expected_store, log_field,
-    read_csv, winners_of,
-};
+use common::agency::agency;
+use common::keys::{Keys, env_refs};
+use common::log_line::log_field;
+use common::process::{Proc, STEP};
+use common::server::TestServer;
+use common::store::{assert_store, expected_store, read_csv, winners_of};
+use common::tls::{TlsClient, client_config};
 use lottery::tools::attacks::{self, Attack, Sources, Target};
 
 const AGENCIES: u32 = 5;
@@ -62,7 +80,7 @@ fn settles(pid: i32, idle: usize, within: Duration) -> usize {
 
 /// Where the server's operator listener took a port, from its `action: listen` line.
 fn metrics_address(server: &mut TestServer) -> SocketAddr {
-    let line = server.logs().wait_for("service: metrics");
+    let line = server.proc.logs.wait_for("service: metrics");
     let address = line.split(" | ").find_map(|f| f.strip_prefix("address: ")).unwrap_or_default();
     address.parse().unwrap_or_else(|e| panic!("{address:?} in {line:?}: {e}"))
 }
@@ -124,9 +142,9 @@ fn round_under(kind: Attack, sources: Sources) {
         "{kind} from {sources:?}: {left} server threads {GENEROUS:?} after the attack, {idle} idle: {}",
         thread_names(server.proc.pid())
     );
-    server.proc.sigterm();
+    server.proc.signal(libc::SIGTERM);
     assert!(server.proc.wait_exit(STEP).success());
-    let lines = server.logs().until_eof();
+    let lines = server.proc.logs.until_eof();
     assert_eq!(lines.iter().filter(|l| l.contains("action: sorteo | result: success")).count(), 1);
 }
 
@@ -249,18 +267,19 @@ fn connection_churn_is_summarised_in_the_log_not_logged_line_by_line() {
     }
     let made = churn.stop().connections;
     // The counts are logged with the first guest event of a new second: one probe at a time
-    // until then (each is a connection the server logs, or counts).
+    // until then (each is a connection the server logs, or counts). Connections that hang up
+    // unheard fail nothing, so the line may say `success`: what matters is that it is one line.
     let mut summary = None;
     for _ in 0..40 {
         let mut probe = server.client();
         assert_eq!(probe.send("PING"), "PONG");
-        summary = server.logs().try_wait_for("action: guests | result: fail", Duration::from_millis(100));
+        summary = server.proc.logs.try_wait_count("action: guests | result: ", 1, Duration::from_millis(100));
         if summary.is_some() {
             break;
         }
     }
     assert!(summary.is_some(), "no action: guests line after {made} connections");
-    let lines = server.logs().seen.len() as u64;
+    let lines = server.proc.logs.seen.len() as u64;
     assert!(lines * 10 < made, "{lines} log lines for {made} connections");
 }
 

@@ -1,6 +1,14 @@
 //! The command line of the three binaries: help, bad flags, bad settings, missing files.
 
-mod common;
+mod common {
+    pub mod agency_keys;
+    pub mod keys;
+    pub mod log_line;
+    pub mod process;
+    pub mod run;
+    pub mod server;
+    pub mod server_temp;
+}
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -9,7 +17,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{AGENCY, ROUND, SERVER, STEP, TestServer, command, run_to_exit};
+use common::process::{STEP, command};
+use common::run::run_to_exit;
+use common::server::{SERVER, TestServer};
+
+/// The agency's binary.
+const AGENCY: &str = env!("CARGO_BIN_EXE_lottery-agency");
+/// The whole-round binary.
+const ROUND: &str = env!("CARGO_BIN_EXE_lottery-round");
 
 /// A server in plain text and protected mode, as `TestServer` starts it (see `tests/common`).
 const PLAIN_SERVER: [(&str, &str); 3] = [("SERVER_AGENCY_KEYS", ""), ("SERVER_TLS_CERT", ""), ("SERVER_TLS_KEY", "")];
@@ -236,7 +251,7 @@ fn the_course_config_ini_is_read_and_config_errors_name_file_line_and_expectatio
     let course = "[DEFAULT]\nSERVER_PORT = 0\nSERVER_IP = localhost\nSERVER_LISTEN_BACKLOG = 5\nLOGGING_LEVEL = INFO\n";
     std::fs::write(dir.path().join("config.ini"), course).unwrap();
     let env = [&[("SERVER_STORAGE_PATH", storage.to_str().unwrap())], &PLAIN_SERVER[..]].concat();
-    let mut server = common::Proc::spawn("lottery-server", command(SERVER, dir.path(), &env));
+    let mut server = common::process::Proc::spawn("lottery-server", command(SERVER, dir.path(), &env));
     server.logs.wait_for("action: listen | result: success");
     drop(server);
     let cases = [
@@ -321,8 +336,8 @@ fn an_interrupted_round_shows_progress_once_a_second_and_prints_no_rate() {
     cmd.args(["--agencies", "2", "--bets-per-agency", "50", "--server", &server.address()]);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = Piped { child: cmd.spawn().unwrap(), stderr: None };
-    let mut stdout = common::Logs::capture(child.child.stdout.take().unwrap());
-    let mut stderr = common::Logs::capture(child.child.stderr.take().unwrap());
+    let mut stdout = common::process::Logs::capture(child.child.stdout.take().unwrap());
+    let mut stderr = common::process::Logs::capture(child.child.stderr.take().unwrap());
     stdout.wait_for("round: 2 agencies, 100 bets");
     stderr.wait_count("send: 100/100 bets (100%), 2/3 agencies done, ", 2);
     // SAFETY: kill(2) on our own child, not yet reaped.
@@ -474,7 +489,7 @@ fn a_round_of_300_agencies_fits_500_open_files_with_its_agencies_in_a_process_of
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = command(ROUND, dir.path(), &[]);
     cmd.args(["--agencies", "300", "--bets-per-agency", "3"]);
-    let mut round = common::Proc::spawn("lottery-round", with_open_files(cmd, 500));
+    let mut round = common::process::Proc::spawn("lottery-round", with_open_files(cmd, 500));
     let status = round.wait_exit(Duration::from_secs(120));
     let (stdout, stderr) = (round.logs.until_eof().join("\n"), round.stderr());
     assert!(status.success(), "{status}: {stdout}\n{stderr}");
@@ -578,7 +593,8 @@ fn an_unreachable_server_is_said_once_then_summed_up_and_its_address_once() {
     assert!((1..=3).contains(&connects.len()), "{connects:#?}");
     assert!(connects[0].contains("result: in_progress | address: 127.0.0.1:1 | error: "), "{}", connects[0]);
     if let Some(summary) = connects.get(1) {
-        let attempts: u32 = common::log_field(summary, "attempts").and_then(|n| n.parse().ok()).unwrap_or_default();
+        let attempts: u32 =
+            common::log_line::log_field(summary, "attempts").and_then(|n| n.parse().ok()).unwrap_or_default();
         assert!(attempts > 1, "{summary}");
     }
     assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
@@ -593,7 +609,7 @@ fn the_default_address_that_does_not_resolve_is_said_to_be_the_compose_name() {
         return; // Inside compose, `server` resolves: nothing to explain.
     }
     let dir = tempfile::tempdir().unwrap();
-    let keys = common::Keys::make(dir.path(), 1);
+    let keys = common::keys::Keys::make(dir.path(), 1);
     let data = lottery::tools::dataset::generate(&dir.path().join("data"), 1, 5, 1).unwrap();
     let mut env: Vec<(String, String)> = keys.agency_env(1);
     env.extend([
@@ -601,8 +617,8 @@ fn the_default_address_that_does_not_resolve_is_said_to_be_the_compose_name() {
         ("CLI_DATA_PATH".into(), data[0].to_str().unwrap().into()),
         ("CLI_RETRY_TIMEOUT_MS".into(), "300".into()),
     ]);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let (status, stdout, stderr) = run_to_exit("lottery-agency", command(AGENCY, dir.path(), &env));
+    let (status, stdout, stderr) =
+        run_to_exit("lottery-agency", command(AGENCY, dir.path(), &common::keys::env_refs(&env)));
     assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
     assert!(stderr.contains("no server at server:12345: "), "{stderr}");
@@ -612,7 +628,7 @@ fn the_default_address_that_does_not_resolve_is_said_to_be_the_compose_name() {
 #[test]
 fn an_agency_without_a_ca_refuses_a_server_that_is_not_on_this_machine_before_connecting() {
     let dir = tempfile::tempdir().unwrap();
-    let keys = common::Keys::make(dir.path(), 1);
+    let keys = common::keys::Keys::make(dir.path(), 1);
     let data = lottery::tools::dataset::generate(&dir.path().join("data"), 1, 5, 1).unwrap();
     let token = keys.path("agency-1.token");
     // 192.0.2.1 is TEST-NET-1: nothing answers there, and nothing must be sent.
@@ -636,7 +652,7 @@ fn lottery_round_watch_serves_the_rounds_page_until_interrupted() {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = command(ROUND, dir.path(), &[]);
     cmd.args(["--watch", "--agencies", "3", "--bets-per-agency", "10"]);
-    let mut round = common::Proc::spawn("lottery-round", cmd);
+    let mut round = common::process::Proc::spawn("lottery-round", cmd);
     let line = round.logs.wait_for("the page stays up at http://");
     let address = line.split("http://").nth(1).and_then(|rest| rest.split('/').next()).unwrap_or_default().to_owned();
     let mut stream = TcpStream::connect(&address).unwrap_or_else(|e| panic!("the page at {address}: {e}"));
@@ -646,8 +662,6 @@ fn lottery_round_watch_serves_the_rounds_page_until_interrupted() {
     let _ = stream.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"drawn\":true") && answer.contains("\"states\":\"333\""), "{answer}");
-    // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
-    assert_eq!(unsafe { libc::kill(round.pid(), libc::SIGINT) }, 0);
-    let status = round.wait_exit(STEP);
-    assert!(status.success(), "{status}: {}", round.stderr());
+    round.signal(libc::SIGINT);
+    round.wait_success(STEP);
 }

@@ -2,14 +2,25 @@
 //! SIGTERM) at random moments and restarted on the same files still ends with every bet stored
 //! exactly once, every agency with its winners, and one draw.
 
-mod common;
+mod common {
+    pub mod agency;
+    pub mod client;
+    pub mod log_line;
+    pub mod process;
+    pub mod server;
+    pub mod store;
+    pub mod winners_reply;
+}
 
 use std::net::{Ipv4Addr, TcpListener};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{
-    Proc, STEP, TestServer, agency, assert_store, expected_store, log_field, read_csv, winners_of, winners_reply,
-};
+use common::agency::agency;
+use common::log_line::log_field;
+use common::process::{Proc, STEP};
+use common::server::TestServer;
+use common::store::{assert_store, expected_store, read_csv, winners_of};
+use common::winners_reply::winners_reply;
 
 const AGENCIES: u32 = 5;
 const BETS: u64 = 3_000;
@@ -33,7 +44,7 @@ fn free_port() -> u16 {
 
 /// Draws logged by a server that has exited (its whole output is read first).
 fn sorteos(server: &mut TestServer) -> usize {
-    server.logs().until_eof().iter().filter(|l| l.contains("action: sorteo | result: success")).count()
+    server.proc.logs.until_eof().iter().filter(|l| l.contains("action: sorteo | result: success")).count()
 }
 
 /// How a life of the server ends.
@@ -53,10 +64,9 @@ impl Stop {
                 server.proc.wait_exit(STEP);
             }
             Stop::Term => {
-                server.proc.sigterm();
-                let status = server.proc.wait_exit(Duration::from_secs(2));
-                assert!(status.success(), "exit status {status} on SIGTERM");
-                let last = server.logs().until_eof().last().cloned().unwrap_or_default();
+                server.proc.signal(libc::SIGTERM);
+                server.proc.wait_success(STEP);
+                let last = server.proc.logs.until_eof().last().cloned().unwrap_or_default();
                 assert!(last.ends_with("action: shutdown | result: success"), "last line {last:?}");
             }
         }
@@ -115,12 +125,12 @@ fn lives(how: Stop, seed: u64) {
     let mut draws = 0;
     for life in 1..=LIVES {
         let batches = 1 + next(150) as usize;
-        server.logs().wait_count("action: apuesta_recibida | result: success", batches);
+        server.proc.logs.wait_count("action: apuesta_recibida | result: success", batches);
         how.apply(&mut server);
         draws += sorteos(&mut server);
         println!("life {life}: stopped after {batches} batches");
         server = start();
-        let resumed = server.logs().wait_for("action: open_storage | result: success");
+        let resumed = server.proc.logs.wait_for("action: open_storage | result: success");
         assert!(log_field(&resumed, "bets").is_some_and(|b| b != "0"), "{resumed}");
     }
 
@@ -135,7 +145,7 @@ fn lives(how: Stop, seed: u64) {
 
     // Stopped after the draw too: the next life knows it and answers WINNERS at once, without
     // drawing again.
-    server.logs().wait_for("action: sorteo | result: success");
+    server.proc.logs.wait_for("action: sorteo | result: success");
     how.apply(&mut server);
     draws += sorteos(&mut server);
     let mut server = start();
@@ -145,8 +155,8 @@ fn lives(how: Stop, seed: u64) {
         assert_eq!(client.send(&format!("HELLO {id}")), format!("OK {BETS}"));
         assert_eq!(client.send("WINNERS"), winners_reply(&winners_of(&read_csv(file))));
     }
-    server.proc.sigterm();
-    assert!(server.proc.wait_exit(Duration::from_secs(2)).success());
+    server.proc.signal(libc::SIGTERM);
+    server.proc.wait_success(STEP);
     draws += sorteos(&mut server);
     assert_eq!(draws, 1, "the draw must be logged once over all the server's lives");
 
@@ -298,7 +308,7 @@ fn sigkill_among_the_dones_of_a_thousand_agencies_keeps_every_done() {
         println!("killed after {kill_at} DONEs; {told} acknowledged");
         // The next life knows at least every DONE acknowledged so far.
         let mut next = TestServer::start_in(dir.path(), CROWD, 0, CROWD_ENV);
-        let opened = next.logs().wait_for("action: open_storage | result: success");
+        let opened = next.proc.logs.wait_for("action: open_storage | result: success");
         let recorded: usize = log_field(&opened, "agencies_done").and_then(|d| d.parse().ok()).unwrap();
         assert!(recorded >= told, "{recorded} agencies done on disk, {told} told OK: {opened}");
         next.proc.child.kill().unwrap();
@@ -309,7 +319,7 @@ fn sigkill_among_the_dones_of_a_thousand_agencies_keeps_every_done() {
     for worker in crowd_workers(server.port, &crowd) {
         worker.join().expect("an agency was told something wrong");
     }
-    server.logs().wait_for("action: sorteo | result: success");
+    server.proc.logs.wait_for("action: sorteo | result: success");
     let mut client = server.client();
     for agency in 1..=CROWD {
         assert_eq!(client.send(&format!("HELLO {agency}")), format!("OK {CROWD_BETS}"));
@@ -317,8 +327,8 @@ fn sigkill_among_the_dones_of_a_thousand_agencies_keeps_every_done() {
             crowd_rows(agency).iter().map(|r| r.split(',').map(str::to_owned).collect()).collect();
         assert_eq!(client.send("WINNERS"), winners_reply(&winners_of(&rows)), "agency {agency}");
     }
-    server.proc.sigterm();
-    assert!(server.proc.wait_exit(Duration::from_secs(2)).success());
+    server.proc.signal(libc::SIGTERM);
+    server.proc.wait_success(STEP);
     draws += sorteos(&mut server);
     assert_eq!(draws, 1, "the draw must be logged once over all the server's lives");
 

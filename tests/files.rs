@@ -7,7 +7,13 @@
 //! The parts about another user run as `nobody` when the tests run as root, and say that they
 //! are skipped otherwise.
 
-mod common;
+mod common {
+    pub mod client;
+    pub mod log_line;
+    pub mod process;
+    pub mod run;
+    pub mod server;
+}
 
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
@@ -15,7 +21,10 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Client, Proc, STEP, TestServer, command, run_to_exit};
+use common::client::Client;
+use common::process::{Proc, STEP, command};
+use common::run::run_to_exit;
+use common::server::TestServer;
 
 /// `nobody`'s uid and gid on Debian-like systems.
 const NOBODY: u32 = 65534;
@@ -48,9 +57,16 @@ fn server_env(dir: &Path, agencies: &str) -> Vec<(String, String)> {
     .collect()
 }
 
+/// `lottery-server` with `env` in `dir`.
+fn server_command(dir: &Path, env: &[(String, String)]) -> Command {
+    let mut cmd = command(common::server::SERVER, dir, &[]);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
 /// `lottery-server` with `env` (and `args`) in `dir`, run to its exit.
 fn server_run(dir: &Path, env: &[(String, String)], args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let mut cmd = command(common::SERVER, dir, &common::env_refs(env));
+    let mut cmd = server_command(dir, env);
     cmd.args(args);
     run_to_exit("lottery-server", cmd)
 }
@@ -78,7 +94,7 @@ fn chmod(path: &Path, mode: u32) {
 fn every_file_the_server_writes_is_private_under_umask_000() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut cmd = command(common::SERVER, dir, &common::env_refs(&server_env(dir, "1")));
+    let mut cmd = server_command(dir, &server_env(dir, "1"));
     // SAFETY: umask(2) is async-signal-safe and touches nothing but the child's own mask.
     unsafe {
         cmd.pre_exec(|| {
@@ -88,16 +104,17 @@ fn every_file_the_server_writes_is_private_under_umask_000() {
     }
     let mut server = Proc::spawn("lottery-server", cmd);
     let listen = server.logs.wait_for("action: listen | result: success");
-    let port = common::log_field(&listen, "address").and_then(|a| a.rsplit_once(':')?.1.parse().ok()).unwrap();
+    let port =
+        common::log_line::log_field(&listen, "address").and_then(|a| a.rsplit_once(':')?.1.parse().ok()).unwrap();
     let mut client = Client::connect(port);
     assert_eq!(client.send("HELLO 1"), "OK 0");
     assert_eq!(client.send("BET Ana,Paz,42,1990-01-01,7574"), "OK 1");
     assert_eq!(client.send("DONE"), "OK");
     assert_eq!(client.send("WINNERS"), "WINNERS 1 42");
-    server.sigterm();
+    server.signal(libc::SIGTERM);
     server.wait_success(STEP);
 
-    let mut export = command(common::SERVER, dir, &common::env_refs(&server_env(dir, "1")));
+    let mut export = server_command(dir, &server_env(dir, "1"));
     export.args(["--export-bets", "round.csv"]);
     // SAFETY: as above.
     unsafe {
@@ -137,7 +154,7 @@ fn a_storage_directory_other_users_may_write_is_refused_with_what_to_do() {
     chmod(&dir, 0o1777);
     let mut server = TestServer::start_in(&dir, 1, 0, &[]);
     assert_eq!(server.client().send("HELLO 1"), "OK 0");
-    server.proc.sigterm();
+    server.proc.signal(libc::SIGTERM);
     server.proc.wait_success(STEP);
 }
 
@@ -201,7 +218,7 @@ fn a_lock_held_by_another_users_program_is_named_as_what_it_is() {
     let mut first = TestServer::start_in(dir, 1, 0, &[]);
     assert_eq!(first.client().send("HELLO 1"), "OK 0");
     let stale = first.proc.pid();
-    first.proc.sigterm();
+    first.proc.signal(libc::SIGTERM);
     first.proc.wait_success(STEP);
     // The operator loosened the lock file; another user opens it read-only and locks it. The
     // file still holds the first server's pid, which must not be blamed.
@@ -268,7 +285,7 @@ fn an_export_to_a_reader_that_leaves_early_ends_quietly() {
     // `--export-bets - | head -0`: the reader is gone before the first write.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let mut cmd = command(common::SERVER, dir, &common::env_refs(&env));
+    let mut cmd = server_command(dir, &env);
     cmd.args(["--export-bets", "-"]).stdin(std::process::Stdio::null()).stdout(writer);
     cmd.stderr(std::process::Stdio::piped());
     let out = cmd.output().unwrap();
@@ -284,7 +301,7 @@ fn a_server_on_another_rounds_storage_says_so_and_how_to_start_a_new_round() {
     let mut client = server.client();
     assert_eq!(client.send("HELLO 5"), "OK 0");
     assert_eq!(client.send("BET Ana,Paz,42,1990-01-01,7574"), "OK 1");
-    server.proc.sigterm();
+    server.proc.signal(libc::SIGTERM);
     server.proc.wait_success(STEP);
     let before = (fs::read(dir.join("bets.csv")).unwrap(), fs::read(dir.join("bets.csv.round")).unwrap());
     let bets = dir.join("bets.csv").display().to_string();

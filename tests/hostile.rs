@@ -2,18 +2,32 @@
 //! and winners, every hostile client is answered and cut off, and the server still shuts down
 //! cleanly.
 
-mod common;
+mod common {
+    pub mod agency;
+    pub mod client;
+    pub mod keys;
+    pub mod log_line;
+    pub mod process;
+    pub mod run;
+    pub mod server;
+    pub mod server_keys;
+    pub mod server_temp;
+    pub mod store;
+    pub mod tls;
+}
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::thread;
-use std::time::Duration;
 
-use common::{
-    Keys, Proc, STEP, TestServer, TlsClient, agency, assert_store, env_refs, expected_store, log_field, read_csv,
-    winners_of,
-};
+use common::agency::agency;
+use common::keys::{Keys, env_refs};
+use common::log_line::log_field;
+use common::process::{Proc, STEP};
+use common::server::TestServer;
+use common::store::{assert_store, expected_store, read_csv, winners_of};
+use common::tls::TlsClient;
 use lottery::tools::hostile::{self, Kind};
 
 const AGENCIES: u32 = 5;
@@ -67,10 +81,9 @@ fn an_honest_round_completes_beside_two_hundred_hostile_clients() {
     // Exactly the honest bets: nothing of a half batch, a bad row or garbage got in.
     assert_store(&server.bets_path(), &expected_store(&files));
 
-    server.proc.sigterm();
-    let status = server.proc.wait_exit(Duration::from_secs(2));
-    assert!(status.success(), "the server exited with {status}");
-    let lines = server.logs().until_eof();
+    server.proc.signal(libc::SIGTERM);
+    server.proc.wait_success(STEP);
+    let lines = server.proc.logs.until_eof();
     assert!(lines.last().is_some_and(|l| l.ends_with("action: shutdown | result: success")));
     assert_eq!(lines.iter().filter(|l| l.contains("action: sorteo | result: success")).count(), 1);
 }
@@ -206,10 +219,9 @@ fn a_flood_of_batches_before_hello_in_plain_text_logs_at_a_bounded_rate() {
 /// The server's lines from its start to its shutdown (summaries of what was counted included),
 /// after a SIGTERM.
 fn flood_lines(server: &mut TestServer) -> Vec<String> {
-    server.proc.sigterm();
-    let status = server.proc.wait_exit(STEP);
-    assert!(status.success(), "the server exited with {status}");
-    let lines = server.logs().until_eof();
+    server.proc.signal(libc::SIGTERM);
+    server.proc.wait_success(STEP);
+    let lines = server.proc.logs.until_eof();
     let start = lines.iter().position(|l| l.contains("action: listen | result: success")).unwrap();
     let shutdown_lines = ["action: close_", "action: join_threads", "action: shutdown"];
     lines[start + 1..].iter().filter(|l| !shutdown_lines.iter().any(|s| l.contains(s))).cloned().collect()

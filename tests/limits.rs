@@ -1,7 +1,19 @@
 //! What one client can hold: the idle timeout, a per-request deadline, the connection limit;
 //! and what a crowd may: every agency connecting at once gets in.
 
-mod common;
+mod common {
+    pub mod client;
+    pub mod client_eof;
+    pub mod client_silence;
+    pub mod keys;
+    pub mod log_line;
+    pub mod process;
+    pub mod run;
+    pub mod server;
+    pub mod server_keys;
+    pub mod server_temp;
+    pub mod tls;
+}
 
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
@@ -10,7 +22,11 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Keys, STEP, TestServer, TlsClient, env_refs, log_field};
+use common::keys::{Keys, env_refs};
+use common::log_line::log_field;
+use common::process::STEP;
+use common::server::TestServer;
+use common::tls::TlsClient;
 
 #[test]
 fn a_silent_connection_is_told_and_closed() {
@@ -30,7 +46,7 @@ fn a_silent_connection_is_told_and_closed() {
 fn a_client_trickling_one_byte_every_100ms_is_cut_off() {
     let server = TestServer::start(1, &[("SERVER_IDLE_TIMEOUT_MS", "300")]);
     let mut client = server.client();
-    let mut writer = client.writer();
+    let mut writer = client.stream.try_clone().expect("clone socket");
     let stop = Arc::new(AtomicBool::new(false));
     let trickle = {
         let stop = Arc::clone(&stop);
@@ -157,9 +173,9 @@ fn a_crowd_of_agencies_from_one_address_all_get_in_at_once() {
     // Shut down, then look for any eviction in the whole log (counted or logged).
     let mut probe = server.client();
     assert_eq!(probe.send("PING"), "PONG");
-    server.proc.sigterm();
-    assert!(server.proc.wait_exit(STEP).success());
-    let lines = server.logs().until_eof();
+    server.proc.signal(libc::SIGTERM);
+    server.proc.wait_success(STEP);
+    let lines = server.proc.logs.until_eof();
     let evicted: u64 = lines
         .iter()
         .map(|l| {

@@ -2,7 +2,14 @@
 //! what `/metrics`, `/round.json` and `/` say during a round, what bad input on it gets, and (with
 //! `--include-ignored`) the exposition through `promtool` and the page in headless Chromium.
 
-mod common;
+mod common {
+    pub mod client;
+    pub mod log_line;
+    pub mod process;
+    pub mod run;
+    pub mod server;
+    pub mod server_temp;
+}
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -10,13 +17,16 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Client, STEP, TestServer, command, run_to_exit};
+use common::client::Client;
+use common::process::{STEP, command};
+use common::run::run_to_exit;
+use common::server::TestServer;
 
 /// A server for `agencies` agencies with its metrics on a free loopback port; and that port's address.
 fn start(agencies: u32) -> (TestServer, SocketAddr) {
     let mut server = TestServer::start(agencies, &[("SERVER_METRICS_ADDRESS", "127.0.0.1:0")]);
-    let line = server.logs().wait_for("action: listen | result: success | service: metrics");
-    let address = common::log_field(&line, "address").unwrap_or_else(|| panic!("no address in {line:?}"));
+    let line = server.proc.logs.wait_for("action: listen | result: success | service: metrics");
+    let address = common::log_line::log_field(&line, "address").unwrap_or_else(|| panic!("no address in {line:?}"));
     let address: SocketAddr = address.parse().expect("ip:port");
     assert_ne!(address.port(), 0);
     (server, address)
@@ -97,7 +107,7 @@ fn port_zero_is_said_in_the_log_and_the_round_is_counted() {
     assert_eq!(field(&json, "missing"), "3", "{json}");
     assert_eq!((field(&json, "states"), field(&json, "bets"), field(&json, "drawn")), ("220", "4", "false"));
     let _third = send_bets_and_done(&server, 3);
-    server.logs().wait_for("action: sorteo | result: success");
+    server.proc.logs.wait_for("action: sorteo | result: success");
     assert!(first.send("WINNERS").starts_with("WINNERS"));
     let json = wait_round(metrics, |j| field(j, "states") == "322");
     assert_eq!((field(&json, "states"), field(&json, "missing"), field(&json, "phase")), ("322", "", "drawn"));
@@ -121,9 +131,9 @@ fn port_zero_is_said_in_the_log_and_the_round_is_counted() {
     assert!(sample(&body, "lottery_draw_timestamp_seconds") > 1.0e9);
     assert!(sample(&body, "lottery_connections_total{kind=\"guest\"}") >= 4.0);
     assert_eq!(sample(&body, "lottery_connections_total{kind=\"agency\"}"), 3.0);
-    server.proc.sigterm();
+    server.proc.signal(libc::SIGTERM);
     server.proc.wait_success(Duration::from_secs(10));
-    assert!(server.logs().until_eof().iter().any(|l| l.contains("action: close_metrics | result: success")));
+    assert!(server.proc.logs.until_eof().iter().any(|l| l.contains("action: close_metrics | result: success")));
 }
 
 #[test]
@@ -144,7 +154,7 @@ fn the_default_address_taken_is_a_warning_and_no_metrics() {
     // Held here, or by someone else: either way taken.
     let _held = TcpListener::bind("127.0.0.1:9745");
     let mut server = TestServer::start(1, &[("SERVER_METRICS_ADDRESS", "127.0.0.1:9745")]);
-    let warning = server.logs().wait_for("service: metrics");
+    let warning = server.proc.logs.wait_for("service: metrics");
     assert!(warning.contains("WARN") && warning.contains("result: fail"), "{warning}");
     assert_eq!(server.client().send("PING"), "PONG");
 }
@@ -164,7 +174,7 @@ fn an_explicit_address_that_cannot_be_bound_stops_the_server() {
         ("SERVER_TLS_KEY", ""),
         ("SERVER_METRICS_ADDRESS", taken.as_str()),
     ];
-    let (status, _, stderr) = run_to_exit("lottery-server", command(common::SERVER, dir.path(), &env));
+    let (status, _, stderr) = run_to_exit("lottery-server", command(common::server::SERVER, dir.path(), &env));
     assert!(!status.success());
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("SERVER_METRICS_ADDRESS") && stderr.contains(&taken), "{stderr}");
@@ -273,7 +283,7 @@ fn the_page_shows_the_missing_agencies_then_the_draw() {
         chromium(&url, dir.path(), Some(path));
     }
     assert_eq!(last.send("DONE"), "OK");
-    server.logs().wait_for("action: sorteo | result: success");
+    server.proc.logs.wait_for("action: sorteo | result: success");
     for agency in agencies.iter_mut().take(10) {
         assert!(agency.send("WINNERS").starts_with("WINNERS"));
     }

@@ -1,12 +1,26 @@
 //! The wire protocol, spoken over a raw socket as `nc` would, against the real server.
 
-mod common;
+mod common {
+    pub mod client;
+    pub mod client_eof;
+    pub mod client_silence;
+    pub mod keys;
+    pub mod process;
+    pub mod run;
+    pub mod server;
+    pub mod server_keys;
+    pub mod server_temp;
+    pub mod tls;
+}
 
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Keys, STEP, TestServer, TlsClient, env_refs};
+use common::keys::{Keys, env_refs};
+use common::process::STEP;
+use common::server::TestServer;
+use common::tls::TlsClient;
 
 /// The `nc` session of docs/protocol.md, line by line: `> ` is what the person types, `< ` what
 /// the server answers; that page shows exactly these lines. Run against a server for one agency
@@ -55,7 +69,7 @@ fn the_documented_nc_session_word_for_word() {
     }
     // After BYE the server closes.
     client.expect_eof();
-    server.logs().wait_for("action: sorteo | result: success");
+    server.proc.logs.wait_for("action: sorteo | result: success");
     let stored = fs::read_to_string(server.bets_path()).unwrap();
     assert_eq!(
         stored,
@@ -88,7 +102,7 @@ fn a_batch_with_one_bad_row_stores_nothing_and_says_which_row() {
     assert!(reply.starts_with("ERR BAD_BET row 2: "), "{reply:?}");
     assert!(reply.contains("number \"10000\""), "the reply says why: {reply:?}");
     assert_eq!(fs::read(server.bets_path()).unwrap(), before, "bets.csv changed after a refused batch");
-    server.logs().wait_for("action: apuesta_recibida | result: fail | cantidad: 3");
+    server.proc.logs.wait_for("action: apuesta_recibida | result: fail | cantidad: 3");
 
     // The connection is still in step: the same batch, corrected, is stored whole.
     assert_eq!(client.send("PING"), "PONG");
@@ -157,7 +171,7 @@ fn an_agency_never_sees_another_agencys_winners() {
     // A connection that has not said HELLO gets nobody's winners.
     let mut stranger = server.client();
     assert!(stranger.send("WINNERS").starts_with("ERR NO_AGENCY "));
-    server.logs().wait_for("action: sorteo | result: success");
+    server.proc.logs.wait_for("action: sorteo | result: success");
 }
 
 #[test]
@@ -187,7 +201,7 @@ fn winners_before_the_draw_waits_for_it_on_every_connection() {
         assert_eq!(client.send("PING"), "PONG");
     }
     assert_eq!(last.send("WINNERS"), "WINNERS 0");
-    server.logs().wait_for("action: sorteo | result: success");
+    server.proc.logs.wait_for("action: sorteo | result: success");
 }
 
 /// A `HELLO` whose token is not after exactly one space (a tab, two spaces, nothing, trailing
@@ -222,9 +236,9 @@ fn no_reply_or_log_line_quotes_a_token_whatever_surrounds_it() {
         assert!(reply.starts_with("ERR "), "a malformed HELLO was answered {reply}");
         replies.push(reply);
     }
-    server.proc.sigterm();
-    server.proc.wait_exit(STEP);
-    let said = format!("{}\n{}", replies.join("\n"), server.logs().until_eof().join("\n"));
+    server.proc.signal(libc::SIGTERM);
+    server.proc.wait_success(STEP);
+    let said = format!("{}\n{}", replies.join("\n"), server.proc.logs.until_eof().join("\n"));
     for part in token.as_bytes().windows(8) {
         assert!(!said.contains(std::str::from_utf8(part).unwrap()), "a reply or log line quotes part of the token");
     }

@@ -1,20 +1,31 @@
 //! The round on PostgreSQL: several `lottery-server` replicas on one database, black box.
 //! Each test has a database of its own (see `common/pg.rs`), so they run in parallel.
 
-mod common;
-#[path = "common/pg.rs"]
-mod pg;
+mod common {
+    pub mod agency;
+    pub mod client;
+    pub mod client_silence;
+    pub mod pg;
+    pub mod process;
+    pub mod run;
+    pub mod server;
+    pub mod server_temp;
+    pub mod store;
+    pub mod winners_reply;
+}
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{
-    Proc, SERVER, STEP, TestServer, agency, assert_store, command, expected_store, read_csv, run_to_exit, winners_of,
-    winners_reply,
-};
-use pg::{Database, Outage};
+use common::agency::agency;
+use common::pg::{Database, Outage};
+use common::process::{Proc, STEP, command};
+use common::run::run_to_exit;
+use common::server::{SERVER, TestServer};
+use common::store::{assert_store, expected_store, read_csv, winners_of};
+use common::winners_reply::winners_reply;
 
 /// A replica of the round in `db`, for `agencies` agencies.
 fn replica(db: &Database, agencies: u32) -> TestServer {
@@ -52,10 +63,10 @@ fn wait_status(server: &TestServer, expected: &str) -> String {
 /// Every `sorteo` both replicas logged, read to the end after a SIGTERM each.
 fn draws(servers: &mut [&mut TestServer]) -> usize {
     for server in servers.iter_mut() {
-        server.proc.sigterm();
+        server.proc.signal(libc::SIGTERM);
         assert!(server.proc.wait_exit(STEP).success(), "{} did not stop cleanly", server.proc.name);
     }
-    servers.iter_mut().map(|s| s.logs().until_eof().iter().filter(|l| l.contains("action: sorteo")).count()).sum()
+    servers.iter_mut().map(|s| s.proc.logs.until_eof().iter().filter(|l| l.contains("action: sorteo")).count()).sum()
 }
 
 /// Each agency's process logged its own number of winners, and a raw `WINNERS` on `server`
@@ -105,7 +116,7 @@ fn a_replica_killed_mid_round_hands_its_agencies_to_the_other() {
     let both = format!("{},{}", a.address(), b.address());
     let mut agencies: Vec<Proc> =
         (1..=5).zip(&files).map(|(id, file)| agency(data.path(), id, &both, file, 50, &[])).collect();
-    a.logs().wait_count("action: apuesta_recibida | result: success", 40);
+    a.proc.logs.wait_count("action: apuesta_recibida | result: success", 40);
     a.proc.child.kill().expect("SIGKILL replica A");
     a.proc.child.wait().expect("reap replica A");
     check_winners(&mut agencies, &files, &b);
@@ -204,7 +215,7 @@ fn shutdown_wakes_a_waiter_and_a_round_of_another_size_is_refused() {
     assert_eq!(waiter.send("HELLO 1"), "OK 0");
     waiter.write(b"WINNERS\n").unwrap();
     waiter.expect_silence(Duration::from_millis(200));
-    server.proc.sigterm();
+    server.proc.signal(libc::SIGTERM);
     assert!(waiter.read_line().starts_with("ERR SHUTDOWN"));
     assert!(server.proc.wait_exit(STEP).success());
     let dir = tempfile::tempdir().unwrap();
@@ -261,7 +272,7 @@ fn a_database_outage_never_stops_the_door_and_no_reply_names_the_database() {
         assert!(!reply.contains(&db.port()) && !reply.contains("lottery_outage"), "{reply}");
     }
     // The log keeps the detail, never the password.
-    let logged = server.logs().wait_for("action: database | result: fail");
+    let logged = server.proc.logs.wait_for("action: database | result: fail");
     assert!(logged.contains(&outage.address), "{logged}");
     let password = db.url.split_once("://").and_then(|(_, r)| r.split_once('@')).map(|(u, _)| u.to_owned());
     let password = password.and_then(|u| u.split_once(':').map(|(_, p)| p.to_owned())).unwrap_or_default();
@@ -292,7 +303,7 @@ fn a_role_without_update_is_refused_at_start_up_naming_the_privilege() {
     db.connect().batch_execute(&format!("GRANT UPDATE ON ALL TABLES IN SCHEMA public TO {}", role.name())).unwrap();
     let mut server = TestServer::start(1, &[("SERVER_DATABASE_URL", &role.url)]);
     assert_eq!(server.client().send("HELLO 1"), "OK 0");
-    server.proc.sigterm();
+    server.proc.signal(libc::SIGTERM);
     assert!(server.proc.wait_exit(STEP).success());
 }
 

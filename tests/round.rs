@@ -1,14 +1,31 @@
 //! Whole rounds with the real binaries: one `lottery-server` and several `lottery-agency`
 //! processes over loopback TCP, checked against what the test computes from the data files.
 
-mod common;
+mod common {
+    pub mod agency;
+    pub mod agency_keys;
+    pub mod keys;
+    pub mod log_line;
+    pub mod process;
+    pub mod run;
+    pub mod server;
+    pub mod server_keys;
+    pub mod server_temp;
+    pub mod store;
+    pub mod tls;
+    pub mod winners_reply;
+}
 
 use std::time::Duration;
 
-use common::{
-    Keys, Proc, STEP, TestServer, TlsClient, agency, assert_log_format, assert_store, env_refs, expected_store,
-    log_field, read_csv, winners_of, winners_reply,
-};
+use common::agency::agency;
+use common::keys::{Keys, env_refs};
+use common::log_line::log_field;
+use common::process::{Proc, STEP};
+use common::server::TestServer;
+use common::store::{assert_store, expected_store, read_csv, winners_of};
+use common::tls::TlsClient;
+use common::winners_reply::winners_reply;
 
 fn no_fail(name: &str, lines: &[String]) {
     if let Some(line) = lines.iter().find(|l| l.contains("result: fail")) {
@@ -74,9 +91,9 @@ fn a_full_round_of_five_agency_processes() {
     assert_store(&server.bets_path(), &expected_store(&files));
 
     // Stop the server to read its whole log.
-    server.proc.sigterm();
+    server.proc.signal(libc::SIGTERM);
     assert!(server.proc.wait_exit(STEP).success());
-    let lines = server.logs().until_eof().to_vec();
+    let lines = server.proc.logs.until_eof().to_vec();
     lines.iter().for_each(|l| assert_log_format(l));
     no_fail("lottery-server", &lines);
     let draws: Vec<usize> = lines
@@ -174,7 +191,7 @@ fn an_agency_waiting_for_the_draw_exits_0_on_sigterm() {
     agency.logs.wait_count("action: apuesta_enviada | result: success | cantidad: 100", 3);
     // It says that it waits, and for what.
     agency.logs.wait_for("action: wait_draw | result: in_progress | agencies_done: 1/2");
-    agency.sigterm();
+    agency.signal(libc::SIGTERM);
     let status = agency.wait_exit(std::time::Duration::from_secs(2));
     assert_eq!(status.code(), Some(0), "{status}");
     let lines = agency.logs.until_eof();
@@ -202,4 +219,41 @@ fn an_agency_whose_batches_fail_with_storage_backs_off_and_gives_up_without_prog
     let stderr = agency.stderr();
     assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
     assert!(stderr.contains("no progress") && stderr.contains("STORAGE"), "{stderr}");
+}
+
+/// Asserts that `line` has the spec's shape:
+/// `YYYY-MM-DD HH:MM:SS LEVEL    action: <a> | result: <success|fail|in_progress> | <k>: <v> …`.
+pub fn assert_log_format(line: &str) {
+    let bad = |why: &str| panic!("log line {line:?}: {why}");
+    let (stamp, rest) = line.split_at_checked(20).unwrap_or_else(|| bad("too short"));
+    let digits_at = |s: &str, i: &[usize]| i.iter().all(|&i| s.as_bytes()[i].is_ascii_digit());
+    let stamp_ok = stamp.len() == 20
+        && digits_at(stamp, &[0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18])
+        && &stamp[4..5] == "-"
+        && &stamp[7..8] == "-"
+        && &stamp[10..11] == " "
+        && &stamp[13..14] == ":"
+        && &stamp[16..17] == ":"
+        && &stamp[19..20] == " ";
+    if !stamp_ok {
+        bad("no `YYYY-MM-DD HH:MM:SS ` stamp");
+    }
+    let (level, fields) = rest.split_at_checked(9).unwrap_or_else(|| bad("no level"));
+    if !["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&level.trim_end()) {
+        bad("no level padded to 8 columns");
+    }
+    let mut fields = fields.split(" | ");
+    let action = fields.next().and_then(|f| f.strip_prefix("action: "));
+    if action.is_none_or(str::is_empty) {
+        bad("the first field is not `action: …`");
+    }
+    let result = fields.next().and_then(|f| f.strip_prefix("result: "));
+    if result.is_none_or(|r| !["success", "fail", "in_progress"].contains(&r)) {
+        bad("the second field is not `result: success|fail|in_progress`");
+    }
+    for field in fields {
+        if field.split_once(": ").is_none_or(|(k, _)| k.is_empty() || k.contains(' ')) {
+            bad("a field that is not `key: value`");
+        }
+    }
 }

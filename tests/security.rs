@@ -2,16 +2,35 @@
 //! a second server on the same files, each replayed against the real binaries, while real
 //! agencies finish an exact round.
 
-mod common;
+mod common {
+    pub mod agency;
+    pub mod agency_keys;
+    pub mod client;
+    pub mod client_eof;
+    pub mod keys;
+    pub mod process;
+    pub mod relay;
+    pub mod run;
+    pub mod server;
+    pub mod server_keys;
+    pub mod server_temp;
+    pub mod store;
+    pub mod tls;
+}
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::{
-    Client, Keys, Proc, Relay, STEP, TestServer, TlsClient, agency, assert_store, command, env_refs, expected_store,
-    read_csv, run_to_exit, winners_of,
-};
+use common::agency::agency;
+use common::client::Client;
+use common::keys::{Keys, env_refs};
+use common::process::{Proc, STEP, command};
+use common::relay::Relay;
+use common::run::run_to_exit;
+use common::server::TestServer;
+use common::store::{assert_store, expected_store, read_csv, winners_of};
+use common::tls::TlsClient;
 
 const AGENCIES: u32 = 5;
 
@@ -37,7 +56,7 @@ fn make_keys_writes_private_files_and_never_overwrites() {
     assert!(keys.token(1).len() >= 32, "a token of at least 128 bits");
     let before: Vec<Vec<u8>> =
         ["ca.pem", "agency-1.token"].iter().map(|n| fs::read(keys.dir.join(n)).unwrap()).collect();
-    let mut again = command(common::SERVER, dir.path(), &[("SERVER_AGENCIES", "3")]);
+    let mut again = command(common::server::SERVER, dir.path(), &[("SERVER_AGENCIES", "3")]);
     again.arg("--make-keys").arg(&keys.dir);
     let (status, _, stderr) = run_to_exit("lottery-server --make-keys again", again);
     assert!(!status.success());
@@ -51,7 +70,7 @@ fn make_keys_writes_private_files_and_never_overwrites() {
 #[test]
 fn a_server_without_its_key_files_says_how_to_make_them() {
     let dir = tempfile::tempdir().unwrap();
-    let cmd = command(common::SERVER, dir.path(), &[("SERVER_PORT", "0"), ("SERVER_IP", "127.0.0.1")]);
+    let cmd = command(common::server::SERVER, dir.path(), &[("SERVER_PORT", "0"), ("SERVER_IP", "127.0.0.1")]);
     let (status, _, stderr) = run_to_exit("lottery-server without keys", cmd);
     assert!(!status.success());
     assert!(stderr.contains(".secrets/server.pem does not exist") && stderr.contains("--make-keys"), "{stderr}");
@@ -72,7 +91,7 @@ fn plain_text_may_only_probe_a_tls_server() {
         plain.expect_eof();
     }
     assert_eq!(server.client().send("STATUS"), "STATUS agencies_done=0/5 bets=0 drawn=false");
-    server.logs().wait_for("tls: true | agency_keys: true");
+    server.proc.logs.wait_for("tls: true | agency_keys: true");
 }
 
 /// A client of a TLS server that has not spoken may be about to send its TLS hello: the door
@@ -84,14 +103,14 @@ fn a_tls_server_ends_a_client_that_has_not_spoken_without_a_plain_word() {
     let env = [("SERVER_MAX_GUESTS_PER_IP", "1"), ("SERVER_HELLO_TIMEOUT_MS", "500")];
     let (_keys, mut server) = secure_server(dir.path(), &env);
     let mut evicted = server.client();
-    server.logs().wait_for("action: accept_connections | result: success");
+    server.proc.logs.wait_for("action: accept_connections | result: success");
     // The newer guest takes the only place of their address.
     assert_eq!(server.client().send("PING"), "PONG");
     evicted.expect_eof();
     // One that stays silent is closed at its hello deadline, as silently.
     let mut silent = server.client();
     silent.expect_eof();
-    server.logs().wait_for("action: hello | result: fail | ip: 127.0.0.1 | error: TIMEOUT");
+    server.proc.logs.wait_for("action: hello | result: fail | ip: 127.0.0.1 | error: TIMEOUT");
 }
 
 #[test]
@@ -110,15 +129,15 @@ fn a_token_speaks_only_for_its_own_agency_and_never_reaches_the_log() {
         assert!(reply.starts_with("ERR AUTH ") && reply.contains(why), "{reply}");
         assert_eq!(tls.read_line(), None, "the connection stays open after ERR AUTH");
     }
-    let fail = server.logs().wait_count("action: hello | result: fail", cases.len());
+    let fail = server.proc.logs.wait_count("action: hello | result: fail", cases.len());
     assert!(fail.ends_with("action: hello | result: fail | agency: 1 | ip: 127.0.0.1 | error: AUTH"), "{fail}");
     let mut tls = TlsClient::connect(server.port, &ca);
     assert_eq!(tls.send(&format!("HELLO 2 {}", keys.token(2))), "OK 0");
     assert_eq!(tls.send("BET Ana,Paz,42,2000-01-01,7574"), "OK 1");
     assert_eq!(tls.send("STATUS"), "STATUS agencies_done=0/5 bets=1 drawn=false");
-    server.proc.sigterm();
+    server.proc.signal(libc::SIGTERM);
     server.proc.wait_exit(Duration::from_secs(2));
-    let logs = server.logs().until_eof().join("\n");
+    let logs = server.proc.logs.until_eof().join("\n");
     for id in 1..=AGENCIES {
         assert!(!logs.contains(&keys.token(id)), "a token reached the server's log");
     }
@@ -173,8 +192,8 @@ fn attacks_without_tokens_store_nothing_while_five_real_agencies_finish_exact() 
         assert!(agency.logs.wait_for("action: consulta_ganadores").contains(&expected), "{}", agency.name);
     }
     assert_store(&server.bets_path(), &expected_store(&files));
-    server.logs().wait_for("action: sorteo | result: success");
-    assert_eq!(server.logs().seen.iter().filter(|l| l.contains("action: sorteo | result: success")).count(), 1);
+    server.proc.logs.wait_for("action: sorteo | result: success");
+    assert_eq!(server.proc.logs.seen.iter().filter(|l| l.contains("action: sorteo | result: success")).count(), 1);
 }
 
 #[test]
@@ -256,7 +275,7 @@ fn a_second_server_on_the_same_storage_changes_no_byte_and_says_who_holds_it() {
         ("SERVER_IP".to_owned(), "127.0.0.1".to_owned()),
     ]);
     let (status, _, stderr) =
-        run_to_exit("second lottery-server", command(common::SERVER, dir.path(), &env_refs(&env)));
+        run_to_exit("second lottery-server", command(common::server::SERVER, dir.path(), &env_refs(&env)));
     assert!(!status.success());
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(
@@ -271,7 +290,7 @@ fn a_second_server_on_the_same_storage_changes_no_byte_and_says_who_holds_it() {
 #[test]
 fn protected_mode_warns_and_still_serves_the_nc_session_from_loopback() {
     let mut server = TestServer::start(AGENCIES, &[]);
-    server.logs().wait_for("action: agency_keys | result: success | enabled: false");
+    server.proc.logs.wait_for("action: agency_keys | result: success | enabled: false");
     let mut client: Client = server.client();
     assert_eq!(client.send("HELLO 1"), "OK 0");
 }
@@ -287,7 +306,7 @@ fn a_waiter_is_released_when_its_client_hangs_up_and_told_when_it_is_replaced() 
     assert_eq!(leaving.send("DONE"), "OK");
     leaving.write(b"WINNERS\n").unwrap();
     drop(leaving);
-    server.logs().wait_for("action: winners | result: fail | agency: 1 | error: the client hung up");
+    server.proc.logs.wait_for("action: winners | result: fail | agency: 1 | error: the client hung up");
     // Agency 2 waits, and a newer session of agency 2 takes over: the waiter hears why it ends.
     let hello = format!("HELLO 2 {}", keys.token(2));
     let mut older = TlsClient::connect(server.port, &ca);

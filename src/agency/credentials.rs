@@ -18,7 +18,7 @@ use crate::wire::token::{MAX_TOKEN_LEN, Token};
 
 /// The agency's token and TLS configuration, loaded once at start.
 #[derive(Clone, Default)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     pub token: Option<Token>,
     pub tls: Option<Arc<ClientConfig>>,
     /// `CLI_TLS_NAME`, when set.
@@ -32,7 +32,7 @@ impl Credentials {
     ///
     /// # Errors
     /// A file is missing or holds no token / certificate: one line with the path and what to do.
-    pub fn load(settings: &AgencySettings) -> Result<Credentials, String> {
+    pub(crate) fn load(settings: &AgencySettings) -> Result<Credentials, String> {
         let token = settings.token_file.as_deref().map(read_token).transpose()?;
         let tls = settings.tls_ca.as_deref().map(client_config).transpose()?;
         Ok(Credentials { token, tls, tls_name: settings.tls_name.clone() })
@@ -42,7 +42,7 @@ impl Credentials {
     ///
     /// # Errors
     /// The name is neither a DNS name nor an IP address.
-    pub fn server_name(&self, address: &str) -> Result<ServerName<'static>, String> {
+    pub(crate) fn server_name(&self, address: &str) -> Result<ServerName<'static>, String> {
         let host = match &self.tls_name {
             Some(name) => name.as_str(),
             None => address.rsplit_once(':').map_or(address, |(host, _)| host),
@@ -59,7 +59,7 @@ impl Credentials {
 /// # Errors
 /// One of `addresses` (`host:port,…`) is not a loopback address, or a name that does not
 /// resolve to loopback only.
-pub fn check_plain_text(addresses: &str, credentials: &Credentials) -> Result<(), String> {
+pub(crate) fn check_plain_text(addresses: &str, credentials: &Credentials) -> Result<(), String> {
     if credentials.tls.is_some() {
         return Ok(());
     }
@@ -70,7 +70,7 @@ pub fn check_plain_text(addresses: &str, credentials: &Credentials) -> Result<()
 }
 
 /// The one line that refuses plain text to `address`.
-pub fn plain_text_refusal(address: &str) -> String {
+pub(crate) fn plain_text_refusal(address: &str) -> String {
     format!(
         "CLI_TLS_CA is empty and {address} is not a loopback address: this agency speaks plain text only to a server on this machine, never sending its token or bets across a network in clear; set CLI_TLS_CA to the server's CA (ca.pem, from `lottery-server --make-keys`)"
     )

@@ -4,7 +4,7 @@
 //! into the file nor skipped. Over TLS, a certificate it does not trust, a name that does not
 //! match or a record that fails its integrity check is final: retrying cannot cure it.
 
-pub mod credentials;
+pub(crate) mod credentials;
 
 mod link;
 mod patience;
@@ -21,21 +21,22 @@ use std::time::{Duration, Instant};
 use log::info;
 
 use crate::config::AgencySettings;
+use crate::sync::lock_unpoisoned;
 use crate::wire::bet::{self, Bet, RowWriter};
 use crate::wire::protocol::ProtocolError;
 use crate::wire::transport::tls_error;
 use credentials::Credentials;
 use link::{Link, LinkError, OpenError};
 use patience::{Patience, Setback};
+pub(crate) use source::BetData;
 use source::{Batches, BetSource};
-pub use source::{BetData, MakeRows};
 
 /// The address an agency uses when none is configured: the server's name in docker compose.
 const COMPOSE_ADDRESS: &str = "server:12345";
 
 /// Why an agency could not complete its round.
 #[derive(Debug)]
-pub enum AgencyError {
+pub(crate) enum AgencyError {
     /// The data file is missing, unreadable, or holds a row that is not a bet.
     Data { path: PathBuf, line: Option<u64>, why: String },
     /// The server refused something that retrying cannot fix.
@@ -79,7 +80,7 @@ impl std::error::Error for AgencyError {}
 
 /// What a completed agency got.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Its winners' documents, as the server sent them.
     pub winners: Vec<String>,
     /// Bets the server holds for it at the end.
@@ -90,7 +91,7 @@ pub struct Outcome {
 
 /// Stops a running agency from another thread: wakes its backoff and closes its socket.
 #[derive(Clone, Default)]
-pub struct Stop {
+pub(crate) struct Stop {
     inner: Arc<(Mutex<StopState>, Condvar)>,
 }
 
@@ -101,9 +102,9 @@ struct StopState {
 }
 
 impl Stop {
-    pub fn trigger(&self) {
+    pub(crate) fn trigger(&self) {
         let (lock, wake) = &*self.inner;
-        let mut st = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock_unpoisoned(lock);
         st.stopped = true;
         if let Some(socket) = st.socket.take() {
             let _ = socket.shutdown(Shutdown::Both);
@@ -111,21 +112,21 @@ impl Stop {
         wake.notify_all();
     }
 
-    pub fn is_triggered(&self) -> bool {
-        self.inner.0.lock().unwrap_or_else(PoisonError::into_inner).stopped
+    pub(crate) fn is_triggered(&self) -> bool {
+        lock_unpoisoned(&self.inner.0).stopped
     }
 
     /// Sleeps for `pause` unless stopped first; true if stopped.
     fn sleep(&self, pause: Duration) -> bool {
         let (lock, wake) = &*self.inner;
-        let st = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let st = lock_unpoisoned(lock);
         let (st, _) = wake.wait_timeout_while(st, pause, |s| !s.stopped).unwrap_or_else(PoisonError::into_inner);
         st.stopped
     }
 
     /// Remembers the live socket so that `trigger` can close it.
     fn watch(&self, socket: &Arc<TcpStream>) -> Result<(), AgencyError> {
-        let mut st = self.inner.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock_unpoisoned(&self.inner.0);
         if st.stopped {
             return Err(AgencyError::Stopped);
         }
@@ -139,7 +140,7 @@ impl Stop {
 ///
 /// # Errors
 /// See [`AgencyError`]; a broken connection is not one while the retry window lasts.
-pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyError> {
+pub(crate) fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyError> {
     let data = BetData::File(settings.data_path.clone());
     // The data first: a missing file is said before anything about keys.
     check_data(settings, &data)?;
@@ -152,7 +153,7 @@ pub fn run(settings: &AgencySettings, stop: &Stop) -> Result<Outcome, AgencyErro
 ///
 /// # Errors
 /// As [`run`].
-pub fn run_with(
+pub(crate) fn run_with(
     settings: &AgencySettings,
     credentials: &Credentials,
     data: &BetData,
@@ -167,7 +168,7 @@ pub fn run_with(
     let mut first = 0;
     loop {
         let mut link = connect(settings, credentials, stop, &mut patience, &mut first)?;
-        let (setback, why) = match job.round(&mut link, &mut patience) {
+        let (setback, why) = match job.converse(&mut link, &mut patience) {
             Ok((winners, stored)) => return Ok(Outcome { winners, stored, reconnects }),
             // A TLS failure is said without the address where it is found; it is added here.
             Err(Attempt::Fatal(AgencyError::Tls { why, .. })) => {
@@ -265,7 +266,7 @@ const FIRST_WAIT_LINE: Duration = Duration::from_secs(5);
 
 impl Job<'_> {
     /// The conversation over one connection, from `HELLO` to the winners.
-    fn round(&self, link: &mut Link, patience: &mut Patience) -> Result<(Vec<String>, u64), Attempt> {
+    fn converse(&self, link: &mut Link, patience: &mut Patience) -> Result<(Vec<String>, u64), Attempt> {
         let id = self.settings.id;
         let hello = match &self.credentials.token {
             Some(token) => format!("HELLO {id} {}\n", token.expose()),
@@ -399,7 +400,7 @@ fn explain(address: &str, e: OpenError) -> String {
 ///
 /// # Errors
 /// What went wrong, for a person: no connection, no reply within `timeout`, another reply.
-pub fn ping(address: &str, timeout: Duration) -> Result<(), String> {
+pub(crate) fn ping(address: &str, timeout: Duration) -> Result<(), String> {
     let (mut stream, _) =
         link::open(address, 0, timeout).map_err(|e| format!("cannot reach {address}: {}", explain(address, e)))?;
     stream

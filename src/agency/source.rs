@@ -22,11 +22,11 @@ use crate::wire::row::RowEncoder;
 const READ_WHOLE: u64 = 1 << 20;
 
 /// Makes a reader over bets made in memory, from their start, as often as asked.
-pub type MakeRows = Arc<dyn Fn() -> Box<dyn Read + Send> + Send + Sync>;
+pub(crate) type MakeRows = Arc<dyn Fn() -> Box<dyn Read + Send> + Send + Sync>;
 
 /// Where an agency's bets come from.
 #[derive(Clone)]
-pub enum BetData {
+pub(crate) enum BetData {
     /// Its file (`CLI_DATA_PATH`).
     File(PathBuf),
     /// Rows made in memory (`lottery-round`'s generated data set), named for messages.
@@ -35,7 +35,7 @@ pub enum BetData {
 
 impl BetData {
     /// The name errors give it.
-    pub fn name(&self) -> &Path {
+    pub(crate) fn name(&self) -> &Path {
         match self {
             BetData::File(path) => path,
             BetData::Made { name, .. } => name,

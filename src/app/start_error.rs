@@ -13,7 +13,7 @@ use crate::ledger::store::StoreError;
 /// A step of the server's start-up that failed. Each variant's text says which step and
 /// where; the cause, when there is one, is its [`Error::source`].
 #[derive(Debug)]
-pub enum StartError {
+pub(crate) enum StartError {
     /// A setting is missing or does not parse (the text names the key).
     Settings(ConfigError),
     /// The TLS certificate, its key or the agencies' key file is missing or unusable.
@@ -78,7 +78,7 @@ impl From<OpenError> for StartError {
 }
 
 /// `error` and its causes as one line, `what: cause: cause's cause`, for a person.
-pub fn one_line(error: &dyn Error) -> String {
+pub(crate) fn one_line(error: &dyn Error) -> String {
     let mut line = error.to_string();
     let mut cause = error.source();
     while let Some(e) = cause {

@@ -12,7 +12,7 @@ use config::{Map, Value, ValueKind};
 /// The dialect as a `config` format: each value's origin is `path:line`, and an error is
 /// `path:line: what is wrong`.
 #[derive(Debug, Clone)]
-pub struct CourseIni {
+pub(super) struct CourseIni {
     pub path: String,
     pub known: Vec<&'static str>,
 }
@@ -38,7 +38,7 @@ impl config::FileStoredFormat for CourseIni {
 
 /// A value from the file, and the line it is on (from 1).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(super) struct Entry {
     pub value: String,
     pub line: usize,
 }
@@ -48,7 +48,7 @@ pub struct Entry {
 /// # Errors
 /// `(line, what is wrong)` for the first line that is not a comment, a blank, `[DEFAULT]` or
 /// a known `KEY = value` set once.
-pub fn parse(text: &str, known: &[&str]) -> Result<HashMap<String, Entry>, (usize, String)> {
+pub(super) fn parse(text: &str, known: &[&str]) -> Result<HashMap<String, Entry>, (usize, String)> {
     let mut entries: HashMap<String, Entry> = HashMap::new();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;

@@ -27,6 +27,7 @@ use crate::ledger::round_file::{self, RoundFile};
 use crate::ledger::stats::LedgerStats;
 use crate::ledger::store::{self, BetFile, Recovered, Store, StoreError, StoreErrorKind};
 use crate::ledger::{self, AgencyNow, Appended, Ledger, Rows, shutting_down};
+use crate::sync::lock_unpoisoned;
 use crate::wire::protocol::{self, ErrorCode, ProtocolError, Status};
 
 /// When an `OK` is sent for stored bets.
@@ -41,7 +42,7 @@ pub enum SyncMode {
 
 /// What a round needs to know at start.
 #[derive(Debug, Clone)]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     pub agencies: u32,
     pub storage_path: PathBuf,
     pub sync: SyncMode,
@@ -56,7 +57,7 @@ pub struct FileConfig {
 
 impl FileConfig {
     /// The round the server's settings describe.
-    pub fn from_settings(settings: &ServerSettings) -> FileConfig {
+    pub(crate) fn from_settings(settings: &ServerSettings) -> FileConfig {
         FileConfig {
             agencies: settings.agencies,
             storage_path: settings.storage_path.clone(),
@@ -69,9 +70,9 @@ impl FileConfig {
 }
 
 /// The shared state of one round kept in `bets.csv`.
-pub struct FileLedger {
+pub(crate) struct FileLedger {
     config: FileConfig,
-    state: Mutex<State>,
+    state: Mutex<RoundState>,
     drawn: Condvar,
     synced: Condvar,
     /// Set at shutdown, read without the lock by a draw in progress so that it gives up.
@@ -85,7 +86,7 @@ pub struct FileLedger {
 }
 
 /// Everything the Mutex guards.
-struct State {
+struct RoundState {
     store: Store,
     /// The round file's append end: one line per `DONE`, one at the draw.
     journal: Store,
@@ -117,19 +118,19 @@ enum Phase {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Mark {
     bets: u64,
-    round: u64,
+    journal: u64,
 }
 
 impl Mark {
     /// Whether everything up to `want` is within this mark.
     fn covers(self, want: Mark) -> bool {
-        self.bets >= want.bets && self.round >= want.round
+        self.bets >= want.bets && self.journal >= want.journal
     }
 }
 
 /// What start-up found, for the log.
 #[derive(Debug)]
-pub struct Resumed {
+pub(crate) struct Resumed {
     pub bets: u64,
     pub truncated: u64,
     pub agencies_done: usize,
@@ -142,7 +143,7 @@ impl FileLedger {
     ///
     /// # Errors
     /// A file cannot be read or written, or does not belong to a round of `config.agencies`.
-    pub fn open(config: FileConfig) -> Result<(FileLedger, Resumed), StoreError> {
+    pub(crate) fn open(config: FileConfig) -> Result<(FileLedger, Resumed), StoreError> {
         let round_path = round_file::path_for(&config.storage_path);
         let had_bets = fs::symlink_metadata(&config.storage_path).is_ok();
         let saved = match RoundFile::read(&round_path)? {
@@ -184,8 +185,8 @@ impl FileLedger {
             agencies_done: saved.done.len(),
             drawn: saved.drawn,
         };
-        let state = State {
-            synced: Mark { bets: store.len(), round: journal.len() },
+        let state = RoundState {
+            synced: Mark { bets: store.len(), journal: journal.len() },
             store,
             journal,
             stored: recovered.stored,
@@ -196,7 +197,7 @@ impl FileLedger {
             broken: None,
             free_space: FreeSpace::new(&config.storage_path, config.min_free_bytes),
         };
-        let round = FileLedger {
+        let ledger = FileLedger {
             config,
             state: Mutex::new(state),
             drawn: Condvar::new(),
@@ -208,21 +209,14 @@ impl FileLedger {
             stats: LedgerStats::default(),
         };
         // The last DONE was saved, but the server died before the draw was: make it now.
-        if round.start_draw_if_all_done(round.lock()) {
-            round.draw();
+        if ledger.start_draw_if_all_done(lock_unpoisoned(&ledger.state)) {
+            ledger.draw();
         }
-        Ok((round, resumed))
+        Ok((ledger, resumed))
     }
 
-    pub fn storage_path(&self) -> &Path {
+    pub(crate) fn storage_path(&self) -> &Path {
         &self.config.storage_path
-    }
-
-    /// The state, even if a connection's thread panicked while holding the lock. Every change
-    /// to `State` is a few assignments made after the fallible I/O they depend on, so a panic
-    /// cannot leave it half-updated; refusing all other agencies for one bug would be worse.
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// `agency` as an index, if it is one of this round's.
@@ -237,9 +231,9 @@ impl FileLedger {
     /// lock again.
     fn wait_durable<'a>(
         &'a self,
-        mut st: MutexGuard<'a, State>,
+        mut st: MutexGuard<'a, RoundState>,
         want: Mark,
-    ) -> Result<MutexGuard<'a, State>, ProtocolError> {
+    ) -> Result<MutexGuard<'a, RoundState>, ProtocolError> {
         match (self.config.sync, self.config.group_commit) {
             (SyncMode::Never, _) => return Ok(st),
             (SyncMode::Always, false) if !st.synced.covers(want) => {
@@ -266,7 +260,7 @@ impl FileLedger {
             drop(st);
             let result = sync(files);
             self.stats.sync_ended(&syncing);
-            st = self.lock();
+            st = lock_unpoisoned(&self.state);
             st.syncing = false;
             self.after_sync(&mut st, upto, result);
             self.synced.notify_all();
@@ -274,16 +268,16 @@ impl FileLedger {
         Ok(st)
     }
 
-    fn after_sync(&self, st: &mut State, upto: Mark, result: Result<(), (Which, io::Error)>) {
+    fn after_sync(&self, st: &mut RoundState, upto: Mark, result: Result<(), (Which, io::Error)>) {
         match result {
             Ok(()) => {
                 st.synced.bets = st.synced.bets.max(upto.bets);
-                st.synced.round = st.synced.round.max(upto.round);
+                st.synced.journal = st.synced.journal.max(upto.journal);
             }
             Err((which, e)) => {
                 let path = match which {
                     Which::Bets => self.storage_path().to_owned(),
-                    Which::Round => round_file::path_for(self.storage_path()),
+                    Which::Journal => round_file::path_for(self.storage_path()),
                 };
                 let why = format!("cannot sync {}: {e}; restart the server", path.display());
                 error!("action: sync | result: fail | error: {why}");
@@ -295,9 +289,9 @@ impl FileLedger {
     /// Appends `line` to the round file and returns once it is durable, with the lock again.
     fn record<'a>(
         &'a self,
-        mut st: MutexGuard<'a, State>,
+        mut st: MutexGuard<'a, RoundState>,
         line: &[u8],
-    ) -> Result<MutexGuard<'a, State>, ProtocolError> {
+    ) -> Result<MutexGuard<'a, RoundState>, ProtocolError> {
         if let Some(why) = &st.broken {
             return Err(ProtocolError::new(ErrorCode::Storage, why.clone()));
         }
@@ -305,13 +299,13 @@ impl FileLedger {
             let why = format!("cannot write {}: {e}", round_file::path_for(self.storage_path()).display());
             return Err(ProtocolError::new(ErrorCode::Storage, why));
         }
-        let want = Mark { bets: 0, round: st.journal.len() };
+        let want = Mark { bets: 0, journal: st.journal.len() };
         self.wait_durable(st, want)
     }
 
     /// Moves an open round whose agencies are all done to `Drawing`; true if the caller must
     /// now make the draw.
-    fn start_draw_if_all_done(&self, mut st: MutexGuard<'_, State>) -> bool {
+    fn start_draw_if_all_done(&self, mut st: MutexGuard<'_, RoundState>) -> bool {
         let ready = matches!(st.phase, Phase::Open) && st.done.iter().all(|&d| d);
         if ready {
             st.phase = Phase::Drawing;
@@ -323,13 +317,13 @@ impl FileLedger {
     fn draw(&self) {
         let began = Instant::now();
         let result = store::winners(self.storage_path(), self.config.agencies, Some(&self.stopping));
-        let mut st = self.lock();
+        let mut st = lock_unpoisoned(&self.state);
         match result {
             Ok(Some(winners)) => {
                 // Durable before it is logged: a crash in between loses a log line, never a draw.
                 st = self.record(st, round_file::DRAWN_LINE).unwrap_or_else(|e| {
                     error!("action: sorteo | result: fail | error: {}; the next start draws again", e.message);
-                    self.lock()
+                    lock_unpoisoned(&self.state)
                 });
                 st.phase = Phase::Drawn(replies(&winners));
                 self.status_drawn.store(true, Ordering::Relaxed);
@@ -346,13 +340,13 @@ impl FileLedger {
     }
 }
 
-impl State {
+impl RoundState {
     /// How far the files are written, and those of them that are not synced that far.
     fn behind(&self) -> (Mark, [Option<Arc<dyn BetFile>>; 2]) {
-        let upto = Mark { bets: self.store.len(), round: self.journal.len() };
+        let upto = Mark { bets: self.store.len(), journal: self.journal.len() };
         let bets = (self.synced.bets < upto.bets).then(|| self.store.file());
-        let round = (self.synced.round < upto.round).then(|| self.journal.file());
-        (upto, [bets, round])
+        let journal = (self.synced.journal < upto.journal).then(|| self.journal.file());
+        (upto, [bets, journal])
     }
 }
 
@@ -368,9 +362,9 @@ impl Ledger for FileLedger {
     /// `BAD_AGENCY` outside `1..=agencies`; `STORAGE` if that sync failed.
     fn hello(&self, agency: u32) -> Result<u64, ProtocolError> {
         let i = self.index(agency)?;
-        let st = self.lock();
+        let st = lock_unpoisoned(&self.state);
         let (stored, end) = (st.stored[i], st.store.len());
-        self.wait_durable(st, Mark { bets: end, round: 0 }).map(|_| stored)
+        self.wait_durable(st, Mark { bets: end, journal: 0 }).map(|_| stored)
     }
 
     /// The first half of [`FileLedger::store`]: appends the rows not held yet, without waiting for
@@ -384,7 +378,7 @@ impl Ledger for FileLedger {
     fn append(&self, agency: u32, offset: Option<u64>, rows: &Rows) -> Result<Appended, ProtocolError> {
         let i = self.index(agency)?;
         let count = rows.ends.len() as u64;
-        let mut st = self.lock();
+        let mut st = lock_unpoisoned(&self.state);
         if st.shutting_down {
             return Err(shutting_down());
         }
@@ -400,12 +394,12 @@ impl Ledger for FileLedger {
         };
         let skip = ledger::admit_batch(&now, offset, count)?;
         if skip < count {
-            let (len, adding) = (st.store.len(), rows.from(skip as usize).len() as u64);
+            let (len, adding) = (st.store.len(), rows.bytes_from(skip as usize).len() as u64);
             if let Err(why) = st.free_space.check(len, adding) {
                 warn!("action: store | result: fail | error: {why}");
                 return Err(ProtocolError::new(ErrorCode::Storage, why));
             }
-            if let Err(e) = st.store.append(rows.from(skip as usize)) {
+            if let Err(e) = st.store.append(rows.bytes_from(skip as usize)) {
                 let why = format!("cannot write {}: {e}", self.storage_path().display());
                 error!("action: store | result: fail | error: {why}");
                 return Err(ProtocolError::new(ErrorCode::Storage, why));
@@ -424,7 +418,7 @@ impl Ledger for FileLedger {
     /// # Errors
     /// `STORAGE` if a sync failed.
     fn make_durable(&self, end: u64) -> Result<(), ProtocolError> {
-        self.wait_durable(self.lock(), Mark { bets: end, round: 0 }).map(|_| ())
+        self.wait_durable(lock_unpoisoned(&self.state), Mark { bets: end, journal: 0 }).map(|_| ())
     }
 
     fn pipelines(&self) -> bool {
@@ -439,13 +433,13 @@ impl Ledger for FileLedger {
     /// `BAD_AGENCY`, `STORAGE` if the round file could not be written or synced, `SHUTDOWN`.
     fn done(&self, agency: u32) -> Result<(), ProtocolError> {
         let i = self.index(agency)?;
-        let mut st = self.lock();
+        let mut st = lock_unpoisoned(&self.state);
         if st.shutting_down {
             return Err(shutting_down());
         }
         if st.done[i] {
             // Said before, maybe on a connection still syncing it: acknowledged once durable.
-            let want = Mark { bets: 0, round: st.journal.len() };
+            let want = Mark { bets: 0, journal: st.journal.len() };
             return self.wait_durable(st, want).map(|_| ());
         }
         st.done[i] = true;
@@ -455,7 +449,7 @@ impl Ledger for FileLedger {
                 error!("action: done | result: fail | error: {}", e.message);
                 // Not written at all: the agency is not done. Written but not synced: nothing more
                 // is acknowledged until a restart, which reads the file again.
-                let mut st = self.lock();
+                let mut st = lock_unpoisoned(&self.state);
                 if st.broken.is_none() {
                     st.done[i] = false;
                 }
@@ -477,9 +471,10 @@ impl Ledger for FileLedger {
     /// `BAD_AGENCY`, or `SHUTDOWN` if the server stops first.
     fn winners(&self, agency: u32, wait: Duration, hung_up: &AtomicBool) -> Result<Option<Arc<[u8]>>, ProtocolError> {
         let i = self.index(agency)?;
-        let st = self.lock();
-        let waiting =
-            |s: &mut State| !matches!(s.phase, Phase::Drawn(_)) && !s.shutting_down && !hung_up.load(Ordering::SeqCst);
+        let st = lock_unpoisoned(&self.state);
+        let waiting = |s: &mut RoundState| {
+            !matches!(s.phase, Phase::Drawn(_)) && !s.shutting_down && !hung_up.load(Ordering::SeqCst)
+        };
         let (st, _) = self.drawn.wait_timeout_while(st, wait, waiting).unwrap_or_else(PoisonError::into_inner);
         match &st.phase {
             Phase::Drawn(replies) => Ok(Some(Arc::clone(&replies[i]))),
@@ -490,7 +485,7 @@ impl Ledger for FileLedger {
 
     /// Takes the lock, so that a waiter between looking at its flag and waiting cannot miss it.
     fn wake_waiters(&self) {
-        let _st = self.lock();
+        let _st = lock_unpoisoned(&self.state);
         self.drawn.notify_all();
     }
 
@@ -507,7 +502,7 @@ impl Ledger for FileLedger {
     /// Refuses every new request and wakes every waiter: the first step of shutdown.
     fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
-        self.lock().shutting_down = true;
+        lock_unpoisoned(&self.state).shutting_down = true;
         self.drawn.notify_all();
         self.synced.notify_all();
     }
@@ -521,7 +516,7 @@ impl Ledger for FileLedger {
     /// # Errors
     /// The sync error.
     fn close(&self) -> io::Result<()> {
-        let st = self.lock();
+        let st = lock_unpoisoned(&self.state);
         st.store.file().sync()?;
         st.journal.file().sync()
     }
@@ -545,7 +540,7 @@ fn replies(winners: &[String]) -> Vec<Arc<[u8]>> {
 ///
 /// # Errors
 /// `path` cannot be read, or `out` cannot be written.
-pub fn export(path: &Path, out: &mut dyn Write) -> Result<u64, String> {
+pub(crate) fn export(path: &Path, out: &mut dyn Write) -> Result<u64, String> {
     let file = File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let (mut line, mut rows) = (Vec::new(), 0);
@@ -567,13 +562,13 @@ pub fn export(path: &Path, out: &mut dyn Write) -> Result<u64, String> {
 #[derive(Debug, Clone, Copy)]
 enum Which {
     Bets,
-    Round,
+    Journal,
 }
 
 /// Syncs each file given, `bets.csv` first: a `DONE` is never durable before the bets it follows.
-fn sync([bets, round]: [Option<Arc<dyn BetFile>>; 2]) -> Result<(), (Which, io::Error)> {
+fn sync([bets, journal]: [Option<Arc<dyn BetFile>>; 2]) -> Result<(), (Which, io::Error)> {
     bets.map_or(Ok(()), |f| f.sync()).map_err(|e| (Which::Bets, e))?;
-    round.map_or(Ok(()), |f| f.sync()).map_err(|e| (Which::Round, e))
+    journal.map_or(Ok(()), |f| f.sync()).map_err(|e| (Which::Journal, e))
 }
 
 /// The refusal of a storage that holds another round than the one configured.
@@ -608,12 +603,12 @@ mod tests {
     use std::sync::Arc;
 
     /// A round of one agency over an in-memory bets file (and a round file that never fails).
-    fn round(file: &Arc<FailingFile>, dir: &Path) -> FileLedger {
-        round_with(file, &Arc::new(FailingFile::new(None, None)), dir)
+    fn ledger(file: &Arc<FailingFile>, dir: &Path) -> FileLedger {
+        ledger_with(file, &Arc::new(FailingFile::new(None, None)), dir)
     }
 
     /// A round of one agency over an in-memory bets file and round file.
-    fn round_with(file: &Arc<FailingFile>, journal: &Arc<FailingFile>, dir: &Path) -> FileLedger {
+    fn ledger_with(file: &Arc<FailingFile>, journal: &Arc<FailingFile>, dir: &Path) -> FileLedger {
         let config = FileConfig {
             agencies: 1,
             storage_path: dir.join("bets.csv"),
@@ -641,17 +636,17 @@ mod tests {
     fn a_write_error_is_answered_storage_and_the_round_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let file = Arc::new(FailingFile::new(Some(2), None));
-        let round = round(&file, dir.path());
-        assert_eq!(round.store(1, Some(0), &rows(2)), Ok(2));
-        let err = round.store(1, Some(2), &rows(3)).unwrap_err();
+        let ledger = ledger(&file, dir.path());
+        assert_eq!(ledger.store(1, Some(0), &rows(2)), Ok(2));
+        let err = ledger.store(1, Some(2), &rows(3)).unwrap_err();
         assert_eq!(err.code, ErrorCode::Storage);
         assert!(err.message.contains("no space left"), "{}", err.message);
         // Nothing of the failed batch is held or in the file, which still ends on a whole row.
-        assert_eq!(round.hello(1), Ok(2));
+        assert_eq!(ledger.hello(1), Ok(2));
         assert_eq!(file.data.lock().unwrap().iter().filter(|&&b| b == b'\n').count(), 2);
         assert!(file.data.lock().unwrap().ends_with(b"\n"));
         // The retry is stored.
-        assert_eq!(round.store(1, Some(2), &rows(3)), Ok(5));
+        assert_eq!(ledger.store(1, Some(2), &rows(3)), Ok(5));
         assert_eq!(file.data.lock().unwrap().len(), rows(2).bytes.len() + rows(3).bytes.len());
     }
 
@@ -659,14 +654,14 @@ mod tests {
     fn past_the_quota_a_batch_is_refused_whole() {
         let dir = tempfile::tempdir().unwrap();
         let file = Arc::new(FailingFile::new(None, None));
-        let round = round(&file, dir.path());
-        assert_eq!(round.store(1, Some(0), &rows(4)), Ok(4));
-        let err = round.store(1, Some(4), &rows(3)).unwrap_err();
+        let ledger = ledger(&file, dir.path());
+        assert_eq!(ledger.store(1, Some(0), &rows(4)), Ok(4));
+        let err = ledger.store(1, Some(4), &rows(3)).unwrap_err();
         assert_eq!(err.code, ErrorCode::Quota);
-        assert_eq!(round.hello(1), Ok(4));
+        assert_eq!(ledger.hello(1), Ok(4));
         // A retry of what is held is still acknowledged, and the quota may be filled exactly.
-        assert_eq!(round.store(1, Some(0), &rows(4)), Ok(4));
-        assert_eq!(round.store(1, Some(4), &rows(2)), Ok(6));
+        assert_eq!(ledger.store(1, Some(0), &rows(4)), Ok(4));
+        assert_eq!(ledger.store(1, Some(4), &rows(2)), Ok(6));
     }
 
     #[test]
@@ -684,40 +679,40 @@ mod tests {
     fn a_sync_error_refuses_every_write_until_restart() {
         let dir = tempfile::tempdir().unwrap();
         let file = Arc::new(FailingFile::new(None, Some(1)));
-        let round = round(&file, dir.path());
-        assert_eq!(round.store(1, Some(0), &rows(1)).unwrap_err().code, ErrorCode::Storage);
-        assert_eq!(round.store(1, Some(1), &rows(1)).unwrap_err().code, ErrorCode::Storage);
+        let ledger = ledger(&file, dir.path());
+        assert_eq!(ledger.store(1, Some(0), &rows(1)).unwrap_err().code, ErrorCode::Storage);
+        assert_eq!(ledger.store(1, Some(1), &rows(1)).unwrap_err().code, ErrorCode::Storage);
         // The round still answers what needs no write.
-        assert_eq!(round.status().unwrap().bets, 1);
-        assert_eq!(round.hello(1).unwrap_err().code, ErrorCode::Storage);
+        assert_eq!(ledger.status().unwrap().bets, 1);
+        assert_eq!(ledger.hello(1).unwrap_err().code, ErrorCode::Storage);
     }
 
     #[test]
     fn a_done_is_a_line_of_the_round_file_and_is_acknowledged_once_synced() {
         let dir = tempfile::tempdir().unwrap();
         let (bets, journal) = (Arc::new(FailingFile::new(None, None)), Arc::new(FailingFile::new(None, Some(1))));
-        let round = round_with(&bets, &journal, dir.path());
-        assert_eq!(round.store(1, Some(0), &rows(1)), Ok(1));
-        let err = round.done(1).unwrap_err();
+        let ledger = ledger_with(&bets, &journal, dir.path());
+        assert_eq!(ledger.store(1, Some(0), &rows(1)), Ok(1));
+        let err = ledger.done(1).unwrap_err();
         assert_eq!(err.code, ErrorCode::Storage);
         assert!(err.message.contains("cannot sync") && err.message.contains("bets.csv.round"), "{}", err.message);
         assert_eq!(*journal.data.lock().unwrap(), b"done = 1\n");
         // Written, not known durable: saying it again is not acknowledged either, and no draw.
-        assert_eq!(round.done(1).unwrap_err().code, ErrorCode::Storage);
-        assert!(!round.status().unwrap().drawn);
+        assert_eq!(ledger.done(1).unwrap_err().code, ErrorCode::Storage);
+        assert!(!ledger.status().unwrap().drawn);
     }
 
     #[test]
     fn the_last_done_draws_and_the_draw_is_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let (bets, journal) = (Arc::new(FailingFile::new(None, None)), Arc::new(FailingFile::new(None, None)));
-        let round = round_with(&bets, &journal, dir.path());
+        let ledger = ledger_with(&bets, &journal, dir.path());
         // The draw reads bets.csv back from its path.
         std::fs::write(dir.path().join("bets.csv"), "1,Ana,Paz,7,1990-01-01,7574\n").unwrap();
-        assert_eq!(round.done(1), Ok(()));
-        assert_eq!(round.done(1), Ok(()));
+        assert_eq!(ledger.done(1), Ok(()));
+        assert_eq!(ledger.done(1), Ok(()));
         assert_eq!(*journal.data.lock().unwrap(), b"done = 1\ndrawn = true\n");
-        let reply = round.winners(1, Duration::ZERO, &AtomicBool::new(false)).unwrap().unwrap();
+        let reply = ledger.winners(1, Duration::ZERO, &AtomicBool::new(false)).unwrap().unwrap();
         assert_eq!(&*reply, b"WINNERS 1 7\n");
     }
 
@@ -740,15 +735,15 @@ mod tests {
         let old = "# lottery round state, written by lottery-server; delete it with bets.csv to start a new round\n\
                    agencies = 3\ndone = 1,3\ndrawn = false\n";
         std::fs::write(dir.path().join("bets.csv.round"), old).unwrap();
-        let (round, resumed) = FileLedger::open(config(dir.path(), 3)).unwrap();
+        let (ledger, resumed) = FileLedger::open(config(dir.path(), 3)).unwrap();
         assert_eq!((resumed.bets, resumed.agencies_done, resumed.drawn), (3, 2, false));
-        assert_eq!(round.hello(2), Ok(1));
-        assert_eq!(round.done(2), Ok(()));
-        assert_eq!(&*round.winners(2, Duration::ZERO, &AtomicBool::new(false)).unwrap().unwrap(), b"WINNERS 1 2\n");
-        drop(round);
-        let (round, resumed) = FileLedger::open(config(dir.path(), 3)).unwrap();
+        assert_eq!(ledger.hello(2), Ok(1));
+        assert_eq!(ledger.done(2), Ok(()));
+        assert_eq!(&*ledger.winners(2, Duration::ZERO, &AtomicBool::new(false)).unwrap().unwrap(), b"WINNERS 1 2\n");
+        drop(ledger);
+        let (ledger, resumed) = FileLedger::open(config(dir.path(), 3)).unwrap();
         assert_eq!((resumed.agencies_done, resumed.drawn), (3, true));
-        assert_eq!(&*round.winners(1, Duration::ZERO, &AtomicBool::new(false)).unwrap().unwrap(), b"WINNERS 1 1\n");
+        assert_eq!(&*ledger.winners(1, Duration::ZERO, &AtomicBool::new(false)).unwrap().unwrap(), b"WINNERS 1 1\n");
     }
 
     #[test]
@@ -761,8 +756,8 @@ mod tests {
         assert!(err.contains("SERVER_AGENCIES is 1; to start a new round, move"), "{err}");
         assert!(err.contains("SERVER_STORAGE_PATH"), "{err}");
         // With one: from it, before a byte of the bets file is read.
-        let (round, _) = FileLedger::open(config(dir.path(), 5)).unwrap();
-        drop(round);
+        let (ledger, _) = FileLedger::open(config(dir.path(), 5)).unwrap();
+        drop(ledger);
         let err = FileLedger::open(config(dir.path(), 7)).err().unwrap().to_string();
         assert!(err.contains("holds another round's bets (a round of 5 agencies, as "), "{err}");
         assert!(err.contains("bets.csv.round says), and SERVER_AGENCIES is 7"), "{err}");
@@ -772,8 +767,8 @@ mod tests {
     fn the_ledgers_files_are_created_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let (round, _) = FileLedger::open(config(dir.path(), 2)).unwrap();
-        drop(round);
+        let (ledger, _) = FileLedger::open(config(dir.path(), 2)).unwrap();
+        drop(ledger);
         for name in ["bets.csv", "bets.csv.round"] {
             let mode = std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{name}");

@@ -13,7 +13,7 @@ const RECHECK_BYTES: u64 = 1 << 20;
 
 /// The free-space guard of one bets file.
 #[derive(Debug)]
-pub struct FreeSpace {
+pub(crate) struct FreeSpace {
     dir: PathBuf,
     min_free: u64,
     /// The last answer: when, the file's length then, and the bytes free then.
@@ -22,7 +22,7 @@ pub struct FreeSpace {
 
 impl FreeSpace {
     /// A guard for the filesystem holding `storage`; `min_free` 0 turns it off.
-    pub fn new(storage: &Path, min_free: u64) -> FreeSpace {
+    pub(crate) fn new(storage: &Path, min_free: u64) -> FreeSpace {
         let dir = match storage.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
@@ -35,7 +35,7 @@ impl FreeSpace {
     /// # Errors
     /// Why not, for the `ERR STORAGE` reply. A filesystem that cannot be asked is let be: the
     /// write itself then says whether there was room.
-    pub fn check(&mut self, len: u64, adding: u64) -> Result<(), String> {
+    pub(crate) fn check(&mut self, len: u64, adding: u64) -> Result<(), String> {
         if self.min_free == 0 {
             return Ok(());
         }

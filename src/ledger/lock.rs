@@ -24,13 +24,12 @@ use crate::ledger::store;
 
 /// Held for as long as the server runs; dropping it releases the lock.
 #[derive(Debug)]
-pub struct StorageLock {
+pub(crate) struct StorageLock {
     _file: File,
-    pub path: PathBuf,
 }
 
 /// The lock file of the storage at `storage`.
-pub fn path_for(storage: &Path) -> PathBuf {
+pub(crate) fn path_for(storage: &Path) -> PathBuf {
     let mut name = storage.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".lock");
     storage.with_file_name(name)
@@ -43,7 +42,7 @@ impl StorageLock {
     /// # Errors
     /// The directory is open to other users, another process holds the lock (named when the
     /// kernel says which), or the lock file cannot be opened; said in one line with the path.
-    pub fn acquire(storage: &Path) -> Result<StorageLock, String> {
+    pub(crate) fn acquire(storage: &Path) -> Result<StorageLock, String> {
         check_directory(storage)?;
         let path = path_for(storage);
         // Neither `truncate` nor `append`: a refused server must not change a byte.
@@ -60,7 +59,7 @@ impl StorageLock {
             .and_then(|()| file.seek(SeekFrom::Start(0)))
             .and_then(|_| file.write_all(pid.as_bytes()))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        Ok(StorageLock { _file: file, path })
+        Ok(StorageLock { _file: file })
     }
 }
 
@@ -68,7 +67,7 @@ impl StorageLock {
 ///
 /// # Errors
 /// Why, in one line naming the directory and what to do.
-pub fn check_directory(storage: &Path) -> Result<(), String> {
+pub(crate) fn check_directory(storage: &Path) -> Result<(), String> {
     let dir = match storage.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -8,14 +8,14 @@
 //!
 //! The trait speaks the protocol's terms: its errors are the `ERR` replies the session sends.
 
-pub mod file;
-pub mod free_space;
-pub mod lock;
-pub mod postgres;
-pub mod round_file;
+pub(crate) mod file;
+pub(crate) mod free_space;
+pub(crate) mod lock;
+pub(crate) mod postgres;
+pub(crate) mod round_file;
 mod scan;
-pub mod stats;
-pub mod store;
+pub(crate) mod stats;
+pub(crate) mod store;
 
 use std::io;
 use std::sync::Arc;
@@ -73,7 +73,7 @@ pub(crate) fn shutting_down() -> ProtocolError {
 
 /// What the server needs of the storage of a round. Every method is called by a connection's
 /// thread between reading a request and writing its reply; none touches a socket.
-pub trait Ledger: Send + Sync {
+pub(crate) trait Ledger: Send + Sync {
     /// How many agencies the round has.
     fn agencies(&self) -> u32;
 
@@ -175,7 +175,7 @@ pub trait Ledger: Send + Sync {
 
 /// Rows appended by [`Ledger::append`] and not yet acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Appended {
+pub(crate) struct Appended {
     /// Bets the agency holds, counting these.
     pub stored: u64,
     /// The ledger must be durable up to here (a position in its log) before the rows are
@@ -185,7 +185,7 @@ pub struct Appended {
 
 /// Bets to store, already validated and encoded as `bets.csv` rows.
 #[derive(Debug, Default)]
-pub struct Rows {
+pub(crate) struct Rows {
     pub bytes: Vec<u8>,
     /// `ends[i]` is where row `i` ends in `bytes`.
     pub ends: Vec<usize>,
@@ -193,26 +193,13 @@ pub struct Rows {
 
 impl Rows {
     /// The rows from `row` on.
-    pub fn from(&self, row: usize) -> &[u8] {
+    pub(crate) fn bytes_from(&self, row: usize) -> &[u8] {
         let start = if row == 0 { 0 } else { self.ends[row - 1] };
         &self.bytes[start..]
     }
 
     /// How many rows there are.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.ends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
-    /// Each row from `row` on, without its line end.
-    pub fn rows_from(&self, row: usize) -> impl Iterator<Item = &[u8]> {
-        (row..self.ends.len()).map(move |i| {
-            let start = if i == 0 { 0 } else { self.ends[i - 1] };
-            let row = &self.bytes[start..self.ends[i]];
-            row.strip_suffix(b"\n").unwrap_or(row)
-        })
     }
 }

@@ -39,13 +39,13 @@ mod pool;
 mod privileges;
 mod watch;
 
-pub use error::OpenError;
-pub use export::export;
+pub(crate) use error::OpenError;
+pub(crate) use export::export;
 
 use std::io;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -114,6 +114,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// What every reply says of a database failure: the client learns nothing of where it is.
 const UNAVAILABLE: &str = "the database is unavailable; try again later";
 
+use crate::sync::lock_unpoisoned;
 use pool::Manager;
 
 /// Every agency's `WINNERS` reply line, encoded once when the winners are loaded.
@@ -121,26 +122,26 @@ type Replies = Arc<Vec<Arc<[u8]>>>;
 
 /// What start-up found, for the log.
 #[derive(Debug)]
-pub struct Opened {
+pub(crate) struct Opened {
     pub bets: u64,
     pub agencies_done: u32,
     pub drawn: bool,
 }
 
 /// The round in a PostgreSQL database.
-pub struct PgLedger {
+pub(crate) struct PgLedger {
     agencies: u32,
     /// `SERVER_MAX_BETS_PER_AGENCY`.
     max_bets: u64,
     pool: Pool<Manager>,
-    shared: Arc<Shared>,
+    shared: Arc<ReplicaState>,
     watcher: Mutex<Option<JoinHandle<()>>>,
     /// `host:port/database`, for the log: never the password, never in a reply.
     place: String,
 }
 
 /// What this replica's connections share with its watcher.
-struct Shared {
+struct ReplicaState {
     agencies: u32,
     state: Mutex<Watch>,
     drawn: Condvar,
@@ -159,15 +160,10 @@ struct Watch {
     shutting_down: bool,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Watch> {
-        // Only whole assignments happen under this lock.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
+impl ReplicaState {
     /// Makes the winners known to this replica's waiters, and wakes them.
     fn publish(&self, winners: Replies) {
-        self.lock().winners.get_or_insert(winners);
+        lock_unpoisoned(&self.state).winners.get_or_insert(winners);
         self.is_drawn.store(true, Ordering::Relaxed);
         self.drawn.notify_all();
     }
@@ -236,7 +232,7 @@ impl PgLedger {
     /// # Errors
     /// The database cannot be reached, the role lacks a privilege, or the database holds a
     /// round of another number of agencies: each said in one line with what to do.
-    pub fn open(url: &str, agencies: u32, max_bets: u64) -> Result<(PgLedger, Opened), OpenError> {
+    pub(crate) fn open(url: &str, agencies: u32, max_bets: u64) -> Result<(PgLedger, Opened), OpenError> {
         let config = parse_url(url)?;
         let place = place(&config);
         let mut client = connect(&config, &place)?;
@@ -250,7 +246,7 @@ impl PgLedger {
             .connection_timeout(POOL_WAIT)
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build_unchecked(Manager { config: config.clone() });
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ReplicaState {
             agencies,
             state: Mutex::default(),
             drawn: Condvar::new(),
@@ -472,7 +468,7 @@ impl Ledger for PgLedger {
 
     fn winners(&self, agency: u32, wait: Duration, hung_up: &AtomicBool) -> Result<Option<Arc<[u8]>>, ProtocolError> {
         let i = self.key(agency)? as usize - 1;
-        let st = self.shared.lock();
+        let st = lock_unpoisoned(&self.shared.state);
         let waiting = |s: &mut Watch| s.winners.is_none() && !s.shutting_down && !hung_up.load(Ordering::SeqCst);
         let (st, _) = self.shared.drawn.wait_timeout_while(st, wait, waiting).unwrap_or_else(PoisonError::into_inner);
         match &st.winners {
@@ -489,13 +485,13 @@ impl Ledger for PgLedger {
 
     /// Takes the lock, so that a waiter between looking at its flag and waiting cannot miss it.
     fn wake_waiters(&self) {
-        let _st = self.shared.lock();
+        let _st = lock_unpoisoned(&self.shared.state);
         self.shared.drawn.notify_all();
     }
 
     fn begin_shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Relaxed);
-        self.shared.lock().shutting_down = true;
+        lock_unpoisoned(&self.shared.state).shutting_down = true;
         self.shared.drawn.notify_all();
     }
 
@@ -506,7 +502,7 @@ impl Ledger for PgLedger {
     /// Every acknowledged batch was committed already; this stops the watcher.
     fn close(&self) -> io::Result<()> {
         self.begin_shutdown();
-        if let Some(watcher) = self.watcher.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let Some(watcher) = lock_unpoisoned(&self.watcher).take() {
             watcher.join().map_err(|_| io::Error::other("the thread watching the round panicked"))?;
         }
         Ok(())

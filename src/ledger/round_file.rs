@@ -23,7 +23,7 @@ use crate::ledger::store::{self, Store, StoreError};
 
 /// The durable part of a round's progress besides the bets themselves.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoundFile {
+pub(crate) struct RoundFile {
     pub agencies: u32,
     /// Agencies that said `DONE`, ascending.
     pub done: Vec<u32>,
@@ -31,22 +31,22 @@ pub struct RoundFile {
 }
 
 /// Where the round file of `storage` lives: the same path with `.round` appended.
-pub fn path_for(storage: &Path) -> PathBuf {
+pub(crate) fn path_for(storage: &Path) -> PathBuf {
     let mut name = storage.as_os_str().to_owned();
     name.push(".round");
     PathBuf::from(name)
 }
 
 /// The journal line that records agency `agency`'s `DONE`.
-pub fn done_line(agency: u32) -> String {
+pub(crate) fn done_line(agency: u32) -> String {
     format!("done = {agency}\n")
 }
 
 /// The journal line that records the draw.
-pub const DRAWN_LINE: &[u8] = b"drawn = true\n";
+pub(crate) const DRAWN_LINE: &[u8] = b"drawn = true\n";
 
 impl RoundFile {
-    pub fn new(agencies: u32) -> Self {
+    pub(crate) fn new(agencies: u32) -> Self {
         RoundFile { agencies, done: Vec::new(), drawn: false }
     }
 
@@ -55,7 +55,7 @@ impl RoundFile {
     ///
     /// # Errors
     /// It cannot be read, is a symbolic link, or is not a round file.
-    pub fn read(path: &Path) -> Result<Option<(RoundFile, u64)>, StoreError> {
+    pub(crate) fn read(path: &Path) -> Result<Option<(RoundFile, u64)>, StoreError> {
         let opened = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path);
         let mut file = match opened {
             Ok(file) => file,
@@ -74,7 +74,7 @@ impl RoundFile {
     }
 
     /// Which agencies said `DONE`, as flags (index 0 is agency 1).
-    pub fn done_flags(&self) -> Vec<bool> {
+    pub(crate) fn done_flags(&self) -> Vec<bool> {
         let mut flags = vec![false; self.agencies as usize];
         for &a in &self.done {
             flags[a as usize - 1] = true;
@@ -118,7 +118,7 @@ impl RoundFile {
     ///
     /// # Errors
     /// Any step of write, sync, rename or directory sync failed; the old file is then intact.
-    pub fn create(path: &Path, agencies: u32) -> Result<Store, StoreError> {
+    pub(crate) fn create(path: &Path, agencies: u32) -> Result<Store, StoreError> {
         let tmp = {
             let mut name = path.as_os_str().to_owned();
             name.push(".tmp");
@@ -152,7 +152,7 @@ impl RoundFile {
     ///
     /// # Errors
     /// It cannot be opened or cut.
-    pub fn append_end(path: &Path, whole: u64) -> Result<Store, StoreError> {
+    pub(crate) fn append_end(path: &Path, whole: u64) -> Result<Store, StoreError> {
         let file = store::open_private(path, OpenOptions::new().append(true))?;
         let len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
         if len > whole {

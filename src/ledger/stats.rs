@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A histogram of fixed buckets, each an atomic: observing is a few atomic adds.
 #[derive(Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     /// Upper bounds, ascending; one more bucket counts what is past the last.
     bounds: &'static [f64],
     buckets: Vec<AtomicU64>,
@@ -17,7 +17,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Histogram {
+    pub(crate) fn new(bounds: &'static [f64]) -> Histogram {
         Histogram {
             bounds,
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
@@ -25,14 +25,14 @@ impl Histogram {
         }
     }
 
-    pub fn observe(&self, value: f64) {
+    pub(crate) fn observe(&self, value: f64) {
         let i = self.bounds.iter().position(|&b| value <= b).unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_micros.fetch_add((value * 1e6) as u64, Ordering::Relaxed);
     }
 
     /// `(sum, count, [(upper bound, count in that bucket alone)])`, the last bound infinite.
-    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+    pub(crate) fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
         let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
         let bounds = self.bounds.iter().copied().chain([f64::INFINITY]);
         let buckets: Vec<(f64, u64)> = bounds.zip(counts.iter().copied()).collect();
@@ -42,14 +42,15 @@ impl Histogram {
 
 /// How long an `fdatasync` takes, in seconds: a disk's cache answers in microseconds, a
 /// spinning disk in milliseconds, a struggling one in seconds.
-pub const SYNC_SECONDS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+pub(crate) const SYNC_SECONDS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
 /// How many bets one sync makes durable: one batch is up to a few hundred.
-pub const GROUP_BETS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0];
+pub(crate) const GROUP_BETS: &[f64] = &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0];
 
 /// The file ledger's counters.
 #[derive(Debug)]
-pub struct LedgerStats {
+pub(crate) struct LedgerStats {
     pub bets_appended: AtomicU64,
     pub bytes_appended: AtomicU64,
     /// Bets appended since the last sync began: what the next one makes durable.
@@ -77,13 +78,13 @@ impl Default for LedgerStats {
 
 /// A sync under way: when it began, and how many bets it makes durable.
 #[derive(Debug)]
-pub struct Syncing {
+pub(crate) struct Syncing {
     began: Instant,
     bets: u64,
 }
 
 impl LedgerStats {
-    pub fn appended(&self, bets: u64, bytes: u64) {
+    pub(crate) fn appended(&self, bets: u64, bytes: u64) {
         self.bets_appended.fetch_add(bets, Ordering::Relaxed);
         self.bytes_appended.fetch_add(bytes, Ordering::Relaxed);
         self.pending_bets.fetch_add(bets, Ordering::Relaxed);
@@ -91,17 +92,17 @@ impl LedgerStats {
 
     /// Called as a sync begins, with the ledger's lock held (so that the bets it covers are exactly
     /// those appended so far).
-    pub fn sync_begins(&self) -> Syncing {
+    pub(crate) fn sync_begins(&self) -> Syncing {
         Syncing { began: Instant::now(), bets: self.pending_bets.swap(0, Ordering::Relaxed) }
     }
 
-    pub fn sync_ended(&self, syncing: &Syncing) {
+    pub(crate) fn sync_ended(&self, syncing: &Syncing) {
         self.sync_seconds.observe(syncing.began.elapsed().as_secs_f64());
         self.group_bets.observe(syncing.bets as f64);
     }
 
     /// The draw, begun at `began`, is made.
-    pub fn drawn(&self, began: Instant) {
+    pub(crate) fn drawn(&self, began: Instant) {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
         self.drawn_at_ms.store(now.as_millis() as u64, Ordering::Relaxed);
         self.draw_micros.store(began.elapsed().as_micros() as u64, Ordering::Relaxed);

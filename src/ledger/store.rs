@@ -16,7 +16,7 @@ use crate::ledger::scan::{Fast, fast_scan};
 use crate::wire::bet::WINNING_NUMBER;
 
 /// What the store needs of a file. A trait so that tests can inject write and sync errors.
-pub trait BetFile: Send + Sync {
+pub(crate) trait BetFile: Send + Sync {
     /// Appends all of `bytes` at the end of the file (it may write a part before failing).
     fn append(&self, bytes: &[u8]) -> io::Result<()>;
     /// Makes everything appended so far durable (`fdatasync`).
@@ -96,7 +96,7 @@ impl std::error::Error for StoreError {
 
 /// What opening an existing `bets.csv` found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Recovered {
+pub(crate) struct Recovered {
     /// Bets held per agency; index 0 is agency 1.
     pub stored: Vec<u64>,
     /// Bytes of a torn last line that were cut away.
@@ -107,7 +107,7 @@ pub struct Recovered {
 }
 
 /// The open bets file: the append end of it. Reading back goes through [`scan`].
-pub struct Store {
+pub(crate) struct Store {
     file: Arc<dyn BetFile>,
     /// Length of the file: every byte before it is a whole row.
     len: u64,
@@ -119,7 +119,7 @@ impl Store {
     ///
     /// # Errors
     /// The file cannot be opened, read or cut, or holds a line that is not a stored bet.
-    pub fn open(path: &Path, agencies: u32) -> Result<(Store, Recovered), StoreError> {
+    pub(crate) fn open(path: &Path, agencies: u32) -> Result<(Store, Recovered), StoreError> {
         let mut file = open_private(path, OpenOptions::new().read(true).append(true).create(true))?;
         let full = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
         let len = whole_lines_len(&mut file, full).map_err(|e| StoreError::io(path, e))?;
@@ -136,17 +136,13 @@ impl Store {
     }
 
     /// A store over any [`BetFile`] whose first `len` bytes are whole rows.
-    pub fn with_file(file: Arc<dyn BetFile>, len: u64) -> Store {
+    pub(crate) fn with_file(file: Arc<dyn BetFile>, len: u64) -> Store {
         Store { file, len }
     }
 
     /// Length of the file in bytes, all of it whole rows.
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Appends whole rows and returns the new length. On failure the file is cut back to its
@@ -155,7 +151,7 @@ impl Store {
     /// # Errors
     /// The write error; or, if cutting back failed too, that error (the file may then end in a
     /// partial row, which the next start-up cuts away).
-    pub fn append(&mut self, rows: &[u8]) -> io::Result<u64> {
+    pub(crate) fn append(&mut self, rows: &[u8]) -> io::Result<u64> {
         if let Err(e) = self.file.append(rows) {
             self.file.truncate(self.len)?;
             return Err(e);
@@ -165,13 +161,14 @@ impl Store {
     }
 
     /// The file handle, for syncing with the round's lock released.
-    pub fn file(&self) -> Arc<dyn BetFile> {
+    pub(crate) fn file(&self) -> Arc<dyn BetFile> {
         Arc::clone(&self.file)
     }
 }
 
 /// Why a symbolic link in place of one of the server's files is refused.
-pub const LINK_REFUSED: &str = "is a symbolic link, and the server writes only to a file of its own: remove the link";
+pub(crate) const LINK_REFUSED: &str =
+    "is a symbolic link, and the server writes only to a file of its own: remove the link";
 
 /// Opens `path` with `options` as a file of the server's own: created mode 0600 whatever the
 /// umask (a bettor's name and DNI are for the server's user only), never through a symbolic
@@ -180,7 +177,7 @@ pub const LINK_REFUSED: &str = "is a symbolic link, and the server writes only t
 ///
 /// # Errors
 /// The open fails, `path` is a symbolic link, or another user owns the file; said with the path.
-pub fn open_private(path: &Path, options: &mut OpenOptions) -> Result<File, StoreError> {
+pub(crate) fn open_private(path: &Path, options: &mut OpenOptions) -> Result<File, StoreError> {
     // Said plainly first; the flag below closes the race (where the kernel may answer a link
     // planted in a sticky directory with a bare "permission denied").
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -229,7 +226,7 @@ fn whole_lines_len(file: &mut File, len: u64) -> io::Result<u64> {
 ///
 /// # Errors
 /// The file cannot be read, or a line is not a stored bet of one of `agencies` agencies.
-pub fn scan(
+pub(crate) fn scan(
     path: &Path,
     agencies: u32,
     stop: Option<&AtomicBool>,
@@ -296,7 +293,11 @@ fn open_read(path: &Path) -> Result<File, StoreError> {
 ///
 /// # Errors
 /// As [`scan`].
-pub fn winners(path: &Path, agencies: u32, stop: Option<&AtomicBool>) -> Result<Option<Vec<String>>, StoreError> {
+pub(crate) fn winners(
+    path: &Path,
+    agencies: u32,
+    stop: Option<&AtomicBool>,
+) -> Result<Option<Vec<String>>, StoreError> {
     let mut winners = vec![String::new(); agencies as usize];
     let finished = scan(path, agencies, stop, |agency, document, number| {
         add_winner(&mut winners, agency, document, number);

@@ -67,7 +67,12 @@ impl AgencyKeys {
 }
 
 /// Why a `HELLO` is refused, for the `ERR AUTH` reply. Never mentions the token presented.
-pub fn check_hello(keys: Option<&AgencyKeys>, agency: u32, token: Option<&Token>, peer: IpAddr) -> Result<(), String> {
+pub(crate) fn check_hello(
+    keys: Option<&AgencyKeys>,
+    agency: u32,
+    token: Option<&Token>,
+    peer: IpAddr,
+) -> Result<(), String> {
     match (keys, token) {
         (Some(_), None) => Err(format!("agency {agency} must give its token: HELLO {agency} <token>")),
         (Some(keys), Some(token)) if keys.verify(agency, token) => Ok(()),
@@ -78,7 +83,7 @@ pub fn check_hello(keys: Option<&AgencyKeys>, agency: u32, token: Option<&Token>
 }
 
 /// Loopback, also as an IPv4-mapped IPv6 address (`::ffff:127.0.0.1` on a dual-stack socket).
-pub fn is_loopback(ip: IpAddr) -> bool {
+pub(crate) fn is_loopback(ip: IpAddr) -> bool {
     ip.to_canonical().is_loopback()
 }
 

@@ -12,20 +12,21 @@
 //! one bet, so the agency's quota bounds them.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::sync::lock_unpoisoned;
 use log::info;
 
 /// Guest lines logged as they are, each second.
-pub const LINES_PER_SECOND: u32 = 50;
+pub(crate) const LINES_PER_SECOND: u32 = 50;
 
 /// An agency's refusal lines logged as they are, each second.
-pub const REFUSALS_PER_SECOND: u32 = 5;
+pub(crate) const REFUSALS_PER_SECOND: u32 = 5;
 
 /// What happened to a guest.
 #[derive(Debug, Clone, Copy)]
-pub enum GuestEvent {
+pub(crate) enum GuestEvent {
     Accepted,
     /// Turned away at the door: the server runs `SERVER_MAX_CONNECTIONS` threads.
     Refused,
@@ -71,7 +72,7 @@ impl Counts {
     }
 }
 
-struct State {
+struct GuestWindow {
     window: Instant,
     logged: u32,
     unlogged: Counts,
@@ -88,15 +89,15 @@ struct Refusals {
 
 /// The rate limits on the lines peers cause: guests', shared by the accept loop and every
 /// connection, and each agency's refusals.
-pub struct GuestLog {
-    state: Mutex<State>,
+pub(crate) struct GuestLog {
+    state: Mutex<GuestWindow>,
     agencies: Mutex<HashMap<u32, Refusals>>,
 }
 
 impl Default for GuestLog {
     fn default() -> Self {
         GuestLog {
-            state: Mutex::new(State { window: Instant::now(), logged: 0, unlogged: Counts::default() }),
+            state: Mutex::new(GuestWindow { window: Instant::now(), logged: 0, unlogged: Counts::default() }),
             agencies: Mutex::new(HashMap::new()),
         }
     }
@@ -104,8 +105,8 @@ impl Default for GuestLog {
 
 impl GuestLog {
     /// Logs `event` by calling `line` if this second's budget allows, else counts it.
-    pub fn event(&self, event: GuestEvent, line: impl FnOnce()) {
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+    pub(crate) fn event(&self, event: GuestEvent, line: impl FnOnce()) {
+        let mut st = lock_unpoisoned(&self.state);
         if st.window.elapsed() >= Duration::from_secs(1) {
             summarise(&mut st);
             st.window = Instant::now();
@@ -122,8 +123,8 @@ impl GuestLog {
 
     /// Logs one of `agency`'s refusals, whose error is `error`, by calling `line` if this
     /// second's budget for the agency allows, else counts it.
-    pub fn refusal(&self, agency: u32, error: &'static str, line: impl FnOnce()) {
-        let mut agencies = self.agencies.lock().unwrap_or_else(PoisonError::into_inner);
+    pub(crate) fn refusal(&self, agency: u32, error: &'static str, line: impl FnOnce()) {
+        let mut agencies = lock_unpoisoned(&self.agencies);
         let refusals = agencies.entry(agency).or_insert_with(|| Refusals {
             window: Instant::now(),
             logged: 0,
@@ -148,9 +149,9 @@ impl GuestLog {
     }
 
     /// Logs what is counted and not yet said (at shutdown).
-    pub fn flush(&self) {
-        summarise(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner));
-        let mut agencies = self.agencies.lock().unwrap_or_else(PoisonError::into_inner);
+    pub(crate) fn flush(&self) {
+        summarise(&mut lock_unpoisoned(&self.state));
+        let mut agencies = lock_unpoisoned(&self.agencies);
         let mut agencies: Vec<_> = agencies.iter_mut().collect();
         agencies.sort_by_key(|(agency, _)| **agency);
         for (agency, refusals) in agencies {
@@ -169,7 +170,7 @@ fn summarise_refusals(agency: u32, refusals: &mut Refusals) {
     }
 }
 
-fn summarise(st: &mut State) {
+fn summarise(st: &mut GuestWindow) {
     let c = std::mem::take(&mut st.unlogged);
     if c.total() > 0 {
         // A crowd of agencies connecting at once is counted too, and fails nothing: a normal

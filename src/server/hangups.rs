@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustix::buffer::spare_capacity;
@@ -16,6 +16,7 @@ use rustix::event::{Timespec, epoll};
 
 use crate::ledger::Ledger;
 use crate::server::ShutdownHandle;
+use crate::sync::lock_unpoisoned;
 
 /// How long the watching thread waits at most before it looks at the shutdown flag, should
 /// the shutdown's eventfd not wake it.
@@ -25,13 +26,13 @@ const STOP_CHECK: Duration = Duration::from_millis(500);
 const EVENTS: usize = 256;
 
 /// The waiters' sockets, in an epoll set of their own, and each waiter's "hung up" flag.
-pub struct Hangups {
+pub(crate) struct Hangups {
     epoll: OwnedFd,
     flags: Mutex<HashMap<u64, Arc<AtomicBool>>>,
 }
 
 /// One waiter's socket, watched until this is dropped.
-pub struct Watched<'a> {
+pub(crate) struct Watched<'a> {
     hangups: &'a Hangups,
     socket: BorrowedFd<'a>,
     id: u64,
@@ -44,7 +45,7 @@ impl Hangups {
     ///
     /// # Errors
     /// The epoll set cannot be made (out of file descriptors).
-    pub fn new() -> io::Result<Hangups> {
+    pub(crate) fn new() -> io::Result<Hangups> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         Ok(Hangups { epoll, flags: Mutex::new(HashMap::new()) })
     }
@@ -53,11 +54,11 @@ impl Hangups {
     ///
     /// # Errors
     /// The kernel refuses to add it (out of memory): the caller looks up by itself instead.
-    pub fn watch<'a>(&'a self, id: u64, socket: BorrowedFd<'a>) -> io::Result<Watched<'a>> {
+    pub(crate) fn watch<'a>(&'a self, id: u64, socket: BorrowedFd<'a>) -> io::Result<Watched<'a>> {
         let hung_up = Arc::new(AtomicBool::new(false));
-        self.lock().insert(id, Arc::clone(&hung_up));
+        lock_unpoisoned(&self.flags).insert(id, Arc::clone(&hung_up));
         if let Err(e) = epoll::add(&self.epoll, socket, epoll::EventData::new_u64(id), interest()) {
-            self.lock().remove(&id);
+            lock_unpoisoned(&self.flags).remove(&id);
             return Err(e.into());
         }
         Ok(Watched { hangups: self, socket, id, hung_up })
@@ -65,7 +66,7 @@ impl Hangups {
 
     /// Marks the waiters whose clients hang up and wakes the round's waiters so that they look,
     /// until the server shuts down (which wakes every waiter itself).
-    pub fn run(&self, round: &dyn Ledger, shutdown: &ShutdownHandle) {
+    pub(crate) fn run(&self, ledger: &dyn Ledger, shutdown: &ShutdownHandle) {
         const WAKE: u64 = u64::MAX;
         // Edge-triggered: the eventfd stays readable once triggered, and the door may not drain it.
         let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
@@ -82,27 +83,23 @@ impl Hangups {
             let ids = events.iter().map(|e| e.data.u64()).filter(|&id| id != WAKE);
             let mut marked = false;
             {
-                let flags = self.lock();
+                let flags = lock_unpoisoned(&self.flags);
                 for flag in ids.filter_map(|id| flags.get(&id)) {
                     flag.store(true, Ordering::SeqCst);
                     marked = true;
                 }
             }
             if marked {
-                round.wake_waiters();
+                ledger.wake_waiters();
             }
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<AtomicBool>>> {
-        self.flags.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Watched<'_> {
     /// Watches again after a wake-up that was no hang-up (the kernel said the socket has
     /// something to say, and it is not the end).
-    pub fn rearm(&self) {
+    pub(crate) fn rearm(&self) {
         self.hung_up.store(false, Ordering::SeqCst);
         let data = epoll::EventData::new_u64(self.id);
         let _ = epoll::modify(&self.hangups.epoll, self.socket, data, interest());
@@ -112,7 +109,7 @@ impl Watched<'_> {
 impl Drop for Watched<'_> {
     fn drop(&mut self) {
         let _ = epoll::delete(&self.hangups.epoll, self.socket);
-        self.hangups.lock().remove(&self.id);
+        lock_unpoisoned(&self.hangups.flags).remove(&self.id);
     }
 }
 
@@ -141,6 +138,6 @@ mod tests {
         epoll::wait(&hangups.epoll, spare_capacity(&mut events), timeout.as_ref()).unwrap();
         assert_eq!(events.first().map(|e| e.data.u64()), Some(7));
         drop(watched);
-        assert!(hangups.lock().is_empty());
+        assert!(lock_unpoisoned(&hangups.flags).is_empty());
     }
 }

@@ -5,14 +5,15 @@
 //! the operator's listener. The listener ([`crate::server::operator`]) only loads.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 
+use crate::sync::lock_unpoisoned;
 use crate::wire::protocol::ErrorCode;
 
 /// An agency's state, as the page colours it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum AgencyState {
+pub(crate) enum AgencyState {
     NotConnected = 0,
     Connected = 1,
     Done = 2,
@@ -21,10 +22,10 @@ pub enum AgencyState {
 }
 
 impl AgencyState {
-    pub const ALL: [AgencyState; 4] =
+    pub(crate) const ALL: [AgencyState; 4] =
         [AgencyState::NotConnected, AgencyState::Connected, AgencyState::Done, AgencyState::Told];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             AgencyState::NotConnected => "not_connected",
             AgencyState::Connected => "connected",
@@ -36,7 +37,7 @@ impl AgencyState {
 
 /// The server's counters.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     /// Live authenticated connections of each agency (index 0 is agency 1).
     sessions: Vec<AtomicU32>,
     done: Vec<AtomicBool>,
@@ -59,7 +60,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Counters for a round of `agencies`.
-    pub fn new(agencies: u32) -> Metrics {
+    pub(crate) fn new(agencies: u32) -> Metrics {
         let n = agencies as usize;
         Metrics {
             sessions: (0..n).map(|_| AtomicU32::new(0)).collect(),
@@ -77,7 +78,7 @@ impl Metrics {
         }
     }
 
-    pub fn agencies(&self) -> u32 {
+    pub(crate) fn agencies(&self) -> u32 {
         self.sessions.len() as u32
     }
 
@@ -86,19 +87,19 @@ impl Metrics {
     }
 
     /// The door admitted a connection.
-    pub fn guest(&self) {
+    pub(crate) fn guest(&self) {
         self.guests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The door answered `n` probes.
-    pub fn probed(&self, n: u32) {
+    pub(crate) fn probed(&self, n: u32) {
         self.probes.fetch_add(u64::from(n), Ordering::Relaxed);
     }
 
     /// Connection `id` now speaks for `agency` (a successful `HELLO`).
-    pub fn hello(&self, id: u64, agency: u32) {
+    pub(crate) fn hello(&self, id: u64, agency: u32) {
         self.agency_sessions.fetch_add(1, Ordering::Relaxed);
-        let before = self.speaks_for.lock().unwrap_or_else(PoisonError::into_inner).insert(id, agency);
+        let before = lock_unpoisoned(&self.speaks_for).insert(id, agency);
         if let Some(before) = before {
             self.leave(before);
         }
@@ -108,8 +109,8 @@ impl Metrics {
     }
 
     /// Connection `id` has ended.
-    pub fn closed(&self, id: u64) {
-        let agency = self.speaks_for.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+    pub(crate) fn closed(&self, id: u64) {
+        let agency = lock_unpoisoned(&self.speaks_for).remove(&id);
         if let Some(agency) = agency {
             self.leave(agency);
         }
@@ -122,49 +123,49 @@ impl Metrics {
     }
 
     /// `agency` said `DONE` (and it was recorded).
-    pub fn done(&self, agency: u32) {
+    pub(crate) fn done(&self, agency: u32) {
         if let Some(flag) = Metrics::flag(&self.done, agency) {
             flag.store(true, Ordering::Relaxed);
         }
     }
 
     /// `agency` was sent its `WINNERS` reply.
-    pub fn told(&self, agency: u32) {
+    pub(crate) fn told(&self, agency: u32) {
         if let Some(flag) = Metrics::flag(&self.told, agency) {
             flag.store(true, Ordering::Relaxed);
         }
     }
 
     /// An `ERR <code>` reply was sent (or a connection was closed for that reason).
-    pub fn refused(&self, code: ErrorCode) {
+    pub(crate) fn refused(&self, code: ErrorCode) {
         if let Some(i) = ErrorCode::ALL.iter().position(|&c| c == code) {
             self.refusals[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    pub fn tls_handshake(&self, ok: bool) {
+    pub(crate) fn tls_handshake(&self, ok: bool) {
         let counter = if ok { &self.tls_ok } else { &self.tls_failed };
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A batch of `bets` was acknowledged `OK` (a `BET` is a batch of one).
-    pub fn stored(&self, bets: u32) {
+    pub(crate) fn stored(&self, bets: u32) {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.bets.fetch_add(u64::from(bets), Ordering::Relaxed);
     }
 
     /// Refusals so far, by code, in the order of [`ErrorCode::ALL`].
-    pub fn refusals(&self) -> [(ErrorCode, u64); ErrorCode::ALL.len()] {
+    pub(crate) fn refusals(&self) -> [(ErrorCode, u64); ErrorCode::ALL.len()] {
         std::array::from_fn(|i| (ErrorCode::ALL[i], self.refusals[i].load(Ordering::Relaxed)))
     }
 
-    pub fn refusals_total(&self) -> u64 {
+    pub(crate) fn refusals_total(&self) -> u64 {
         self.refusals.iter().map(|r| r.load(Ordering::Relaxed)).sum()
     }
 
     /// Each agency's state (index 0 is agency 1); once the draw is made, every agency is at
     /// least done (the draw needs them all, even those done before this server started).
-    pub fn states(&self, drawn: bool) -> Vec<AgencyState> {
+    pub(crate) fn states(&self, drawn: bool) -> Vec<AgencyState> {
         (0..self.sessions.len())
             .map(|i| {
                 if self.told[i].load(Ordering::Relaxed) {
@@ -182,7 +183,7 @@ impl Metrics {
 }
 
 /// Numbers as ranges: `[3, 4, 5, 9]` → `3-5, 9`.
-pub fn ranges(numbers: impl IntoIterator<Item = u32>) -> String {
+pub(crate) fn ranges(numbers: impl IntoIterator<Item = u32>) -> String {
     let mut spans: Vec<(u32, u32)> = Vec::new();
     for n in numbers {
         match spans.last_mut() {

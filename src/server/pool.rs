@@ -7,19 +7,20 @@
 //! A thread that has had no connection for [`IDLE_FOR`] ends: once an attack stops, the server
 //! is back to its few threads within a second or two.
 
+use crate::sync::lock_unpoisoned;
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 /// How long a thread waits for its next connection before it ends.
-pub const IDLE_FOR: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_FOR: Duration = Duration::from_secs(1);
 
 type Job = Box<dyn FnOnce() + Send>;
 
-pub struct Pool {
-    shared: Arc<Shared>,
+pub(crate) struct Pool {
+    shared: Arc<JobQueue>,
     threads: Vec<JoinHandle<()>>,
     /// How many handles there were after finished threads were last forgotten: they are
     /// forgotten again once there are twice as many, so that each start costs O(1) however
@@ -29,28 +30,22 @@ pub struct Pool {
 }
 
 #[derive(Default)]
-struct Shared {
-    state: Mutex<State>,
+struct JobQueue {
+    state: Mutex<Queued>,
     work: Condvar,
 }
 
 #[derive(Default)]
-struct State {
+struct Queued {
     jobs: VecDeque<Job>,
     /// Threads waiting for a job.
     idle: usize,
     closed: bool,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 impl Pool {
     /// A pool whose threads have stacks of `stack_size` bytes.
-    pub fn new(stack_size: usize) -> Pool {
+    pub(crate) fn new(stack_size: usize) -> Pool {
         Pool { shared: Arc::default(), threads: Vec::new(), reaped: 0, stack_size }
     }
 
@@ -58,10 +53,10 @@ impl Pool {
     ///
     /// # Errors
     /// No thread was waiting and none could be started.
-    pub fn run(&mut self, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    pub(crate) fn run(&mut self, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
         let job: Job = Box::new(job);
         {
-            let mut st = self.shared.lock();
+            let mut st = lock_unpoisoned(&self.shared.state);
             if st.idle > st.jobs.len() {
                 st.jobs.push_back(job);
                 self.shared.work.notify_one();
@@ -85,8 +80,8 @@ impl Pool {
 
     /// Lets every thread end once its connection has, and waits for them; returns how many there
     /// were.
-    pub fn join(self) -> usize {
-        self.shared.lock().closed = true;
+    pub(crate) fn join(self) -> usize {
+        lock_unpoisoned(&self.shared.state).closed = true;
         self.shared.work.notify_all();
         let count = self.threads.len();
         for thread in self.threads {
@@ -99,8 +94,8 @@ impl Pool {
 
 /// The next job for a thread that has finished one; `None` once it has waited [`IDLE_FOR`] for
 /// nothing, or the pool is closed.
-fn next_job(shared: &Shared) -> Option<Job> {
-    let mut st = shared.lock();
+fn next_job(shared: &JobQueue) -> Option<Job> {
+    let mut st = lock_unpoisoned(&shared.state);
     st.idle += 1;
     let job = loop {
         if let Some(job) = st.jobs.pop_front() {
@@ -145,7 +140,7 @@ mod tests {
             pool.run(move || done.send(thread::current().id()).unwrap()).unwrap();
             ids.insert(finished.recv_timeout(Duration::from_secs(60)).unwrap());
             let shared = Arc::clone(&pool.shared);
-            wait_until("the thread waits for the next job", || shared.lock().idle == 1);
+            wait_until("the thread waits for the next job", || lock_unpoisoned(&shared.state).idle == 1);
         }
         assert_eq!(ids.len(), 1, "twenty jobs one after another ran on {} threads", ids.len());
         assert_eq!(pool.join(), 1);

@@ -11,16 +11,16 @@
 use crate::wire::protocol::{ErrorCode, ProtocolError, Reply, Request, Status, parse_request};
 
 /// Requests a guest may make before `HELLO`; past them, `ERR BUSY` and the connection closed.
-pub const MAX_GUEST_REQUESTS: u32 = 16;
+pub(crate) const MAX_GUEST_REQUESTS: u32 = 16;
 
 /// The answer to a guest's request past [`MAX_GUEST_REQUESTS`].
-pub fn too_many() -> ProtocolError {
+pub(crate) fn too_many() -> ProtocolError {
     ProtocolError::new(ErrorCode::Busy, format!("at most {MAX_GUEST_REQUESTS} requests before HELLO; closing"))
 }
 
 /// What to do once the probes that have arrived are answered.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Then {
+pub(crate) enum Then {
     /// Wait for more: nothing, or only part of a line, is left.
     Wait,
     /// A line that is no probe (or a line too long to be one) is next: a thread takes it from there.
@@ -31,7 +31,7 @@ pub enum Then {
 
 /// The answers to the probes at the front of `data`.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Answered {
+pub(crate) struct Answered {
     /// How many bytes of `data` the probes took: to be consumed, and no more.
     pub consumed: usize,
     /// The replies, encoded, in order.
@@ -42,16 +42,16 @@ pub struct Answered {
 }
 
 /// Longest probe line the door looks for: anything longer is no probe, and a thread deals with it.
-pub const LONGEST: usize = 64;
+pub(crate) const MAX_PROBE_LINE: usize = 64;
 
 /// Answers the complete probe lines at the front of `data` (what has arrived, unread), for a
 /// guest that had made `made` requests; `status` gives the figures of a `STATUS`.
-pub fn answer(data: &[u8], made: u32, status: impl Fn() -> Result<Status, ProtocolError>) -> Answered {
+pub(crate) fn answer(data: &[u8], made: u32, status: impl Fn() -> Result<Status, ProtocolError>) -> Answered {
     let mut answered = Answered { consumed: 0, replies: Vec::new(), probes: 0, then: Then::Wait };
     loop {
         let rest = &data[answered.consumed..];
-        let Some(end) = rest.iter().take(LONGEST + 2).position(|&b| b == b'\n') else {
-            if rest.len() > LONGEST + 1 {
+        let Some(end) = rest.iter().take(MAX_PROBE_LINE + 2).position(|&b| b == b'\n') else {
+            if rest.len() > MAX_PROBE_LINE + 1 {
                 answered.then = Then::HandOff;
             }
             return answered;
@@ -102,7 +102,7 @@ mod tests {
     fn part_of_a_line_waits_and_a_long_one_goes_to_a_thread() {
         let a = answer(b"PING\nSTA", 0, status);
         assert_eq!((a.consumed, a.probes, a.then), (5, 1, Then::Wait));
-        let a = answer(&[b'S'; LONGEST + 2], 0, status);
+        let a = answer(&[b'S'; MAX_PROBE_LINE + 2], 0, status);
         assert_eq!((a.consumed, a.then), (0, Then::HandOff));
         assert_eq!(answer(b"", 0, status).then, Then::Wait);
         // A TLS hello, or anything else that is not a probe line.

@@ -45,8 +45,8 @@ const WAITER_CHECK: Duration = Duration::from_millis(250);
 const WATCHED_WAITER_CHECK: Duration = Duration::from_secs(5);
 
 /// What a session needs from the server around it.
-pub struct Context<'a> {
-    pub round: &'a dyn Ledger,
+pub(crate) struct Context<'a> {
+    pub ledger: &'a dyn Ledger,
     pub security: &'a Security,
     pub registry: &'a Registry,
     pub guest_log: &'a GuestLog,
@@ -64,7 +64,7 @@ pub struct Context<'a> {
 }
 
 /// One connection's state besides its socket.
-pub struct Session<'a> {
+pub(crate) struct Session<'a> {
     cx: Context<'a>,
     agency: Option<u32>,
     /// Requests made while a guest.
@@ -116,7 +116,7 @@ struct Incoming {
 }
 
 impl<'a> Session<'a> {
-    pub fn new(cx: Context<'a>) -> Self {
+    pub(crate) fn new(cx: Context<'a>) -> Self {
         Session {
             guest_requests: cx.guest_requests,
             cx,
@@ -132,7 +132,7 @@ impl<'a> Session<'a> {
 
     /// Serves `conn` until the client quits, breaks the protocol beyond repair, goes silent
     /// for the idle timeout, or the server shuts down.
-    pub fn run(mut self, conn: &mut Connection) {
+    pub(crate) fn run(mut self, conn: &mut Connection) {
         if let Err(end) = self.serve(conn) {
             self.end(conn, end);
         }
@@ -196,11 +196,11 @@ impl<'a> Session<'a> {
         let reply = match request {
             Request::Ping => Ok(Reply::Pong),
             Request::Quit => Ok(Reply::Bye),
-            Request::Status => self.cx.round.status().map(Reply::Status),
+            Request::Status => self.cx.ledger.status().map(Reply::Status),
             Request::Bet(row) => self.bet(&row),
             Request::Done => self
                 .agency()
-                .and_then(|a| self.cx.round.done(a).map(|()| self.cx.metrics.done(a)))
+                .and_then(|a| self.cx.ledger.done(a).map(|()| self.cx.metrics.done(a)))
                 .map(|()| Reply::Ok(None)),
             Request::Hello { agency, token } => match self.hello(agency, token) {
                 Err(refused) if refused.code == ErrorCode::Auth => return Err(End::Refused(refused)),
@@ -254,7 +254,7 @@ impl<'a> Session<'a> {
         let Some(end) = self.pending.iter().map(|(a, _)| a.end).max() else {
             return Ok(());
         };
-        let durable = self.cx.round.make_durable(end);
+        let durable = self.cx.ledger.make_durable(end);
         // Taken out (and put back, with its allocation) so that the loop may log through `self`.
         let mut pending = std::mem::take(&mut self.pending);
         for (appended, count) in pending.drain(..) {
@@ -292,7 +292,7 @@ impl<'a> Session<'a> {
     /// in protected mode), then the count it holds; this connection now speaks for it, and an
     /// older connection of the same agency is ended.
     fn hello(&mut self, agency: u32, token: Option<Token>) -> Result<Reply, ProtocolError> {
-        self.cx.round.check_agency(agency)?;
+        self.cx.ledger.check_agency(agency)?;
         if let Err(why) = auth::check_hello(self.cx.security.keys.as_ref(), agency, token.as_ref(), self.cx.ip) {
             let ip = self.cx.ip;
             self.cx.registry.suspects().failed(ip);
@@ -310,7 +310,7 @@ impl<'a> Session<'a> {
         }
         self.agency = Some(agency);
         self.cx.metrics.hello(self.cx.id, agency);
-        let stored = self.cx.round.hello(agency)?;
+        let stored = self.cx.ledger.hello(agency)?;
         Ok(Reply::Ok(Some(stored)))
     }
 
@@ -329,7 +329,7 @@ impl<'a> Session<'a> {
             None => (&unwatched, WAITER_CHECK),
         };
         loop {
-            match self.cx.round.winners(agency, check, hung_up) {
+            match self.cx.ledger.winners(agency, check, hung_up) {
                 Ok(Some(line)) => {
                     self.cx.metrics.told(agency);
                     return Ok(Reply::Line(line));
@@ -373,7 +373,7 @@ impl<'a> Session<'a> {
             self.parser.bet(row, bet::today()).map_err(|e| ProtocolError::new(ErrorCode::BadBet, e.to_string()))?;
         self.writer.push_stored(agency, &bet);
         let rows = Rows { ends: vec![self.writer.len()], bytes: self.writer.take() };
-        let stored = self.cx.round.store(agency, None, &rows)?;
+        let stored = self.cx.ledger.store(agency, None, &rows)?;
         self.cx.metrics.stored(1);
         info!("action: apuesta_almacenada | result: success | dni: {} | numero: {}", bet.document, bet.number);
         Ok(Reply::Ok(Some(stored)))
@@ -392,7 +392,7 @@ impl<'a> Session<'a> {
         match self.read_batch(conn, (offset, count), header_len, deadline) {
             Ok(Ok(appended)) => {
                 self.pending.push((appended, count));
-                if self.pending.len() >= MAX_PENDING || !self.cx.round.pipelines() {
+                if self.pending.len() >= MAX_PENDING || !self.cx.ledger.pipelines() {
                     self.acknowledge(conn)?;
                 }
                 Ok(None)
@@ -441,7 +441,7 @@ impl<'a> Session<'a> {
         }
         Ok(self.agency().and_then(|agency| match first_error {
             Some(why) => Err(ProtocolError::new(ErrorCode::BadBet, why)),
-            None => self.cx.round.append(agency, Some(offset), &self.rows),
+            None => self.cx.ledger.append(agency, Some(offset), &self.rows),
         }))
     }
 
@@ -480,12 +480,12 @@ impl<'a> Session<'a> {
             }
             End::TooBig => (ErrorCode::TooLong, format!("a batch is at most {MAX_LINE} bytes, header and rows")),
             // Our own shutdown closed the reading half: the client can still hear why.
-            End::Read(ReadError::Closed | ReadError::ClosedMidLine, _) if self.cx.round.is_shutting_down() => {
+            End::Read(ReadError::Closed | ReadError::ClosedMidLine, _) if self.cx.ledger.is_shutting_down() => {
                 (ErrorCode::Shutdown, "the server is shutting down".to_owned())
             }
             End::Read(ReadError::Closed, _) => return None,
             End::Read(error @ (ReadError::ClosedMidLine | ReadError::Io(_)), reading) => {
-                debug!("action: read_{reading} | result: fail | error: {error:?}");
+                debug!("action: read_{reading} | result: fail | error: {error}");
                 return None;
             }
             End::Read(ReadError::TooLong, _) => (ErrorCode::TooLong, format!("a line is at most {MAX_LINE} bytes")),

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::agency::Stop;
+use crate::agency::{Outcome, Stop};
 use crate::config::ServerSettings;
 use crate::logging;
 use crate::output;
@@ -54,7 +54,6 @@ impl Suite<'_> {
     pub(crate) fn run(&self, credentials: &RoundCredentials, scratch: &Path) -> Result<(), String> {
         let expected: Vec<u64> =
             self.files.iter().map(|f| count_winners(f)).collect::<io::Result<_>>().map_err(|e| e.to_string())?;
-        let first = credentials.agencies.first().ok_or("no agencies")?;
         let sources = match self.opts.attack_from {
             Sources::Spread => "each from an address of its own (127.1.0.0/16)",
             Sources::Same => "all from 127.0.0.1, the agencies' own address",
@@ -63,48 +62,9 @@ impl Suite<'_> {
             "attack rounds: {} agencies, {} bets; {} attackers of each kind, {sources}; TLS + agency tokens",
             self.opts.agencies, self.total, self.opts.attackers
         ));
-        let mut rows = Vec::new();
-        for attack in std::iter::once(None).chain(self.opts.attacks.iter().copied().map(Some)) {
-            let dir = scratch.join(format!("round-{}", attack.map_or("none", Attack::name)));
-            fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            let server = LocalServer::start(self.opts, self.settings, &dir, credentials.security.clone())?;
-            let attackers = match attack {
-                Some(kind) => Some(Botnet::launch(&Orders {
-                    kind,
-                    count: self.opts.attackers,
-                    // The `metrics` attackers go for the operator's port, the others for the agencies'.
-                    addr: if kind == Attack::Metrics { server.page().unwrap_or(server.addr) } else { server.addr },
-                    ca: first.tls_ca.as_deref(),
-                    agencies: self.opts.agencies,
-                    refresh_every: self.settings.hello_timeout.min(self.settings.idle_timeout).mul_f64(0.9),
-                    sources: self.opts.attack_from,
-                })?),
-                None => None,
-            };
-            let (log_start, log_bytes) = (Instant::now(), logging::SERVER_LOG_BYTES.load(Ordering::Relaxed));
-            if attackers.is_some() {
-                thread::sleep(HEAD_START);
-            }
-            let stops: Vec<Stop> = self.files.iter().map(|_| Stop::default()).collect();
-            let started = Instant::now();
-            let outcomes = run_agencies(self.files, server.addr, self.batch_max, &credentials.agencies, &stops);
-            let elapsed = started.elapsed();
-            let logged = (logging::SERVER_LOG_BYTES.load(Ordering::Relaxed) - log_bytes, log_start.elapsed());
-            let report = attackers.map(Botnet::stop);
-            server.stop()?;
-            let failed = outcomes
-                .iter()
-                .zip(&expected)
-                .enumerate()
-                .filter_map(|(i, (outcome, want))| match outcome {
-                    Ok(o) if o.winners.len() as u64 == *want => None,
-                    Ok(o) => Some(format!("agency {}: {} winners, not {want}", i + 1, o.winners.len())),
-                    Err(e) => Some(format!("agency {}: {e}", i + 1)),
-                })
-                .collect();
-            let reconnects = outcomes.iter().flatten().map(|o| o.reconnects).sum();
-            rows.push(Row { attack, elapsed, failed, reconnects, logged, report });
-        }
+        let attacks = std::iter::once(None).chain(self.opts.attacks.iter().copied().map(Some));
+        let rows =
+            attacks.map(|attack| self.round(attack, credentials, scratch, &expected)).collect::<Result<Vec<_>, _>>()?;
         print_rows(&rows);
         let failed: Vec<String> = rows
             .iter()
@@ -112,6 +72,61 @@ impl Suite<'_> {
             .collect();
         if failed.is_empty() { Ok(()) } else { Err(format!("the round failed under attack: {}", failed.join("; "))) }
     }
+
+    /// One round beside `attack`'s attackers (none: the round to compare with).
+    fn round(
+        &self,
+        attack: Option<Attack>,
+        credentials: &RoundCredentials,
+        scratch: &Path,
+        expected: &[u64],
+    ) -> Result<Row, String> {
+        let first = credentials.agencies.first().ok_or("no agencies")?;
+        let dir = scratch.join(format!("round-{}", attack.map_or("none", Attack::name)));
+        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let server = LocalServer::start(self.opts, self.settings, &dir, credentials.security.clone())?;
+        let attackers = match attack {
+            Some(kind) => Some(Botnet::launch(&Orders {
+                kind,
+                count: self.opts.attackers,
+                // The `metrics` attackers go for the operator's port, the others for the agencies'.
+                addr: if kind == Attack::Metrics { server.page().unwrap_or(server.addr) } else { server.addr },
+                ca: first.tls_ca.as_deref(),
+                agencies: self.opts.agencies,
+                refresh_every: self.settings.hello_timeout.min(self.settings.idle_timeout).mul_f64(0.9),
+                sources: self.opts.attack_from,
+            })?),
+            None => None,
+        };
+        let (log_start, log_bytes) = (Instant::now(), logging::SERVER_LOG_BYTES.load(Ordering::Relaxed));
+        if attackers.is_some() {
+            thread::sleep(HEAD_START);
+        }
+        let stops: Vec<Stop> = self.files.iter().map(|_| Stop::default()).collect();
+        let started = Instant::now();
+        let outcomes = run_agencies(self.files, server.addr, self.batch_max, &credentials.agencies, &stops);
+        let elapsed = started.elapsed();
+        let logged = (logging::SERVER_LOG_BYTES.load(Ordering::Relaxed) - log_bytes, log_start.elapsed());
+        let report = attackers.map(Botnet::stop);
+        server.stop()?;
+        let failed = failures(&outcomes, expected);
+        let reconnects = outcomes.iter().flatten().map(|o| o.reconnects).sum();
+        Ok(Row { attack, elapsed, failed, reconnects, logged, report })
+    }
+}
+
+/// What went wrong for each agency that failed or got the wrong number of winners.
+fn failures(outcomes: &[Result<Outcome, String>], expected: &[u64]) -> Vec<String> {
+    outcomes
+        .iter()
+        .zip(expected)
+        .enumerate()
+        .filter_map(|(i, (outcome, want))| match outcome {
+            Ok(o) if o.winners.len() as u64 == *want => None,
+            Ok(o) => Some(format!("agency {}: {} winners, not {want}", i + 1, o.winners.len())),
+            Err(e) => Some(format!("agency {}: {e}", i + 1)),
+        })
+        .collect()
 }
 
 fn print_rows(rows: &[Row]) {

@@ -9,7 +9,7 @@
 //! threads would otherwise take the CPU from the server and agencies by their number alone,
 //! whatever the server does. The server's work for them (accepts, handshakes, replies) runs at
 //! normal priority and counts. `lottery-round` also runs them in a process and a scheduling
-//! group of their own (see [`crate::tools::botnet`]).
+//! group of their own (see `tools::botnet`).
 //!
 //! The attackers hold no token: on a server with agency keys, what they may do is what a
 //! stranger may. (In protected mode every loopback peer is trusted, so attacks make no sense
@@ -70,7 +70,7 @@ impl Attack {
         Attack::Metrics,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Attack::Impersonate => "impersonate",
             Attack::Park => "park",
@@ -89,7 +89,7 @@ impl Attack {
     ///
     /// # Errors
     /// An unknown kind, naming the known ones.
-    pub fn parse_list(text: &str) -> Result<Vec<Attack>, String> {
+    pub(crate) fn parse_list(text: &str) -> Result<Vec<Attack>, String> {
         if text == "all" {
             return Ok(Attack::ALL.to_vec());
         }
@@ -133,14 +133,14 @@ pub struct Target {
 /// What the attackers of one kind got.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
-    pub attackers: usize,
+    pub(crate) attackers: usize,
     /// Connections made.
     pub connections: u64,
     /// Connections that could not be made (refused, timed out).
-    pub failed_connects: u64,
+    pub(crate) failed_connects: u64,
     /// Replies, by their first words (`ERR BUSY`, `PONG`, …), and `closed` for every close by
     /// the server.
-    pub replies: BTreeMap<String, u64>,
+    pub(crate) replies: BTreeMap<String, u64>,
 }
 
 impl Report {
@@ -174,7 +174,7 @@ impl Report {
     }
 
     /// The replies as `ERR BUSY x3, closed x5`.
-    pub fn replies_text(&self) -> String {
+    pub(crate) fn replies_text(&self) -> String {
         let parts: Vec<String> = self.replies.iter().map(|(r, n)| format!("{r} x{n}")).collect();
         if parts.is_empty() { "nothing".to_owned() } else { parts.join(", ") }
     }
@@ -537,7 +537,7 @@ mod tests {
 
     #[test]
     fn kinds_parse_by_name_or_all() {
-        assert_eq!(Attack::parse_list("all").unwrap().len(), 9);
+        assert_eq!(Attack::parse_list("all").unwrap().len(), 10);
         assert_eq!(Attack::parse_list("churn,hangup-waiter").unwrap(), [Attack::Churn, Attack::HangupWaiter]);
         assert!(Attack::parse_list("chrun").unwrap_err().contains("unknown attack"));
     }

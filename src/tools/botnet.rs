@@ -18,10 +18,10 @@ use crate::agency::credentials;
 use crate::tools::attacks::{self, Attack, Report, Sources, Target};
 
 /// The hidden first argument that makes `lottery-round` a botnet.
-pub const WORKER: &str = "--attack-worker";
+pub(crate) const WORKER: &str = "--attack-worker";
 
 /// What the attackers of one round are told.
-pub struct Orders<'a> {
+pub(crate) struct Orders<'a> {
     pub kind: Attack,
     pub count: usize,
     pub addr: SocketAddr,
@@ -33,7 +33,7 @@ pub struct Orders<'a> {
 }
 
 /// Attackers running in a child process.
-pub struct Botnet {
+pub(crate) struct Botnet {
     child: Child,
     orders: Option<ChildStdin>,
 }
@@ -43,7 +43,7 @@ impl Botnet {
     ///
     /// # Errors
     /// This program cannot be found or started again.
-    pub fn launch(orders: &Orders) -> Result<Botnet, String> {
+    pub(crate) fn launch(orders: &Orders) -> Result<Botnet, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find this program to run attackers: {e}"))?;
         let mut cmd = Command::new(exe);
         cmd.args([
@@ -71,7 +71,7 @@ impl Botnet {
     }
 
     /// Stops the attackers and sums what they got (nothing, if their process failed).
-    pub fn stop(mut self) -> Report {
+    pub(crate) fn stop(mut self) -> Report {
         drop(self.orders.take());
         let mut text = String::new();
         if let Some(mut out) = self.child.stdout.take() {
@@ -93,7 +93,7 @@ impl Drop for Botnet {
 
 /// The attackers' process: `lottery-round --attack-worker KIND COUNT ADDR AGENCIES REFRESH_MS
 /// spread|same [CA]`. Attacks until its standard input closes, then prints the report.
-pub fn worker(args: &[String]) -> ExitCode {
+pub(crate) fn worker(args: &[String]) -> ExitCode {
     match run_worker(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -12,7 +12,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ChildStdin, Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 
 use log::LevelFilter;
@@ -23,19 +23,20 @@ use crate::agency::{self, AgencyError, BetData, Outcome, Stop};
 use crate::config::{AgencySettings, Settings};
 use crate::logging;
 use crate::output;
+use crate::sync::lock_unpoisoned;
 use crate::tools::dataset;
 use crate::tools::report::{STOPPED_BY, count_lines, count_winners};
 use crate::wire::token::Token;
 
 /// The hidden first argument that makes `lottery-round` run agencies for its parent.
-pub const WORKER: &str = "--agency-worker";
+pub(crate) const WORKER: &str = "--agency-worker";
 
 /// What begins a line of the worker's that is an outcome, not a log line.
 const OUTCOME: &str = "\u{1e}outcome ";
 
 /// Where the agencies' bets come from.
 #[derive(Debug, Clone)]
-pub enum RoundData {
+pub(crate) enum RoundData {
     /// `agency-{id}.csv` in this directory.
     Files(PathBuf),
     /// A generated data set, made in memory as each agency reads it.
@@ -44,7 +45,7 @@ pub enum RoundData {
 
 impl RoundData {
     /// Agency `id`'s bets.
-    pub fn bets_of(&self, id: u32) -> BetData {
+    pub(crate) fn bets_of(&self, id: u32) -> BetData {
         match self {
             RoundData::Files(dir) => BetData::File(dataset::agency_file(dir, id)),
             &RoundData::Made { bets, seed } => BetData::Made {
@@ -58,7 +59,7 @@ impl RoundData {
     ///
     /// # Errors
     /// A file cannot be read.
-    pub fn counts(&self, id: u32) -> io::Result<(u64, u64)> {
+    pub(crate) fn counts(&self, id: u32) -> io::Result<(u64, u64)> {
         match self {
             RoundData::Files(dir) => {
                 let file = dataset::agency_file(dir, id);
@@ -98,7 +99,7 @@ impl std::fmt::Display for RoundData {
 }
 
 /// The agencies of a round and what they need.
-pub struct Crowd {
+pub(crate) struct Crowd {
     pub agencies: u32,
     pub addr: SocketAddr,
     pub batch_max: usize,
@@ -136,7 +137,7 @@ impl Crowd {
     }
 
     /// Runs every agency in a thread of this process; `stops` holds one `Stop` each.
-    pub fn run_here(&self, settings: &Settings, stops: &[Stop]) -> Vec<Result<Outcome, String>> {
+    pub(crate) fn run_here(&self, settings: &Settings, stops: &[Stop]) -> Vec<Result<Outcome, String>> {
         let prepared = match self.prepare(settings) {
             Ok(prepared) => prepared,
             Err(e) => return (0..self.agencies).map(|_| Err(e.clone())).collect(),
@@ -153,7 +154,10 @@ impl Crowd {
     ///
     /// # Errors
     /// The child cannot be started or fed; an agency's failure is its outcome, not an error.
-    pub fn run_in_child(&self, input: &Mutex<Option<ChildStdin>>) -> Result<Vec<Result<Outcome, String>>, String> {
+    pub(crate) fn run_in_child(
+        &self,
+        input: &Mutex<Option<ChildStdin>>,
+    ) -> Result<Vec<Result<Outcome, String>>, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find this program to run agencies: {e}"))?;
         let ca = self.ca.as_ref().map_or_else(|| "-".to_owned(), |p| p.display().to_string());
         let name = self.tls_name.clone().unwrap_or_else(|| "-".to_owned());
@@ -171,7 +175,7 @@ impl Crowd {
             tokens.push('\n');
         }
         let fed = stdin.write_all(tokens.as_bytes()).and_then(|()| stdin.flush());
-        *input.lock().unwrap_or_else(PoisonError::into_inner) = Some(stdin);
+        *lock_unpoisoned(input) = Some(stdin);
         fed.map_err(|e| format!("cannot give the agencies' process its tokens: {e}"))?;
         let mut outcomes: Vec<Result<Outcome, String>> =
             (0..self.agencies).map(|_| Err("the agencies' process ended without its outcome".into())).collect();
@@ -184,7 +188,7 @@ impl Crowd {
                 }
             }
         }
-        drop(input.lock().unwrap_or_else(PoisonError::into_inner).take());
+        drop(lock_unpoisoned(input).take());
         let _ = child.wait();
         Ok(outcomes)
     }
@@ -193,7 +197,7 @@ impl Crowd {
 /// Runs the agencies' jobs, a thread each, and waits for them all. An agency that fails for
 /// good stops the others: without it the server never draws, and they would wait for their
 /// winners forever. They are reported as stopped, naming it.
-pub fn run_all<F>(jobs: Vec<(u32, F)>, stops: &[Stop]) -> Vec<Result<Outcome, String>>
+pub(crate) fn run_all<F>(jobs: Vec<(u32, F)>, stops: &[Stop]) -> Vec<Result<Outcome, String>>
 where
     F: FnOnce(&Stop) -> Result<Outcome, AgencyError> + Send + 'static,
 {
@@ -252,7 +256,7 @@ fn decode(line: &str) -> Option<(u32, Result<Outcome, String>)> {
 
 /// The agencies' process: `lottery-round --agency-worker ADDR BATCH AGENCIES DATA CA|- NAME|-
 /// verbose|quiet`.
-pub fn worker(args: &[String]) -> ExitCode {
+pub(crate) fn worker(args: &[String]) -> ExitCode {
     match run_worker(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -314,7 +318,7 @@ const BASE_FILES: u64 = 64;
 
 /// Where the agencies run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Placement {
+pub(crate) enum Placement {
     Here,
     Child,
 }
@@ -322,14 +326,14 @@ pub enum Placement {
 /// What one process may hold: its open-files limit (soft, once raised to the hard one) and the
 /// threads the system allows.
 #[derive(Debug, Clone, Copy)]
-pub struct MachineLimits {
+pub(crate) struct MachineLimits {
     pub open_files: u64,
     pub threads: u64,
 }
 
 impl MachineLimits {
     /// This machine's, after [`crate::app::raise_open_files_limit`].
-    pub fn here() -> MachineLimits {
+    pub(crate) fn here() -> MachineLimits {
         let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
         let read = |path: &str| std::fs::read_to_string(path).ok().and_then(|t| t.trim().parse::<u64>().ok());
         let threads = [read("/proc/sys/kernel/pid_max"), read("/proc/sys/kernel/threads-max")]
@@ -349,7 +353,7 @@ impl MachineLimits {
 /// # Errors
 /// Even split in two the round does not fit: one line with what it needs, the limit, and what
 /// to do.
-pub fn place(
+pub(crate) fn place(
     agencies: u32,
     guests: u64,
     local_server: bool,

@@ -112,13 +112,13 @@ fn bet(rng: &mut Rng) -> Bet {
 }
 
 /// The path of agency `id`'s file in `dir`.
-pub fn agency_file(dir: &Path, id: u32) -> PathBuf {
+pub(crate) fn agency_file(dir: &Path, id: u32) -> PathBuf {
     dir.join(format!("agency-{id}.csv"))
 }
 
 /// Agency `id`'s rows of a data set, made as they are read: the bytes `agency-{id}.csv`
 /// holds, without the file (`lottery-round` gives each agency its rows this way).
-pub struct Rows {
+pub(crate) struct Rows {
     rng: Rng,
     left: u64,
     writer: RowWriter,
@@ -128,7 +128,7 @@ pub struct Rows {
 
 impl Rows {
     /// The `bets` rows of agency `id` in the data set of `seed`.
-    pub fn new(id: u32, bets: u64, seed: u64) -> Rows {
+    pub(crate) fn new(id: u32, bets: u64, seed: u64) -> Rows {
         let rng = Rng(seed ^ u64::from(id).wrapping_mul(0x2545_F491_4F6C_DD1D));
         Rows { rng, left: bets, writer: RowWriter::default(), made: Vec::new(), at: 0 }
     }
@@ -161,7 +161,7 @@ impl Read for Rows {
 }
 
 /// The winning bets among agency `id`'s rows (see [`Rows`]).
-pub fn winners(id: u32, bets: u64, seed: u64) -> u64 {
+pub(crate) fn winners(id: u32, bets: u64, seed: u64) -> u64 {
     let mut rng = Rng(seed ^ u64::from(id).wrapping_mul(0x2545_F491_4F6C_DD1D));
     (0..bets).map(|_| u64::from(bet(&mut rng).has_won())).sum()
 }

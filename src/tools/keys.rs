@@ -19,17 +19,17 @@ use crate::server::auth::AgencyKeys;
 use crate::wire::token::Token;
 
 /// The names every server certificate holds: the compose service, and loopback.
-pub const BASE_NAMES: [&str; 4] = ["server", "localhost", "127.0.0.1", "::1"];
+pub(crate) const BASE_NAMES: [&str; 4] = ["server", "localhost", "127.0.0.1", "::1"];
 
 /// What [`make_keys`] wrote.
 #[derive(Debug)]
-pub struct Made {
+pub(crate) struct Made {
     pub dir: PathBuf,
     pub files: Vec<String>,
 }
 
 /// The files [`make_keys`] writes for `agencies` agencies.
-pub fn file_names(agencies: u32) -> Vec<String> {
+pub(crate) fn file_names(agencies: u32) -> Vec<String> {
     let mut names: Vec<String> = ["ca.pem", "server.pem", "server.key", "agencies.keys"].map(String::from).into();
     names.extend((1..=agencies).map(|k| format!("agency-{k}.token")));
     names
@@ -41,7 +41,7 @@ pub fn file_names(agencies: u32) -> Vec<String> {
 /// # Errors
 /// A file already exists (nothing is written then), a name is not a DNS name or IP address,
 /// or a file cannot be written. Said for a person, with the path.
-pub fn make_keys(dir: &Path, agencies: u32, extra_names: &[String]) -> Result<Made, String> {
+pub(crate) fn make_keys(dir: &Path, agencies: u32, extra_names: &[String]) -> Result<Made, String> {
     let names = file_names(agencies);
     let existing: Vec<&String> = names.iter().filter(|n| dir.join(n).exists()).collect();
     if !existing.is_empty() {
@@ -61,7 +61,7 @@ pub fn make_keys(dir: &Path, agencies: u32, extra_names: &[String]) -> Result<Ma
 ///
 /// # Errors
 /// As [`make_keys`].
-pub fn write_server_keys(dir: &Path, agencies: u32, extra_names: &[String]) -> Result<Vec<Token>, String> {
+pub(crate) fn write_server_keys(dir: &Path, agencies: u32, extra_names: &[String]) -> Result<Vec<Token>, String> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

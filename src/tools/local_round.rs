@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ChildStdin;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use crate::output;
 use crate::server::auth::AgencyKeys;
 use crate::server::operator::Operator;
 use crate::server::{self, Limits, Security, ShutdownHandle, tls};
+use crate::sync::lock_unpoisoned;
 use crate::tools::attack_round;
 use crate::tools::attacks::{Attack, Sources};
 use crate::tools::botnet;
@@ -94,31 +95,31 @@ const DEFAULT_SEED: u64 = 75_740;
 
 /// The options of `lottery-round`.
 #[derive(Debug, Clone)]
-pub struct Options {
-    pub agencies: u32,
+pub(crate) struct Options {
+    pub(crate) agencies: u32,
     /// Given: generate a data set of this size rather than use `.data`.
-    pub bets_per_agency: Option<u64>,
-    pub batch: Option<usize>,
-    pub data: Option<PathBuf>,
-    pub generate: Option<PathBuf>,
+    pub(crate) bets_per_agency: Option<u64>,
+    pub(crate) batch: Option<usize>,
+    pub(crate) data: Option<PathBuf>,
+    pub(crate) generate: Option<PathBuf>,
     /// Given: generate a data set from this seed rather than use `.data`.
-    pub seed: Option<u64>,
-    pub keep: Option<PathBuf>,
+    pub(crate) seed: Option<u64>,
+    pub(crate) keep: Option<PathBuf>,
     /// Run the agencies against this server instead of one in this process.
-    pub server: Option<SocketAddr>,
+    pub(crate) server: Option<SocketAddr>,
     /// Hostile clients to run beside the agencies.
-    pub hostile: u32,
+    pub(crate) hostile: u32,
     /// Attacks to measure, each in a round of its own after one without.
-    pub attacks: Vec<Attack>,
+    pub(crate) attacks: Vec<Attack>,
     /// Attacker connections of each kind.
-    pub attackers: usize,
-    pub attack_from: Sources,
+    pub(crate) attackers: usize,
+    pub(crate) attack_from: Sources,
     /// No TLS, no tokens.
-    pub plaintext: bool,
-    pub verbose: bool,
+    pub(crate) plaintext: bool,
+    pub(crate) verbose: bool,
     /// Serve the round's page on a free loopback port, and keep it up after the round until
     /// Ctrl-C.
-    pub watch: bool,
+    pub(crate) watch: bool,
 }
 
 impl Default for Options {
@@ -159,34 +160,29 @@ impl Options {
 ///
 /// # Errors
 /// An unknown flag or a value that does not parse, said for a person.
-pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, String> {
+pub(crate) fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, String> {
     use lexopt::prelude::*;
     let mut opts = Options::default();
     let mut parser = lexopt::Parser::from_args(args);
-    let wrap = |e: lexopt::Error| e.to_string();
-    while let Some(arg) = parser.next().map_err(wrap)? {
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
-            Long("agencies") => opts.agencies = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
-            Long("bets-per-agency") => {
-                opts.bets_per_agency = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?)
-            }
+            Long("agencies") => opts.agencies = value(&mut parser)?,
+            Long("bets-per-agency") => opts.bets_per_agency = Some(value(&mut parser)?),
             Long("batch") => {
-                let value = parser.value().map_err(wrap)?.string().map_err(wrap)?;
-                let batch = config::parse_batch_max(&value);
-                opts.batch = Some(batch.ok_or_else(|| format!("--batch {value:?} is not {BATCH_MAX_WHAT}"))?);
+                let text: String = value(&mut parser)?;
+                let batch = config::parse_batch_max(&text);
+                opts.batch = Some(batch.ok_or_else(|| format!("--batch {text:?} is not {BATCH_MAX_WHAT}"))?);
             }
-            Long("data") => opts.data = Some(parser.value().map_err(wrap)?.into()),
-            Long("generate") => opts.generate = Some(parser.value().map_err(wrap)?.into()),
-            Long("seed") => opts.seed = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?),
-            Long("keep") => opts.keep = Some(parser.value().map_err(wrap)?.into()),
-            Long("server") => opts.server = Some(parser.value().map_err(wrap)?.parse().map_err(wrap)?),
-            Long("hostile") => opts.hostile = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
-            Long("attack") => {
-                opts.attacks = Attack::parse_list(&parser.value().map_err(wrap)?.string().map_err(wrap)?)?
-            }
-            Long("attackers") => opts.attackers = parser.value().map_err(wrap)?.parse().map_err(wrap)?,
+            Long("data") => opts.data = Some(parser.value().map_err(|e| e.to_string())?.into()),
+            Long("generate") => opts.generate = Some(parser.value().map_err(|e| e.to_string())?.into()),
+            Long("seed") => opts.seed = Some(value(&mut parser)?),
+            Long("keep") => opts.keep = Some(parser.value().map_err(|e| e.to_string())?.into()),
+            Long("server") => opts.server = Some(value(&mut parser)?),
+            Long("hostile") => opts.hostile = value(&mut parser)?,
+            Long("attack") => opts.attacks = Attack::parse_list(&value::<String>(&mut parser)?)?,
+            Long("attackers") => opts.attackers = value(&mut parser)?,
             Long("attack-from") => {
-                opts.attack_from = match parser.value().map_err(wrap)?.string().map_err(wrap)?.as_str() {
+                opts.attack_from = match value::<String>(&mut parser)?.as_str() {
                     "spread" => Sources::Spread,
                     "same" => Sources::Same,
                     other => return Err(format!("--attack-from {other:?} is not spread or same")),
@@ -199,26 +195,44 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Optio
             other => return Err(other.unexpected().to_string()),
         }
     }
-    if opts.agencies == 0 {
-        return Err("--agencies must be at least 1".into());
-    }
-    if opts.data.is_some() && (opts.bets_per_agency.is_some() || opts.seed.is_some()) {
-        return Err(
-            "--bets-per-agency and --seed shape a generated data set; --data uses DIR's files as they are".into()
-        );
-    }
-    if !opts.attacks.is_empty() && (opts.plaintext || opts.server.is_some() || opts.hostile > 0) {
-        return Err("--attack runs rounds of its own, on TLS with agency tokens: not with --plaintext (every \
-                    loopback client is trusted then), --server or --hostile"
-            .into());
-    }
-    if opts.watch && (opts.server.is_some() || !opts.attacks.is_empty()) {
-        return Err("--watch serves the page of the round's own server: not with --server or --attack".into());
-    }
-    if opts.server.is_some() && opts.keep.is_some() {
-        return Err("--keep names where the round's own server stores; with --server there is none".into());
-    }
+    opts.check()?;
     Ok(Some(opts))
+}
+
+/// The value of the flag just read, parsed.
+fn value<T>(parser: &mut lexopt::Parser) -> Result<T, String>
+where
+    T: std::str::FromStr,
+    T::Err: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+{
+    use lexopt::prelude::*;
+    parser.value().and_then(|v| v.parse()).map_err(|e| e.to_string())
+}
+
+impl Options {
+    /// Refuses the flags that do not go together.
+    fn check(&self) -> Result<(), String> {
+        if self.agencies == 0 {
+            return Err("--agencies must be at least 1".into());
+        }
+        if self.data.is_some() && (self.bets_per_agency.is_some() || self.seed.is_some()) {
+            return Err(
+                "--bets-per-agency and --seed shape a generated data set; --data uses DIR's files as they are".into()
+            );
+        }
+        if !self.attacks.is_empty() && (self.plaintext || self.server.is_some() || self.hostile > 0) {
+            return Err("--attack runs rounds of its own, on TLS with agency tokens: not with --plaintext (every \
+                        loopback client is trusted then), --server or --hostile"
+                .into());
+        }
+        if self.watch && (self.server.is_some() || !self.attacks.is_empty()) {
+            return Err("--watch serves the page of the round's own server: not with --server or --attack".into());
+        }
+        if self.server.is_some() && self.keep.is_some() {
+            return Err("--keep names where the round's own server stores; with --server there is none".into());
+        }
+        Ok(())
+    }
 }
 
 /// `lottery-round`'s main.
@@ -262,7 +276,7 @@ pub fn main() -> ExitCode {
 /// # Errors
 /// Set-up failed (settings, data, the work directory, the server's files or socket), an agency
 /// failed or got the wrong winners, or the round was interrupted: said for a person.
-pub fn run(opts: &Options) -> Result<(), String> {
+pub(crate) fn run(opts: &Options) -> Result<(), String> {
     if let Some(dir) = &opts.generate {
         let files = generate(dir, opts)?;
         output::line(format_args!("wrote {} files of {} bets into {}", files.len(), opts.bets(), dir.display()));
@@ -345,28 +359,35 @@ impl Round {
     }
 
     /// Says what the round is, runs it, stops the server, prints the report.
-    fn play(self, opts: &Options, settings: &Settings, server: &ServerSettings) -> Result<(), String> {
-        let Round { crowd, placement, local, counts, said, _scratch } = self;
-        let (addr, total) = (crowd.addr, counts.iter().map(|c| c.0).sum::<u64>());
-        let interrupt = stop_on_interrupt(opts.agencies as usize, local.as_ref());
+    /// Says what is about to run: the round, where it stores, its security, where its agencies run.
+    fn announce(&self, opts: &Options, server: &ServerSettings, total: u64) {
+        let addr = self.crowd.addr;
         output::line(format_args!(
             "round: {} agencies, {total} bets from {}, server {addr}",
-            opts.agencies, crowd.data
+            opts.agencies, self.crowd.data
         ));
-        if let Some(local) = &local {
+        if let Some(local) = &self.local {
             let sync = if server.sync == SyncMode::Always { "always" } else { "never" };
             output::line(format_args!("bets.csv in {}, SERVER_SYNC={sync}", local.dir.display()));
             if let Some(page) = local.page() {
                 output::line(format_args!("watch the round at http://{page}/"));
             }
         }
-        output::line(format_args!("security: {said}"));
-        if placement == Placement::Child {
+        output::line(format_args!("security: {}", self.said));
+        if self.placement == Placement::Child {
             output::line(format_args!(
                 "agencies: in a process of their own (one process cannot hold both ends of {} connections)",
                 opts.agencies
             ));
         }
+    }
+
+    fn play(self, opts: &Options, settings: &Settings, server: &ServerSettings) -> Result<(), String> {
+        let total = self.counts.iter().map(|c| c.0).sum::<u64>();
+        self.announce(opts, server, total);
+        let Round { crowd, placement, local, counts, said: _, _scratch } = self;
+        let addr = crowd.addr;
+        let interrupt = stop_on_interrupt(opts.agencies as usize, local.as_ref());
         let started = Instant::now();
         let progress = round_progress(addr, total, !opts.verbose);
         let hostile = run_hostile(opts, addr);
@@ -502,7 +523,7 @@ fn stop_on_interrupt(agencies: usize, local: Option<&LocalServer>) -> Interrupt 
     let interrupt = move || {
         set.store(true, Ordering::SeqCst);
         on_signal.iter().for_each(Stop::trigger);
-        drop(input.lock().unwrap_or_else(PoisonError::into_inner).take());
+        drop(lock_unpoisoned(&input).take());
         shutdown.iter().for_each(ShutdownHandle::trigger);
     };
     output::on_close(interrupt.clone());
@@ -615,7 +636,7 @@ impl LocalServer {
             storage_path: dir.join("bets.csv"),
             ..FileConfig::from_settings(settings)
         };
-        let (round, _) = FileLedger::open(config).map_err(|e| e.to_string())?;
+        let (ledger, _) = FileLedger::open(config).map_err(|e| e.to_string())?;
         // A crowd of agencies connects at once: room for all of them in the listen queue (the
         // kernel caps it at net.core.somaxconn).
         let backlog = i32::try_from(opts.agencies).unwrap_or(i32::MAX).saturating_add(64).max(1024);
@@ -637,16 +658,16 @@ impl LocalServer {
             // Hostile clients are cut off quickly, so that the round is not kept waiting.
             limits.idle_timeout = Duration::from_secs(1);
         }
-        let round: Arc<dyn Ledger> = Arc::new(round);
+        let ledger: Arc<dyn Ledger> = Arc::new(ledger);
         // The page, for a person to watch, or a target, for the `metrics` attack.
         let served = opts.watch || opts.attacks.contains(&Attack::Metrics);
         let page =
             served.then_some(MetricsAddress { addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), required: true });
-        let operator = Operator::start(page, Arc::clone(&round))?;
+        let operator = Operator::start(page, Arc::clone(&ledger))?;
         let (handle, metrics) = (shutdown.clone(), operator.metrics());
         let thread = thread::Builder::new()
             .name("server".into())
-            .spawn(move || server::run_counted(listener, round, limits, security, &handle, metrics))
+            .spawn(move || server::run(listener, ledger, limits, security, &handle, metrics))
             .map_err(|e| format!("cannot start the server thread: {e}"))?;
         Ok(LocalServer { addr, dir: dir.to_owned(), shutdown, thread, operator })
     }

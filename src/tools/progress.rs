@@ -15,7 +15,7 @@ use crate::output;
 
 /// Where a phase is, as seen at one tick.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// `generate`, `send`, `draw`.
     pub phase: &'static str,
     /// Bets done so far, out of `total`; no total: a phase that can only say it is running.
@@ -26,7 +26,7 @@ pub struct Sample {
 }
 
 /// A thread that samples the work once a tick and shows it, until [`Progress::finish`].
-pub struct Progress {
+pub(crate) struct Progress {
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -34,7 +34,7 @@ pub struct Progress {
 impl Progress {
     /// Shows what `sample` returns (`None`: nothing to show at this tick). `live` asks for a
     /// bar, which is drawn only if stderr is a terminal.
-    pub fn start(live: bool, mut sample: impl FnMut() -> Option<Sample> + Send + 'static) -> Progress {
+    pub(crate) fn start(live: bool, mut sample: impl FnMut() -> Option<Sample> + Send + 'static) -> Progress {
         let live = live && std::io::stderr().is_terminal();
         let tick = if live { Duration::from_millis(200) } else { Duration::from_secs(1) };
         let stop = Arc::new(AtomicBool::new(false));
@@ -62,7 +62,7 @@ impl Progress {
     }
 
     /// Stops showing progress, and clears the bar.
-    pub fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             thread.thread().unpark();

@@ -13,14 +13,14 @@ use crate::output;
 use crate::tools::hostile;
 
 /// How an agency stopped because another failed begins its report.
-pub const STOPPED_BY: &str = "stopped, as agency";
+pub(crate) const STOPPED_BY: &str = "stopped, as agency";
 
 /// Prints the table, and the throughput if the round completed with exactly the expected
 /// winners.
 ///
 /// # Errors
 /// What went wrong: the agencies that failed, or got other winners than their files hold.
-pub fn report(
+pub(crate) fn report(
     outcomes: &[Result<Outcome, String>],
     expected: &[u64],
     total: u64,
@@ -55,7 +55,7 @@ pub fn report(
 }
 
 /// Prints, per kind of hostile client, what the server answered them.
-pub fn report_hostile(reports: &[hostile::Report]) {
+pub(crate) fn report_hostile(reports: &[hostile::Report]) {
     if reports.is_empty() {
         return;
     }
@@ -76,7 +76,7 @@ pub fn report_hostile(reports: &[hostile::Report]) {
 }
 
 /// Lines in a file: the bets an agency will send.
-pub fn count_lines(path: &Path) -> io::Result<u64> {
+pub(crate) fn count_lines(path: &Path) -> io::Result<u64> {
     let mut reader = BufReader::with_capacity(1 << 20, fs::File::open(path)?);
     let mut lines = 0;
     loop {
@@ -91,7 +91,7 @@ pub fn count_lines(path: &Path) -> io::Result<u64> {
 }
 
 /// Winning bets in an agency file: rows whose number is 7574.
-pub fn count_winners(path: &Path) -> io::Result<u64> {
+pub(crate) fn count_winners(path: &Path) -> io::Result<u64> {
     let reader = BufReader::with_capacity(1 << 20, fs::File::open(path)?);
     let mut winners = 0;
     for line in reader.split(b'\n') {

@@ -9,7 +9,7 @@ use std::fmt;
 use time::{Date, Month};
 
 /// The number that wins the draw.
-pub const WINNING_NUMBER: u16 = 7574;
+pub(crate) const WINNING_NUMBER: u16 = 7574;
 
 /// Longest name accepted, in bytes.
 pub const MAX_NAME_BYTES: usize = 100;
@@ -98,7 +98,7 @@ impl Bet {
     }
 
     /// Whether this bet wins the draw (the course's `has_won`).
-    pub fn has_won(&self) -> bool {
+    pub(crate) fn has_won(&self) -> bool {
         self.number == WINNING_NUMBER
     }
 }
@@ -209,6 +209,19 @@ impl Default for RowParser {
     }
 }
 
+/// Refuses what `csv_core` would take too kindly: a quote that never closes, a line break.
+fn check_shape(line: &[u8]) -> Result<(), BetError> {
+    // csv_core is lenient about a quote that never closes; a well-formed row always has an
+    // even number of quote characters, so an odd count is exactly that mistake.
+    if line.iter().filter(|&&b| b == b'"').count() % 2 == 1 {
+        return Err(BetError::Csv("a quote never closes"));
+    }
+    if line.iter().any(|&b| b == b'\n' || b == b'\r') {
+        return Err(BetError::Csv("a line break inside the row"));
+    }
+    Ok(())
+}
+
 impl RowParser {
     /// The fields of `line`, borrowed from this parser until the next call.
     ///
@@ -216,14 +229,23 @@ impl RowParser {
     /// [`BetError::Csv`] for a quote that never closes, bytes that are not UTF-8, or a line
     /// break inside the row; [`BetError::FieldCount`] for more than 16 fields.
     pub fn fields(&mut self, line: &[u8]) -> Result<Vec<&str>, BetError> {
-        // csv_core is lenient about a quote that never closes; a well-formed row always has an
-        // even number of quote characters, so an odd count is exactly that mistake.
-        if line.iter().filter(|&&b| b == b'"').count() % 2 == 1 {
-            return Err(BetError::Csv("a quote never closes"));
-        }
-        if line.iter().any(|&b| b == b'\n' || b == b'\r') {
-            return Err(BetError::Csv("a line break inside the row"));
-        }
+        check_shape(line)?;
+        let nends = self.read_record(line)?;
+        // Each field must be UTF-8 on its own: a comma can split the bytes of one character
+        // into two fields that are valid only when joined.
+        let mut start = 0;
+        self.ends[..nends]
+            .iter()
+            .map(|&end| {
+                let field = std::str::from_utf8(&self.out[start..end]).map_err(|_| BetError::Csv("not UTF-8"));
+                start = end;
+                field
+            })
+            .collect()
+    }
+
+    /// Reads `line` as one CSV record into `out` and `ends`, and returns how many fields it has.
+    fn read_record(&mut self, line: &[u8]) -> Result<usize, BetError> {
         let reader = self.reader.get_or_insert_with(csv_core::Reader::new);
         reader.reset();
         if self.out.len() < line.len() {
@@ -255,17 +277,7 @@ impl RowParser {
                 }
             }
         }
-        // Each field must be UTF-8 on its own: a comma can split the bytes of one character
-        // into two fields that are valid only when joined.
-        let mut start = 0;
-        self.ends[..nends]
-            .iter()
-            .map(|&end| {
-                let field = std::str::from_utf8(&self.out[start..end]).map_err(|_| BetError::Csv("not UTF-8"));
-                start = end;
-                field
-            })
-            .collect()
+        Ok(nends)
     }
 
     /// Parses and validates a wire or data-file row.
@@ -328,14 +340,9 @@ impl RowWriter {
     }
 
     /// How many bytes are written so far (flushes the writer's buffer into memory).
-    pub fn len(&mut self) -> usize {
+    pub(crate) fn len(&mut self) -> usize {
         let _ = self.inner.flush();
         self.inner.get_ref().len()
-    }
-
-    /// Whether nothing has been written since the last `take`.
-    pub fn is_empty(&mut self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -446,6 +453,6 @@ mod tests {
         let mut w = RowWriter::default();
         w.push_stored(3, &bet);
         assert_eq!(w.take(), b"3,Ana,Paz,7,1990-05-05,7574\n");
-        assert!(w.is_empty());
+        assert_eq!(w.len(), 0);
     }
 }

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 use rustls::ServerConnection;
 
 use crate::wire::protocol::{MAX_LINE, Reply};
-use crate::wire::transport::{Arrived, Socket, Transport, peek_now};
+use crate::wire::transport::{Arrived, Transport, peek_now};
 
 /// Room for one longest line, its `\r\n`, and what a pipelining client sent after it.
 const BUFFER: usize = 2 * MAX_LINE + 2;
 
 /// Why no line could be read.
 #[derive(Debug)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// The peer closed the connection between lines.
     Closed,
     /// The peer closed the connection in the middle of a line.
@@ -33,8 +33,20 @@ pub enum ReadError {
     Io(io::Error),
 }
 
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Closed => f.write_str("closed between lines"),
+            ReadError::ClosedMidLine => f.write_str("closed in the middle of a line"),
+            ReadError::TooLong => write!(f, "a line longer than {MAX_LINE} bytes"),
+            ReadError::TimedOut => f.write_str("timed out"),
+            ReadError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 /// One client's socket with its read buffer.
-pub struct Connection {
+pub(crate) struct Connection {
     /// Shared with the server's registry, which shuts it down at shutdown: an `Arc` rather than
     /// a `try_clone`, so that a connection costs one file descriptor, not two.
     stream: Arc<TcpStream>,
@@ -50,13 +62,14 @@ pub struct Connection {
 
 impl Connection {
     /// A plain-text connection over `stream`.
-    pub fn new(stream: Arc<TcpStream>, write_timeout: Duration) -> Self {
-        let transport = Transport::Plain(Socket::new(Arc::clone(&stream)));
+    #[cfg(test)]
+    pub(crate) fn new(stream: Arc<TcpStream>, write_timeout: Duration) -> Self {
+        let transport = Transport::Plain(crate::wire::transport::Socket::new(Arc::clone(&stream)));
         Connection::with_transport(transport, write_timeout)
     }
 
     /// A connection over `transport` (plain text, or TLS whose handshake runs on first use).
-    pub fn with_transport(mut transport: Transport<ServerConnection>, write_timeout: Duration) -> Self {
+    pub(crate) fn with_transport(mut transport: Transport<ServerConnection>, write_timeout: Duration) -> Self {
         let stream = Arc::clone(transport.socket_mut().stream());
         Connection {
             stream,
@@ -70,18 +83,18 @@ impl Connection {
     }
 
     /// Whether the client speaks TLS.
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         self.transport.is_tls()
     }
 
     /// Whether a whole line is already buffered, so reading it will not block.
-    pub fn has_buffered_line(&self) -> bool {
+    pub(crate) fn has_buffered_line(&self) -> bool {
         memchr::memchr(b'\n', &self.buf[self.start..self.end]).is_some()
     }
 
     /// Reads whatever bytes have already arrived, without waiting; true if any were read.
     /// Lets the session see whether a pipelining client has sent more requests.
-    pub fn fill_available(&mut self) -> bool {
+    pub(crate) fn fill_available(&mut self) -> bool {
         self.compact();
         if self.end == self.buf.len() || self.stream.set_nonblocking(true).is_err() {
             return false;
@@ -113,7 +126,7 @@ impl Connection {
     /// # Errors
     /// See [`ReadError`]. After `TooLong`, `TimedOut` or an I/O error the stream is no longer
     /// in step with the peer and should be closed.
-    pub fn read_line(&mut self, deadline: Instant) -> Result<&[u8], ReadError> {
+    pub(crate) fn read_line(&mut self, deadline: Instant) -> Result<&[u8], ReadError> {
         if self.start == self.end {
             (self.start, self.end) = (0, 0);
         }
@@ -164,7 +177,7 @@ impl Connection {
     ///
     /// # Errors
     /// The socket's write error (the peer is gone, or did not read for the write timeout).
-    pub fn write_reply(&mut self, reply: &Reply) -> io::Result<()> {
+    pub(crate) fn write_reply(&mut self, reply: &Reply) -> io::Result<()> {
         if let Reply::Line(line) = reply {
             // Possibly megabytes, shared with every other request for it: sent as it is.
             self.flush()?;
@@ -175,7 +188,7 @@ impl Connection {
     }
 
     /// Adds a reply to those sent by the next [`Connection::flush`].
-    pub fn queue_reply(&mut self, reply: &Reply) {
+    pub(crate) fn queue_reply(&mut self, reply: &Reply) {
         reply.encode(&mut self.out);
     }
 
@@ -183,7 +196,7 @@ impl Connection {
     ///
     /// # Errors
     /// As [`Connection::write_reply`].
-    pub fn flush(&mut self) -> io::Result<()> {
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
@@ -202,24 +215,24 @@ impl Connection {
 
     /// Sets the time the next replies may take (shorter for a guest or a connection that is
     /// being ended).
-    pub fn set_write_timeout(&mut self, timeout: Duration) {
+    pub(crate) fn set_write_timeout(&mut self, timeout: Duration) {
         self.write_timeout = timeout;
     }
 
     /// The socket, to be watched for a hang-up while its thread waits on the round.
-    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub(crate) fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
         std::os::fd::AsFd::as_fd(&self.stream)
     }
 
     /// Whether the client has hung up, without waiting or consuming anything: for a thread
     /// that is waiting on the round rather than reading.
-    pub fn peer_gone(&self) -> bool {
+    pub(crate) fn peer_gone(&self) -> bool {
         peek_now(&self.stream) == Arrived::Closed
     }
 
     /// Closes both directions, so that a peer blocked on us sees the end at once; a TLS peer is
     /// told first (`close_notify`), so that it can tell our close from a cut connection.
-    pub fn close(&mut self) {
+    pub(crate) fn close(&mut self) {
         if let Transport::Tls(tls) = &mut self.transport {
             tls.conn.send_close_notify();
             tls.sock.write_deadline = Some(Instant::now() + self.write_timeout.min(Duration::from_secs(1)));

@@ -2,9 +2,9 @@
 //! requests and replies as bytes, and a socket with its read buffer and deadlines.
 
 pub mod bet;
-pub mod connection;
-pub mod plain;
+pub(crate) mod connection;
+pub(crate) mod plain;
 pub mod protocol;
 pub mod row;
-pub mod token;
-pub mod transport;
+pub(crate) mod token;
+pub(crate) mod transport;

@@ -13,7 +13,7 @@ use std::ops::Range;
 /// Where the `N` commas of `line` are, if it has exactly `N` and no quote, no ASCII control
 /// character and no DEL; and the span of its bytes that are not ASCII (not yet checked to be
 /// UTF-8). Such a line is, to the csv crate, its `N + 1` fields split at the commas, unquoted.
-pub fn plain_commas<const N: usize>(line: &[u8]) -> Option<([usize; N], Option<Range<usize>>)> {
+pub(crate) fn plain_commas<const N: usize>(line: &[u8]) -> Option<([usize; N], Option<Range<usize>>)> {
     classify(line)
 }
 

@@ -1,7 +1,7 @@
 //! The wire protocol: requests and replies as lines of text, parsed and encoded over bytes.
 //!
 //! Nothing here touches a socket, so every rule of the protocol can be tested on byte strings.
-//! Framing (finding the lines, the 8 KiB cap, timeouts) lives in [`crate::wire::connection`].
+//! Framing (finding the lines, the 8 KiB cap, timeouts) lives in `wire::connection`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::wire::token::Token;
 
 /// Longest request line, without its line end; a batch's header plus rows share this budget too.
-pub const MAX_LINE: usize = 8192;
+pub(crate) const MAX_LINE: usize = 8192;
 
 /// Most rows a `BATCH` may announce. 8 KiB of rows cannot hold more: the shortest valid row
 /// (`a,b,1,1900-01-01,0`) takes 19 bytes.
@@ -19,7 +19,7 @@ pub const MAX_BATCH_ROWS: u32 = (MAX_LINE / 19) as u32;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Ping,
-    /// `HELLO <agency> [<token>]`; the token is a secret and never shown (see [`Token`]).
+    /// `HELLO <agency> [<token>]`; the token is a secret and never shown (see `wire::token::Token`).
     Hello {
         agency: u32,
         token: Option<Token>,
@@ -81,7 +81,7 @@ impl ErrorCode {
         ErrorCode::Quota,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorCode::TooLong => "TOO_LONG",
             ErrorCode::BadAgency => "BAD_AGENCY",
@@ -325,7 +325,7 @@ impl Reply {
 
 /// The `WINNERS` reply line, `\n` included, for documents already joined by commas: what the
 /// server encodes once per agency at the draw.
-pub fn winners_line(joined: &str) -> Vec<u8> {
+pub(crate) fn winners_line(joined: &str) -> Vec<u8> {
     if joined.is_empty() {
         return b"WINNERS 0\n".to_vec();
     }

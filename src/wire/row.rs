@@ -3,7 +3,7 @@
 //! Nearly every row an agency sends has no quotes, and a number without leading zeros. For
 //! such a row the reference path ([`RowParser`], [`Bet::from_fields`], then [`RowWriter`]'s
 //! minimal quoting) splits it at its commas, validates the five fields, and writes the very
-//! same bytes back. [`is_plain_bet`] decides that in one pass over the bytes, without
+//! same bytes back. `is_plain_bet` decides that in one pass over the bytes, without
 //! allocating, so the row can be copied instead. Any other row (quotes, an invalid field, a
 //! number like `0042`, which is written back as `42`) takes the reference path, which gives the
 //! same error or the same re-encoded row as before: the fast path only ever says "yes, as is".
@@ -41,7 +41,7 @@ impl RowEncoder {
     }
 
     /// Moves the upper bound of a birthdate (a long-lived connection crosses midnight).
-    pub fn set_today(&mut self, today: Date) {
+    pub(crate) fn set_today(&mut self, today: Date) {
         if today != self.today {
             self.today = today;
             self.today_text = date_text(today);
@@ -86,7 +86,7 @@ impl RowEncoder {
 
     /// Appends `line` and `\n` to `out` if it is a plain bet ([`is_plain_bet`]); false, and
     /// nothing appended, otherwise.
-    pub fn push_plain_wire(&mut self, line: &[u8], out: &mut Vec<u8>) -> bool {
+    pub(crate) fn push_plain_wire(&mut self, line: &[u8], out: &mut Vec<u8>) -> bool {
         let plain = is_plain_bet(line, &self.today_text);
         if plain {
             out.reserve(line.len() + 1);
@@ -101,7 +101,7 @@ impl RowEncoder {
     ///
     /// # Errors
     /// As [`Bet::from_fields`]; nothing is appended then.
-    pub fn push_wire_fields(&mut self, fields: &[&str], out: &mut Vec<u8>) -> Result<(), BetError> {
+    pub(crate) fn push_wire_fields(&mut self, fields: &[&str], out: &mut Vec<u8>) -> Result<(), BetError> {
         let bet = Bet::from_fields(fields, self.today)?;
         self.writer.push_bet(&bet);
         out.extend_from_slice(&self.writer.take());
@@ -119,7 +119,7 @@ fn date_text(date: Date) -> [u8; 10] {
 /// path would write back byte for byte: five fields, no quote anywhere, names of name
 /// characters not starting with a hyphen, a number without leading zeros. `false` says nothing
 /// more: the reference path decides.
-pub fn is_plain_bet(line: &[u8], today: &[u8; 10]) -> bool {
+pub(crate) fn is_plain_bet(line: &[u8], today: &[u8; 10]) -> bool {
     let Some(([c1, c2, c3, c4], high)) = plain_commas(line) else { return false };
     let (document, birthdate, number) = (&line[c2 + 1..c3], &line[c3 + 1..c4], &line[c4 + 1..]);
     (1..=MAX_NAME_BYTES).contains(&c1)

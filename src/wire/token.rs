@@ -12,10 +12,10 @@ use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
 /// Random bytes in a token made by `--make-keys` (the contract asks for at least 128 bits).
-pub const TOKEN_BYTES: usize = 32;
+pub(crate) const TOKEN_BYTES: usize = 32;
 
 /// Longest token accepted on the wire or from a file: bounds what a client makes us hash.
-pub const MAX_TOKEN_LEN: usize = 256;
+pub(crate) const MAX_TOKEN_LEN: usize = 256;
 
 /// A secret token, as presented by an agency.
 #[derive(Clone, PartialEq, Eq)]

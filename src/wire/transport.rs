@@ -18,18 +18,18 @@ use rustls::{ConnectionCommon, SideData, StreamOwned};
 
 /// A socket shared with whoever must be able to shut it down (the server's registry, the
 /// agency's stop handle), with the deadlines of the read and write under way.
-pub struct Socket {
+pub(crate) struct Socket {
     stream: Arc<TcpStream>,
     pub read_deadline: Option<Instant>,
     pub write_deadline: Option<Instant>,
 }
 
 impl Socket {
-    pub fn new(stream: Arc<TcpStream>) -> Socket {
+    pub(crate) fn new(stream: Arc<TcpStream>) -> Socket {
         Socket { stream, read_deadline: None, write_deadline: None }
     }
 
-    pub fn stream(&self) -> &Arc<TcpStream> {
+    pub(crate) fn stream(&self) -> &Arc<TcpStream> {
         &self.stream
     }
 }
@@ -68,20 +68,20 @@ impl Write for Socket {
 }
 
 /// A socket in plain text or TLS; `C` is rustls's `ServerConnection` or `ClientConnection`.
-pub enum Transport<C> {
+pub(crate) enum Transport<C> {
     Plain(Socket),
     Tls(Box<StreamOwned<C, Socket>>),
 }
 
 impl<C> Transport<C> {
-    pub fn socket_mut(&mut self) -> &mut Socket {
+    pub(crate) fn socket_mut(&mut self) -> &mut Socket {
         match self {
             Transport::Plain(socket) => socket,
             Transport::Tls(tls) => &mut tls.sock,
         }
     }
 
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Transport::Tls(_))
     }
 }
@@ -121,7 +121,7 @@ where
 
 /// What has arrived on a socket, looked at without waiting or consuming anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arrived {
+pub(crate) enum Arrived {
     /// Nothing yet; the peer is still there.
     Nothing,
     /// At least one byte, this one first.
@@ -132,7 +132,7 @@ pub enum Arrived {
 
 /// Peeks at `stream` without blocking and without touching its mode: one `recv` with
 /// `MSG_PEEK | MSG_DONTWAIT`.
-pub fn peek_now(stream: &TcpStream) -> Arrived {
+pub(crate) fn peek_now(stream: &TcpStream) -> Arrived {
     let mut first = [0u8; 1];
     match peek_all_now(stream, &mut first) {
         None => Arrived::Nothing,
@@ -143,7 +143,7 @@ pub fn peek_now(stream: &TcpStream) -> Arrived {
 
 /// What has arrived and is unread, as much of it as `buf` holds, never waiting: how many bytes,
 /// or `None` if nothing has; `Some(0)` once the client has closed (or the connection broke).
-pub fn peek_all_now(stream: &TcpStream, buf: &mut [u8]) -> Option<usize> {
+pub(crate) fn peek_all_now(stream: &TcpStream, buf: &mut [u8]) -> Option<usize> {
     match rustix::net::recv(stream, buf, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
         Ok((_, n)) => Some(n),
         Err(e) if e == Errno::AGAIN || e == Errno::INTR => None,
@@ -153,7 +153,7 @@ pub fn peek_all_now(stream: &TcpStream, buf: &mut [u8]) -> Option<usize> {
 
 /// Reads and drops the next `n` bytes, which have arrived (a peek saw them); false if they
 /// could not all be read at once.
-pub fn consume_now(stream: &TcpStream, mut n: usize) -> bool {
+pub(crate) fn consume_now(stream: &TcpStream, mut n: usize) -> bool {
     let mut sink = [0u8; 512];
     while n > 0 {
         let len = n.min(sink.len());
@@ -168,13 +168,13 @@ pub fn consume_now(stream: &TcpStream, mut n: usize) -> bool {
 /// Writes what a socket's send buffer takes of `bytes` at once, never waiting: for a thread that
 /// must not block (a last word to a connection being closed, a probe's reply from the door);
 /// true if it took them all.
-pub fn send_now(stream: &TcpStream, bytes: &[u8]) -> bool {
+pub(crate) fn send_now(stream: &TcpStream, bytes: &[u8]) -> bool {
     let sent = rustix::net::send(stream, bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
     sent.is_ok_and(|n| n == bytes.len())
 }
 
 /// The rustls error behind an I/O error, if any: a certificate that is not trusted, a record
 /// that fails its integrity check. Such an error is never cured by trying again.
-pub fn tls_error(error: &io::Error) -> Option<&rustls::Error> {
+pub(crate) fn tls_error(error: &io::Error) -> Option<&rustls::Error> {
     error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }

@@ -15,7 +15,7 @@ pub(super) struct Columns {
 impl Columns {
     /// Reads back the `bets.csv` rows the session encoded (valid bets, so this fails only on
     /// a bug).
-    pub fn of(rows: &Rows) -> Result<Columns, String> {
+    pub(super) fn of(rows: &Rows) -> Result<Columns, String> {
         let n = rows.len();
         let mut columns = Columns {
             first_names: Vec::with_capacity(n),

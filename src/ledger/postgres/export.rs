@@ -10,7 +10,7 @@ use super::{connect, parse_url, place};
 ///
 /// # Errors
 /// The database cannot be reached or read, or `out` cannot be written.
-pub fn export(url: &str, out: &mut dyn Write) -> Result<u64, String> {
+pub(crate) fn export(url: &str, out: &mut dyn Write) -> Result<u64, String> {
     let config = parse_url(url)?;
     let place = place(&config);
     let mut client = connect(&config, &place)?;

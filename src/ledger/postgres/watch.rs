@@ -19,7 +19,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Config, NoTls};
 
 use super::error::detail;
-use super::{CHANNEL, Shared, draw, load_winners, read_figures};
+use super::{CHANNEL, ReplicaState, draw, load_winners, read_figures};
 use crate::logging::field;
 
 /// How often the round is read even without a notification.
@@ -31,14 +31,14 @@ const SLICE: Duration = Duration::from_millis(100);
 /// The longest a connection attempt may keep shutdown waiting.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub(super) fn spawn(mut config: Config, shared: Arc<Shared>) -> io::Result<JoinHandle<()>> {
+pub(super) fn spawn(mut config: Config, shared: Arc<ReplicaState>) -> io::Result<JoinHandle<()>> {
     if config.get_connect_timeout().is_none_or(|&t| t > CONNECT_TIMEOUT) {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     thread::Builder::new().name("round-watch".into()).spawn(move || run(&config, &shared))
 }
 
-fn run(config: &Config, shared: &Shared) {
+fn run(config: &Config, shared: &ReplicaState) {
     let mut failing = false;
     while !shared.stopping() {
         let result = config.connect(NoTls).and_then(|mut client| {
@@ -62,7 +62,7 @@ fn run(config: &Config, shared: &Shared) {
 
 /// Reads the round now and every [`RECHECK`] or notification after, until the draw is known and
 /// the figures final, or shutdown.
-fn listen(client: &mut Client, shared: &Shared) -> Result<(), postgres::Error> {
+fn listen(client: &mut Client, shared: &ReplicaState) -> Result<(), postgres::Error> {
     let mut next_check = Instant::now();
     while !shared.stopping() {
         if Instant::now() >= next_check {
@@ -80,7 +80,7 @@ fn listen(client: &mut Client, shared: &Shared) -> Result<(), postgres::Error> {
 
 /// Reads the figures, and the winners once drawn (drawing a round left undrawn): whether the
 /// round is over and its figures final.
-fn check(client: &mut Client, shared: &Shared) -> Result<bool, postgres::Error> {
+fn check(client: &mut Client, shared: &ReplicaState) -> Result<bool, postgres::Error> {
     let status = read_figures(client, shared.agencies)?;
     shared.set_figures(&status);
     if !status.drawn && status.agencies_done == shared.agencies {
@@ -97,7 +97,7 @@ fn check(client: &mut Client, shared: &Shared) -> Result<bool, postgres::Error> 
 }
 
 /// Sleeps for `time` in short steps, returning early at shutdown.
-fn pause(shared: &Shared, time: Duration) {
+fn pause(shared: &ReplicaState, time: Duration) {
     let until = Instant::now() + time;
     while !shared.stopping() && Instant::now() < until {
         thread::sleep(SLICE);

@@ -4,11 +4,11 @@
 //! caller reads and writes the socket.
 
 /// Most bytes of a request's head (request line and headers), as nginx's default buffers.
-pub const MAX_HEAD: usize = 8192;
+pub(super) const MAX_HEAD: usize = 8192;
 
 /// What a request's head asks for.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Request<'a> {
+pub(super) struct Request<'a> {
     /// `HEAD`: the same answer without its body.
     pub head_only: bool,
     /// The path, without its query.
@@ -17,7 +17,7 @@ pub struct Request<'a> {
 
 /// How far the head of a request has arrived in `data`.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Head<'a> {
+pub(super) enum Head<'a> {
     /// Not whole yet: read more.
     Partial,
     Complete(Result<Request<'a>, Status>),
@@ -25,7 +25,7 @@ pub enum Head<'a> {
 
 /// An answer's status line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
+pub(super) enum Status {
     Ok,
     BadRequest,
     NotFound,
@@ -36,7 +36,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub fn line(self) -> &'static str {
+    pub(super) fn line(self) -> &'static str {
         match self {
             Status::Ok => "200 OK",
             Status::BadRequest => "400 Bad Request",
@@ -50,7 +50,7 @@ impl Status {
 }
 
 /// Looks at what has arrived of a request: its head is whole once an empty line ends it.
-pub fn parse(data: &[u8]) -> Head<'_> {
+pub(super) fn parse(data: &[u8]) -> Head<'_> {
     let end = memchr::memmem::find(data, b"\r\n\r\n").or_else(|| memchr::memmem::find(data, b"\n\n"));
     let Some(end) = end else {
         return if data.len() >= MAX_HEAD { Head::Complete(Err(Status::TooLarge)) } else { Head::Partial };
@@ -81,7 +81,7 @@ fn request_line(line: &[u8]) -> Result<Request<'_>, Status> {
 }
 
 /// An answer, whole: status line, headers, body (left out for `HEAD`).
-pub fn response(status: Status, content_type: &str, body: &[u8], head_only: bool) -> Vec<u8> {
+pub(super) fn response(status: Status, content_type: &str, body: &[u8], head_only: bool) -> Vec<u8> {
     let mut out = format!(
         "HTTP/1.1 {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
          X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
@@ -96,7 +96,7 @@ pub fn response(status: Status, content_type: &str, body: &[u8], head_only: bool
 }
 
 /// An error answer: its status line as a plain-text body.
-pub fn error(status: Status) -> Vec<u8> {
+pub(super) fn error(status: Status) -> Vec<u8> {
     response(status, "text/plain; charset=utf-8", format!("{}\n", status.line()).as_bytes(), false)
 }
 

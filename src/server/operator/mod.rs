@@ -5,13 +5,13 @@
 //! deadline at most, and the round never waits for them.
 
 mod http;
-pub mod view;
+pub(crate) mod view;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use crate::config::MetricsAddress;
 use crate::ledger::Ledger;
 use crate::server::metrics::Metrics;
+use crate::sync::lock_unpoisoned;
 use http::{Head, Status};
 use view::RoundView;
 
@@ -38,7 +39,7 @@ const TICK: Duration = Duration::from_millis(250);
 const PAGE: &str = include_str!("page.html");
 
 /// The operator's view of a server: its counters, and the listener serving them if any.
-pub struct Operator {
+pub(crate) struct Operator {
     metrics: Arc<Metrics>,
     serving: Option<Serving>,
 }
@@ -58,8 +59,8 @@ impl Operator {
     ///
     /// # Errors
     /// A required address cannot be bound, or a thread cannot be started.
-    pub fn start(address: Option<MetricsAddress>, round: Arc<dyn Ledger>) -> Result<Operator, String> {
-        let metrics = Arc::new(Metrics::new(round.agencies()));
+    pub(crate) fn start(address: Option<MetricsAddress>, ledger: Arc<dyn Ledger>) -> Result<Operator, String> {
+        let metrics = Arc::new(Metrics::new(ledger.agencies()));
         let Some(MetricsAddress { addr, required }) = address else {
             return Ok(Operator { metrics, serving: None });
         };
@@ -73,27 +74,27 @@ impl Operator {
                 return Ok(Operator { metrics, serving: None });
             }
         };
-        let view = Arc::new(RoundView::new(Arc::clone(&metrics), round));
+        let view = Arc::new(RoundView::new(Arc::clone(&metrics), ledger));
         let serving = Serving::start(listener, view).map_err(|e| format!("cannot serve metrics: {e}"))?;
         info!("action: listen | result: success | service: metrics | address: {}", serving.addr);
         Ok(Operator { metrics, serving: Some(serving) })
     }
 
-    pub fn metrics(&self) -> Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.metrics)
     }
 
     /// Where the listener is, if there is one.
-    pub fn address(&self) -> Option<SocketAddr> {
+    pub(crate) fn address(&self) -> Option<SocketAddr> {
         self.serving.as_ref().map(|s| s.addr)
     }
 
     /// Stops the listener and joins its threads.
-    pub fn stop(self) {
+    pub(crate) fn stop(self) {
         let Some(serving) = self.serving else { return };
         serving.stop.store(true, Ordering::SeqCst);
         for slot in serving.answering.iter() {
-            if let Some(stream) = slot.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            if let Some(stream) = lock_unpoisoned(slot).as_ref() {
                 let _ = stream.shutdown(Shutdown::Both);
             }
         }
@@ -168,11 +169,11 @@ fn queue_or_refuse(queue: &SyncSender<Accepted>, accepted: Accepted) {
 /// A worker: answers queued connections, one at a time, until the queue is closed.
 fn answer_each(queue: &Mutex<Receiver<Accepted>>, view: &Arc<RoundView>, answering: &Mutex<Option<TcpStream>>) {
     loop {
-        let next = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let next = lock_unpoisoned(queue).recv();
         let Ok((stream, accepted)) = next else { return };
-        *answering.lock().unwrap_or_else(PoisonError::into_inner) = stream.try_clone().ok();
+        *lock_unpoisoned(answering) = stream.try_clone().ok();
         answer(&stream, accepted + DEADLINE, view);
-        *answering.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *lock_unpoisoned(answering) = None;
     }
 }
 

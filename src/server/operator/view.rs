@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::collector::Collector;
@@ -20,6 +20,7 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::ledger::Ledger;
 use crate::ledger::stats::Histogram;
 use crate::server::metrics::{AgencyState, Metrics, ranges};
+use crate::sync::lock_unpoisoned;
 use crate::wire::protocol::Status;
 
 /// How far back the page looks.
@@ -34,9 +35,9 @@ struct Sample {
 }
 
 /// The round as the operator sees it.
-pub struct RoundView {
+pub(crate) struct RoundView {
     pub metrics: Arc<Metrics>,
-    round: Arc<dyn Ledger>,
+    ledger: Arc<dyn Ledger>,
     /// One sample a second, the last minute's and one more.
     samples: Mutex<VecDeque<Sample>>,
     /// When this side first saw the draw made (Unix ms), for a ledger that does not say when.
@@ -45,7 +46,7 @@ pub struct RoundView {
 
 impl std::fmt::Debug for RoundView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RoundView").field("round", &self.round.describe()).finish_non_exhaustive()
+        f.debug_struct("RoundView").field("ledger", &self.ledger.describe()).finish_non_exhaustive()
     }
 }
 
@@ -54,19 +55,19 @@ fn unix_ms() -> u64 {
 }
 
 impl RoundView {
-    pub fn new(metrics: Arc<Metrics>, round: Arc<dyn Ledger>) -> RoundView {
-        RoundView { metrics, round, samples: Mutex::default(), seen_drawn_ms: Mutex::default() }
+    pub(crate) fn new(metrics: Arc<Metrics>, ledger: Arc<dyn Ledger>) -> RoundView {
+        RoundView { metrics, ledger, samples: Mutex::default(), seen_drawn_ms: Mutex::default() }
     }
 
     fn status(&self) -> Status {
         let agencies = self.metrics.agencies();
-        self.round.status().unwrap_or(Status { agencies_done: 0, agencies, bets: 0, drawn: false })
+        self.ledger.status().unwrap_or(Status { agencies_done: 0, agencies, bets: 0, drawn: false })
     }
 
     /// Takes a sample if the last is a second old: called by the listener as it waits.
-    pub fn sample(&self) {
+    pub(crate) fn sample(&self) {
         let now = Instant::now();
-        let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut samples = lock_unpoisoned(&self.samples);
         if samples.back().is_some_and(|s| now.duration_since(s.at) < Duration::from_secs(1)) {
             return;
         }
@@ -77,24 +78,24 @@ impl RoundView {
         }
         drop(samples);
         if status.drawn {
-            self.seen_drawn_ms.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert_with(unix_ms);
+            lock_unpoisoned(&self.seen_drawn_ms).get_or_insert_with(unix_ms);
         }
     }
 
     /// When the draw was made (Unix ms), and how long it took (seconds) if the ledger says.
     fn draw(&self) -> Option<(u64, Option<f64>)> {
-        let stats = self.round.stats();
+        let stats = self.ledger.stats();
         let at = stats.map_or(0, |s| s.drawn_at_ms.load(Ordering::Relaxed));
         if at > 0 {
             let took = stats.map(|s| s.draw_micros.load(Ordering::Relaxed) as f64 / 1e6);
             return Some((at, took));
         }
-        let seen = *self.seen_drawn_ms.lock().unwrap_or_else(PoisonError::into_inner);
+        let seen = *lock_unpoisoned(&self.seen_drawn_ms);
         seen.map(|at| (at, None))
     }
 
     fn phase(&self, status: &Status) -> &'static str {
-        if self.round.is_shutting_down() {
+        if self.ledger.is_shutting_down() {
             "stopping"
         } else if status.drawn {
             "drawn"
@@ -104,12 +105,12 @@ impl RoundView {
     }
 
     fn ledger(&self) -> &'static str {
-        if self.round.stats().is_some() { "file" } else { "postgresql" }
+        if self.ledger.stats().is_some() { "file" } else { "postgresql" }
     }
 
     /// Bets a second over the last minute, second by second (oldest first), and the refusals in it.
     fn last_minute(&self) -> (Vec<f64>, u64) {
-        let samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        let samples = lock_unpoisoned(&self.samples);
         let rates = samples
             .iter()
             .zip(samples.iter().skip(1))
@@ -123,7 +124,7 @@ impl RoundView {
     }
 
     /// `/round.json`: the round now. Agency numbers and counts only: nothing names a bettor.
-    pub fn json(&self) -> String {
+    pub(crate) fn json(&self) -> String {
         let status = self.status();
         let states = self.metrics.states(status.drawn);
         let mut json = String::with_capacity(states.len() + 512);
@@ -158,7 +159,7 @@ impl RoundView {
     }
 
     /// `/metrics`: the Prometheus text format.
-    pub fn exposition(self: &Arc<Self>) -> String {
+    pub(crate) fn exposition(self: &Arc<Self>) -> String {
         let mut registry = Registry::with_prefix("lottery");
         registry.register_collector(Box::new(Arc::clone(self)));
         let mut out = String::new();
@@ -225,40 +226,8 @@ impl Collector for RoundView {
             phases,
             MetricType::Gauge,
         )?;
-        let states = m.states(status.drawn);
-        let by_state =
-            AgencyState::ALL.map(|s| (s.as_str(), ConstGauge::new(states.iter().filter(|&&x| x == s).count() as i64)));
-        family(
-            &mut e,
-            (
-                "agencies",
-                "Agencies by state: not_connected, connected, done (said DONE), told (sent their winners).",
-                "state",
-            ),
-            by_state,
-            MetricType::Gauge,
-        )?;
-        single(
-            &mut e,
-            "bets",
-            "Bets the round holds (every replica's, on PostgreSQL).",
-            None,
-            &ConstGauge::new(status.bets as i64),
-        )?;
-        single(
-            &mut e,
-            "bets_stored",
-            "Bets acknowledged OK by this server (a retried batch counts again).",
-            None,
-            &load(&m.bets),
-        )?;
-        single(
-            &mut e,
-            "batches_stored",
-            "Batches (and single BETs) acknowledged OK by this server.",
-            None,
-            &load(&m.batches),
-        )?;
+        self.encode_agencies(&mut e, status.drawn)?;
+        self.encode_bets(&mut e, &status)?;
         self.encode_traffic(&mut e)?;
         self.encode_draw(&mut e)?;
         self.encode_ledger(&mut e)
@@ -266,6 +235,49 @@ impl Collector for RoundView {
 }
 
 impl RoundView {
+    /// The agencies by state.
+    fn encode_agencies(&self, e: &mut DescriptorEncoder, drawn: bool) -> std::fmt::Result {
+        let states = self.metrics.states(drawn);
+        let by_state =
+            AgencyState::ALL.map(|s| (s.as_str(), ConstGauge::new(states.iter().filter(|&&x| x == s).count() as i64)));
+        family(
+            e,
+            (
+                "agencies",
+                "Agencies by state: not_connected, connected, done (said DONE), told (sent their winners).",
+                "state",
+            ),
+            by_state,
+            MetricType::Gauge,
+        )
+    }
+
+    /// The bets the round holds, and those this server acknowledged.
+    fn encode_bets(&self, e: &mut DescriptorEncoder, status: &Status) -> std::fmt::Result {
+        let m = &self.metrics;
+        single(
+            e,
+            "bets",
+            "Bets the round holds (every replica's, on PostgreSQL).",
+            None,
+            &ConstGauge::new(status.bets as i64),
+        )?;
+        single(
+            e,
+            "bets_stored",
+            "Bets acknowledged OK by this server (a retried batch counts again).",
+            None,
+            &load(&m.bets),
+        )?;
+        single(
+            e,
+            "batches_stored",
+            "Batches (and single BETs) acknowledged OK by this server.",
+            None,
+            &load(&m.batches),
+        )
+    }
+
     /// Connections, probes, refusals and TLS handshakes.
     fn encode_traffic(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         let m = &self.metrics;
@@ -313,7 +325,7 @@ impl RoundView {
 
     /// The file ledger's own figures; a PostgreSQL ledger has none of these.
     fn encode_ledger(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
-        let Some(stats) = self.round.stats() else { return Ok(()) };
+        let Some(stats) = self.ledger.stats() else { return Ok(()) };
         single(e, "appended", "Bytes appended to bets.csv.", Some(&Unit::Bytes), &load(&stats.bytes_appended))?;
         histogram(
             e,

@@ -60,6 +60,14 @@ impl Logs {
         Logs { rx, seen: Vec::new(), eof: false }
     }
 
+    /// Takes every line received but not yet looked at into `seen`, without waiting: a failing
+    /// test then shows all the child said, not only what the test had waited for.
+    pub fn take_pending(&mut self) {
+        while let Ok(line) = self.rx.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
     /// The next line: `Ok(None)` at the end of the output, `Err` at the deadline.
     fn next_line(&mut self, deadline: Instant) -> Result<Option<&str>, RecvTimeoutError> {
         if self.eof {
@@ -159,6 +167,9 @@ impl Proc {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
+            if Instant::now() >= deadline {
+                self.logs.take_pending();
+            }
             assert!(
                 Instant::now() < deadline,
                 "{} still running after {timeout:?}; its log:\n{}",
@@ -193,6 +204,7 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
         if thread::panicking() {
+            self.logs.take_pending();
             eprintln!("--- {} log ---\n{}", self.name, self.logs.seen.join("\n"));
             // Only if it is all there: a grandchild may still hold the pipe open.
             if self.stderr.as_ref().is_some_and(JoinHandle::is_finished) {

@@ -24,6 +24,10 @@ use crate::wire::transport::{Arrived, peek_now};
 /// Most connections waiting: each costs a file descriptor and a few bytes.
 pub const CAPACITY: usize = 4096;
 
+/// How often, at most, a full room looks for waiters that hung up: each look is a system call
+/// per waiter, and a newcomer arrives at a full room as often as a flood connects.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
 /// How long a waiter on a TLS server may say nothing before it waits behind the others.
 pub const SILENT_FOR: Duration = Duration::from_millis(100);
 
@@ -50,6 +54,8 @@ pub enum Turn {
 pub struct WaitingRoom {
     clear: VecDeque<Waiter>,
     suspects: VecDeque<Waiter>,
+    /// When the full room last looked for waiters that hung up.
+    swept: Option<Instant>,
 }
 
 impl WaitingRoom {
@@ -61,11 +67,20 @@ impl WaitingRoom {
         self.len() == 0
     }
 
+    /// Whether the room is full and no waiter in it is a suspect that a newcomer could take the
+    /// place of: a crowd (ten thousand agencies connecting at once) fills it so. The door then
+    /// leaves the rest of the crowd in the kernel's listen queue rather than turn it away.
+    pub fn is_full_of_the_clear(&self) -> bool {
+        self.len() >= CAPACITY && self.suspects.is_empty()
+    }
+
     /// Lets `waiter` in at the back of its queue. When the room is full, those who gave up
-    /// waiting leave first (a full room is mostly strangers'), then a suspect makes room for one
-    /// that is not. What could not stay is returned, to be turned away.
+    /// waiting leave first (a full room is mostly strangers'; looked for at most every
+    /// [`SWEEP_EVERY`]), then a suspect makes room for one that is not. What could not stay is
+    /// returned, to be turned away.
     pub fn enter(&mut self, waiter: Waiter, suspect: bool) -> Option<Waiter> {
-        if self.len() >= CAPACITY {
+        if self.len() >= CAPACITY && self.swept.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+            self.swept = Some(Instant::now());
             self.clear.retain(|w| peek_now(&w.stream) != Arrived::Closed);
             self.suspects.retain(|w| peek_now(&w.stream) != Arrived::Closed);
         }

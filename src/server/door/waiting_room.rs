@@ -28,6 +28,11 @@ pub const CAPACITY: usize = 4096;
 /// per waiter, and a newcomer arrives at a full room as often as a flood connects.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
+/// How long a waiter from an address with no failure may be passed over by newer ones; past
+/// it, it goes first. Without it, strangers reconnecting from the agencies' own address (a
+/// NAT) kept an agency that came before them waiting until it was turned away.
+pub const PATIENCE: Duration = Duration::from_secs(1);
+
 /// How long a waiter on a TLS server may say nothing before it waits behind the others.
 pub const SILENT_FOR: Duration = Duration::from_millis(100);
 
@@ -114,62 +119,106 @@ impl WaitingRoom {
         gone
     }
 
-    /// Gives each waiter its turn as long as `turn` finds guest places: those from addresses
-    /// with no failure newest first (a first wave of strangers from fresh addresses that came
-    /// before the agencies does not stand ahead of them, and each of its addresses is a suspect
-    /// after its first failure), then the suspects oldest first. One whose address has no place
-    /// left waits on without holding up the others. Those that hung up while waiting leave; on a
-    /// `tls` server, those that are no TLS client in a hurry go behind the suspects. `turn` gets
-    /// the waiter and its first byte, if it has sent one.
+    /// Gives each waiter its turn as long as `turn` finds guest places: first those from
+    /// addresses with no failure that have waited [`PATIENCE`], oldest first; then the rest of
+    /// them newest first (a first wave of strangers from fresh addresses that came before the
+    /// agencies does not stand ahead of them, and each of its addresses is a suspect after its
+    /// first failure); then the suspects oldest first. One whose address has no place left waits
+    /// on without holding up the others. Those that hung up while waiting leave; on a `tls`
+    /// server, those that are no TLS client in a hurry go behind the suspects. `turn` gets the
+    /// waiter and its first byte, if it has sent one.
     pub fn seat(&mut self, tls: bool, now: Instant, mut turn: impl FnMut(&Waiter, Option<u8>) -> Turn) {
-        let mut crowded: Vec<IpAddr> = Vec::new();
-        let mut behind = Vec::new();
-        'queues: for (suspects, queue) in [(false, &mut self.clear), (true, &mut self.suspects)] {
-            if suspects {
-                queue.extend(behind.drain(..));
-            }
-            // Waiters passed over so far, at the end their turns are given from.
-            let mut passed = 0;
-            while passed < queue.len() {
-                let i = if suspects { passed } else { queue.len() - 1 - passed };
-                let waiter = &queue[i];
-                let origin = suspects::origin(waiter.ip);
-                if crowded.contains(&origin) {
-                    passed += 1;
-                    continue;
-                }
-                let first = match peek_now(&waiter.stream) {
-                    // Hung up while waiting: there is no one to serve.
-                    Arrived::Closed => {
-                        queue.remove(i);
-                        continue;
-                    }
-                    Arrived::Byte(b) => Some(b),
-                    Arrived::Nothing => None,
-                };
-                let hurried = first.map_or(now.duration_since(waiter.arrived) < SILENT_FOR, |b| b == TLS_HANDSHAKE);
-                if tls && !suspects && !hurried {
-                    behind.extend(queue.remove(i));
-                    continue;
-                }
-                match turn(waiter, first) {
-                    Turn::Left => {
-                        queue.remove(i);
-                    }
-                    Turn::AddressFull => {
-                        crowded.push(origin);
-                        passed += 1;
-                    }
-                    Turn::GuestsFull => break 'queues,
-                }
-            }
+        let aged = self.clear.partition_point(|w| now.duration_since(w.arrived) >= PATIENCE);
+        let mut young = self.clear.split_off(aged);
+        let mut seating = Seating { tls, now, crowded: Vec::new(), behind: Vec::new() };
+        let full = seating.give_turns(&mut self.clear, false, &mut turn)
+            || seating.give_turns_newest_first(&mut young, &mut turn);
+        self.clear.append(&mut young);
+        self.suspects.extend(seating.behind.drain(..));
+        if !full {
+            seating.give_turns(&mut self.suspects, true, &mut turn);
         }
-        self.suspects.extend(behind);
     }
 
     /// Everyone, emptying the room.
     pub fn drain(&mut self) -> impl Iterator<Item = Waiter> + '_ {
         self.clear.drain(..).chain(self.suspects.drain(..))
+    }
+}
+
+/// One seating of the room: which addresses have no place left, and who goes behind.
+struct Seating {
+    tls: bool,
+    now: Instant,
+    crowded: Vec<IpAddr>,
+    /// Waiters from addresses with no failure that are no TLS client in a hurry.
+    behind: Vec<Waiter>,
+}
+
+impl Seating {
+    /// Gives the waiters of `queue` their turns, oldest first; `suspects` says which queue it
+    /// is. Whether every guest place is taken.
+    fn give_turns(
+        &mut self,
+        queue: &mut VecDeque<Waiter>,
+        suspects: bool,
+        turn: &mut impl FnMut(&Waiter, Option<u8>) -> Turn,
+    ) -> bool {
+        self.turns(queue, suspects, false, turn)
+    }
+
+    /// The same for waiters from addresses with no failure, newest first.
+    fn give_turns_newest_first(
+        &mut self,
+        queue: &mut VecDeque<Waiter>,
+        turn: &mut impl FnMut(&Waiter, Option<u8>) -> Turn,
+    ) -> bool {
+        self.turns(queue, false, true, turn)
+    }
+
+    fn turns(
+        &mut self,
+        queue: &mut VecDeque<Waiter>,
+        suspects: bool,
+        newest_first: bool,
+        turn: &mut impl FnMut(&Waiter, Option<u8>) -> Turn,
+    ) -> bool {
+        // Waiters passed over so far, at the end their turns are given from.
+        let mut passed = 0;
+        while passed < queue.len() {
+            let i = if newest_first { queue.len() - 1 - passed } else { passed };
+            let waiter = &queue[i];
+            let origin = suspects::origin(waiter.ip);
+            if self.crowded.contains(&origin) {
+                passed += 1;
+                continue;
+            }
+            let first = match peek_now(&waiter.stream) {
+                // Hung up while waiting: there is no one to serve.
+                Arrived::Closed => {
+                    queue.remove(i);
+                    continue;
+                }
+                Arrived::Byte(b) => Some(b),
+                Arrived::Nothing => None,
+            };
+            let hurried = first.map_or(self.now.duration_since(waiter.arrived) < SILENT_FOR, |b| b == TLS_HANDSHAKE);
+            if self.tls && !suspects && !hurried {
+                self.behind.extend(queue.remove(i));
+                continue;
+            }
+            match turn(waiter, first) {
+                Turn::Left => {
+                    queue.remove(i);
+                }
+                Turn::AddressFull => {
+                    self.crowded.push(origin);
+                    passed += 1;
+                }
+                Turn::GuestsFull => return true,
+            }
+        }
+        false
     }
 }
 
@@ -215,5 +264,29 @@ mod tests {
         // the order they were passed over: the silent one (newest), the plain-text one.
         assert_eq!(order, [Some(3), Some(1), None, Some(b'P')]);
         assert!(room.is_empty());
+    }
+
+    #[test]
+    fn a_waiter_passed_over_for_a_second_goes_before_newer_ones() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut room = WaitingRoom::default();
+        let mut clients = Vec::new();
+        let now = Instant::now();
+        // Arrived 2 s, 1.5 s and 0 s before `now`, each opening a TLS handshake (version byte 1, 2, 3).
+        for (version, ago) in [(1, 2_000), (2, 1_500), (3, 0)] {
+            let (client, mut waiter) = waiter(&listener, &[TLS_HANDSHAKE, 3, version]);
+            waiter.arrived = now - Duration::from_millis(ago);
+            clients.push(client);
+            assert!(room.enter(waiter, false).is_none());
+        }
+        let mut order = Vec::new();
+        room.seat(true, now, |waiter, _| {
+            let mut version = [0u8; 3];
+            let _ = waiter.stream.peek(&mut version);
+            order.push(version[2]);
+            Turn::Left
+        });
+        // Those that waited past patience oldest first, then the rest newest first.
+        assert_eq!(order, [1, 2, 3]);
     }
 }

@@ -17,8 +17,10 @@ use crate::logging;
 use crate::output;
 use crate::tools::attacks::{Attack, Report, Sources};
 use crate::tools::botnet::{Botnet, Orders};
-use crate::tools::local_round::{LocalServer, Options, RoundCredentials, run_agencies};
+use crate::tools::crowd::run_agencies;
+use crate::tools::local_server::{LocalServer, RoundCredentials};
 use crate::tools::report::count_winners;
+use crate::tools::round_options::Options;
 
 /// How long the attackers run before the agencies start, so that they meet a server already
 /// under attack rather than race it.

@@ -398,6 +398,34 @@ fn thousands(n: u64) -> String {
     out
 }
 
+/// Runs one agency thread per file, each loading the credentials its settings name, and
+/// waits for them all. `configured` holds each agency's settings (`CLI_RETRY_TIMEOUT_MS` among
+/// them) and credentials; `stops` a `Stop` for each. See [`run_all`].
+pub(crate) fn run_agencies(
+    files: &[PathBuf],
+    addr: SocketAddr,
+    batch_max: usize,
+    configured: &[AgencySettings],
+    stops: &[Stop],
+) -> Vec<Result<Outcome, String>> {
+    let jobs = files
+        .iter()
+        .zip(configured)
+        .map(|(file, configured)| {
+            let settings = AgencySettings {
+                server_address: addr.to_string(),
+                batch_max,
+                data_path: file.clone(),
+                log_level: LevelFilter::Info,
+                extra_bet: None,
+                ..configured.clone()
+            };
+            (settings.id, move |stop: &Stop| agency::run(&settings, stop))
+        })
+        .collect();
+    run_all(jobs, stops)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

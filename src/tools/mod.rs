@@ -9,5 +9,7 @@ pub mod dataset;
 pub mod hostile;
 pub(crate) mod keys;
 pub mod local_round;
+pub(crate) mod local_server;
 pub(crate) mod progress;
 pub(crate) mod report;
+pub(crate) mod round_options;

@@ -53,7 +53,8 @@
 //!   the server (plain or TLS, requests and replies) in `agency/link.rs`; how long it keeps
 //!   trying and how long it pauses (since its last progress, jittered) in `agency/patience.rs`.
 //! - [`tools`]: what runs rounds rather than serving them. [`tools::local_round`]
-//!   (`lottery-round`), `tools::progress` (progress on stderr: a bar on a terminal, plain
+//!   (`lottery-round`; its flags in `tools::round_options`, its in-process server in
+//!   `tools::local_server`), `tools::progress` (progress on stderr: a bar on a terminal, plain
 //!   lines otherwise), `tools::report` (the round's table and rate), [`tools::dataset`]
 //!   (synthetic agency files), `tools::crowd` (where and how a round's agencies run: in
 //!   `lottery-round`'s process, or in one of their own when the open-files limit asks for it),

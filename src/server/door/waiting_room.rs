@@ -131,12 +131,12 @@ impl WaitingRoom {
         let aged = self.clear.partition_point(|w| now.duration_since(w.arrived) >= PATIENCE);
         let mut young = self.clear.split_off(aged);
         let mut seating = Seating { tls, now, crowded: Vec::new(), behind: Vec::new() };
-        let full = seating.give_turns(&mut self.clear, false, &mut turn)
-            || seating.give_turns_newest_first(&mut young, &mut turn);
+        let full = seating.give_turns(&mut self.clear, false, Order::OldestFirst, &mut turn)
+            || seating.give_turns(&mut young, false, Order::NewestFirst, &mut turn);
         self.clear.append(&mut young);
         self.suspects.extend(seating.behind.drain(..));
         if !full {
-            seating.give_turns(&mut self.suspects, true, &mut turn);
+            seating.give_turns(&mut self.suspects, true, Order::OldestFirst, &mut turn);
         }
     }
 
@@ -144,6 +144,13 @@ impl WaitingRoom {
     pub fn drain(&mut self) -> impl Iterator<Item = Waiter> + '_ {
         self.clear.drain(..).chain(self.suspects.drain(..))
     }
+}
+
+/// The order in which a queue's waiters get their turns.
+#[derive(Clone, Copy)]
+enum Order {
+    OldestFirst,
+    NewestFirst,
 }
 
 /// One seating of the room: which addresses have no place left, and who goes behind.
@@ -156,37 +163,22 @@ struct Seating {
 }
 
 impl Seating {
-    /// Gives the waiters of `queue` their turns, oldest first; `suspects` says which queue it
-    /// is. Whether every guest place is taken.
+    /// Gives the waiters of `queue` their turns in `order`; `suspects` says which queue it is.
+    /// Whether every guest place is taken.
     fn give_turns(
         &mut self,
         queue: &mut VecDeque<Waiter>,
         suspects: bool,
-        turn: &mut impl FnMut(&Waiter, Option<u8>) -> Turn,
-    ) -> bool {
-        self.turns(queue, suspects, false, turn)
-    }
-
-    /// The same for waiters from addresses with no failure, newest first.
-    fn give_turns_newest_first(
-        &mut self,
-        queue: &mut VecDeque<Waiter>,
-        turn: &mut impl FnMut(&Waiter, Option<u8>) -> Turn,
-    ) -> bool {
-        self.turns(queue, false, true, turn)
-    }
-
-    fn turns(
-        &mut self,
-        queue: &mut VecDeque<Waiter>,
-        suspects: bool,
-        newest_first: bool,
+        order: Order,
         turn: &mut impl FnMut(&Waiter, Option<u8>) -> Turn,
     ) -> bool {
         // Waiters passed over so far, at the end their turns are given from.
         let mut passed = 0;
         while passed < queue.len() {
-            let i = if newest_first { queue.len() - 1 - passed } else { passed };
+            let i = match order {
+                Order::OldestFirst => passed,
+                Order::NewestFirst => queue.len() - 1 - passed,
+            };
             let waiter = &queue[i];
             let origin = suspects::origin(waiter.ip);
             if self.crowded.contains(&origin) {

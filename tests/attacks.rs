@@ -23,7 +23,7 @@ mod common {
 }
 
 use std::fs;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -254,32 +254,21 @@ fn a_guest_has_the_hello_timeout_but_a_loopback_guest_in_protected_mode_does_not
 fn connection_churn_is_summarised_in_the_log_not_logged_line_by_line() {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let mut server = TestServer::start(1, &[]);
-    let target = Target {
-        addr: server.address().parse().unwrap(),
-        tls: None,
-        agencies: 1,
-        refresh_every: Duration::from_secs(1),
-    };
-    let churn = attacks::launch(Attack::Churn, 50, &target, Sources::Spread);
-    let deadline = Instant::now() + STEP;
-    while churn.connected() < 3_000 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let made = churn.stop().connections;
-    // The counts are logged with the first guest event of a new second: one probe at a time
-    // until then (each is a connection the server logs, or counts). Connections that hang up
-    // unheard fail nothing, so the line may say `success`: what matters is that it is one line.
-    let mut summary = None;
-    for _ in 0..40 {
-        let mut probe = server.client();
-        assert_eq!(probe.send("PING"), "PONG");
-        summary = server.proc.logs.try_wait_count("action: guests | result: ", 1, Duration::from_millis(100));
-        if summary.is_some() {
-            break;
+    let addr: SocketAddr = server.address().parse().unwrap();
+    // Connections that connect and hang up, from this thread (an attacker's would run at idle
+    // priority and, on a loaded machine, might never make the guest log's rate), until the
+    // server has summarised some: the counts are logged with the first guest event of a new
+    // second. Connections that hang up unheard fail nothing, so the line may say `success`.
+    let (mut made, mut summary) = (0_usize, None);
+    let deadline = Instant::now() + STEP * 6;
+    while summary.is_none() && Instant::now() < deadline {
+        for _ in 0..100 {
+            made += usize::from(TcpStream::connect_timeout(&addr, STEP).is_ok());
         }
+        summary = server.proc.logs.try_wait_count("action: guests | result: ", 1, Duration::from_millis(1));
     }
     assert!(summary.is_some(), "no action: guests line after {made} connections");
-    let lines = server.proc.logs.seen.len() as u64;
+    let lines = server.proc.logs.seen.len();
     assert!(lines * 10 < made, "{lines} log lines for {made} connections");
 }
 

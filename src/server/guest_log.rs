@@ -72,16 +72,42 @@ impl Counts {
     }
 }
 
-struct GuestWindow {
-    window: Instant,
+/// One second's budget of lines logged as they are.
+struct LineBudget {
+    second: Instant,
     logged: u32,
+}
+
+impl LineBudget {
+    fn new() -> LineBudget {
+        LineBudget { second: Instant::now(), logged: 0 }
+    }
+
+    /// Whether a new second has begun, starting it: what the last one counted is then to be said.
+    fn roll(&mut self) -> bool {
+        let rolled = self.second.elapsed() >= Duration::from_secs(1);
+        if rolled {
+            *self = LineBudget::new();
+        }
+        rolled
+    }
+
+    /// Takes a line from this second's `per_second`, if any is left.
+    fn take(&mut self, per_second: u32) -> bool {
+        let left = self.logged < per_second;
+        self.logged += u32::from(left);
+        left
+    }
+}
+
+struct GuestWindow {
+    budget: LineBudget,
     unlogged: Counts,
 }
 
 /// One agency's refusals in the current second.
 struct Refusals {
-    window: Instant,
-    logged: u32,
+    budget: LineBudget,
     unlogged: u64,
     /// The error of each refusal counted, not logged; each once, in the order first seen.
     errors: Vec<&'static str>,
@@ -97,7 +123,7 @@ pub(crate) struct GuestLog {
 impl Default for GuestLog {
     fn default() -> Self {
         GuestLog {
-            state: Mutex::new(GuestWindow { window: Instant::now(), logged: 0, unlogged: Counts::default() }),
+            state: Mutex::new(GuestWindow { budget: LineBudget::new(), unlogged: Counts::default() }),
             agencies: Mutex::new(HashMap::new()),
         }
     }
@@ -107,13 +133,10 @@ impl GuestLog {
     /// Logs `event` by calling `line` if this second's budget allows, else counts it.
     pub(crate) fn event(&self, event: GuestEvent, line: impl FnOnce()) {
         let mut st = lock_unpoisoned(&self.state);
-        if st.window.elapsed() >= Duration::from_secs(1) {
-            summarise(&mut st);
-            st.window = Instant::now();
-            st.logged = 0;
+        if st.budget.roll() {
+            summarise(&mut st.unlogged);
         }
-        if st.logged < LINES_PER_SECOND {
-            st.logged += 1;
+        if st.budget.take(LINES_PER_SECOND) {
             drop(st);
             line();
         } else {
@@ -126,18 +149,14 @@ impl GuestLog {
     pub(crate) fn refusal(&self, agency: u32, error: &'static str, line: impl FnOnce()) {
         let mut agencies = lock_unpoisoned(&self.agencies);
         let refusals = agencies.entry(agency).or_insert_with(|| Refusals {
-            window: Instant::now(),
-            logged: 0,
+            budget: LineBudget::new(),
             unlogged: 0,
             errors: Vec::new(),
         });
-        if refusals.window.elapsed() >= Duration::from_secs(1) {
+        if refusals.budget.roll() {
             summarise_refusals(agency, refusals);
-            refusals.window = Instant::now();
-            refusals.logged = 0;
         }
-        if refusals.logged < REFUSALS_PER_SECOND {
-            refusals.logged += 1;
+        if refusals.budget.take(REFUSALS_PER_SECOND) {
             drop(agencies);
             line();
         } else {
@@ -150,7 +169,7 @@ impl GuestLog {
 
     /// Logs what is counted and not yet said (at shutdown).
     pub(crate) fn flush(&self) {
-        summarise(&mut lock_unpoisoned(&self.state));
+        summarise(&mut lock_unpoisoned(&self.state).unlogged);
         let mut agencies = lock_unpoisoned(&self.agencies);
         let mut agencies: Vec<_> = agencies.iter_mut().collect();
         agencies.sort_by_key(|(agency, _)| **agency);
@@ -170,8 +189,8 @@ fn summarise_refusals(agency: u32, refusals: &mut Refusals) {
     }
 }
 
-fn summarise(st: &mut GuestWindow) {
-    let c = std::mem::take(&mut st.unlogged);
+fn summarise(unlogged: &mut Counts) {
+    let c = std::mem::take(unlogged);
     if c.total() > 0 {
         // A crowd of agencies connecting at once is counted too, and fails nothing: a normal
         // round logs no `fail`, however many agencies it has.

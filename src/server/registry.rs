@@ -242,11 +242,11 @@ impl Live {
         let id = self
             .guests
             .iter()
-            .map(|(id, g)| (id, suspects::origin(*g) == origin))
-            .filter(|(_, same)| *same || !own)
-            .filter_map(|(id, same)| Some((*id, self.peers.get(id)?, same)))
-            .filter(|(_, peer, same)| peer.has_stalled(now, *same))
-            .map(|(id, peer, _)| (id, peer))
+            .filter_map(|(id, guest_ip)| {
+                let same = suspects::origin(*guest_ip) == origin;
+                let peer = self.peers.get(id)?;
+                ((same || !own) && peer.has_stalled(now, same)).then_some((*id, peer))
+            })
             .min_by_key(|(_, peer)| (peer.stage(), peer.last_progress()))
             .map(|(id, _)| id)?;
         let evicted = self.forget_guest(id);

@@ -53,11 +53,12 @@ pub enum Turn {
     GuestsFull,
 }
 
-/// The waiters, in their order of arrival: those from addresses that are no suspects, then
-/// the suspects'.
+/// The waiters, each queue in its order of arrival: those from addresses that are no suspects,
+/// those of them that have waited [`PATIENCE`], and the suspects'.
 #[derive(Default)]
 pub struct WaitingRoom {
     clear: VecDeque<Waiter>,
+    aged: VecDeque<Waiter>,
     suspects: VecDeque<Waiter>,
     /// When the full room last looked for waiters that hung up.
     swept: Option<Instant>,
@@ -65,7 +66,7 @@ pub struct WaitingRoom {
 
 impl WaitingRoom {
     pub fn len(&self) -> usize {
-        self.clear.len() + self.suspects.len()
+        self.clear.len() + self.aged.len() + self.suspects.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -86,8 +87,9 @@ impl WaitingRoom {
     pub fn enter(&mut self, waiter: Waiter, suspect: bool) -> Option<Waiter> {
         if self.len() >= CAPACITY && self.swept.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
             self.swept = Some(Instant::now());
-            self.clear.retain(|w| peek_now(&w.stream) != Arrived::Closed);
-            self.suspects.retain(|w| peek_now(&w.stream) != Arrived::Closed);
+            for queue in [&mut self.clear, &mut self.aged, &mut self.suspects] {
+                queue.retain(|w| peek_now(&w.stream) != Arrived::Closed);
+            }
         }
         if self.len() >= CAPACITY {
             if suspect {
@@ -111,7 +113,7 @@ impl WaitingRoom {
     /// Those that have waited `limit` or more, removed.
     pub fn waited_too_long(&mut self, now: Instant, limit: Duration) -> Vec<Waiter> {
         let mut gone = Vec::new();
-        for queue in [&mut self.clear, &mut self.suspects] {
+        for queue in [&mut self.clear, &mut self.aged, &mut self.suspects] {
             while queue.front().is_some_and(|w| now.duration_since(w.arrived) >= limit) {
                 gone.extend(queue.pop_front());
             }
@@ -128,12 +130,12 @@ impl WaitingRoom {
     /// server, those that are no TLS client in a hurry go behind the suspects. `turn` gets the
     /// waiter and its first byte, if it has sent one.
     pub fn seat(&mut self, tls: bool, now: Instant, mut turn: impl FnMut(&Waiter, Option<u8>) -> Turn) {
-        let aged = self.clear.partition_point(|w| now.duration_since(w.arrived) >= PATIENCE);
-        let mut young = self.clear.split_off(aged);
+        while self.clear.front().is_some_and(|w| now.duration_since(w.arrived) >= PATIENCE) {
+            self.aged.extend(self.clear.pop_front());
+        }
         let mut seating = Seating { tls, now, crowded: Vec::new(), behind: Vec::new() };
-        let full = seating.give_turns(&mut self.clear, false, Order::OldestFirst, &mut turn)
-            || seating.give_turns(&mut young, false, Order::NewestFirst, &mut turn);
-        self.clear.append(&mut young);
+        let full = seating.give_turns(&mut self.aged, false, Order::OldestFirst, &mut turn)
+            || seating.give_turns(&mut self.clear, false, Order::NewestFirst, &mut turn);
         self.suspects.extend(seating.behind.drain(..));
         if !full {
             seating.give_turns(&mut self.suspects, true, Order::OldestFirst, &mut turn);
@@ -142,7 +144,7 @@ impl WaitingRoom {
 
     /// Everyone, emptying the room.
     pub fn drain(&mut self) -> impl Iterator<Item = Waiter> + '_ {
-        self.clear.drain(..).chain(self.suspects.drain(..))
+        self.clear.drain(..).chain(self.aged.drain(..)).chain(self.suspects.drain(..))
     }
 }
 

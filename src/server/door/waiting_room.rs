@@ -8,9 +8,11 @@
 //!
 //! On a TLS server an agency opens with a TLS hello as soon as it connects; a waiter that
 //! opens with plain text (it can only probe) or has said nothing for [`SILENT_FOR`] waits behind
-//! the suspects' too. Without this, a first wave of strangers from fresh addresses (no failure
-//! yet) that connected before the agencies would hold every place in turn ahead of them: places
-//! free only as guests stall, a few hundred a second.
+//! the suspects' TLS clients, whatever its address. Without this, a first wave of strangers from
+//! fresh addresses (no failure yet) that connected before the agencies would hold every place in
+//! turn ahead of them, and probing strangers from the agencies' own address (a NAT) would stand
+//! ahead of an agency that came after them: places free only as guests stall, a few hundred a
+//! second, and for one address its `SERVER_MAX_GUESTS_PER_IP` a second.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, TcpStream};
@@ -126,19 +128,22 @@ impl WaitingRoom {
     /// them newest first (a first wave of strangers from fresh addresses that came before the
     /// agencies does not stand ahead of them, and each of its addresses is a suspect after its
     /// first failure); then the suspects oldest first. One whose address has no place left waits
-    /// on without holding up the others. Those that hung up while waiting leave; on a `tls`
-    /// server, those that are no TLS client in a hurry go behind the suspects. `turn` gets the
-    /// waiter and its first byte, if it has sent one.
+    /// on without holding up the others. Those that hung up while waiting leave. On a `tls`
+    /// server, the waiters that are no TLS client in a hurry (they can only probe) go last: the
+    /// clear ones behind the suspects, and the suspects' behind the suspects' TLS clients. `turn`
+    /// gets the waiter and its first byte, if it has sent one.
     pub fn seat(&mut self, tls: bool, now: Instant, mut turn: impl FnMut(&Waiter, Option<u8>) -> Turn) {
         while self.clear.front().is_some_and(|w| now.duration_since(w.arrived) >= PATIENCE) {
             self.aged.extend(self.clear.pop_front());
         }
         let mut seating = Seating { tls, now, crowded: Vec::new(), behind: Vec::new() };
-        let full = seating.give_turns(&mut self.aged, false, Order::OldestFirst, &mut turn)
-            || seating.give_turns(&mut self.clear, false, Order::NewestFirst, &mut turn);
+        let full = seating.give_turns(&mut self.aged, Queue::Clear, Order::OldestFirst, &mut turn)
+            || seating.give_turns(&mut self.clear, Queue::Clear, Order::NewestFirst, &mut turn);
         self.suspects.extend(seating.behind.drain(..));
+        let full = full
+            || (tls && seating.give_turns(&mut self.suspects, Queue::SuspectsInAHurry, Order::OldestFirst, &mut turn));
         if !full {
-            seating.give_turns(&mut self.suspects, true, Order::OldestFirst, &mut turn);
+            seating.give_turns(&mut self.suspects, Queue::Suspects, Order::OldestFirst, &mut turn);
         }
     }
 
@@ -155,6 +160,20 @@ enum Order {
     NewestFirst,
 }
 
+/// Which waiters of a queue get their turns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Queue {
+    /// Those from addresses with no failure; on a TLS server, those that are no TLS client in a
+    /// hurry go behind the suspects.
+    Clear,
+    /// On a TLS server, the suspects' TLS clients in a hurry only: the others can only probe,
+    /// and strangers probing from the agencies' own address (a NAT) kept an agency behind two
+    /// thousand of them, a place a second each, until it was turned away.
+    SuspectsInAHurry,
+    /// Every suspect.
+    Suspects,
+}
+
 /// One seating of the room: which addresses have no place left, and who goes behind.
 struct Seating {
     tls: bool,
@@ -165,12 +184,12 @@ struct Seating {
 }
 
 impl Seating {
-    /// Gives the waiters of `queue` their turns in `order`; `suspects` says which queue it is.
-    /// Whether every guest place is taken.
+    /// Gives the waiters of `queue` (those that `which` says) their turns in `order`. Whether
+    /// every guest place is taken.
     fn give_turns(
         &mut self,
         queue: &mut VecDeque<Waiter>,
-        suspects: bool,
+        which: Queue,
         order: Order,
         turn: &mut impl FnMut(&Waiter, Option<u8>) -> Turn,
     ) -> bool {
@@ -197,9 +216,16 @@ impl Seating {
                 Arrived::Nothing => None,
             };
             let hurried = first.map_or(self.now.duration_since(waiter.arrived) < SILENT_FOR, |b| b == TLS_HANDSHAKE);
-            if self.tls && !suspects && !hurried {
-                self.behind.extend(queue.remove(i));
-                continue;
+            match which {
+                Queue::Clear if self.tls && !hurried => {
+                    self.behind.extend(queue.remove(i));
+                    continue;
+                }
+                Queue::SuspectsInAHurry if !hurried => {
+                    passed += 1;
+                    continue;
+                }
+                _ => {}
             }
             match turn(waiter, first) {
                 Turn::Left => {
@@ -282,5 +308,30 @@ mod tests {
         });
         // Those that waited past patience oldest first, then the rest newest first.
         assert_eq!(order, [1, 2, 3]);
+    }
+
+    #[test]
+    fn on_a_tls_server_a_suspects_tls_hello_goes_before_older_suspects_that_can_only_probe() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut room = WaitingRoom::default();
+        let mut clients = Vec::new();
+        for bytes in [&b"PING\n"[..], b"", &[TLS_HANDSHAKE, 3, 1], &[TLS_HANDSHAKE, 3, 2]] {
+            let (client, waiter) = waiter(&listener, bytes);
+            clients.push(client);
+            assert!(room.enter(waiter, true).is_none());
+        }
+        let later = Instant::now() + SILENT_FOR;
+        let mut order = Vec::new();
+        room.seat(true, later, |waiter, first| {
+            let mut head = [0u8; 3];
+            if first == Some(TLS_HANDSHAKE) {
+                let _ = waiter.stream.peek(&mut head);
+            }
+            order.push(if first == Some(TLS_HANDSHAKE) { head[2] } else { first.unwrap_or(0) });
+            Turn::Left
+        });
+        // The TLS hellos in their order of arrival, then the rest in theirs.
+        assert_eq!(order, [1, 2, b'P', 0]);
+        assert!(room.is_empty());
     }
 }

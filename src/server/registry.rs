@@ -12,8 +12,8 @@
 //! NAT) is all progressing and waits its turn, while a stranger that sent a TLS hello and then
 //! nothing has stalled after [`UNDERWAY_STALLED_AFTER`] (one the door holds, silent or done
 //! probing, after [`HELD_STALLED_AFTER`]) and goes first. For a newcomer from the guest's own
-//! address the guest has [`STALLED_AFTER`]: a crowd behind one address shares its CPU and link,
-//! and replacing one of it with another gains nothing.
+//! address, if that address is no suspect, the guest has [`STALLED_AFTER`]: a crowd behind one
+//! address shares its CPU and link, and replacing one of it with another gains nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Shutdown, TcpStream};
@@ -134,11 +134,12 @@ impl Peer {
         }
     }
 
-    /// Whether a newcomer, from the same address or not, may take its place at `now`.
-    fn has_stalled(&self, now: Instant, same_address: bool) -> bool {
+    /// Whether a newcomer may take its place at `now`; `same_crowd`: the newcomer is from the
+    /// guest's own address, and that address is no suspect.
+    fn has_stalled(&self, now: Instant, same_crowd: bool) -> bool {
         let after = match self.stage() {
             Stage::Queued => return false,
-            _ if same_address => STALLED_AFTER,
+            _ if same_crowd => STALLED_AFTER,
             Stage::Probed | Stage::Silent => HELD_STALLED_AFTER,
             Stage::Underway => UNDERWAY_STALLED_AFTER,
         };
@@ -235,8 +236,11 @@ impl Live {
 
     /// Evicts a guest that has stalled, for a newcomer from `ip` (of `ip`'s origin only, if
     /// `own`): of the first [`Stage`] that has one, the longest stalled; its address, if there
-    /// was one.
-    fn evict_stalled(&mut self, ip: IpAddr, own: bool) -> Option<IpAddr> {
+    /// was one. A guest from the newcomer's own address has [`STALLED_AFTER`] if that address
+    /// is `clear` (no suspect): an address whose guests fail more than they succeed is no crowd
+    /// of agencies to be patient with, and at a place a second for it, 2,000 strangers' TLS
+    /// hellos from the agencies' own address kept an agency that came after them waiting 30 s.
+    fn evict_stalled(&mut self, ip: IpAddr, own: bool, clear: bool) -> Option<IpAddr> {
         let now = Instant::now();
         let origin = suspects::origin(ip);
         let id = self
@@ -245,7 +249,7 @@ impl Live {
             .filter_map(|(id, guest_ip)| {
                 let same = suspects::origin(*guest_ip) == origin;
                 let peer = self.peers.get(id)?;
-                ((same || !own) && peer.has_stalled(now, same)).then_some((*id, peer))
+                ((same || !own) && peer.has_stalled(now, same && clear)).then_some((*id, peer))
             })
             .min_by_key(|(_, peer)| (peer.stage(), peer.last_progress()))
             .map(|(id, _)| id)?;
@@ -302,15 +306,16 @@ impl Registry {
         limits: GuestLimits,
         ceiling: usize,
     ) -> (Admission, usize) {
+        let clear = !self.suspects.is_suspect(ip);
         let mut live = self.lock();
         let mut evicted = Vec::new();
         while live.guests_from(ip) >= limits.per_ip
-            && let Some(from) = live.evict_stalled(ip, true)
+            && let Some(from) = live.evict_stalled(ip, true, clear)
         {
             evicted.push(from);
         }
         while live.guests.len() >= limits.total
-            && let Some(from) = live.evict_stalled(ip, false)
+            && let Some(from) = live.evict_stalled(ip, false, clear)
         {
             evicted.push(from);
         }
@@ -465,6 +470,31 @@ mod tests {
         // A second session of agency 1 replaces the first.
         assert!(registry.claim(1, 4));
         assert_eq!(p1.ended(), Ended::Replaced);
+    }
+
+    #[test]
+    fn a_newcomer_from_a_suspect_address_takes_the_place_of_its_stalled_guest_as_a_stranger_would() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let registry = Registry::default();
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        // Two handshakes under way from `a`, with no progress since they came, a stranger's
+        // stall limit ago (and however much longer the machine's load makes it).
+        let came = Instant::now() - UNDERWAY_STALLED_AFTER;
+        let peers: Vec<Arc<Peer>> = (1..=2)
+            .map(|id| {
+                let stream = Arc::new(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+                match registry.admit(id, a, (stream, came, false), Stage::Underway, LIMITS, 100) {
+                    (Admission::Admitted(peer), _) => peer,
+                    _ => panic!("no room for {id}"),
+                }
+            })
+            .collect();
+        for _ in 0..3 {
+            registry.suspects().failed(a);
+        }
+        let (_, evicted) = admit(&registry, 3, a, &listener);
+        assert_eq!(evicted, 1);
+        assert_eq!(peers.iter().filter(|p| p.ended() == Ended::Evicted).count(), 1);
     }
 
     #[test]

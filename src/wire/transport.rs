@@ -54,12 +54,28 @@ impl Read for Socket {
     }
 }
 
-impl Write for Socket {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+impl Socket {
+    /// Gives the next write the time left before its deadline.
+    fn arm_write(&self) -> io::Result<()> {
         if let Some(left) = left(self.write_deadline)? {
             self.stream.set_write_timeout(Some(left))?;
         }
+        Ok(())
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm_write()?;
         (&*self.stream).write(buf)
+    }
+
+    /// In one system call: rustls hands a whole flight of TLS records (the server's hello,
+    /// certificate, signature and `Finished`) over at once, and the default would send each
+    /// record on its own, waking the peer for each.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.arm_write()?;
+        (&*self.stream).write_vectored(bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -356,7 +356,9 @@ impl Ledger for FileLedger {
     }
 
     /// How many of `agency`'s bets are held durably (the reply to `HELLO`): it waits for a
-    /// sync in progress, so that an agency never resumes past rows a power loss could take.
+    /// sync in progress, so that an agency never resumes past rows a power loss could take. An
+    /// agency with no bets held has nothing to wait for: each agency's first `HELLO` of a round
+    /// would otherwise wait for the others' batches to be synced.
     ///
     /// # Errors
     /// `BAD_AGENCY` outside `1..=agencies`; `STORAGE` if that sync failed.
@@ -364,6 +366,9 @@ impl Ledger for FileLedger {
         let i = self.index(agency)?;
         let st = lock_unpoisoned(&self.state);
         let (stored, end) = (st.stored[i], st.store.len());
+        if stored == 0 {
+            return Ok(0);
+        }
         self.wait_durable(st, Mark { bets: end, journal: 0 }).map(|_| stored)
     }
 
@@ -648,6 +653,23 @@ mod tests {
         // The retry is stored.
         assert_eq!(ledger.store(1, Some(2), &rows(3)), Ok(5));
         assert_eq!(file.data.lock().unwrap().len(), rows(2).bytes.len() + rows(3).bytes.len());
+    }
+
+    #[test]
+    fn an_agency_with_no_bets_held_is_answered_without_waiting_for_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(FailingFile::new(None, None));
+        let ledger = Arc::new(ledger(&file, dir.path()));
+        {
+            // Another agency's row appended, and its sync under way (one that never ends here).
+            let mut st = lock_unpoisoned(&ledger.state);
+            st.store.append(b"2,Eva,Sol,1,1980-02-02,1\n").unwrap();
+            st.syncing = true;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asking = Arc::clone(&ledger);
+        std::thread::spawn(move || tx.send(asking.hello(1)));
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(60)), Ok(Ok(0)));
     }
 
     #[test]

@@ -183,6 +183,18 @@ struct Seating {
     behind: Vec<Waiter>,
 }
 
+/// What a waiter's look at its turn found.
+enum Look {
+    /// It hung up while waiting: there is no one to serve.
+    HungUp,
+    /// Not its turn in this pass: its address has no place left, or the pass is for others.
+    PassedOver,
+    /// It goes behind the suspects.
+    Behind,
+    /// Its turn, with its first byte if it has sent one.
+    Ready(Option<u8>),
+}
+
 impl Seating {
     /// Gives the waiters of `queue` (those that `which` says) their turns in `order`. Whether
     /// every guest place is taken.
@@ -201,44 +213,39 @@ impl Seating {
                 Order::NewestFirst => queue.len() - 1 - passed,
             };
             let waiter = &queue[i];
-            let origin = suspects::origin(waiter.ip);
-            if self.crowded.contains(&origin) {
-                passed += 1;
-                continue;
-            }
-            let first = match peek_now(&waiter.stream) {
-                // Hung up while waiting: there is no one to serve.
-                Arrived::Closed => {
-                    queue.remove(i);
-                    continue;
-                }
-                Arrived::Byte(b) => Some(b),
-                Arrived::Nothing => None,
-            };
-            let hurried = first.map_or(self.now.duration_since(waiter.arrived) < SILENT_FOR, |b| b == TLS_HANDSHAKE);
-            match which {
-                Queue::Clear if self.tls && !hurried => {
-                    self.behind.extend(queue.remove(i));
-                    continue;
-                }
-                Queue::SuspectsInAHurry if !hurried => {
-                    passed += 1;
-                    continue;
-                }
-                _ => {}
-            }
-            match turn(waiter, first) {
-                Turn::Left => {
-                    queue.remove(i);
-                }
-                Turn::AddressFull => {
-                    self.crowded.push(origin);
-                    passed += 1;
-                }
-                Turn::GuestsFull => return true,
+            match self.look(waiter, which) {
+                Look::HungUp => drop(queue.remove(i)),
+                Look::PassedOver => passed += 1,
+                Look::Behind => self.behind.extend(queue.remove(i)),
+                Look::Ready(first) => match turn(waiter, first) {
+                    Turn::Left => drop(queue.remove(i)),
+                    Turn::AddressFull => {
+                        self.crowded.push(suspects::origin(waiter.ip));
+                        passed += 1;
+                    }
+                    Turn::GuestsFull => return true,
+                },
             }
         }
         false
+    }
+
+    /// Whether `waiter` has its turn in a pass over `which`.
+    fn look(&self, waiter: &Waiter, which: Queue) -> Look {
+        if self.crowded.contains(&suspects::origin(waiter.ip)) {
+            return Look::PassedOver;
+        }
+        let first = match peek_now(&waiter.stream) {
+            Arrived::Closed => return Look::HungUp,
+            Arrived::Byte(b) => Some(b),
+            Arrived::Nothing => None,
+        };
+        let hurried = first.map_or(self.now.duration_since(waiter.arrived) < SILENT_FOR, |b| b == TLS_HANDSHAKE);
+        match which {
+            Queue::Clear if self.tls && !hurried => Look::Behind,
+            Queue::SuspectsInAHurry if !hurried => Look::PassedOver,
+            _ => Look::Ready(first),
+        }
     }
 }
 

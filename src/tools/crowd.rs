@@ -8,7 +8,7 @@
 //! input closes; it prints each agency's outcome on its standard output, one line each, among
 //! the agencies' log lines, which the parent passes on.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Cursor, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ChildStdin, Command, ExitCode, Stdio};
@@ -43,15 +43,30 @@ pub(crate) enum RoundData {
     Made { bets: u64, seed: u64 },
 }
 
+/// Most bets of a generated data set made ahead of the round, in all (about 45 bytes each):
+/// past it, each agency makes its rows as it reads them, and the making is in the round's time.
+pub(crate) const MADE_AHEAD_MOST: u64 = 2_000_000;
+
 impl RoundData {
-    /// Agency `id`'s bets.
-    pub(crate) fn bets_of(&self, id: u32) -> BetData {
+    /// Agency `id`'s bets; of a generated data set of `agencies` agencies no larger than
+    /// [`MADE_AHEAD_MOST`], made now, so that a round's wall time is not the generator's.
+    pub(crate) fn bets_of(&self, id: u32, agencies: u32) -> BetData {
         match self {
             RoundData::Files(dir) => BetData::File(dataset::agency_file(dir, id)),
-            &RoundData::Made { bets, seed } => BetData::Made {
-                name: PathBuf::from(format!("generated agency-{id}.csv")),
-                rows: Arc::new(move || Box::new(dataset::Rows::new(id, bets, seed))),
-            },
+            &RoundData::Made { bets, seed } => {
+                let name = PathBuf::from(format!("generated agency-{id}.csv"));
+                if bets.saturating_mul(u64::from(agencies)) > MADE_AHEAD_MOST {
+                    return BetData::Made {
+                        name,
+                        rows: Arc::new(move || Box::new(dataset::Rows::new(id, bets, seed))),
+                    };
+                }
+                let mut made = Vec::new();
+                // Reading rows made in memory cannot fail.
+                let _ = dataset::Rows::new(id, bets, seed).read_to_end(&mut made);
+                let made: Arc<[u8]> = made.into();
+                BetData::Made { name, rows: Arc::new(move || Box::new(Cursor::new(Arc::clone(&made)))) }
+            }
         }
     }
 
@@ -136,17 +151,29 @@ impl Crowd {
             .collect()
     }
 
+    /// Every agency's settings, credentials and bets, ready to run in this process.
+    ///
+    /// # Errors
+    /// An agency's settings or the CA's file are wrong.
+    pub(crate) fn ready(&self, settings: &Settings) -> Result<ReadyAgencies, String> {
+        let prepared = self.prepare(settings)?;
+        Ok(ReadyAgencies(
+            prepared
+                .into_iter()
+                .map(|(agency, credentials)| {
+                    let data = self.data.bets_of(agency.id, self.agencies);
+                    (agency, credentials, data)
+                })
+                .collect(),
+        ))
+    }
+
     /// Runs every agency in a thread of this process; `stops` holds one `Stop` each.
     pub(crate) fn run_here(&self, settings: &Settings, stops: &[Stop]) -> Vec<Result<Outcome, String>> {
-        let prepared = match self.prepare(settings) {
-            Ok(prepared) => prepared,
-            Err(e) => return (0..self.agencies).map(|_| Err(e.clone())).collect(),
-        };
-        let jobs = prepared.into_iter().map(|(agency, credentials)| {
-            let data = self.data.bets_of(agency.id);
-            (agency.id, move |stop: &Stop| agency::run_with(&agency, &credentials, &data, stop))
-        });
-        run_all(jobs.collect(), stops)
+        match self.ready(settings) {
+            Ok(ready) => ready.run(stops),
+            Err(e) => (0..self.agencies).map(|_| Err(e.clone())).collect(),
+        }
     }
 
     /// Runs every agency in a child process; `input` receives the child's standard input, which
@@ -191,6 +218,19 @@ impl Crowd {
         drop(lock_unpoisoned(input).take());
         let _ = child.wait();
         Ok(outcomes)
+    }
+}
+
+/// The agencies of a round, ready to run in this process.
+pub(crate) struct ReadyAgencies(Vec<(AgencySettings, Credentials, BetData)>);
+
+impl ReadyAgencies {
+    /// Runs each in a thread of this process; `stops` holds one `Stop` each.
+    pub(crate) fn run(self, stops: &[Stop]) -> Vec<Result<Outcome, String>> {
+        let jobs = self.0.into_iter().map(|(agency, credentials, data)| {
+            (agency.id, move |stop: &Stop| agency::run_with(&agency, &credentials, &data, stop))
+        });
+        run_all(jobs.collect(), stops)
     }
 }
 

@@ -191,12 +191,17 @@ impl Round {
         let Round { crowd, placement, local, counts, said: _, _scratch } = self;
         let addr = crowd.addr;
         let interrupt = stop_on_interrupt(opts.agencies as usize, local.as_ref());
+        // Made before the clock starts: the round's time is the round's, not its data's.
+        let ready = match placement {
+            Placement::Here => Some(crowd.ready(settings)?),
+            Placement::Child => None,
+        };
         let started = Instant::now();
         let progress = round_progress(addr, total, !opts.verbose);
         let hostile = run_hostile(opts, addr);
-        let outcomes = match placement {
-            Placement::Here => crowd.run_here(settings, &interrupt.stops),
-            Placement::Child => crowd.run_in_child(&interrupt.child)?,
+        let outcomes = match ready {
+            Some(ready) => ready.run(&interrupt.stops),
+            None => crowd.run_in_child(&interrupt.child)?,
         };
         let elapsed = started.elapsed();
         progress.finish();

@@ -28,8 +28,8 @@ use crate::wire::transport::tls_error;
 use credentials::Credentials;
 use link::{Link, LinkError, OpenError};
 use patience::{Patience, Setback};
-pub(crate) use source::BetData;
 use source::{Batches, BetSource};
+pub(crate) use source::{BetData, MakeRows};
 
 /// The address an agency uses when none is configured: the server's name in docker compose.
 const COMPOSE_ADDRESS: &str = "server:12345";

@@ -19,7 +19,7 @@ use log::LevelFilter;
 use rustls::ClientConfig;
 
 use crate::agency::credentials::{Credentials, client_config};
-use crate::agency::{self, AgencyError, BetData, Outcome, Stop};
+use crate::agency::{self, AgencyError, BetData, MakeRows, Outcome, Stop};
 use crate::config::{AgencySettings, Settings};
 use crate::logging;
 use crate::output;
@@ -39,34 +39,24 @@ const OUTCOME: &str = "\u{1e}outcome ";
 pub(crate) enum RoundData {
     /// `agency-{id}.csv` in this directory.
     Files(PathBuf),
-    /// A generated data set, made in memory as each agency reads it.
+    /// A generated data set, made in memory: ahead of the round up to [`MADE_AHEAD_MOST`] bets
+    /// in all, else as each agency reads it.
     Made { bets: u64, seed: u64 },
 }
 
 /// Most bets of a generated data set made ahead of the round, in all (about 45 bytes each):
 /// past it, each agency makes its rows as it reads them, and the making is in the round's time.
-pub(crate) const MADE_AHEAD_MOST: u64 = 2_000_000;
+const MADE_AHEAD_MOST: u64 = 2_000_000;
 
 impl RoundData {
-    /// Agency `id`'s bets; of a generated data set of `agencies` agencies no larger than
-    /// [`MADE_AHEAD_MOST`], made now, so that a round's wall time is not the generator's.
+    /// Agency `id`'s bets, of a round of `agencies` agencies.
     pub(crate) fn bets_of(&self, id: u32, agencies: u32) -> BetData {
         match self {
             RoundData::Files(dir) => BetData::File(dataset::agency_file(dir, id)),
-            &RoundData::Made { bets, seed } => {
-                let name = PathBuf::from(format!("generated agency-{id}.csv"));
-                if bets.saturating_mul(u64::from(agencies)) > MADE_AHEAD_MOST {
-                    return BetData::Made {
-                        name,
-                        rows: Arc::new(move || Box::new(dataset::Rows::new(id, bets, seed))),
-                    };
-                }
-                let mut made = Vec::new();
-                // Reading rows made in memory cannot fail.
-                let _ = dataset::Rows::new(id, bets, seed).read_to_end(&mut made);
-                let made: Arc<[u8]> = made.into();
-                BetData::Made { name, rows: Arc::new(move || Box::new(Cursor::new(Arc::clone(&made)))) }
-            }
+            &RoundData::Made { bets, seed } => BetData::Made {
+                name: PathBuf::from(format!("generated agency-{id}.csv")),
+                rows: made_rows(id, bets, seed, bets.saturating_mul(u64::from(agencies)) <= MADE_AHEAD_MOST),
+            },
         }
     }
 
@@ -102,6 +92,19 @@ impl RoundData {
             _ => Err(format!("DATA {arg:?} is neither dir:PATH nor made:BETS:SEED")),
         }
     }
+}
+
+/// Agency `id`'s `bets` generated rows from `seed`: made now if `ahead`, so that a round's wall
+/// time is not the generator's, else as they are read.
+fn made_rows(id: u32, bets: u64, seed: u64, ahead: bool) -> MakeRows {
+    if !ahead {
+        return Arc::new(move || Box::new(dataset::Rows::new(id, bets, seed)));
+    }
+    let mut made = Vec::new();
+    // Reading rows made in memory cannot fail.
+    let _ = dataset::Rows::new(id, bets, seed).read_to_end(&mut made);
+    let made: Arc<[u8]> = made.into();
+    Arc::new(move || Box::new(Cursor::new(Arc::clone(&made))))
 }
 
 impl std::fmt::Display for RoundData {

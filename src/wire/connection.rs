@@ -96,13 +96,12 @@ impl Connection {
     /// Lets the session see whether a pipelining client has sent more requests.
     pub(crate) fn fill_available(&mut self) -> bool {
         self.compact();
-        if self.end == self.buf.len() || self.stream.set_nonblocking(true).is_err() {
+        if self.end == self.buf.len() {
             return false;
         }
-        self.transport.socket_mut().read_deadline = None;
+        self.transport.socket_mut().dont_wait = true;
         let read = self.transport.read(&mut self.buf[self.end..]);
-        // If this failed, the next read times out at once and the connection ends: no hang.
-        let _ = self.stream.set_nonblocking(false);
+        self.transport.socket_mut().dont_wait = false;
         match read {
             Ok(n) => {
                 self.end += n;

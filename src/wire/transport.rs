@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
@@ -22,11 +22,23 @@ pub(crate) struct Socket {
     stream: Arc<TcpStream>,
     pub read_deadline: Option<Instant>,
     pub write_deadline: Option<Instant>,
+    /// Reads return what has arrived, or `WouldBlock`, without waiting.
+    pub dont_wait: bool,
+    /// The socket's timeouts as last set: the longest a read or a write blocks.
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
 }
 
 impl Socket {
     pub(crate) fn new(stream: Arc<TcpStream>) -> Socket {
-        Socket { stream, read_deadline: None, write_deadline: None }
+        Socket {
+            stream,
+            read_deadline: None,
+            write_deadline: None,
+            dont_wait: false,
+            read_timeout: None,
+            write_timeout: None,
+        }
     }
 
     pub(crate) fn stream(&self) -> &Arc<TcpStream> {
@@ -35,7 +47,7 @@ impl Socket {
 }
 
 /// The time left before `deadline`, or a `TimedOut` error once it has passed.
-fn left(deadline: Option<Instant>) -> io::Result<Option<std::time::Duration>> {
+fn left(deadline: Option<Instant>) -> io::Result<Option<Duration>> {
     match deadline {
         None => Ok(None),
         Some(d) => match d.checked_duration_since(Instant::now()) {
@@ -45,37 +57,81 @@ fn left(deadline: Option<Instant>) -> io::Result<Option<std::time::Duration>> {
     }
 }
 
+/// The socket timeout a call with `left` before its deadline may block for: the one already
+/// set if that cannot overrun the deadline and is not much shorter (no system call), else a new
+/// one, half of what is left, which the next deadlines, as long as this one, keep. A call that
+/// times out before the deadline is made again with the time then left.
+fn timeout_for(set: Option<Duration>, left: Duration) -> Option<Duration> {
+    match set {
+        Some(set) if set <= left && set >= left / 4 => None,
+        _ if left < Duration::from_millis(2) => Some(left),
+        _ => Some(left / 2),
+    }
+}
+
+/// Gives the next call on `stream` what is left before `deadline`, through the socket timeout
+/// that `set` says it has and `set_timeout` sets; a `TimedOut` error once the deadline has passed.
+fn arm(
+    stream: &TcpStream,
+    deadline: Option<Instant>,
+    set: &mut Option<Duration>,
+    set_timeout: fn(&TcpStream, Option<Duration>) -> io::Result<()>,
+) -> io::Result<()> {
+    if let Some(left) = left(deadline)?
+        && let Some(timeout) = timeout_for(*set, left)
+    {
+        set_timeout(stream, Some(timeout))?;
+        *set = Some(timeout);
+    }
+    Ok(())
+}
+
+/// Whether `error` is a socket timeout (which the deadline, not the timeout, decides on).
+fn timed_out(error: &io::Error) -> bool {
+    matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
 impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(left) = left(self.read_deadline)? {
-            self.stream.set_read_timeout(Some(left))?;
+        if self.dont_wait {
+            return match rustix::net::recv(&*self.stream, buf, RecvFlags::DONTWAIT) {
+                Ok((_, n)) => Ok(n),
+                Err(e) => Err(e.into()),
+            };
         }
-        (&*self.stream).read(buf)
+        loop {
+            arm(&self.stream, self.read_deadline, &mut self.read_timeout, TcpStream::set_read_timeout)?;
+            match (&*self.stream).read(buf) {
+                Err(e) if timed_out(&e) && self.read_deadline.is_some() => continue,
+                read => return read,
+            }
+        }
     }
 }
 
 impl Socket {
-    /// Gives the next write the time left before its deadline.
-    fn arm_write(&self) -> io::Result<()> {
-        if let Some(left) = left(self.write_deadline)? {
-            self.stream.set_write_timeout(Some(left))?;
+    /// Makes `write` (one system call) within the write deadline, as reads are made within theirs.
+    fn write_within_deadline(&mut self, write: impl Fn(&TcpStream) -> io::Result<usize>) -> io::Result<usize> {
+        loop {
+            arm(&self.stream, self.write_deadline, &mut self.write_timeout, TcpStream::set_write_timeout)?;
+            match write(&self.stream) {
+                Err(e) if timed_out(&e) && self.write_deadline.is_some() => continue,
+                written => return written,
+            }
         }
-        Ok(())
     }
 }
 
 impl Write for Socket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.arm_write()?;
-        (&*self.stream).write(buf)
+        self.write_within_deadline(|mut stream| stream.write(buf))
     }
 
     /// In one system call: rustls hands a whole flight of TLS records (the server's hello,
     /// certificate, signature and `Finished`) over at once, and the default would send each
     /// record on its own, waking the peer for each.
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.arm_write()?;
-        (&*self.stream).write_vectored(bufs)
+        self.write_within_deadline(|mut stream| stream.write_vectored(bufs))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -193,4 +249,66 @@ pub(crate) fn send_now(stream: &TcpStream, bytes: &[u8]) -> bool {
 /// that fails its integrity check. Such an error is never cured by trying again.
 pub(crate) fn tls_error(error: &io::Error) -> Option<&rustls::Error> {
     error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_timeout_is_set_only_when_the_one_set_could_overrun_the_deadline_or_is_far_shorter() {
+        assert_eq!(timeout_for(None, 30_000 * MS), Some(15_000 * MS));
+        // The next request's deadline is as far: the timeout set for the last one serves.
+        assert_eq!(timeout_for(Some(15_000 * MS), 29_990 * MS), None);
+        assert_eq!(timeout_for(Some(15_000 * MS), 15_000 * MS), None);
+        // It could block past the deadline.
+        assert_eq!(timeout_for(Some(15_000 * MS), 10_000 * MS), Some(5_000 * MS));
+        // A much later deadline: a silent peer would otherwise wake the thread four times or more.
+        assert_eq!(timeout_for(Some(100 * MS), 30_000 * MS), Some(15_000 * MS));
+        assert_eq!(timeout_for(Some(15_000 * MS), MS), Some(MS));
+    }
+
+    fn pair() -> (TcpStream, Socket) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, Socket::new(Arc::new(server)))
+    }
+
+    #[test]
+    fn a_read_from_a_silent_peer_ends_at_its_deadline_not_at_a_socket_timeout() {
+        let (_client, mut socket) = pair();
+        let deadline = Instant::now() + 200 * MS;
+        socket.read_deadline = Some(deadline);
+        let err = socket.read(&mut [0u8; 8]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(Instant::now() >= deadline);
+    }
+
+    #[test]
+    fn reads_under_deadlines_as_far_as_the_last_set_no_timeout() {
+        let (mut client, mut socket) = pair();
+        let mut set = Vec::new();
+        for _ in 0..3 {
+            socket.read_deadline = Some(Instant::now() + 30_000 * MS);
+            client.write_all(b"x").unwrap();
+            assert_eq!(socket.read(&mut [0u8; 8]).unwrap(), 1);
+            set.push(socket.stream.read_timeout().unwrap());
+        }
+        // One timeout, set for the first read (half its deadline), served all three.
+        assert!(set[0].is_some_and(|t| t <= 15_000 * MS && t > 14_000 * MS), "{set:?}");
+        assert!(set.iter().all(|&t| t == set[0]), "{set:?}");
+    }
+
+    #[test]
+    fn a_read_that_must_not_wait_returns_at_once_with_nothing_there() {
+        let (_client, mut socket) = pair();
+        socket.read_deadline = Some(Instant::now() + 30_000 * MS);
+        socket.dont_wait = true;
+        let err = socket.read(&mut [0u8; 8]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
 }

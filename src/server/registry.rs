@@ -193,6 +193,9 @@ struct Live {
     peers: HashMap<u64, Arc<Peer>>,
     /// The connection that speaks for each agency.
     agencies: HashMap<u32, u64>,
+    /// The agencies each connection has said `HELLO` for: what to forget when it ends, without
+    /// a look at every agency.
+    claims: HashMap<u64, Vec<u32>>,
     /// The guests, oldest (smallest id) first, with their addresses.
     guests: BTreeMap<u64, IpAddr>,
     /// Guests per address, as [`suspects::origin`] counts addresses.
@@ -360,7 +363,11 @@ impl Registry {
         if live.peers.remove(&id).is_some_and(|p| p.ended() != Ended::No) {
             live.ending -= 1;
         }
-        live.agencies.retain(|_, holder| *holder != id);
+        for agency in live.claims.remove(&id).unwrap_or_default() {
+            if live.agencies.get(&agency) == Some(&id) {
+                live.agencies.remove(&agency);
+            }
+        }
         live.forget_guest(id);
         drop(live);
         self.ended.notify_all();
@@ -376,7 +383,11 @@ impl Registry {
         if let Some(ip) = live.forget_guest(id) {
             self.suspects.succeeded(ip);
         }
-        let previous = live.agencies.insert(agency, id).filter(|&old| old != id);
+        let previous = live.agencies.insert(agency, id);
+        if previous != Some(id) {
+            live.claims.entry(id).or_default().push(agency);
+        }
+        let previous = previous.filter(|&old| old != id);
         let Some(old) = previous.and_then(|old| live.peers.get(&old)).map(Arc::clone) else { return false };
         if old.ended() == Ended::No {
             live.ending += 1;
@@ -428,6 +439,25 @@ mod tests {
         while peer.came.elapsed() < STALLED_AFTER {
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn an_ended_connection_lets_go_of_the_agencies_it_still_speaks_for_only() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let registry = Registry::default();
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let (one, _) = admit(&registry, 1, a, &listener);
+        let (_two, _) = admit(&registry, 2, a, &listener);
+        assert!(!registry.claim(7, 1) && !registry.claim(8, 1));
+        // Connection 2 takes agency 7 over; 1 is told to end, still speaking for 8 till it does.
+        assert!(registry.claim(7, 2));
+        assert_eq!(one.ended(), Ended::Replaced);
+        registry.remove(1);
+        let held = |agency| registry.lock().agencies.get(&agency).copied();
+        assert_eq!((held(7), held(8)), (Some(2), None));
+        registry.remove(2);
+        assert_eq!(held(7), None);
+        assert!(registry.lock().claims.is_empty());
     }
 
     #[test]

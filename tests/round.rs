@@ -181,6 +181,29 @@ fn an_agency_resumes_after_the_server_is_killed_and_restarted() {
 }
 
 #[test]
+fn an_agency_started_again_skips_what_the_server_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = lottery::tools::dataset::generate(&dir.path().join("data"), 2, 2_000, 9).unwrap();
+    let server = TestServer::start(2, &[]);
+    let sent = "action: apuesta_enviada | result: success | cantidad: 20";
+    let mut before = agency(dir.path(), 1, &server.address(), &files[0], 20, &[]);
+    before.logs.wait_count(sent, 40);
+    before.signal(libc::SIGKILL);
+    before.wait_exit(STEP);
+    // Its first batches go out behind its HELLO, from row 0: the server acknowledges what it
+    // holds without storing it again, and the agency goes on from there.
+    let mut again = agency(dir.path(), 1, &server.address(), &files[0], 20, &[]);
+    let mut two = agency(dir.path(), 2, &server.address(), &files[1], 100, &[]);
+    for agency in [&mut again, &mut two] {
+        agency.wait_success(STEP);
+        no_fail(&agency.name, &agency.logs.seen);
+    }
+    let batches_again = again.logs.seen.iter().filter(|l| l.ends_with(sent)).count();
+    assert!(batches_again < 100, "{batches_again} batches of 20 sent again, of 100");
+    assert_store(&server.bets_path(), &expected_store(&files));
+}
+
+#[test]
 fn an_agency_waiting_for_the_draw_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let files = lottery::tools::dataset::generate(&dir.path().join("data"), 1, 300, 3).unwrap();

@@ -105,12 +105,6 @@ impl Link {
         Ok(Link { stream, io: BufReader::new(transport), line: String::new() })
     }
 
-    /// Sends `request` and reads its reply.
-    fn call(&mut self, request: &[u8], timeout: Option<Duration>) -> Result<Reply, Attempt> {
-        self.send(request)?;
-        self.receive(timeout)
-    }
-
     pub(crate) fn send(&mut self, request: &[u8]) -> Result<(), Attempt> {
         let transport = self.io.get_mut();
         Ok(transport.write_all(request).and_then(|()| transport.flush())?)
@@ -154,24 +148,24 @@ impl Link {
         }
     }
 
-    pub(crate) fn ok(&mut self, request: &[u8]) -> Result<(), Attempt> {
-        match self.call(request, Some(REPLY_TIMEOUT))? {
+    /// Reads the `OK` that answers a request sent before.
+    pub(crate) fn ok_reply(&mut self) -> Result<(), Attempt> {
+        match self.receive(Some(REPLY_TIMEOUT))? {
             Reply::Ok(_) => Ok(()),
             other => Err(unexpected(&other)),
         }
     }
 
-    /// Asks where the round is, then for the winners, in one write; returns the round's
-    /// `STATUS` (`None` if the server did not give one).
-    pub(crate) fn status_then_winners(&mut self) -> Result<Option<Status>, Attempt> {
-        self.send(b"STATUS\nWINNERS\n")?;
+    /// Reads the reply to a `STATUS` sent before `WINNERS`: where the round is (`None` if the
+    /// server did not say).
+    pub(crate) fn status_reply(&mut self) -> Result<Option<Status>, Attempt> {
         match self.read_reply(Some(REPLY_TIMEOUT))? {
             Reply::Status(status) => Ok(Some(status)),
             _ => Ok(None),
         }
     }
 
-    /// Waits for the `WINNERS` reply asked for by [`Link::status_then_winners`], as long as
+    /// Waits for the `WINNERS` reply asked for after `STATUS`, as long as
     /// the draw takes; `waiting` is called each time `first` (then what `waiting` returns)
     /// passes without it.
     pub(crate) fn winners(

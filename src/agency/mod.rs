@@ -168,7 +168,7 @@ pub(crate) fn run_with(
     let mut first = 0;
     loop {
         let mut link = connect(settings, credentials, stop, &mut patience, &mut first)?;
-        let (setback, why) = match job.converse(&mut link, &mut patience) {
+        let (setback, why) = match job.converse(&mut link, &mut patience, reconnects == 0) {
             Ok((winners, stored)) => return Ok(Outcome { winners, stored, reconnects }),
             // A TLS failure is said without the address where it is found; it is added here.
             Err(Attempt::Fatal(AgencyError::Tls { why, .. })) => {
@@ -265,28 +265,36 @@ struct Job<'a> {
 const FIRST_WAIT_LINE: Duration = Duration::from_secs(5);
 
 impl Job<'_> {
-    /// The conversation over one connection, from `HELLO` to the winners.
-    fn converse(&self, link: &mut Link, patience: &mut Patience) -> Result<(Vec<String>, u64), Attempt> {
+    /// The conversation over one connection, from `HELLO` to the winners. On the agency's first
+    /// connection, with only a file to send, its first batches go out behind the `HELLO`
+    /// from row 0, without waiting for its answer: rows the server already holds (an agency
+    /// restarted) are acknowledged, not stored again, and the sending skips ahead to what it
+    /// holds. `DONE` goes with the `STATUS` and `WINNERS` that follow it. A round trip each.
+    fn converse(
+        &self,
+        link: &mut Link,
+        patience: &mut Patience,
+        first_connection: bool,
+    ) -> Result<(Vec<String>, u64), Attempt> {
         let id = self.settings.id;
         let hello = match &self.credentials.token {
             Some(token) => format!("HELLO {id} {}\n", token.expose()),
             None => format!("HELLO {id}\n"),
         };
-        let mut stored = link.ok_count(&hello)?;
-        patience.hello_answered();
-        let mut writer = RowWriter::default();
-        if let Some(bet) = self.extra.filter(|_| stored == 0) {
-            writer.push_bet(bet);
-            let row = String::from_utf8_lossy(&writer.take()).into_owned();
-            stored = link.ok_count(&format!("BET {row}"))?;
-            patience.progress();
-            info!("action: apuesta_enviada | result: success | dni: {} | numero: {}", bet.document, bet.number);
-        }
-        if self.has_file {
-            let skip = stored - u64::from(self.extra.is_some());
-            stored = self.send_file(link, patience, skip, stored)?;
-        }
-        link.ok(b"DONE\n")?;
+        let stored = if first_connection && self.has_file && self.extra.is_none() {
+            link.send(hello.as_bytes())?;
+            let mut sending = Sending::open(self, 0)?;
+            sending.fill(link)?;
+            let stored = link.ok_count_reply()?;
+            patience.hello_answered();
+            self.send_file(link, patience, sending, stored)?
+        } else {
+            let stored = link.ok_count(&hello)?;
+            patience.hello_answered();
+            self.send_rest(link, patience, stored)?
+        };
+        link.send(b"DONE\nSTATUS\nWINNERS\n")?;
+        link.ok_reply()?;
         patience.progress();
         // A wait for the draw, however long, ends the window there: a server lost after an
         // hour in WINNERS is waited for as long as one lost while sending.
@@ -298,20 +306,39 @@ impl Job<'_> {
         Ok((winners, stored))
     }
 
-    /// Sends the data from row `skip` on, in batches, up to [`WINDOW`] of them awaiting their
-    /// reply; returns the count the server holds.
-    fn send_file(&self, link: &mut Link, patience: &mut Patience, skip: u64, mut stored: u64) -> Result<u64, Attempt> {
-        let mut batches = Batches::open(self.settings, self.data, skip)?;
-        let mut in_flight = VecDeque::with_capacity(WINDOW);
-        let mut offset = stored;
+    /// The environment's bet if the server holds nothing yet, then the file from what it
+    /// holds; returns the count the server holds.
+    fn send_rest(&self, link: &mut Link, patience: &mut Patience, mut stored: u64) -> Result<u64, Attempt> {
+        let mut writer = RowWriter::default();
+        if let Some(bet) = self.extra.filter(|_| stored == 0) {
+            writer.push_bet(bet);
+            let row = String::from_utf8_lossy(&writer.take()).into_owned();
+            stored = link.ok_count(&format!("BET {row}"))?;
+            patience.progress();
+            info!("action: apuesta_enviada | result: success | dni: {} | numero: {}", bet.document, bet.number);
+        }
+        if !self.has_file {
+            return Ok(stored);
+        }
+        let sending = Sending::open(self, stored)?;
+        self.send_file(link, patience, sending, stored)
+    }
+
+    /// Sends the file's batches, up to [`WINDOW`] of them awaiting their reply, skipping ahead
+    /// whenever the server holds more than was sent; returns the count the server holds.
+    fn send_file(
+        &self,
+        link: &mut Link,
+        patience: &mut Patience,
+        mut sending: Sending,
+        mut stored: u64,
+    ) -> Result<u64, Attempt> {
         loop {
-            while in_flight.len() < WINDOW {
-                let Some(count) = batches.next(offset)? else { break };
-                link.send(&batches.bytes)?;
-                in_flight.push_back(count);
-                offset += count as u64;
+            if stored > sending.offset {
+                sending.skip_to(self, stored)?;
             }
-            let Some(count) = in_flight.pop_front() else { return Ok(stored) };
+            sending.fill(link)?;
+            let Some(count) = sending.in_flight.pop_front() else { return Ok(stored) };
             stored = link.ok_count_reply()?;
             patience.progress();
             info!("action: apuesta_enviada | result: success | cantidad: {count}");
@@ -319,11 +346,46 @@ impl Job<'_> {
     }
 }
 
-/// Asks for the winners, saying once where the round is (agencies done, from a `STATUS` sent
-/// with the request) and then, every few seconds, that it still waits.
+/// A file's batches on their way: where the next one starts, and the sizes of those sent and
+/// not yet acknowledged.
+struct Sending {
+    batches: Batches,
+    offset: u64,
+    in_flight: VecDeque<u32>,
+}
+
+impl Sending {
+    /// The file's batches from the agency's bet number `offset` on (the environment's bet,
+    /// when there is one, is number 0 and not in the file).
+    fn open(job: &Job, offset: u64) -> Result<Sending, Attempt> {
+        let batches = Batches::open(job.settings, job.data, offset.saturating_sub(u64::from(job.extra.is_some())))?;
+        Ok(Sending { batches, offset, in_flight: VecDeque::with_capacity(WINDOW) })
+    }
+
+    /// Goes on from bet number `offset`, past what was sent; those sent still await their reply.
+    fn skip_to(&mut self, job: &Job, offset: u64) -> Result<(), Attempt> {
+        let in_flight = std::mem::take(&mut self.in_flight);
+        *self = Sending { in_flight, ..Sending::open(job, offset)? };
+        Ok(())
+    }
+
+    /// Sends batches until [`WINDOW`] await their reply or the file is all sent.
+    fn fill(&mut self, link: &mut Link) -> Result<(), Attempt> {
+        while self.in_flight.len() < WINDOW {
+            let Some(count) = self.batches.next(self.offset)? else { break };
+            link.send(&self.batches.bytes)?;
+            self.in_flight.push_back(count);
+            self.offset += u64::from(count);
+        }
+        Ok(())
+    }
+}
+
+/// Waits for the winners, saying once where the round is (agencies done, from the `STATUS`
+/// sent before `WINNERS`) and then, every few seconds, that it still waits.
 fn wait_for_draw(link: &mut Link) -> Result<Vec<String>, Attempt> {
     let started = Instant::now();
-    let status = link.status_then_winners()?;
+    let status = link.status_reply()?;
     let mut every = FIRST_WAIT_LINE;
     match status {
         Some(s) if !s.drawn => info!(

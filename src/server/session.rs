@@ -213,8 +213,10 @@ impl<'a> Session<'a> {
         Ok(Some(reply.unwrap_or_else(Reply::Err)))
     }
 
-    /// Writes `reply` after what is pending. `BYE` and `ERR SHUTDOWN` are the last a client
-    /// hears; a refusal past [`MAX_REFUSALS_IN_A_ROW`] ends the connection.
+    /// Answers after what is pending: at once if it is winners or the last a client hears (`BYE`,
+    /// `ERR SHUTDOWN`), else in one write with the replies to the requests that follow, once
+    /// the session would wait (for the peer, the draw or the end). A refusal past
+    /// [`MAX_REFUSALS_IN_A_ROW`] ends the connection.
     fn reply(&mut self, conn: &mut Connection, reply: Reply) -> Result<(), End> {
         if let Reply::Err(e) = &reply {
             self.cx.metrics.refused(e.code);
@@ -222,12 +224,14 @@ impl<'a> Session<'a> {
         self.count_refusal(&reply)?;
         conn.set_write_timeout(self.cx.idle_timeout);
         self.acknowledge(conn)?;
-        conn.write_reply(&reply)?;
-        match reply {
-            Reply::Bye => Err(End::Closed),
-            Reply::Err(e) if e.code == ErrorCode::Shutdown => Err(End::Closed),
-            _ => Ok(()),
+        let last = matches!(&reply, Reply::Bye) || matches!(&reply, Reply::Err(e) if e.code == ErrorCode::Shutdown);
+        if last || matches!(reply, Reply::Line(_)) {
+            conn.write_reply(&reply)?;
+        } else {
+            // Sent with the replies to the requests that follow, when the session would wait.
+            conn.queue_reply(&reply);
         }
+        if last { Err(End::Closed) } else { Ok(()) }
     }
 
     /// Counts an agency's refusals in a row: the one that reaches [`MAX_REFUSALS_IN_A_ROW`]
@@ -322,6 +326,7 @@ impl<'a> Session<'a> {
             Ok(agency) => agency,
             Err(e) => return Ok(Reply::Err(e)),
         };
+        conn.flush()?;
         let watched = self.cx.hangups.watch(self.cx.id, conn.socket()).ok();
         let unwatched = AtomicBool::new(false);
         let (hung_up, check) = match &watched {

@@ -150,8 +150,10 @@ impl Connection {
         }
     }
 
-    /// Reads more bytes into the buffer, waiting at most until `deadline`.
+    /// Reads more bytes into the buffer, waiting at most until `deadline`; first sends the
+    /// replies queued, which the peer may be waiting for.
     fn fill(&mut self, deadline: Instant) -> Result<(), ReadError> {
+        self.flush().map_err(ReadError::Io)?;
         self.compact();
         self.transport.socket_mut().read_deadline = Some(deadline);
         match self.transport.read(&mut self.buf[self.end..]) {
@@ -186,7 +188,8 @@ impl Connection {
         self.flush()
     }
 
-    /// Adds a reply to those sent by the next [`Connection::flush`].
+    /// Adds a reply to those sent by the next [`Connection::flush`], or before the next read that
+    /// has to wait for the peer.
     pub(crate) fn queue_reply(&mut self, reply: &Reply) {
         reply.encode(&mut self.out);
     }
@@ -298,6 +301,32 @@ mod tests {
         client.write_all(b"PI").unwrap();
         let deadline = Instant::now() + Duration::from_millis(200);
         assert!(matches!(conn.read_line(deadline), Err(ReadError::TimedOut)));
+    }
+
+    #[test]
+    fn queued_replies_go_out_together_before_a_read_waits_for_the_peer() {
+        let (mut client, mut conn) = pair();
+        client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        client.write_all(b"PING\nPING\n").unwrap();
+        let mut replies = Vec::new();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..2 {
+                    assert_eq!(conn.read_line(soon()).unwrap(), b"PING");
+                    conn.queue_reply(&Reply::Pong);
+                }
+                // Nothing more has come: the client hears both replies before this read waits.
+                assert_eq!(conn.read_line(soon()).unwrap(), b"QUIT");
+            });
+            while replies.len() < 10 {
+                let mut some = [0u8; 16];
+                let n = client.read(&mut some).unwrap();
+                assert!(n > 0, "closed early");
+                replies.extend_from_slice(&some[..n]);
+            }
+            client.write_all(b"QUIT\n").unwrap();
+        });
+        assert_eq!(replies, b"PONG\nPONG\n");
     }
 
     #[test]

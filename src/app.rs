@@ -170,12 +170,14 @@ pub fn server_main() -> ExitCode {
         Err(e) => return fail(NAME, &e),
     };
     logging::init(settings.log_level);
+    let limits = Limits::from_settings(&settings);
+    // While this is the only thread: resizing the table later waits for every thread to leave it.
+    crate::sync::size_futex_hash(limits.max_connections);
     raise_open_files_limit();
     let Started { listener, ledger, security, shutdown, operator, _lock } = match start_server(&settings) {
         Ok(started) => started,
         Err(e) => return fail(NAME, &one_line(&e)),
     };
-    let limits = Limits::from_settings(&settings);
     let served = server::run(listener, ledger, limits, Arc::new(security), &shutdown, operator.metrics());
     operator.stop();
     match served {

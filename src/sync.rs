@@ -13,7 +13,9 @@ pub(crate) fn lock_unpoisoned<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> 
 }
 
 /// Gives this process a futex hash table of a bucket per thread it may run, up to 65,536,
-/// unless it has a larger one (a server and its agencies in one `lottery-round`).
+/// unless it has a larger one (a server and its agencies in one `lottery-round`). Best called
+/// while the process has one thread: then it takes microseconds; later, tens of milliseconds
+/// (the kernel waits for every thread to leave the old table).
 ///
 /// Since Linux 6.16 a process with threads gets a private futex hash, sized for its CPUs, not
 /// for its threads: 16 buckets on a 2-core machine. Every thread blocked on a `Mutex` or a

@@ -318,6 +318,7 @@ fn run_worker(args: &[String]) -> Result<(), String> {
     logging::init(if verbose { LevelFilter::Info } else { LevelFilter::Warn });
     crate::app::raise_open_files_limit();
     let agencies: u32 = agencies.parse().map_err(|e| format!("AGENCIES {agencies:?}: {e}"))?;
+    crate::sync::size_futex_hash(agencies as usize);
     let mut crowd = Crowd {
         agencies,
         addr: addr.parse().map_err(|e| format!("ADDR {addr:?}: {e}"))?,

@@ -58,6 +58,8 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // While this is the only thread: the agencies', and in a local round the server's.
+    crate::sync::size_futex_hash(2 * opts.agencies as usize + 512);
     let result = run(&opts);
     match (result, output::closed()) {
         // The reader went away (`| head`): no error of ours, and nowhere to report the round.

@@ -93,6 +93,8 @@ struct RoundState {
     /// Bets held per agency (index 0 is agency 1): where each agency resumes.
     stored: Vec<u64>,
     done: Vec<bool>,
+    /// How many of `done` are set: a `DONE` asks whether all are, and must not look at each.
+    done_count: usize,
     phase: Phase,
     shutting_down: bool,
     /// How far `store` and `journal` are durable.
@@ -185,12 +187,14 @@ impl FileLedger {
             agencies_done: saved.done.len(),
             drawn: saved.drawn,
         };
+        let done = saved.done_flags();
         let state = RoundState {
             synced: Mark { bets: store.len(), journal: journal.len() },
             store,
             journal,
             stored: recovered.stored,
-            done: saved.done_flags(),
+            done_count: done.iter().filter(|&&d| d).count(),
+            done,
             phase,
             shutting_down: false,
             syncing: false,
@@ -306,7 +310,7 @@ impl FileLedger {
     /// Moves an open round whose agencies are all done to `Drawing`; true if the caller must
     /// now make the draw.
     fn start_draw_if_all_done(&self, mut st: MutexGuard<'_, RoundState>) -> bool {
-        let ready = matches!(st.phase, Phase::Open) && st.done.iter().all(|&d| d);
+        let ready = matches!(st.phase, Phase::Open) && st.done_count == st.done.len();
         if ready {
             st.phase = Phase::Drawing;
         }
@@ -448,6 +452,7 @@ impl Ledger for FileLedger {
             return self.wait_durable(st, want).map(|_| ());
         }
         st.done[i] = true;
+        st.done_count += 1;
         let st = match self.record(st, round_file::done_line(agency).as_bytes()) {
             Ok(st) => st,
             Err(e) => {
@@ -457,6 +462,7 @@ impl Ledger for FileLedger {
                 let mut st = lock_unpoisoned(&self.state);
                 if st.broken.is_none() {
                     st.done[i] = false;
+                    st.done_count -= 1;
                 }
                 return Err(e);
             }

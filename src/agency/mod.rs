@@ -269,7 +269,8 @@ impl Job<'_> {
     /// connection, with only a file to send, its first batches go out behind the `HELLO`
     /// from row 0, without waiting for its answer: rows the server already holds (an agency
     /// restarted) are acknowledged, not stored again, and the sending skips ahead to what it
-    /// holds. `DONE` goes with the `STATUS` and `WINNERS` that follow it. A round trip each.
+    /// holds. `DONE` goes with the `STATUS` and `WINNERS` that follow it: two round trips where
+    /// waiting for each answer took four.
     fn converse(
         &self,
         link: &mut Link,

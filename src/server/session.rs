@@ -151,7 +151,7 @@ impl<'a> Session<'a> {
             let incoming = self.read_request(conn)?;
             self.admit(&incoming.request, conn.is_tls())?;
             if let Some(reply) = self.dispatch(conn, incoming)? {
-                self.reply(conn, reply)?;
+                self.reply(conn, &reply)?;
             }
         }
     }
@@ -217,19 +217,19 @@ impl<'a> Session<'a> {
     /// `ERR SHUTDOWN`), else in one write with the replies to the requests that follow, once
     /// the session would wait (for the peer, the draw or the end). A refusal past
     /// [`MAX_REFUSALS_IN_A_ROW`] ends the connection.
-    fn reply(&mut self, conn: &mut Connection, reply: Reply) -> Result<(), End> {
-        if let Reply::Err(e) = &reply {
+    fn reply(&mut self, conn: &mut Connection, reply: &Reply) -> Result<(), End> {
+        if let Reply::Err(e) = reply {
             self.cx.metrics.refused(e.code);
         }
-        self.count_refusal(&reply)?;
+        self.count_refusal(reply)?;
         conn.set_write_timeout(self.cx.idle_timeout);
         self.acknowledge(conn)?;
-        let last = matches!(&reply, Reply::Bye) || matches!(&reply, Reply::Err(e) if e.code == ErrorCode::Shutdown);
+        let last = matches!(reply, Reply::Bye) || matches!(reply, Reply::Err(e) if e.code == ErrorCode::Shutdown);
         if last || matches!(reply, Reply::Line(_)) {
-            conn.write_reply(&reply)?;
+            conn.write_reply(reply)?;
         } else {
             // Sent with the replies to the requests that follow, when the session would wait.
-            conn.queue_reply(&reply);
+            conn.queue_reply(reply);
         }
         if last { Err(End::Closed) } else { Ok(()) }
     }

@@ -101,8 +101,9 @@ impl Read for Socket {
         }
         loop {
             arm(&self.stream, self.read_deadline, &mut self.read_timeout, TcpStream::set_read_timeout)?;
+            // A socket timeout before the deadline: the next turn gives the call what is left.
             match (&*self.stream).read(buf) {
-                Err(e) if timed_out(&e) && self.read_deadline.is_some() => continue,
+                Err(e) if timed_out(&e) && self.read_deadline.is_some() => {}
                 read => return read,
             }
         }
@@ -115,7 +116,7 @@ impl Socket {
         loop {
             arm(&self.stream, self.write_deadline, &mut self.write_timeout, TcpStream::set_write_timeout)?;
             match write(&self.stream) {
-                Err(e) if timed_out(&e) && self.write_deadline.is_some() => continue,
+                Err(e) if timed_out(&e) && self.write_deadline.is_some() => {}
                 written => return written,
             }
         }

@@ -17,7 +17,9 @@ use rustix::net::{RecvFlags, SendFlags};
 use rustls::{ConnectionCommon, SideData, StreamOwned};
 
 /// A socket shared with whoever must be able to shut it down (the server's registry, the
-/// agency's stop handle), with the deadlines of the read and write under way.
+/// agency's stop handle), with the deadlines of the read and write under way. While it has
+/// deadlines it owns the socket's timeouts: it remembers the ones it set, and nobody else may
+/// set them.
 pub(crate) struct Socket {
     stream: Arc<TcpStream>,
     pub read_deadline: Option<Instant>,

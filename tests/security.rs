@@ -261,6 +261,32 @@ fn a_wrong_ca_or_a_wrong_name_is_final_with_one_clear_line() {
 }
 
 #[test]
+fn an_agency_with_a_wrong_token_fails_at_once_and_its_pipelined_batches_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let files = lottery::tools::dataset::generate(data.path(), 2, 2_000, 3).unwrap();
+    let keys = Keys::make(dir.path(), 2);
+    let mut server = TestServer::start(2, &env_refs(&keys.server_env()));
+    // Agency 1 with agency 2's token: its first batches go behind its HELLO, before the refusal.
+    let mut env = keys.agency_env(1);
+    env.retain(|(k, _)| k != "CLI_TOKEN_FILE");
+    env.push(("CLI_TOKEN_FILE".into(), keys.path("agency-2.token")));
+    // A long retry window: the refusal must be final, heard the first time, not waited out.
+    env.push(("CLI_RETRY_TIMEOUT_MS".into(), "60000".into()));
+    let mut proc = agency(data.path(), 1, &server.address(), &files[0], 20, &env_refs(&env));
+    let status = proc.wait_exit(STEP);
+    assert_eq!(status.code(), Some(1), "{status}");
+    let stderr = proc.stderr();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("ERR AUTH"), "{stderr}");
+    let logs = proc.logs.until_eof();
+    assert!(!logs.iter().any(|l| l.contains("action: reconnect")), "{logs:#?}");
+    server.proc.logs.wait_for("action: hello | result: fail | agency: 1");
+    let mut tls = TlsClient::connect(server.port, &keys.path("ca.pem"));
+    assert_eq!(tls.send("STATUS"), "STATUS agencies_done=0/2 bets=0 drawn=false");
+}
+
+#[test]
 fn a_second_server_on_the_same_storage_changes_no_byte_and_says_who_holds_it() {
     let dir = tempfile::tempdir().unwrap();
     let (keys, server) = secure_server(dir.path(), &[]);

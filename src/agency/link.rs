@@ -110,6 +110,19 @@ impl Link {
         Ok(transport.write_all(request).and_then(|()| transport.flush())?)
     }
 
+    /// Drops what could not be sent (the server closed the connection), so that a read can
+    /// still take the replies that came before the close: rustls would otherwise try to send
+    /// it again first, and fail.
+    pub(crate) fn drop_unsent(&mut self) {
+        if let Transport::Tls(tls) = self.io.get_mut() {
+            while tls.conn.wants_write() {
+                if tls.conn.write_tls(&mut io::sink()).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
     /// Reads one reply line, waiting at most `timeout` (`None`: forever).
     fn read_reply(&mut self, timeout: Option<Duration>) -> Result<Reply, Attempt> {
         self.stream.set_read_timeout(timeout)?;

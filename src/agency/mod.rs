@@ -285,8 +285,17 @@ impl Job<'_> {
         let stored = if first_connection && self.has_file && self.extra.is_none() {
             link.send(hello.as_bytes())?;
             let mut sending = Sending::open(self, 0)?;
-            sending.fill(link)?;
-            let stored = link.ok_count_reply()?;
+            let sent = sending.fill(link);
+            // A refused HELLO closes the connection, maybe before the batches behind it are all
+            // sent: its answer, already here, says why better than the broken pipe does.
+            if sent.is_err() {
+                link.drop_unsent();
+            }
+            let stored = match (sent, link.ok_count_reply()) {
+                (Err(e @ Attempt::Fatal(_)), _) | (_, Err(e @ Attempt::Fatal(_))) => return Err(e),
+                (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
+                (Ok(()), Ok(stored)) => stored,
+            };
             patience.hello_answered();
             self.send_file(link, patience, sending, stored)?
         } else {

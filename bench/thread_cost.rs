@@ -1,0 +1,59 @@
+//! What one thread per connection costs on this machine, apart from any work: N threads of the
+//! server's stack size, all alive at once, each blocked in one read until its peer hangs up,
+//! then joined. Prints the process's CPU (user + system) per thread, to start them and to end
+//! them.
+//!
+//!   cargo run --release --example thread_cost [THREADS]     # default 2000
+
+use std::io::{self, Read};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::thread;
+use std::time::Instant;
+
+/// The server's: `src/server/mod.rs`, `STACK_SIZE`.
+const STACK_SIZE: usize = 128 * 1024;
+
+/// This process's CPU so far (user + system), in seconds, from `/proc/self/stat`.
+fn cpu_seconds() -> io::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "/proc/self/stat: no utime and stime");
+    // The fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit(')').next().ok_or_else(bad)?.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).ok_or_else(bad);
+    let hz = 100.0; // USER_HZ on Linux
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+fn main() -> io::Result<()> {
+    let threads: usize = match std::env::args().nth(1) {
+        Some(n) => n.parse().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("THREADS {n:?}: {e}")))?,
+        None => 2000,
+    };
+    let began = (Instant::now(), cpu_seconds()?);
+    let (peer, socket) = UnixStream::pair()?;
+    let socket = Arc::new(socket);
+    let handles = (0..threads)
+        .map(|_| {
+            let socket = Arc::clone(&socket);
+            thread::Builder::new().stack_size(STACK_SIZE).spawn(move || {
+                let _ = (&*socket).read(&mut [0u8; 1]);
+            })
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let started = cpu_seconds()?;
+    drop(peer);
+    for handle in handles {
+        let _ = handle.join();
+    }
+    let ended = cpu_seconds()?;
+    let per_thread = |seconds: f64| seconds * 1e6 / threads as f64;
+    println!(
+        "{threads} threads: {:.0} µs of CPU each ({:.0} to start, {:.0} to end), {:.3} s",
+        per_thread(ended - began.1),
+        per_thread(started - began.1),
+        per_thread(ended - started),
+        began.0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

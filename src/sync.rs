@@ -12,10 +12,14 @@ pub(crate) fn lock_unpoisoned<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> 
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+const PR_FUTEX_HASH: libc::c_int = 78;
+const PR_FUTEX_HASH_SET_SLOTS: libc::c_ulong = 1;
+const PR_FUTEX_HASH_GET_SLOTS: libc::c_ulong = 2;
+
 /// Gives this process a futex hash table of a bucket per thread it may run, up to 65,536,
-/// unless it has a larger one (a server and its agencies in one `lottery-round`). Best called
-/// while the process has one thread: then it takes microseconds; later, tens of milliseconds
-/// (the kernel waits for every thread to leave the old table).
+/// unless it has a larger one. Each program calls it in its first steps, while it has one
+/// thread: then it takes microseconds; later, tens of milliseconds (the kernel waits for every
+/// thread to leave the old table).
 ///
 /// Since Linux 6.16 a process with threads gets a private futex hash, sized for its CPUs, not
 /// for its threads: 16 buckets on a 2-core machine. Every thread blocked on a `Mutex` or a
@@ -25,9 +29,6 @@ pub(crate) fn lock_unpoisoned<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> 
 /// agencies. Where the kernel has no such setting, its global table is in use and nothing
 /// changes.
 pub(crate) fn size_futex_hash(threads: usize) {
-    const PR_FUTEX_HASH: libc::c_int = 78;
-    const PR_FUTEX_HASH_SET_SLOTS: libc::c_ulong = 1;
-    const PR_FUTEX_HASH_GET_SLOTS: libc::c_ulong = 2;
     let slots = threads.clamp(16, 1 << 16).next_power_of_two() as libc::c_ulong;
     let none = 0 as libc::c_ulong;
     // SAFETY: prctl with integer arguments only; it reads and writes no memory of ours.
@@ -52,7 +53,7 @@ mod tests {
     fn futex_slots() -> libc::c_int {
         let none = 0 as libc::c_ulong;
         // SAFETY: as in size_futex_hash.
-        unsafe { libc::prctl(78, 2 as libc::c_ulong, none, none, none) }
+        unsafe { libc::prctl(PR_FUTEX_HASH, PR_FUTEX_HASH_GET_SLOTS, none, none, none) }
     }
 
     #[test]

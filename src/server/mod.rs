@@ -193,7 +193,6 @@ pub(crate) fn run(
         metrics,
         hangups: Hangups::new()?,
     });
-    crate::sync::size_futex_hash(limits.max_connections);
     let mut pool = Pool::new(STACK_SIZE);
     let watcher = watch_hangups(&server, shutdown)?;
     let mut door = door::Door::new(&listener, shutdown, Arc::clone(&server))?;

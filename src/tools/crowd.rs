@@ -244,7 +244,6 @@ pub(crate) fn run_all<F>(jobs: Vec<(u32, F)>, stops: &[Stop]) -> Vec<Result<Outc
 where
     F: FnOnce(&Stop) -> Result<Outcome, AgencyError> + Send + 'static,
 {
-    crate::sync::size_futex_hash(jobs.len());
     let first_failed: Arc<OnceLock<u32>> = Arc::default();
     let all: Arc<[Stop]> = stops.into();
     let threads: Vec<_> = jobs

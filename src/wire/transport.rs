@@ -96,10 +96,7 @@ fn timed_out(error: &io::Error) -> bool {
 impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.dont_wait {
-            return match rustix::net::recv(&*self.stream, buf, RecvFlags::DONTWAIT) {
-                Ok((_, n)) => Ok(n),
-                Err(e) => Err(e.into()),
-            };
+            return rustix::net::recv(&*self.stream, buf, RecvFlags::DONTWAIT).map(|(_, n)| n).map_err(Into::into);
         }
         loop {
             arm(&self.stream, self.read_deadline, &mut self.read_timeout, TcpStream::set_read_timeout)?;

@@ -67,6 +67,14 @@ fn thread_clock() -> f64 {
     now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
 }
 
+/// Runs `f` on `conn`, adding the CPU it took to `cpu`.
+fn timed<C, T>(conn: &mut C, cpu: &mut f64, f: impl FnOnce(&mut C) -> Result<T, Error>) -> Result<T, Error> {
+    let began = thread_clock();
+    let result = f(conn);
+    *cpu += thread_clock() - began;
+    result
+}
+
 /// A client and a server connection joined in memory, with the CPU each side has taken.
 struct Pair {
     server: ServerConnection,
@@ -76,54 +84,39 @@ struct Pair {
 }
 
 impl Pair {
-    /// Runs `f` on the server's side, counting its CPU.
-    fn on_server<T>(&mut self, f: impl FnOnce(&mut ServerConnection) -> Result<T, Error>) -> Result<T, Error> {
-        let began = thread_clock();
-        let result = f(&mut self.server);
-        self.server_cpu += thread_clock() - began;
-        result
-    }
-
-    /// Runs `f` on the client's side, counting its CPU.
-    fn on_client<T>(&mut self, f: impl FnOnce(&mut ClientConnection) -> Result<T, Error>) -> Result<T, Error> {
-        let began = thread_clock();
-        let result = f(&mut self.client);
-        self.client_cpu += thread_clock() - began;
-        result
-    }
-
     /// Carries what the client has to send to the server, and the server's answer back.
     fn round_trip(&mut self) -> Result<(), Error> {
         let mut wire = Vec::new();
-        self.on_client(|c| {
-            while c.wants_write() {
-                c.write_tls(&mut wire)?;
-            }
-            Ok(())
-        })?;
-        self.on_server(|s| {
-            let mut rest = wire.as_slice();
-            while !rest.is_empty() {
-                s.read_tls(&mut rest)?;
-                s.process_new_packets()?;
-            }
-            Ok(())
-        })?;
+        timed(&mut self.client, &mut self.client_cpu, |c| Ok(c.write_all_tls(&mut wire)?))?;
+        timed(&mut self.server, &mut self.server_cpu, |s| s.take_tls(&wire))?;
         wire.clear();
-        self.on_server(|s| {
-            while s.wants_write() {
-                s.write_tls(&mut wire)?;
-            }
-            Ok(())
-        })?;
-        self.on_client(|c| {
-            let mut rest = wire.as_slice();
-            while !rest.is_empty() {
-                c.read_tls(&mut rest)?;
-                c.process_new_packets()?;
-            }
-            Ok(())
-        })
+        timed(&mut self.server, &mut self.server_cpu, |s| Ok(s.write_all_tls(&mut wire)?))?;
+        timed(&mut self.client, &mut self.client_cpu, |c| c.take_tls(&wire))
+    }
+}
+
+/// What both ends of a TLS connection do with the records between them.
+trait Records {
+    /// Writes every record waiting to be sent.
+    fn write_all_tls(&mut self, wire: &mut Vec<u8>) -> io::Result<()>;
+    /// Reads and processes `wire`'s records.
+    fn take_tls(&mut self, wire: &[u8]) -> Result<(), Error>;
+}
+
+impl<Data> Records for rustls::ConnectionCommon<Data> {
+    fn write_all_tls(&mut self, wire: &mut Vec<u8>) -> io::Result<()> {
+        while self.wants_write() {
+            self.write_tls(wire)?;
+        }
+        Ok(())
+    }
+
+    fn take_tls(&mut self, mut wire: &[u8]) -> Result<(), Error> {
+        while !wire.is_empty() {
+            self.read_tls(&mut wire)?;
+            self.process_new_packets()?;
+        }
+        Ok(())
     }
 }
 
@@ -133,27 +126,26 @@ impl Pair {
 fn in_memory(agencies: usize, server: &Arc<ServerConfig>, client: &Arc<ClientConfig>) -> Result<(f64, f64), Error> {
     let (mut server_cpu, mut client_cpu) = (0.0, 0.0);
     for _ in 0..agencies {
-        let began = thread_clock();
-        let client = ClientConnection::new(Arc::clone(client), ServerName::try_from("localhost")?)?;
-        client_cpu += thread_clock() - began;
-        let began = thread_clock();
-        let server = ServerConnection::new(Arc::clone(server))?;
-        let mut pair = Pair { server, client, server_cpu: thread_clock() - began, client_cpu: 0.0 };
+        let client = timed(&mut (), &mut client_cpu, |()| {
+            Ok(ClientConnection::new(Arc::clone(client), ServerName::try_from("localhost")?)?)
+        })?;
+        let server = timed(&mut (), &mut server_cpu, |()| Ok(ServerConnection::new(Arc::clone(server))?))?;
+        let mut pair = Pair { server, client, server_cpu: 0.0, client_cpu: 0.0 };
         while pair.client.is_handshaking() || pair.server.is_handshaking() {
             pair.round_trip()?;
         }
         let exchanges = [(FIRST_WRITE, FIRST_REPLIES), (SECOND_WRITE, SECOND_REPLIES)];
         for (request, reply) in exchanges {
-            pair.on_client(|c| Ok(c.writer().write_all(request)?))?;
+            timed(&mut pair.client, &mut pair.client_cpu, |c| Ok(c.writer().write_all(request)?))?;
             pair.round_trip()?;
-            pair.on_server(|s| {
+            timed(&mut pair.server, &mut pair.server_cpu, |s| {
                 s.reader().read_exact(&mut vec![0; request.len()])?;
                 Ok(s.writer().write_all(reply)?)
             })?;
             pair.round_trip()?;
-            pair.on_client(|c| Ok(c.reader().read_exact(&mut vec![0; reply.len()])?))?;
+            timed(&mut pair.client, &mut pair.client_cpu, |c| Ok(c.reader().read_exact(&mut vec![0; reply.len()])?))?;
         }
-        pair.on_client(|c| {
+        timed(&mut pair.client, &mut pair.client_cpu, |c| {
             c.send_close_notify();
             Ok(())
         })?;
@@ -235,42 +227,20 @@ fn tls_configs(p256: bool) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), Err
     Ok((Arc::new(server), Arc::new(client)))
 }
 
-fn main() -> Result<(), Error> {
-    let mut args = std::env::args().skip(1);
-    let agencies: usize = args.next().map_or(Ok(2000), |n| n.parse())?;
-    let mode = args.next().unwrap_or_else(|| "tls".into());
-    let tls = match mode.as_str() {
-        "tls" | "memory" => true,
-        "plain" => false,
-        other => return Err(format!("{other:?}: tls, plain or memory").into()),
-    };
-    let p256 = match args.next().as_deref() {
-        None | Some("x25519") => false,
-        Some("p256") => true,
-        Some(other) => return Err(format!("{other:?}: x25519 or p256").into()),
-    };
-    let (server_config, client_config) = tls_configs(p256)?;
-    let kx = if p256 { "P-256" } else { "X25519" };
-    if mode == "memory" {
-        let (server_cpu, client_cpu) = in_memory(agencies, &server_config, &client_config)?;
-        let per_agency = |seconds: f64| seconds * 1e3 / agencies as f64;
-        println!(
-            "{agencies} agencies, TLS in memory, {kx} key exchange: server {:.3} ms of CPU per agency, agencies {:.3} ms",
-            per_agency(server_cpu),
-            per_agency(client_cpu)
-        );
-        return Ok(());
-    }
+/// Serves `agencies` over TCP on loopback, one after the other, their side on a thread of its
+/// own; over TLS with `tls`'s configurations. Returns the CPU of the server's thread and of the
+/// agencies', in seconds.
+fn over_tcp(agencies: usize, tls: Option<(Arc<ServerConfig>, Arc<ClientConfig>)>) -> Result<(f64, f64), Error> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let address = listener.local_addr()?;
-
+    let client_config = tls.as_ref().map(|(_, client)| Arc::clone(client));
     let agencies_thread = thread::spawn(move || -> Result<f64, Error> {
         let began = thread_cpu();
         for _ in 0..agencies {
             let stream = TcpStream::connect(address)?;
             stream.set_nodelay(true)?;
-            if tls {
-                let conn = ClientConnection::new(Arc::clone(&client_config), ServerName::try_from("localhost")?)?;
+            if let Some(config) = &client_config {
+                let conn = ClientConnection::new(Arc::clone(config), ServerName::try_from("localhost")?)?;
                 let mut tls = StreamOwned::new(conn, stream);
                 converse(&mut tls)?;
                 tls.conn.send_close_notify();
@@ -281,24 +251,45 @@ fn main() -> Result<(), Error> {
         }
         Ok(thread_cpu() - began)
     });
-
-    let (began, began_cpu) = (Instant::now(), thread_cpu());
+    let began = thread_cpu();
     for _ in 0..agencies {
         let (stream, _) = listener.accept()?;
         stream.set_nodelay(true)?;
-        if tls {
-            serve(StreamOwned::new(ServerConnection::new(Arc::clone(&server_config))?, stream))?;
-        } else {
-            serve(stream)?;
+        match &tls {
+            Some((config, _)) => serve(StreamOwned::new(ServerConnection::new(Arc::clone(config))?, stream))?,
+            None => serve(stream)?,
         }
     }
-    let server_cpu = thread_cpu() - began_cpu;
+    let server_cpu = thread_cpu() - began;
     let agencies_cpu = agencies_thread.join().map_err(|_| "the agencies' thread panicked")??;
+    Ok((server_cpu, agencies_cpu))
+}
+
+fn main() -> Result<(), Error> {
+    let mut args = std::env::args().skip(1);
+    let agencies: usize = args.next().map_or(Ok(2000), |n| n.parse())?;
+    let mode = args.next().unwrap_or_else(|| "tls".into());
+    let (kx, p256) = match args.next().as_deref() {
+        None | Some("x25519") => ("X25519", false),
+        Some("p256") => ("P-256", true),
+        Some(other) => return Err(format!("{other:?}: x25519 or p256").into()),
+    };
+    let configs = tls_configs(p256)?;
+    let began = Instant::now();
+    let (server_cpu, agencies_cpu) = match mode.as_str() {
+        "tls" => over_tcp(agencies, Some(configs))?,
+        "plain" => over_tcp(agencies, None)?,
+        "memory" => in_memory(agencies, &configs.0, &configs.1)?,
+        other => return Err(format!("{other:?}: tls, plain or memory").into()),
+    };
+    let label = match mode.as_str() {
+        "plain" => "plain text over TCP".to_owned(),
+        "memory" => format!("TLS in memory, {kx}"),
+        _ => format!("TLS over TCP, {kx}"),
+    };
     let per_agency = |seconds: f64| seconds * 1e3 / agencies as f64;
     println!(
-        "{agencies} agencies, {}{}: server {:.3} ms of CPU per agency, agencies {:.3} ms, {:.2} s",
-        if tls { "TLS, " } else { "plain text" },
-        if tls { kx } else { "" },
+        "{agencies} agencies, {label}: server {:.3} ms of CPU per agency, agencies {:.3} ms, {:.2} s",
         per_agency(server_cpu),
         per_agency(agencies_cpu),
         began.elapsed().as_secs_f64()

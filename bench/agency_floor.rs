@@ -5,16 +5,19 @@
 //! `HELLO` and a batch in one write, two replies, `DONE`, `STATUS` and `WINNERS` in one write,
 //! three replies, and the close. The agencies run on a second thread, one at a time.
 //!
-//! Prints the server thread's CPU (user + system, from `getrusage(RUSAGE_THREAD)`) per agency,
-//! and the agency thread's. What `lottery-server` spends above this floor is its shape: a thread,
-//! the round's lock and its waits, the disk and the log.
+//! Prints the server's CPU (user + system, from `getrusage`) per agency, and the agencies'.
+//! What `lottery-server` spends above this floor is its shape: a thread, the round's lock and
+//! its waits, the disk and the log.
 //!
-//!   cargo run --release --example agency_floor [AGENCIES] [tls|plain|memory] [x25519|p256]
+//!   cargo run --release --example agency_floor [AGENCIES] [MODE] [x25519|p256]
 //!
-//! `memory` is TLS without sockets: each agency's records passed to the server in memory, the
-//! CPU of the server's calls into rustls alone (`CLOCK_THREAD_CPUTIME_ID`).
-//! The third argument is the key exchange the agencies offer first (the server takes the
-//! client's choice): X25519, as rustls offers by default, or NIST P-256.
+//! MODE is `tls` (the default), `plain` (plain text), `threads` (TLS with a `std::thread` of the
+//! server's stack size per connection, as the mission's shape has it: each is joined before the
+//! next agency comes, so its stack is reused and it costs less than a crowd's threads do), or
+//! `memory` (TLS without sockets: each agency's records passed to the server in memory, the CPU
+//! of the server's calls into rustls alone, from `CLOCK_THREAD_CPUTIME_ID`). The third argument
+//! is the key exchange the agencies offer first (the server takes the client's choice): X25519,
+//! as rustls offers by default, or NIST P-256.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -45,10 +48,16 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// This thread's CPU so far (user + system), in seconds.
 fn thread_cpu() -> f64 {
+    cpu(libc::RUSAGE_THREAD)
+}
+
+/// The CPU (user + system) of `who`, `RUSAGE_THREAD` or `RUSAGE_SELF` (the process, its ended
+/// threads included), in seconds.
+fn cpu(who: libc::c_int) -> f64 {
     // SAFETY: getrusage writes one `rusage` through the pointer it is given, which is valid.
     let usage = unsafe {
         let mut usage = std::mem::zeroed::<libc::rusage>();
-        libc::getrusage(libc::RUSAGE_THREAD, &raw mut usage);
+        libc::getrusage(who, &raw mut usage);
         usage
     };
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
@@ -227,10 +236,18 @@ fn tls_configs(p256: bool) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), Err
     Ok((Arc::new(server), Arc::new(client)))
 }
 
+/// The server's stack size: `src/server/mod.rs`, `STACK_SIZE`.
+const STACK_SIZE: usize = 128 * 1024;
+
 /// Serves `agencies` over TCP on loopback, one after the other, their side on a thread of its
-/// own; over TLS with `tls`'s configurations. Returns the CPU of the server's thread and of the
-/// agencies', in seconds.
-fn over_tcp(agencies: usize, tls: Option<(Arc<ServerConfig>, Arc<ClientConfig>)>) -> Result<(f64, f64), Error> {
+/// own; over TLS with `tls`'s configurations; each on a thread of its own if `threads` (joined
+/// before the next is accepted, so that its stack is reused: less than a crowd's threads cost).
+/// Returns the CPU of the server's side and of the agencies', in seconds.
+fn over_tcp(
+    agencies: usize,
+    tls: Option<(Arc<ServerConfig>, Arc<ClientConfig>)>,
+    threads: bool,
+) -> Result<(f64, f64), Error> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let address = listener.local_addr()?;
     let client_config = tls.as_ref().map(|(_, client)| Arc::clone(client));
@@ -251,17 +268,29 @@ fn over_tcp(agencies: usize, tls: Option<(Arc<ServerConfig>, Arc<ClientConfig>)>
         }
         Ok(thread_cpu() - began)
     });
-    let began = thread_cpu();
+    let server_config = tls.map(|(server, _)| server);
+    let began = cpu(libc::RUSAGE_SELF);
     for _ in 0..agencies {
         let (stream, _) = listener.accept()?;
         stream.set_nodelay(true)?;
-        match &tls {
-            Some((config, _)) => serve(StreamOwned::new(ServerConnection::new(Arc::clone(config))?, stream))?,
-            None => serve(stream)?,
+        let config = server_config.clone();
+        let connection = move || -> Result<(), Error> {
+            match config {
+                Some(config) => serve(StreamOwned::new(ServerConnection::new(config)?, stream))?,
+                None => serve(stream)?,
+            }
+            Ok(())
+        };
+        if threads {
+            let thread = thread::Builder::new().stack_size(STACK_SIZE).spawn(connection)?;
+            thread.join().map_err(|_| "a connection's thread panicked")??;
+        } else {
+            connection()?;
         }
     }
-    let server_cpu = thread_cpu() - began;
     let agencies_cpu = agencies_thread.join().map_err(|_| "the agencies' thread panicked")??;
+    // The process's CPU but the agencies' thread: the server's, on this thread and its own.
+    let server_cpu = cpu(libc::RUSAGE_SELF) - began - agencies_cpu;
     Ok((server_cpu, agencies_cpu))
 }
 
@@ -277,14 +306,16 @@ fn main() -> Result<(), Error> {
     let configs = tls_configs(p256)?;
     let began = Instant::now();
     let (server_cpu, agencies_cpu) = match mode.as_str() {
-        "tls" => over_tcp(agencies, Some(configs))?,
-        "plain" => over_tcp(agencies, None)?,
+        "tls" => over_tcp(agencies, Some(configs), false)?,
+        "threads" => over_tcp(agencies, Some(configs), true)?,
+        "plain" => over_tcp(agencies, None, false)?,
         "memory" => in_memory(agencies, &configs.0, &configs.1)?,
-        other => return Err(format!("{other:?}: tls, plain or memory").into()),
+        other => return Err(format!("{other:?}: tls, threads, plain or memory").into()),
     };
     let label = match mode.as_str() {
         "plain" => "plain text over TCP".to_owned(),
         "memory" => format!("TLS in memory, {kx}"),
+        "threads" => format!("TLS over TCP, a thread per connection, {kx}"),
         _ => format!("TLS over TCP, {kx}"),
     };
     let per_agency = |seconds: f64| seconds * 1e3 / agencies as f64;

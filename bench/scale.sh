@@ -10,6 +10,11 @@
 #   ROUND_LOG=FILE bench/scale.sh …             # keep the round's stderr (its progress, a failure)
 #   SYSCALLS=0 bench/scale.sh …                 # skip the strace run (fsyncs: n/a)
 #   BIN=DIR bench/scale.sh …                    # the binaries in DIR (another build, to compare)
+#   FLOOR=0 bench/scale.sh …                    # skip the floor (below)
+#
+# The floor: what the same number of agencies, with ten bets each, cost a server with no thread
+# per connection, no lock, no disk and no log (`--example agency_floor`, in TLS or plain text as
+# SECURITY says), measured right after the round, and the server's CPU per agency against it.
 set -euo pipefail
 agencies=${1:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
 bets=${2:?usage: bench/scale.sh AGENCIES BETS_PER_AGENCY}
@@ -72,6 +77,13 @@ if [[ ${SYSCALLS:-1} != 0 ]] && command -v strace >/dev/null; then
   round strace strace -c -f --seccomp-bpf -e trace=fsync,fdatasync -o "$work/strace"
   fsyncs=$(awk '$NF == "fsync" || $NF == "fdatasync" {n += $4} END {print n + 0}' "$work/strace")
   echo "server fsync + fdatasync calls (a run of its own, under strace): ${fsyncs}"
+fi
+
+if [[ ${FLOOR:-1} != 0 ]]; then
+  cargo build --release --quiet --example agency_floor
+  floor_line=$(target/release/examples/agency_floor "$agencies" "${SECURITY:-tls}")
+  floor_ms=$(sed -n 's/.*: server \([0-9.]*\) ms.*/\1/p' <<<"$floor_line")
+  echo "floor: ${floor_line}; this server: $(awk -v c="$cpu_ms" -v f="$floor_ms" 'BEGIN {printf "%.1f", c / f}')× it"
 fi
 
 echo "| agencies | bets/agency | round wall s | server CPU ms/agency | server peak RSS MiB | KiB/agency above start | reconnects | fsync+fdatasync |"

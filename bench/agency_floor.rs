@@ -20,7 +20,7 @@
 //! as rustls offers by default, or NIST P-256.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
@@ -236,6 +236,26 @@ fn tls_configs(p256: bool) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), Err
     Ok((Arc::new(server), Arc::new(client)))
 }
 
+/// Runs `agencies` one after the other against `address`, over TLS with `tls`. Returns this
+/// thread's CPU, in seconds.
+fn run_agencies(agencies: usize, address: SocketAddr, tls: Option<&Arc<ClientConfig>>) -> Result<f64, Error> {
+    let began = thread_cpu();
+    for _ in 0..agencies {
+        let stream = TcpStream::connect(address)?;
+        stream.set_nodelay(true)?;
+        if let Some(config) = tls {
+            let conn = ClientConnection::new(Arc::clone(config), ServerName::try_from("localhost")?)?;
+            let mut tls = StreamOwned::new(conn, stream);
+            converse(&mut tls)?;
+            tls.conn.send_close_notify();
+            tls.flush()?;
+        } else {
+            converse(&stream)?;
+        }
+    }
+    Ok(thread_cpu() - began)
+}
+
 /// The server's stack size: `src/server/mod.rs`, `STACK_SIZE`.
 const STACK_SIZE: usize = 128 * 1024;
 
@@ -251,23 +271,7 @@ fn over_tcp(
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let address = listener.local_addr()?;
     let client_config = tls.as_ref().map(|(_, client)| Arc::clone(client));
-    let agencies_thread = thread::spawn(move || -> Result<f64, Error> {
-        let began = thread_cpu();
-        for _ in 0..agencies {
-            let stream = TcpStream::connect(address)?;
-            stream.set_nodelay(true)?;
-            if let Some(config) = &client_config {
-                let conn = ClientConnection::new(Arc::clone(config), ServerName::try_from("localhost")?)?;
-                let mut tls = StreamOwned::new(conn, stream);
-                converse(&mut tls)?;
-                tls.conn.send_close_notify();
-                tls.flush()?;
-            } else {
-                converse(&stream)?;
-            }
-        }
-        Ok(thread_cpu() - began)
-    });
+    let agencies_thread = thread::spawn(move || run_agencies(agencies, address, client_config.as_ref()));
     let server_config = tls.map(|(server, _)| server);
     let began = cpu(libc::RUSAGE_SELF);
     for _ in 0..agencies {

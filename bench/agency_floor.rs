@@ -9,15 +9,14 @@
 //! What `lottery-server` spends above this floor is its shape: a thread, the round's lock and
 //! its waits, the disk and the log.
 //!
-//!   cargo run --release --example agency_floor [AGENCIES] [MODE] [x25519|p256]
+//!   cargo run --release --example agency_floor [AGENCIES] [MODE]
 //!
 //! MODE is `tls` (the default), `plain` (plain text), `threads` (TLS with a `std::thread` of the
 //! server's stack size per connection, as the mission's shape has it: each is joined before the
 //! next agency comes, so its stack is reused and it costs less than a crowd's threads do), or
 //! `memory` (TLS without sockets: each agency's records passed to the server in memory, the CPU
-//! of the server's calls into rustls alone, from `CLOCK_THREAD_CPUTIME_ID`). The third argument
-//! is the key exchange the agencies offer first (the server takes the client's choice): X25519,
-//! as rustls offers by default, or NIST P-256.
+//! of the server's calls into rustls alone, from `CLOCK_THREAD_CPUTIME_ID`). The configurations
+//! and the certificate are the product's own ([`lottery::bench`]).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -25,11 +24,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use rustls::crypto::ring::{default_provider, kx_group};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::NoServerSessionStorage;
-use rustls::{CipherSuite, ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned};
+use lottery::bench::{CONNECTION_STACK_SIZE, tls_configs};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection, StreamOwned};
 
 /// What an agency with ten bets sends, in its two writes, and how many reply lines each gets.
 const FIRST_WRITE: &[u8] = b"HELLO 17 0123456789abcdef0123456789abcdef0123456789abcdef\nBATCH 0 10\n\
@@ -202,40 +199,6 @@ fn converse(stream: impl Read + Write) -> io::Result<()> {
     read_lines(&mut reader, 3)
 }
 
-/// The server's and the agencies' TLS configurations, as `lottery-server` and `lottery-agency`
-/// make them, with the agencies offering `p256` first if set.
-fn tls_configs(p256: bool) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), Error> {
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    let ca = ca_params.self_signed(&ca_key)?;
-    let server_key = KeyPair::generate()?;
-    let server_cert =
-        CertificateParams::new(vec!["localhost".into()])?.signed_by(&server_key, &Issuer::new(ca_params, &ca_key))?;
-
-    let mut provider = default_provider();
-    provider.cipher_suites.sort_by_key(|suite| suite.suite() != CipherSuite::TLS13_AES_128_GCM_SHA256);
-    let mut server = ServerConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![server_cert.der().clone()], PrivateKeyDer::try_from(server_key.serialize_der())?)?;
-    server.ignore_client_order = true;
-    server.send_tls13_tickets = 0;
-    server.session_storage = Arc::new(NoServerSessionStorage {});
-
-    let mut roots = RootCertStore::empty();
-    roots.add(CertificateDer::from(ca.der().to_vec()))?;
-    let mut provider = default_provider();
-    if p256 {
-        provider.kx_groups = vec![kx_group::SECP256R1, kx_group::X25519];
-    }
-    let client = ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok((Arc::new(server), Arc::new(client)))
-}
-
 /// Runs `agencies` one after the other against `address`, over TLS with `tls`. Returns this
 /// thread's CPU, in seconds.
 fn run_agencies(agencies: usize, address: SocketAddr, tls: Option<&Arc<ClientConfig>>) -> Result<f64, Error> {
@@ -255,9 +218,6 @@ fn run_agencies(agencies: usize, address: SocketAddr, tls: Option<&Arc<ClientCon
     }
     Ok(thread_cpu() - began)
 }
-
-/// The server's stack size: `src/server/mod.rs`, `STACK_SIZE`.
-const STACK_SIZE: usize = 128 * 1024;
 
 /// Serves `agencies` over TCP on loopback, one after the other, their side on a thread of its
 /// own; over TLS with `tls`'s configurations; each on a thread of its own if `threads` (joined
@@ -286,7 +246,7 @@ fn over_tcp(
             Ok(())
         };
         if threads {
-            let thread = thread::Builder::new().stack_size(STACK_SIZE).spawn(connection)?;
+            let thread = thread::Builder::new().stack_size(CONNECTION_STACK_SIZE).spawn(connection)?;
             thread.join().map_err(|_| "a connection's thread panicked")??;
         } else {
             connection()?;
@@ -302,12 +262,8 @@ fn main() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
     let agencies: usize = args.next().map_or(Ok(2000), |n| n.parse())?;
     let mode = args.next().unwrap_or_else(|| "tls".into());
-    let (kx, p256) = match args.next().as_deref() {
-        None | Some("x25519") => ("X25519", false),
-        Some("p256") => ("P-256", true),
-        Some(other) => return Err(format!("{other:?}: x25519 or p256").into()),
-    };
-    let configs = tls_configs(p256)?;
+    let keys = tempfile::tempdir()?;
+    let configs = tls_configs(&keys.path().join("keys"))?;
     let began = Instant::now();
     let (server_cpu, agencies_cpu) = match mode.as_str() {
         "tls" => over_tcp(agencies, Some(configs), false)?,
@@ -318,9 +274,9 @@ fn main() -> Result<(), Error> {
     };
     let label = match mode.as_str() {
         "plain" => "plain text over TCP".to_owned(),
-        "memory" => format!("TLS in memory, {kx}"),
-        "threads" => format!("TLS over TCP, a thread per connection, {kx}"),
-        _ => format!("TLS over TCP, {kx}"),
+        "memory" => "TLS in memory".to_owned(),
+        "threads" => "TLS over TCP, a thread per connection".to_owned(),
+        _ => "TLS over TCP".to_owned(),
     };
     let per_agency = |seconds: f64| seconds * 1e3 / agencies as f64;
     println!(

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-/// The server's: `src/server/mod.rs`, `STACK_SIZE`.
-const STACK_SIZE: usize = 128 * 1024;
+use lottery::bench::CONNECTION_STACK_SIZE;
 
 /// This process's CPU so far (user + system), in seconds, from `/proc/self/stat`.
 fn cpu_seconds() -> io::Result<f64> {
@@ -36,7 +35,7 @@ fn main() -> io::Result<()> {
     let handles = (0..threads)
         .map(|_| {
             let socket = Arc::clone(&socket);
-            thread::Builder::new().stack_size(STACK_SIZE).spawn(move || {
+            thread::Builder::new().stack_size(CONNECTION_STACK_SIZE).spawn(move || {
                 let _ = (&*socket).read(&mut [0u8; 1]);
             })
         })

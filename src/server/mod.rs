@@ -58,7 +58,7 @@ use tls::HandshakeGate;
 
 /// Stack of a connection's thread: a session needs a few KiB; the default 2 MiB would only
 /// reserve address space per connection.
-const STACK_SIZE: usize = 128 * 1024;
+pub(crate) const STACK_SIZE: usize = 128 * 1024;
 
 /// Limits on what clients can hold.
 #[derive(Debug, Clone, Copy)]

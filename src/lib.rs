@@ -67,7 +67,7 @@
 //! - `logging`: the log line format of the spec.
 //! - `output`: stdout and stderr that a closed pipe stops instead of crashing.
 //! - `sync`: `lock_unpoisoned`, the one way a `Mutex` is taken (why poisoning is ignored).
-//! - [`bench`]: what the measurements in `bench/` take from the product (the server's TLS
+//! - [`bench`](mod@bench): what the measurements in `bench/` take from the product (the server's TLS
 //!   configuration and its threads' stack), so that they measure it rather than copies.
 //! - [`app`]: what the binaries run, so that `src/bin/*.rs` only wire; `app::StartError` (in
 //!   `app/start_error.rs`) the server's start-up failures, each said in one line.

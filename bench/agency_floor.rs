@@ -5,17 +5,19 @@
 //! `HELLO` and a batch in one write, two replies, `DONE`, `STATUS` and `WINNERS` in one write,
 //! three replies, and the close. The agencies run on a second thread, one at a time.
 //!
-//! Prints the server's CPU (user + system, from `getrusage`) per agency, and the agencies'.
+//! Prints the server's CPU (user + system) per agency, and the agencies'.
 //! What `lottery-server` spends above this floor is its shape: a thread, the round's lock and
 //! its waits, the disk and the log.
 //!
-//!   cargo run --release --example agency_floor [AGENCIES] [MODE]
+//! ```text
+//! cargo run --release --example agency_floor [AGENCIES] [MODE]
+//! ```
 //!
 //! MODE is `tls` (the default), `plain` (plain text), `threads` (TLS with a `std::thread` of the
 //! server's stack size per connection, as the mission's shape has it: each is joined before the
 //! next agency comes, so its stack is reused and it costs less than a crowd's threads do), or
 //! `memory` (TLS without sockets: each agency's records passed to the server in memory, the CPU
-//! of the server's calls into rustls alone, from `CLOCK_THREAD_CPUTIME_ID`). The configurations
+//! of the server's calls into rustls alone). The configurations
 //! and the certificate are the product's own ([`lottery::bench`]).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -24,7 +26,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use lottery::bench::{CONNECTION_STACK_SIZE, tls_configs};
+use lottery::bench::{CONNECTION_STACK_SIZE, process_cpu, thread_cpu, tls_configs};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection, StreamOwned};
 
@@ -43,41 +45,11 @@ const SECOND_REPLIES: &[u8] = b"OK\nSTATUS agencies_done=1/1 bets=10 drawn=true\
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// This thread's CPU so far (user + system), in seconds.
-fn thread_cpu() -> f64 {
-    cpu(libc::RUSAGE_THREAD)
-}
-
-/// The CPU (user + system) of `who`, `RUSAGE_THREAD` or `RUSAGE_SELF` (the process, its ended
-/// threads included), in seconds.
-fn cpu(who: libc::c_int) -> f64 {
-    // SAFETY: getrusage writes one `rusage` through the pointer it is given, which is valid.
-    let usage = unsafe {
-        let mut usage = std::mem::zeroed::<libc::rusage>();
-        libc::getrusage(who, &raw mut usage);
-        usage
-    };
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
-}
-
-/// This thread's CPU clock, in seconds: finer than `getrusage`, for the short spans of
-/// [`in_memory`].
-fn thread_clock() -> f64 {
-    // SAFETY: clock_gettime writes one `timespec` through the pointer it is given, which is valid.
-    let now = unsafe {
-        let mut now = std::mem::zeroed::<libc::timespec>();
-        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut now);
-        now
-    };
-    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
-}
-
 /// Runs `f` on `conn`, adding the CPU it took to `cpu`.
 fn timed<C, T>(conn: &mut C, cpu: &mut f64, f: impl FnOnce(&mut C) -> Result<T, Error>) -> Result<T, Error> {
-    let began = thread_clock();
+    let began = thread_cpu();
     let result = f(conn);
-    *cpu += thread_clock() - began;
+    *cpu += thread_cpu() - began;
     result
 }
 
@@ -233,7 +205,7 @@ fn over_tcp(
     let client_config = tls.as_ref().map(|(_, client)| Arc::clone(client));
     let agencies_thread = thread::spawn(move || run_agencies(agencies, address, client_config.as_ref()));
     let server_config = tls.map(|(server, _)| server);
-    let began = cpu(libc::RUSAGE_SELF);
+    let began = process_cpu();
     for _ in 0..agencies {
         let (stream, _) = listener.accept()?;
         stream.set_nodelay(true)?;
@@ -254,7 +226,7 @@ fn over_tcp(
     }
     let agencies_cpu = agencies_thread.join().map_err(|_| "the agencies' thread panicked")??;
     // The process's CPU but the agencies' thread: the server's, on this thread and its own.
-    let server_cpu = cpu(libc::RUSAGE_SELF) - began - agencies_cpu;
+    let server_cpu = process_cpu() - began - agencies_cpu;
     Ok((server_cpu, agencies_cpu))
 }
 

@@ -3,7 +3,9 @@
 //! then joined. Prints the process's CPU (user + system) per thread, to start them and to end
 //! them.
 //!
-//!   cargo run --release --example thread_cost [THREADS]     # default 2000
+//! ```text
+//! cargo run --release --example thread_cost [THREADS]     # default 2000
+//! ```
 
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
@@ -11,25 +13,14 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use lottery::bench::CONNECTION_STACK_SIZE;
-
-/// This process's CPU so far (user + system), in seconds, from `/proc/self/stat`.
-fn cpu_seconds() -> io::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "/proc/self/stat: no utime and stime");
-    // The fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat.rsplit(')').next().ok_or_else(bad)?.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).ok_or_else(bad);
-    let hz = 100.0; // USER_HZ on Linux
-    Ok((ticks(11)? + ticks(12)?) / hz)
-}
+use lottery::bench::{CONNECTION_STACK_SIZE, process_cpu};
 
 fn main() -> io::Result<()> {
     let threads: usize = match std::env::args().nth(1) {
         Some(n) => n.parse().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("THREADS {n:?}: {e}")))?,
         None => 2000,
     };
-    let began = (Instant::now(), cpu_seconds()?);
+    let began = (Instant::now(), process_cpu());
     let (peer, socket) = UnixStream::pair()?;
     let socket = Arc::new(socket);
     let handles = (0..threads)
@@ -40,12 +31,12 @@ fn main() -> io::Result<()> {
             })
         })
         .collect::<io::Result<Vec<_>>>()?;
-    let started = cpu_seconds()?;
+    let started = process_cpu();
     drop(peer);
     for handle in handles {
         let _ = handle.join();
     }
-    let ended = cpu_seconds()?;
+    let ended = process_cpu();
     let per_thread = |seconds: f64| seconds * 1e6 / threads as f64;
     println!(
         "{threads} threads: {:.0} µs of CPU each ({:.0} to start, {:.0} to end), {:.3} s",

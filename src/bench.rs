@@ -21,3 +21,29 @@ pub fn tls_configs(dir: &Path) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>),
     let agency = crate::agency::credentials::client_config(&dir.join("ca.pem"))?;
     Ok((server, agency))
 }
+
+/// This process's CPU time (user + system) so far, its ended threads' included, in seconds.
+#[must_use]
+pub fn process_cpu() -> f64 {
+    // SAFETY: getrusage writes one `rusage` through the pointer it is given, which is valid.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &raw mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// This thread's CPU time (user + system) so far, in seconds, to the nanosecond: fine enough
+/// for spans of microseconds.
+#[must_use]
+pub fn thread_cpu() -> f64 {
+    // SAFETY: clock_gettime writes one `timespec` through the pointer it is given, which is valid.
+    let now = unsafe {
+        let mut now = std::mem::zeroed::<libc::timespec>();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut now);
+        now
+    };
+    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
+}
